@@ -1,0 +1,323 @@
+"""The `agent` command.
+
+Exit codes (also in the README):
+  0  success
+  1  a unit failed, a revision was rejected, or `validate` found errors
+  2  usage error (bad arguments)
+  3  the host config is invalid or the state directory cannot be used
+  4  another pass is running (with --no-wait)
+  5  the unit or run named does not exist
+ 130 interrupted (SIGINT/SIGTERM); the running Terraform was stopped gracefully
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from agent import __version__
+from agent.config import HostConfig, load_host_config, resolve_host_config_path
+from agent.errors import (
+    AgentError,
+    ConfigError,
+    NotFoundError,
+    PassBusyError,
+    StoreError,
+)
+from agent.layout import StateLayout
+from agent.progress import ConsoleReporter
+from agent.store import RunStatus, RunStore
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 3
+EXIT_BUSY = 4
+EXIT_NOT_FOUND = 5
+EXIT_INTERRUPTED = 130
+
+_EXIT_BY_ERROR: list[tuple[type[AgentError], int]] = [
+    (ConfigError, EXIT_CONFIG),
+    (StoreError, EXIT_CONFIG),
+    (PassBusyError, EXIT_BUSY),
+    (NotFoundError, EXIT_NOT_FOUND),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="agent",
+        description="gitops-agent: keeps Terraform stacks in line with a Git repository.",
+    )
+    parser.add_argument(
+        "--config",
+        help="host config file (default: $GITOPS_AGENT_CONFIG, else /etc/gitops-agent/agent.yaml)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("reconcile", help="run a reconcile pass now")
+    p.add_argument("--now", action="store_true", help="run the pass now (the default here)")
+    p.add_argument("--unit", help="reconcile only this unit")
+    p.add_argument("--dry-run", action="store_true", help="plan only; apply nothing")
+    wait = p.add_mutually_exclusive_group()
+    wait.add_argument(
+        "--wait", dest="wait", action="store_true", default=True, help="wait for a running pass"
+    )
+    wait.add_argument(
+        "--no-wait", dest="wait", action="store_false", help="fail (exit 4) if a pass runs"
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="stream Terraform's output")
+    p.add_argument("--json", action="store_true", help="print the pass result as JSON")
+
+    p = sub.add_parser("status", help="each unit: revision, last result, drift, when")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("logs", help="the plan/apply output of a unit, as Terraform printed it")
+    p.add_argument("unit")
+    p.add_argument("--run", help="a run id (default: the unit's latest run with output)")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("history", help="past passes, or one unit's results")
+    p.add_argument("--unit")
+    p.add_argument("--limit", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("validate", help="check a repo's manifest and stacks, offline")
+    p.add_argument("repo_dir", nargs="?", default=".")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("version", help="versions of the agent and of Terraform")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("quickstart", help="set up and run the offline quickstart")
+    p.add_argument("dir", nargs="?", help="where to lay it out (default: a new temp dir)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    handler: Callable[[argparse.Namespace], int] = _COMMANDS[args.command]
+    try:
+        return handler(args)
+    except AgentError as exc:
+        if args.debug:
+            logging.exception("failed")
+        print(exc.render(), file=sys.stderr)
+        for error_type, code in _EXIT_BY_ERROR:
+            if isinstance(exc, error_type):
+                return code
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _host(args: argparse.Namespace) -> HostConfig:
+    return load_host_config(resolve_host_config_path(args.config, os.environ))
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+# --- commands -----------------------------------------------------------------------
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from agent.reconcile import PassRequest, Reconciler
+    from agent.stacks import describe_outcome
+
+    host = _host(args)
+    reporter = ConsoleReporter(sys.stderr)
+    if args.verbose:
+        reporter = _verbose(reporter)
+    reconciler = Reconciler(host, reporter=reporter)
+    with _interrupt_on_signals(reconciler.interrupt):
+        try:
+            if args.wait:
+                _say_if_busy(reconciler)
+            result = reconciler.run_pass(
+                PassRequest(trigger="cli", dry_run=args.dry_run, unit=args.unit), wait=args.wait
+            )
+        finally:
+            reconciler.close()
+    if args.json:
+        _print_json(
+            {
+                "run": result.run_id,
+                "status": result.status,
+                "revision": result.revision,
+                "head": result.head,
+                "error": result.error,
+                "units": {name: asdict(o) for name, o in result.outcomes.items()},
+            }
+        )
+    else:
+        rev = result.revision[:12] if result.revision else "none"
+        print(f"run {result.run_id}: {result.status} at {rev}")
+        for name, outcome in result.outcomes.items():
+            print(f"  {name}: {describe_outcome(outcome)}")
+        if result.error:
+            print(result.error, file=sys.stderr)
+    if result.status is RunStatus.INTERRUPTED:
+        return EXIT_INTERRUPTED
+    return EXIT_OK if result.ok else EXIT_FAILED
+
+
+def _verbose(base: ConsoleReporter) -> Callable[[Any], None]:
+    from agent.progress import EventKind
+
+    def report(event: Any) -> None:
+        if event.kind is EventKind.UNIT_LINE:
+            base.stream.write(f"  [{event.unit}] {event.message}\n")
+            return
+        base(event)
+
+    return report
+
+
+def _say_if_busy(reconciler: Any) -> None:
+    from agent.passlock import PassLock
+
+    lock = PassLock(reconciler.layout.root)
+    try:
+        lock.acquire(wait=False)
+    except PassBusyError as exc:
+        print(f"waiting: {exc.message}", file=sys.stderr)
+    else:
+        lock.release()
+
+
+class _interrupt_on_signals:
+    """On the first SIGINT/SIGTERM, ask the pass to stop (Terraform gets one SIGINT).
+
+    Later signals are only acknowledged: a second SIGINT to Terraform would make it
+    exit at once and could leave its state lock behind.
+    """
+
+    def __init__(self, interrupt: Callable[[], None]) -> None:
+        self._interrupt = interrupt
+        self._seen = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if not self._seen:
+            self._seen = True
+            print(
+                f"\n{signal.Signals(signum).name}: stopping after Terraform finishes"
+                " cleaning up...",
+                file=sys.stderr,
+            )
+            self._interrupt()
+        else:
+            print("still stopping: waiting for Terraform to release its lock", file=sys.stderr)
+
+    def __enter__(self) -> _interrupt_on_signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+
+
+def _open_store(args: argparse.Namespace) -> tuple[RunStore, StateLayout]:
+    host = _host(args)
+    if not (host.state_dir / "agent.db").exists():
+        raise StoreError(
+            f"no run store in {host.state_dir}: the agent has not run yet",
+            hint="run `agent reconcile --now` first",
+        )
+    return RunStore(host.state_dir), StateLayout(host.state_dir)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.views import render_status, status_view
+
+    store, _ = _open_store(args)
+    view = status_view(store)
+    _print_json(view) if args.json else print(render_status(view))
+    return EXIT_OK
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    from agent.views import history_view, render_history
+
+    store, _ = _open_store(args)
+    view = history_view(store, args.unit, args.limit)
+    _print_json(view) if args.json else print(render_history(view))
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from agent.views import logs_view, render_logs
+
+    store, layout = _open_store(args)
+    view = logs_view(store, layout, args.unit, args.run)
+    _print_json(view) if args.json else print(render_logs(view))
+    return EXIT_OK
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from agent.validate import validate_repo
+
+    report = validate_repo(Path(args.repo_dir), config_path=args.config)
+    if args.json:
+        _print_json(report.as_dict())
+    else:
+        print(report.render())
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    from providers.errors import ProviderError
+    from providers.terraform import find_terraform
+
+    info: dict[str, Any] = {"agent": __version__, "python": sys.version.split()[0]}
+    try:
+        binary = find_terraform(None)
+        info["terraform"] = {"kind": binary.kind, "version": binary.version}
+    except ProviderError as exc:
+        info["terraform"] = {"error": str(exc)}
+    if args.json:
+        _print_json(info)
+    else:
+        tf = info["terraform"]
+        tf_text = tf.get("error") or f"{tf['version']} ({tf['kind']})"
+        print(f"gitops-agent {info['agent']}\npython {info['python']}\nterraform {tf_text}")
+    return EXIT_OK
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from agent.quickstart import run_quickstart
+
+    return run_quickstart(Path(args.dir) if args.dir else None)
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "reconcile": cmd_reconcile,
+    "status": cmd_status,
+    "logs": cmd_logs,
+    "history": cmd_history,
+    "validate": cmd_validate,
+    "version": cmd_version,
+    "quickstart": cmd_quickstart,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,357 @@
+"""The host config, `/etc/gitops-agent/agent.yaml`: the operator's trust boundary.
+
+It says which repository to follow and with which credentials, where state lives, how
+often to look, how to run Terraform, and the limits the repo manifest must stay within.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
+from agent.errors import ConfigError
+
+DEFAULT_HOST_CONFIG_PATH = Path("/etc/gitops-agent/agent.yaml")
+CONFIG_ENV_VAR = "GITOPS_AGENT_CONFIG"
+DEFAULT_STATE_DIR = Path("/var/lib/gitops-agent")
+DEFAULT_POLL = 60.0
+DEFAULT_DRIFT = 600.0
+DEFAULT_TIMEOUT = 1800.0
+DEFAULT_LOCK_TIMEOUT = 300.0
+DEFAULT_PARALLELISM = 4
+DEFAULT_MAX_UNIT_TIMEOUT = 7200.0
+
+_HINT = "see docs/host-config.md for every key of the host config"
+# What git itself refuses in a ref name, plus a leading `-` (it would read as an option).
+_BRANCH_RE = re.compile(
+    r"(?!-)(?!/)(?!.*//)(?!.*\.\.)(?!.*@\{)(?!.*(?:/|\.lock|\.)$)[^\x00-\x20\x7f~^:?*\[\\]+"
+)
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+class DestroyPolicy(StrEnum):
+    """What to do with a plan that destroys or replaces anything."""
+
+    HOLD = "hold"  # wait for `agent approve`
+    ALLOW = "allow"
+
+
+@dataclass(frozen=True, slots=True)
+class RepoConfig:
+    """The repository the agent follows."""
+
+    url: str
+    branch: str = "main"
+    deploy_key: Path | None = None
+    known_hosts: Path | None = None
+    https_ca_bundle: Path | None = None
+    allow_history_rewrite: bool = False
+
+    @property
+    def is_ssh(self) -> bool:
+        """True for `ssh://` and scp-like `user@host:path` URLs."""
+        return is_ssh_url(self.url)
+
+
+@dataclass(frozen=True, slots=True)
+class Intervals:
+    """How often to look for new commits and for drift, in seconds."""
+
+    poll: float = DEFAULT_POLL
+    drift: float = DEFAULT_DRIFT
+
+
+@dataclass(frozen=True, slots=True)
+class TerraformConfig:
+    """How to run Terraform; `binary` None means search PATH, then the embedded engine."""
+
+    binary: str | None
+    timeout: float
+    lock_timeout: float
+    parallelism: int
+    plugin_cache_dir: Path
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Limits the repo manifest cannot widen."""
+
+    destroy: DestroyPolicy = DestroyPolicy.HOLD
+    max_unit_timeout: float = DEFAULT_MAX_UNIT_TIMEOUT
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    """The validated host config."""
+
+    path: Path
+    repo: RepoConfig
+    state_dir: Path
+    intervals: Intervals
+    terraform: TerraformConfig
+    allowed_paths: tuple[str, ...]
+    policy: Policy
+
+
+def resolve_host_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
+    """Where the host config is: `--config`, else $GITOPS_AGENT_CONFIG, else the default."""
+    if cli_value:
+        return Path(cli_value)
+    if environ.get(CONFIG_ENV_VAR):
+        return Path(environ[CONFIG_ENV_VAR])
+    return DEFAULT_HOST_CONFIG_PATH
+
+
+def load_host_config(path: Path) -> HostConfig:
+    """Read and validate the host config at `path`; relative paths in it resolve against
+    the file's directory. Raises ConfigError (a missing file names how to point elsewhere).
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: expected a host config file; got no such file",
+            hint=f"write one (see docs/host-config.md) or point elsewhere with "
+            f"--config PATH or {CONFIG_ENV_VAR}=PATH",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: expected a readable host config file; got {exc.strerror or exc}",
+            hint=f"point elsewhere with --config PATH or {CONFIG_ENV_VAR}=PATH",
+        ) from None
+    filename = str(path)
+    return parse_host_config(decode(data, filename), filename, path.absolute().parent)
+
+
+def parse_host_config(text: str, filename: str, base_dir: Path) -> HostConfig:
+    """Validate host config text. `filename` is used in error messages; relative paths
+    resolve against `base_dir`. Raises ConfigValidationError listing every error.
+    """
+    problems = Problems(filename)
+    root = Value.root(compose(text, filename), problems)
+    config = _read(root, problems, filename, base_dir) if root else None
+    problems.raise_if_any(_HINT)
+    assert config is not None  # no problems means every part was read
+    return config
+
+
+def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> HostConfig | None:
+    fields = root.mapping(
+        ["repo", "state_dir", "intervals", "terraform", "allowed_paths", "policy"]
+    )
+    if fields is None:
+        return None
+    repo_value = fields.require("repo", "a mapping with at least url")
+    repo = _repo(repo_value, base_dir) if repo_value else None
+
+    state_dir = DEFAULT_STATE_DIR
+    if found := fields.get("state_dir"):
+        state_dir = _path(found, base_dir) or state_dir
+
+    intervals = _intervals(fields.get("intervals"))
+    policy = _policy(fields.get("policy"))
+    terraform = _terraform(fields.get("terraform"), base_dir, state_dir, policy)
+    allowed = _allowed_paths(fields.get("allowed_paths"))
+    if problems or repo is None:
+        return None
+    return HostConfig(
+        path=base_dir / Path(filename).name,
+        repo=repo,
+        state_dir=state_dir,
+        intervals=intervals,
+        terraform=terraform,
+        allowed_paths=allowed,
+        policy=policy,
+    )
+
+
+def _repo(value: Value, base_dir: Path) -> RepoConfig | None:
+    fields = value.mapping(
+        [
+            "url",
+            "branch",
+            "deploy_key",
+            "known_hosts",
+            "https_ca_bundle",
+            "allow_history_rewrite",
+        ]
+    )
+    if fields is None:
+        return None
+    url = None
+    if found := fields.require("url", "a Git URL (file://, ssh://, https://, user@host:path)"):
+        url = _url(found, base_dir)
+    branch = "main"
+    if found := fields.get("branch"):
+        text = found.string("a Git branch name")
+        if text is not None and not _BRANCH_RE.fullmatch(text):
+            found.fail("a Git branch name")
+        branch = text or branch
+    paths = {key: _optional_path(fields, key, base_dir) for key in ("deploy_key", "known_hosts")}
+    ca_bundle = _optional_path(fields, "https_ca_bundle", base_dir)
+    rewrite = False
+    if found := fields.get("allow_history_rewrite"):
+        rewrite = bool(found.boolean())
+    if url is not None and is_ssh_url(url) and fields.get("known_hosts") is None:
+        fields.require("known_hosts", "a known_hosts file for an ssh URL")
+    if url is None:
+        return None
+    return RepoConfig(
+        url=url,
+        branch=branch,
+        deploy_key=paths["deploy_key"],
+        known_hosts=paths["known_hosts"],
+        https_ca_bundle=ca_bundle,
+        allow_history_rewrite=rewrite,
+    )
+
+
+def is_ssh_url(url: str) -> bool:
+    """True for `ssh://...` and scp-like `[user@]host:path` (normalized URLs only)."""
+    return url.lower().startswith("ssh://") or "://" not in url
+
+
+def _url(value: Value, base_dir: Path) -> str | None:
+    """Check a repository URL; a bare local path becomes a file:// URL."""
+    raw = value.string("a Git URL")
+    if raw is None:
+        return None
+    expected = "a Git URL (file://, ssh://, https://, user@host:path) or a local path"
+    if raw.startswith("-") or any(ch.isspace() or ord(ch) < 0x20 for ch in raw):
+        return value.fail(expected)
+    if scheme := _SCHEME_RE.match(raw):
+        return _scheme_url(value, raw, scheme.group(1).lower(), expected)
+    colon, slash = raw.find(":"), raw.find("/")
+    if colon > 0 and (slash < 0 or colon < slash):
+        # scp-like, as git reads it: a colon before any slash.
+        host = raw[:colon].rpartition("@")[2]
+        if not host or host.startswith("-") or colon == len(raw) - 1:
+            return value.fail(expected)
+        return raw
+    local = Path(raw) if Path(raw).is_absolute() else base_dir / raw
+    return Path(os.path.normpath(local.absolute())).as_uri()
+
+
+def _scheme_url(value: Value, raw: str, scheme: str, expected: str) -> str | None:
+    try:
+        parts = urllib.parse.urlsplit(raw)
+        parts.port  # noqa: B018 - parsing the port is what validates it
+    except ValueError:
+        return value.fail(expected)
+    if parts.password is not None:
+        # Never echo the secret back, and keep it out of logs: use a credential helper.
+        shown = raw.replace(f":{parts.password}@", ":***@")
+        return value.fail("a URL without a password (use a git credential helper)", quote(shown))
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+            return value.fail("a file:// URL with an absolute path (file:///srv/infra.git)")
+        return raw
+    if scheme in ("ssh", "https"):
+        host = parts.hostname or ""
+        if not host or host.startswith("-") or parts.path in ("", "/"):
+            return value.fail(expected)
+        return raw
+    return value.fail(expected)
+
+
+def _path(value: Value, base_dir: Path) -> Path | None:
+    text = value.string("a path")
+    if text is None:
+        return None
+    if "\x00" in text:
+        return value.fail("a path")
+    path = Path(text)
+    return Path(os.path.normpath(path if path.is_absolute() else base_dir / path))
+
+
+def _optional_path(fields: Fields, key: str, base_dir: Path) -> Path | None:
+    found = fields.get(key)
+    return _path(found, base_dir) if found else None
+
+
+def _intervals(value: Value | None) -> Intervals:
+    fields = value.mapping(["poll", "drift"]) if value else None
+    if fields is None:
+        return Intervals()
+    poll = fields.get("poll")
+    drift = fields.get("drift")
+    return Intervals(
+        poll=(poll.duration() if poll else None) or DEFAULT_POLL,
+        drift=(drift.duration() if drift else None) or DEFAULT_DRIFT,
+    )
+
+
+def _policy(value: Value | None) -> Policy:
+    fields = value.mapping(["destroy", "max_unit_timeout"]) if value else None
+    if fields is None:
+        return Policy()
+    destroy = fields.get("destroy")
+    limit = fields.get("max_unit_timeout")
+    return Policy(
+        destroy=(destroy.choice(DestroyPolicy) if destroy else None) or DestroyPolicy.HOLD,
+        max_unit_timeout=(limit.duration() if limit else None) or DEFAULT_MAX_UNIT_TIMEOUT,
+    )
+
+
+def _terraform(
+    value: Value | None, base_dir: Path, state_dir: Path, policy: Policy
+) -> TerraformConfig:
+    fields = (
+        value.mapping(["binary", "timeout", "lock_timeout", "parallelism", "plugin_cache_dir"])
+        if value
+        else None
+    )
+    binary = None
+    timeout, lock_timeout, parallelism = DEFAULT_TIMEOUT, DEFAULT_LOCK_TIMEOUT, DEFAULT_PARALLELISM
+    cache_dir = state_dir / "plugin-cache"
+    if fields is not None:
+        if found := fields.get("binary"):
+            binary = _binary(found, base_dir)
+        if found := fields.get("timeout"):
+            # The default for units must itself be a timeout a unit may have.
+            limit = policy.max_unit_timeout
+            why = "policy.max_unit_timeout"
+            timeout = found.duration(maximum=limit, why_maximum=why) or timeout
+        if found := fields.get("lock_timeout"):
+            lock_timeout = found.duration(positive=False)
+            lock_timeout = DEFAULT_LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+        if found := fields.get("parallelism"):
+            parallelism = found.integer(minimum=1) or parallelism
+        if found := fields.get("plugin_cache_dir"):
+            cache_dir = _path(found, base_dir) or cache_dir
+    return TerraformConfig(binary, timeout, lock_timeout, parallelism, cache_dir)
+
+
+def _binary(value: Value, base_dir: Path) -> str | None:
+    """A command name is looked up on PATH later; anything with a slash is a path."""
+    text = value.string("a path or a command name")
+    if text is None or "/" not in text:
+        return text
+    path = _path(value, base_dir)
+    return str(path) if path else None
+
+
+def _allowed_paths(value: Value | None) -> tuple[str, ...]:
+    if value is None:
+        return (".",)
+    items = value.sequence(non_empty=True)
+    if items is None:
+        return (".",)
+    allowed: dict[str, None] = {}
+    for item in items:
+        text = item.string("a repository-relative directory")
+        if text is None:
+            continue
+        normal = posixpath.normpath(text)
+        if text.startswith("/") or normal == ".." or normal.startswith("../") or "\x00" in text:
+            item.fail("a relative directory inside the repository (no leading / or ..)")
+            continue
+        allowed[normal] = None
+    return tuple(allowed) or (".",)

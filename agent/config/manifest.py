@@ -1,0 +1,403 @@
+"""The repo manifest, `gitops.yaml` at the repository root: the desired state.
+
+It names the units (Terraform stacks), their dependencies, drift policy and variables.
+It is changed through Git only, so it is validated against `ManifestLimits` taken from
+the host config: it cannot reach outside the repository or the allowed paths, nor raise
+a timeout above the host's maximum, nor set policy, binaries or credentials at all.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, TypeAlias
+
+from yaml.nodes import MappingNode, ScalarNode
+
+from agent.config import graph
+from agent.config.yamlnodes import INVALID, Fields, Problems, Value, compose, decode, quote
+from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.config.host import HostConfig
+
+MANIFEST_FILENAME = "gitops.yaml"
+UNIT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+FROM_STACK = "from_stack"
+UNIT_KEYS = ("name", "stack", "depends_on", "drift", "timeout", "vars", "labels")
+_HINT = "see docs/manifest.md for every key of gitops.yaml"
+_NO_LABELS: Mapping[str, str] = MappingProxyType({})
+
+
+class DriftPolicy(StrEnum):
+    """What to do when the revision did not move but the plan is not empty."""
+
+    REVERT = "revert"  # apply the plan
+    REPORT = "report"  # record and notify, leave it
+    IGNORE = "ignore"
+
+
+@dataclass(frozen=True, slots=True)
+class StackOutputRef:
+    """A var whose value is an output of another stack unit (known after it applies)."""
+
+    unit: str
+    output: str
+
+
+VarValue: TypeAlias = (
+    str
+    | int
+    | float
+    | bool
+    | tuple["VarValue", ...]
+    | Mapping[str, "VarValue"]
+    | StackOutputRef
+    | None
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """One Terraform stack the agent reconciles."""
+
+    name: str
+    stack: str  # posix, normalized, relative to the repository root ("." is the root)
+    depends_on: tuple[str, ...]  # explicit, then implied by `from_stack` vars
+    drift: DriftPolicy
+    timeout: float
+    vars: Mapping[str, VarValue] = field(hash=False)
+    labels: Mapping[str, str] = field(hash=False)
+    line: int
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestLimits:
+    """What the host config allows the manifest (the manifest cannot widen it)."""
+
+    allowed_paths: tuple[str, ...] = (".",)
+    max_unit_timeout: float = 7200.0
+    default_timeout: float = 1800.0
+
+    @classmethod
+    def from_host(cls, host: HostConfig) -> ManifestLimits:
+        """The limits a host config sets."""
+        return cls(
+            allowed_paths=host.allowed_paths,
+            max_unit_timeout=host.policy.max_unit_timeout,
+            default_timeout=host.terraform.timeout,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """The validated manifest: units in file order, their graph free of cycles."""
+
+    path: Path
+    version: int
+    units: tuple[Unit, ...]
+
+    def get_unit(self, name: str) -> Unit | None:
+        """The unit called `name`, or None."""
+        return next((unit for unit in self.units if unit.name == name), None)
+
+    def names(self) -> tuple[str, ...]:
+        """Unit names in file order."""
+        return tuple(unit.name for unit in self.units)
+
+    def order(self) -> tuple[str, ...]:
+        """Unit names, each after its dependencies; ties keep file order."""
+        return graph.topological_order(self.names(), self._deps())
+
+    def dependents(self, name: str) -> frozenset[str]:
+        """Every unit that depends on `name`, directly or transitively."""
+        return graph.transitive_dependents(name, self.names(), self._deps())
+
+    def _deps(self) -> dict[str, tuple[str, ...]]:
+        return {unit.name: unit.depends_on for unit in self.units}
+
+
+def load_manifest(repo_dir: Path, limits: ManifestLimits) -> Manifest:
+    """Read and validate `repo_dir/gitops.yaml`. Raises ConfigError."""
+    path = repo_dir / MANIFEST_FILENAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{MANIFEST_FILENAME}: expected a manifest at the repository root; got no such file",
+            hint=f"add {MANIFEST_FILENAME} (see docs/manifest.md) to the branch the agent follows",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{MANIFEST_FILENAME}: expected a readable file; got {exc.strerror or exc}"
+        ) from None
+    return parse_manifest(decode(data, MANIFEST_FILENAME), MANIFEST_FILENAME, repo_dir, limits)
+
+
+def parse_manifest(text: str, filename: str, repo_dir: Path, limits: ManifestLimits) -> Manifest:
+    """Validate manifest text; stacks are checked on disk under `repo_dir`.
+
+    Raises ConfigValidationError listing every error, sorted by line.
+    """
+    problems = Problems(filename)
+    root = Value.root(compose(text, filename), problems)
+    units = _ManifestReader(problems, repo_dir, limits).read(root) if root else None
+    problems.raise_if_any(_HINT)
+    assert units is not None  # no problems means every unit was read
+    return Manifest(path=repo_dir / Path(filename).name, version=1, units=units)
+
+
+@dataclass(slots=True)
+class _Draft:
+    """A unit as read, before the checks that need all units."""
+
+    value: Value
+    name: str | None
+    name_value: Value | None
+    stack: str | None
+    depends_on: list[tuple[str, Value]]
+    refs: list[tuple[str, Value]]  # (unit, where) for each from_stack var
+    drift: DriftPolicy | None
+    timeout: float | None
+    vars: dict[str, object]
+    labels: dict[str, str]
+
+
+class _ManifestReader:
+    def __init__(self, problems: Problems, repo_dir: Path, limits: ManifestLimits) -> None:
+        self.problems = problems
+        self.limits = limits
+        self.allowed = tuple(posixpath.normpath(path) for path in limits.allowed_paths)
+        self.drift = DriftPolicy.REVERT
+        self.timeout = limits.default_timeout
+        try:
+            self.root: Path | None = repo_dir.resolve()
+        except (OSError, RuntimeError):
+            self.root = None
+
+    def read(self, root: Value) -> tuple[Unit, ...] | None:
+        fields = root.mapping(["version", "defaults", "units"])
+        if fields is None:
+            return None
+        if version := fields.require("version", "1"):
+            found = version.scalar()
+            if found is not INVALID and (found != 1 or isinstance(found, bool | float)):
+                version.fail("1")
+        if defaults := fields.get("defaults"):
+            self._defaults(defaults)
+        units = fields.require("units", "a non-empty list of units")
+        items = units.sequence(non_empty=True) if units else None
+        if items is None:
+            return None
+        drafts = [draft for item in items if (draft := self._unit(item))]
+        self._check_graph(drafts)
+        if self.problems:
+            return None
+        return tuple(self._freeze(draft) for draft in drafts)
+
+    def _defaults(self, value: Value) -> None:
+        fields = value.mapping(["drift", "timeout"])
+        if fields is None:
+            return
+        if found := fields.get("drift"):
+            self.drift = found.choice(DriftPolicy) or self.drift
+        if found := fields.get("timeout"):
+            self.timeout = self._timeout(found) or self.timeout
+
+    def _timeout(self, value: Value) -> float | None:
+        return value.duration(maximum=self.limits.max_unit_timeout, why_maximum="host policy")
+
+    def _unit(self, value: Value) -> _Draft | None:
+        fields = value.mapping(UNIT_KEYS)
+        if fields is None:
+            return None
+        name_value = fields.require("name", "a unit name")
+        name = name_value.string("a unit name") if name_value else None
+        if name_value and name is not None and not UNIT_NAME_RE.fullmatch(name):
+            name_value.fail("a unit name of a-z, 0-9, _ and - (up to 63, starting a-z or 0-9)")
+        stack_value = fields.require("stack", "a directory of the repository holding *.tf files")
+        draft = _Draft(
+            value=value,
+            name=name,
+            name_value=name_value,
+            stack=self._stack(stack_value) if stack_value else None,
+            depends_on=[],
+            refs=[],
+            drift=self.drift,
+            timeout=self.timeout,
+            vars={},
+            labels={},
+        )
+        if found := fields.get("depends_on"):
+            for item in found.sequence() or ():
+                if (dependency := item.string("a unit name")) is not None:
+                    draft.depends_on.append((dependency, item))
+        if found := fields.get("drift"):
+            draft.drift = found.choice(DriftPolicy)
+        if found := fields.get("timeout"):
+            draft.timeout = self._timeout(found)
+        if (found := fields.get("vars")) and (var_fields := found.mapping()):
+            self._vars(var_fields, draft)
+        if (found := fields.get("labels")) and (label_fields := found.mapping()):
+            self._labels(label_fields, draft)
+        return draft
+
+    def _under_message(self) -> str:
+        if "." in self.allowed:
+            return "a relative path inside the repository"
+        return "a path under one of: " + ", ".join(f"{path}/" for path in self.allowed)
+
+    def _stack(self, value: Value) -> str | None:
+        """A directory inside the repository and the allowed paths, symlinks resolved."""
+        text = value.string("a directory of the repository holding *.tf files")
+        if text is None:
+            return None
+        if "\x00" in text or self.root is None:
+            return value.fail("a directory of the repository holding *.tf files")
+        if text.startswith("/"):
+            return value.fail(self._under_message())
+        try:
+            resolved = (self.root / text).resolve()
+        except (OSError, RuntimeError):  # a symlink loop, a name too long
+            return value.fail("a path that resolves", f"{quote(text)} (a symlink loop)")
+        if not resolved.is_relative_to(self.root):
+            lexical = posixpath.normpath(text)
+            escapes = lexical == ".." or lexical.startswith("../")
+            got = quote(text) if escapes else f"{quote(text)} (a symlink out of the repository)"
+            return value.fail(self._under_message(), got)
+        relative = resolved.relative_to(self.root).as_posix()
+        if not any(_is_under(relative, allowed) for allowed in self.allowed):
+            via = "" if relative == posixpath.normpath(text) else f" (resolves to {relative!r})"
+            return value.fail(self._under_message(), quote(text) + via)
+        problem = _stack_problem(resolved)
+        if problem:
+            return value.fail("a directory holding *.tf files", f"{quote(text)} ({problem})")
+        return relative
+
+    def _vars(self, fields: Fields, draft: _Draft) -> None:
+        for key, item in fields:
+            if not VAR_NAME_RE.fullmatch(key):
+                fields.fail_key(key, "a Terraform variable name ([A-Za-z_][A-Za-z0-9_-]*)")
+            elif key.startswith("TF_"):
+                fields.fail_key(key, "a variable name that does not start with TF_")
+            mapping = item.mapping() if _is_mapping_with(item, FROM_STACK) else None
+            if mapping is not None:
+                draft.vars[key] = self._stack_output(mapping, draft)
+            else:
+                draft.vars[key] = item.literal(reject_key=FROM_STACK)
+
+    def _stack_output(self, fields: Fields, draft: _Draft) -> object:
+        """`{from_stack: {unit: NAME, output: NAME}}`, and nothing else beside it."""
+        for key in fields.entries:
+            if key != FROM_STACK:
+                fields.value.problems.note(
+                    fields.key_lines[key],
+                    f"{fields.value.path}.{key}",
+                    f"unknown key; expected only {FROM_STACK}",
+                )
+        inner = fields.require(FROM_STACK, "a mapping with unit and output")
+        ref = inner.mapping(["unit", "output"]) if inner else None
+        if ref is None:
+            return INVALID
+        unit_value = ref.require("unit", "the name of a unit in this file")
+        output_value = ref.require("output", "the name of an output of that unit's stack")
+        unit = unit_value.string("a unit name") if unit_value else None
+        output = output_value.string("an output name") if output_value else None
+        if output_value and output is not None and not VAR_NAME_RE.fullmatch(output):
+            output_value.fail("a Terraform output name ([A-Za-z_][A-Za-z0-9_-]*)")
+            output = None
+        if unit_value and unit is not None:
+            draft.refs.append((unit, unit_value))
+        if unit is None or output is None:
+            return INVALID
+        return StackOutputRef(unit=unit, output=output)
+
+    def _labels(self, fields: Fields, draft: _Draft) -> None:
+        for key, item in fields:
+            if not LABEL_KEY_RE.fullmatch(key):
+                fields.fail_key(key, "a label key of letters, digits, ., _, / and -")
+            text = item.string("a string", non_empty=False)
+            if text is not None:
+                draft.labels[key] = text
+
+    def _check_graph(self, drafts: list[_Draft]) -> None:
+        """Unique names, known dependencies, no cycles."""
+        first: dict[str, _Draft] = {}
+        for draft in drafts:
+            if draft.name is None or draft.name_value is None:
+                continue
+            if draft.name in first:
+                line = first[draft.name].value.line
+                draft.name_value.fail(
+                    "a unique unit name", f"{quote(draft.name)} again (first on line {line})"
+                )
+            else:
+                first[draft.name] = draft
+        known = ", ".join(list(first)[:10]) + (", ..." if len(first) > 10 else "")
+        for draft in drafts:
+            for dependency, where in [*draft.depends_on, *draft.refs]:
+                if dependency not in first:
+                    where.fail(f"the name of a unit in this file ({known})")
+        deps = {name: _dependencies(draft) for name, draft in first.items()}
+        for cycle in graph.find_cycles(list(first), deps):
+            draft = first[cycle[0]]
+            self.problems.expected(
+                draft.value.line,
+                draft.value.path,
+                "units without a dependency cycle",
+                graph.format_cycle(cycle),
+            )
+
+    def _freeze(self, draft: _Draft) -> Unit:
+        assert draft.name and draft.stack and draft.drift and draft.timeout
+        return Unit(
+            name=draft.name,
+            stack=draft.stack,
+            depends_on=_dependencies(draft),
+            drift=draft.drift,
+            timeout=draft.timeout,
+            vars=MappingProxyType(dict(draft.vars)),  # type: ignore[arg-type]
+            labels=MappingProxyType(dict(draft.labels)) if draft.labels else _NO_LABELS,
+            line=draft.value.line,
+        )
+
+
+def _dependencies(draft: _Draft) -> tuple[str, ...]:
+    """Explicit dependencies, then the units its `from_stack` vars read, each once."""
+    return tuple(dict.fromkeys(name for name, _ in [*draft.depends_on, *draft.refs]))
+
+
+def _is_mapping_with(value: Value, key: str) -> bool:
+    node = value.node
+    return isinstance(node, MappingNode) and any(
+        isinstance(k, ScalarNode) and k.value == key for k, _ in node.value
+    )
+
+
+def _is_under(relative: str, allowed: str) -> bool:
+    return allowed == "." or relative == allowed or relative.startswith(allowed + "/")
+
+
+def _stack_problem(directory: Path) -> str | None:
+    """Why `directory` cannot be a Terraform root module, or None."""
+    try:
+        if not directory.exists():
+            return "no such directory"
+        if not directory.is_dir():
+            return "not a directory"
+        with os.scandir(directory) as entries:
+            if not any(
+                entry.name.endswith((".tf", ".tf.json")) and entry.is_file() for entry in entries
+            ):
+                return "no *.tf files in it"
+    except OSError as exc:
+        return exc.strerror or "unreadable"
+    return None

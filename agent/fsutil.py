@@ -1,0 +1,90 @@
+"""Crash-safe writes and private directories for the state directory.
+
+Everything the agent must find intact after a crash is written to a temp file in the
+same directory, flushed, and renamed over the target: a reader sees the old file or
+the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` (and parents) if needed and make it 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    os.chmod(path, PRIVATE_DIR_MODE)
+    return path
+
+
+def atomic_write(path: Path, data: bytes | str, mode: int = PRIVATE_FILE_MODE) -> Path:
+    """Write `data` to `path` atomically (temp file + fsync + rename), with `mode`."""
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(raw)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+class StreamedFile:
+    """A log written line by line under `NAME.partial`, renamed to `NAME` when complete.
+
+    A pass killed mid-way leaves only the `.partial` file, which recovery finishes
+    with a marker line (see `finish_partial`), so a reader never takes a cut log for
+    a whole one.
+    """
+
+    def __init__(self, path: Path, mode: int = PRIVATE_FILE_MODE) -> None:
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        self._handle = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
+
+    def write_line(self, line: str) -> None:
+        self._handle.write(line + "\n")
+
+    def close(self) -> None:
+        """Flush, fsync and rename into place."""
+        if self._handle.closed:
+            return
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        os.replace(self.partial, self.path)
+
+    def __enter__(self) -> StreamedFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+INTERRUPTED_MARKER = "[gitops-agent: output ends here: the pass was interrupted]"
+
+
+def finish_partial(partial: Path) -> Path:
+    """Turn a `.partial` log left by a killed pass into a whole file with a marker line."""
+    target = partial.with_name(partial.name.removesuffix(".partial"))
+    with open(partial, "a", encoding="utf-8") as handle:
+        handle.write(INTERRUPTED_MARKER + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, target)
+    return target

@@ -1,0 +1,64 @@
+"""Where things live in the state directory (one place, so nothing guesses a path).
+
+<state_dir>/              0700
+  agent.db                the run store (SQLite, WAL)
+  pass.lock               one pass at a time
+  checkout/               the agent's clone of the infra repo
+  units/<unit>/tfdata/    TF_DATA_DIR of the unit (outside the checkout)
+  units/<unit>/terraform.tfstate   local state, for stacks that declare no backend
+  runs/<run-id>/<unit>/   init.txt, plan.txt, plan.json, tfplan, apply.txt (0600)
+  terraform/cli.tfrc      the Terraform CLI config the agent writes
+  terraform/plugin-cache/ shared provider cache
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.fsutil import ensure_private_dir
+
+
+@dataclass(frozen=True, slots=True)
+class StateLayout:
+    root: Path
+
+    @property
+    def checkout(self) -> Path:
+        return self.root / "checkout"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def cli_config(self) -> Path:
+        return self.root / "terraform" / "cli.tfrc"
+
+    @property
+    def provider_mirror(self) -> Path:
+        return self.root / "terraform" / "providers"
+
+    @property
+    def default_plugin_cache(self) -> Path:
+        return self.root / "terraform" / "plugin-cache"
+
+    def unit_dir(self, unit: str) -> Path:
+        return self.root / "units" / unit
+
+    def unit_data_dir(self, unit: str) -> Path:
+        return self.unit_dir(unit) / "tfdata"
+
+    def unit_state_file(self, unit: str) -> Path:
+        return self.unit_dir(unit) / "terraform.tfstate"
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.runs / run_id
+
+    def unit_run_dir(self, run_id: str, unit: str) -> Path:
+        return self.run_dir(run_id) / unit
+
+    def prepare(self) -> None:
+        """Create the private directories the agent writes into."""
+        for path in (self.root, self.runs, self.root / "units", self.root / "terraform"):
+            ensure_private_dir(path)

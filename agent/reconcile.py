@@ -1,0 +1,317 @@
+"""The reconcile pass: an ordered list of named steps.
+
+    fetch -> verify -> load manifest -> units (plan, decide, apply per unit) -> record
+
+Each step reads and fills a `PassContext`; a step that cannot go on raises, and the
+pass records why. The unit step walks the dependency graph: a unit starts when all
+it depends on converged, independent units run in parallel (bounded by the host
+config), and a failed or held unit blocks its dependents and no other unit.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+
+from agent.config import HostConfig, Manifest, ManifestLimits, load_manifest
+from agent.errors import AgentError, ConfigError, SourceError, VerificationError
+from agent.layout import StateLayout
+from agent.passlock import PassLock
+from agent.progress import Event, EventKind, Reporter, silent
+from agent.stacks import StackContext, StackReconciler
+from agent.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitStatus
+from providers.errors import GitSourceError
+from providers.git_source import GitSource
+
+log = logging.getLogger(__name__)
+
+# Unit statuses after which a dependent may start.
+_CONVERGED = {UnitStatus.OK}
+
+
+@dataclass(frozen=True, slots=True)
+class PassRequest:
+    """What was asked of a pass."""
+
+    trigger: str = "cli"
+    dry_run: bool = False
+    unit: str | None = None  # reconcile only this unit
+
+
+@dataclass
+class PassContext:
+    """What the steps of one pass learn, in order."""
+
+    request: PassRequest
+    run_id: str
+    head: str | None = None  # the branch head fetched
+    target: str | None = None  # the revision this pass reconciles
+    manifest: Manifest | None = None
+    warnings: list[str] = field(default_factory=list)
+    rejected: str | None = None  # why the head revision was refused, if it was
+    outcomes: dict[str, UnitOutcome] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PassResult:
+    run_id: str
+    status: RunStatus
+    revision: str | None
+    head: str | None
+    outcomes: dict[str, UnitOutcome]
+    error: str | None
+    warnings: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.status is RunStatus.SUCCEEDED
+
+
+class PassFailed(AgentError):
+    """A step stopped the pass before any unit could run."""
+
+    reference = "pass-failed"
+
+
+Step = Callable[[PassContext], None]
+
+
+class Reconciler:
+    """Runs reconcile passes for one host config. One pass at a time per state dir."""
+
+    def __init__(self, host: HostConfig, *, reporter: Reporter = silent) -> None:
+        self.host = host
+        self.layout = StateLayout(host.state_dir)
+        self.layout.prepare()
+        self.store = RunStore(host.state_dir)
+        self.report = reporter
+        self.source = GitSource(
+            host.repo.url,
+            host.repo.branch,
+            self.layout.checkout,
+            deploy_key=host.repo.deploy_key,
+            known_hosts=host.repo.known_hosts,
+            https_ca_bundle=host.repo.https_ca_bundle,
+        )
+        self.stacks = StackReconciler(host, self.layout, self.store, reporter)
+        self._stop = threading.Event()
+        self.steps: list[tuple[str, Step]] = [
+            ("fetch", self._fetch),
+            ("verify", self._verify),
+            ("load-manifest", self._load_manifest),
+            ("units", self._units),
+        ]
+
+    def close(self) -> None:
+        self.store.close()
+
+    def interrupt(self) -> None:
+        """Stop taking new units; send the running Terraform processes one SIGINT each."""
+        self._stop.set()
+        self.stacks.interrupt()
+
+    def run_pass(self, request: PassRequest, *, wait: bool = True) -> PassResult:
+        """Take the pass lock (waiting for it, or not), recover, and run one pass."""
+        lock = PassLock(self.layout.root)
+        lock.acquire(wait=wait)
+        with lock:
+            for run_id in self.store.recover_interrupted():
+                self.stacks.finish_cut_logs(run_id)
+                self.report(Event(EventKind.RECOVERED, message=f"run {run_id} was interrupted"))
+            run_id = self.store.start_run(
+                trigger=request.trigger,
+                dry_run=request.dry_run,
+                unit_filter=request.unit,
+                pid=os.getpid(),
+            )
+            lock.record(run_id)
+            return self._run_steps(PassContext(request=request, run_id=run_id))
+
+    def _run_steps(self, ctx: PassContext) -> PassResult:
+        started = time.monotonic()
+        self.report(Event(EventKind.PASS_STARTED, run_id=ctx.run_id))
+        error: str | None = None
+        try:
+            for name, step in self.steps:
+                if self._stop.is_set():
+                    raise PassFailed(f"interrupted before the {name} step")
+                log.debug("run %s: step %s", ctx.run_id, name)
+                step(ctx)
+        except AgentError as exc:
+            error = exc.message
+        status = self._pass_status(ctx, error)
+        messages = [m for m in (error, ctx.rejected, *ctx.warnings) if m]
+        stored_error = "\n".join(messages) or None
+        self.store.set_run_revision(ctx.run_id, ctx.target, ctx.head)
+        self.store.finish_run(ctx.run_id, status, stored_error)
+        result = PassResult(
+            run_id=ctx.run_id,
+            status=status,
+            revision=ctx.target,
+            head=ctx.head,
+            outcomes=dict(ctx.outcomes),
+            error=stored_error,
+            warnings=tuple(ctx.warnings),
+        )
+        self.report(
+            Event(
+                EventKind.PASS_FINISHED,
+                run_id=ctx.run_id,
+                message=status,
+                seconds=time.monotonic() - started,
+                result=result,
+            )
+        )
+        return result
+
+    def _pass_status(self, ctx: PassContext, error: str | None) -> RunStatus:
+        if self._stop.is_set():
+            return RunStatus.INTERRUPTED
+        failed = any(o.status is UnitStatus.FAILED for o in ctx.outcomes.values())
+        if error or failed or ctx.rejected:
+            return RunStatus.FAILED
+        return RunStatus.SUCCEEDED
+
+    # --- steps ------------------------------------------------------------------
+
+    def _fetch(self, ctx: PassContext) -> None:
+        """Fetch the branch and pin its head for the whole pass."""
+        try:
+            ctx.head = self.source.fetch()
+        except GitSourceError as exc:
+            current = self.store.current_revision()
+            if current is None or not self.source.has_commit(current):
+                raise SourceError(
+                    str(exc),
+                    hint="check the repo URL, the deploy key and known_hosts in the host config",
+                ) from exc
+            # Drift is still checked against the revision in force while Git is away.
+            ctx.warnings.append(f"fetch failed, reconciling {current[:12]} again: {exc}")
+            ctx.head = current
+        self.report(Event(EventKind.FETCHED, run_id=ctx.run_id, message=ctx.head))
+
+    def _verify(self, ctx: PassContext) -> None:
+        """Refuse a head that does not fast-forward from the revision in force."""
+        assert ctx.head is not None
+        current = self.store.current_revision()
+        ctx.target = ctx.head
+        if current is None or current == ctx.head:
+            return
+        if not self.source.has_commit(current) or self.source.is_ancestor(current, ctx.head):
+            return
+        if self.host.repo.allow_history_rewrite:
+            ctx.warnings.append(
+                f"history rewritten: {ctx.head[:12]} does not descend from {current[:12]};"
+                " accepted because the host config allows history rewrites"
+            )
+            return
+        error = VerificationError(
+            f"revision {ctx.head[:12]} is not a fast-forward of {current[:12]}, the revision"
+            f" in force: the history of {self.host.repo.branch} was rewritten",
+            hint="push a commit on top of the revision in force, or set"
+            " repo.allow_history_rewrite: true in the host config",
+        )
+        self._reject(ctx, ctx.head, error.message)
+        ctx.target = current
+
+    def _load_manifest(self, ctx: PassContext) -> None:
+        """Check out the target and validate its manifest; fall back to the last good one."""
+        assert ctx.target is not None
+        limits = ManifestLimits.from_host(self.host)
+        current = self.store.current_revision()
+        try:
+            ctx.manifest = self._manifest_at(ctx.target, limits)
+        except ConfigError as exc:
+            self._reject(ctx, ctx.target, exc.message)
+            if current is None or current == ctx.target:
+                raise PassFailed(
+                    f"revision {ctx.target[:12]} is invalid and no earlier revision was accepted:"
+                    f"\n{exc.message}"
+                ) from exc
+            ctx.target = current
+            ctx.manifest = self._manifest_at(current, limits)
+            return
+        if ctx.target != current:
+            self.store.record_revision(ctx.target, RevisionStatus.ACCEPTED, run_id=ctx.run_id)
+
+    def _manifest_at(self, revision: str, limits: ManifestLimits) -> Manifest:
+        try:
+            tree = self.source.checkout(revision)
+        except GitSourceError as exc:
+            raise SourceError(f"cannot check out {revision[:12]}: {exc}") from exc
+        return load_manifest(tree, limits)
+
+    def _reject(self, ctx: PassContext, revision: str, reason: str) -> None:
+        ctx.rejected = f"revision {revision[:12]} rejected: {reason}"
+        self.store.record_revision(revision, RevisionStatus.REJECTED, reason, run_id=ctx.run_id)
+        self.report(Event(EventKind.REJECTED, run_id=ctx.run_id, message=ctx.rejected))
+
+    def _units(self, ctx: PassContext) -> None:
+        """Reconcile the units in dependency order, independent ones in parallel."""
+        assert ctx.manifest is not None and ctx.target is not None
+        manifest = ctx.manifest
+        names = list(manifest.order())
+        if ctx.request.unit is not None:
+            if manifest.get_unit(ctx.request.unit) is None:
+                raise PassFailed(
+                    f"no unit named {ctx.request.unit!r} in {manifest.path.name}"
+                    f" at {ctx.target[:12]}; units: {', '.join(names)}"
+                )
+            names = [ctx.request.unit]
+        stack_ctx = StackContext(
+            run_id=ctx.run_id,
+            revision=ctx.target,
+            tree=self.layout.checkout,
+            manifest=manifest,
+            dry_run=ctx.request.dry_run,
+        )
+        selected = set(names)
+        pending = set(names)
+        running: dict[Future[UnitOutcome], str] = {}
+        with ThreadPoolExecutor(
+            max_workers=self.host.terraform.parallelism, thread_name_prefix="unit"
+        ) as pool:
+            while pending or running:
+                self._block_dependents(stack_ctx, pending, ctx.outcomes, selected)
+                if self._stop.is_set():
+                    pending.clear()
+                for name in [n for n in names if n in pending]:
+                    deps = manifest.get_unit(name).depends_on
+                    if all(d not in selected or d in ctx.outcomes for d in deps):
+                        pending.discard(name)
+                        running[pool.submit(self.stacks.reconcile, stack_ctx, name)] = name
+                if not running:
+                    continue
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    ctx.outcomes[running.pop(future)] = future.result()
+
+    def _block_dependents(
+        self,
+        stack_ctx: StackContext,
+        pending: set[str],
+        outcomes: dict[str, UnitOutcome],
+        selected: set[str],
+    ) -> None:
+        """Block pending units whose dependency finished without converging (transitively)."""
+        manifest = stack_ctx.manifest
+        changed = True
+        while changed:
+            changed = False
+            for name in sorted(pending):
+                failed = [
+                    d
+                    for d in manifest.get_unit(name).depends_on
+                    if d in selected and d in outcomes and outcomes[d].status not in _CONVERGED
+                ]
+                if failed:
+                    pending.discard(name)
+                    outcomes[name] = self.stacks.block(
+                        stack_ctx, name, failed[0], outcomes[failed[0]]
+                    )
+                    changed = True

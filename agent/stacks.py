@@ -1,0 +1,337 @@
+"""Reconciling one stack unit: init, plan, decide, apply, record.
+
+Every Terraform line is streamed into the run directory as it comes (plan.txt,
+apply.txt, init.txt, written as `.partial` until complete); the plan JSON and the
+saved plan file are kept beside them, 0600. Nothing is applied but the saved plan.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config import HostConfig, Manifest, StackOutputRef, Unit
+from agent.decide import Decision, PlanFacts, decide, needs_plan
+from agent.errors import AgentError, TerraformError
+from agent.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
+from agent.layout import StateLayout
+from agent.progress import Event, EventKind, Reporter
+from agent.store import RunStore, UnitOutcome, UnitStatus
+from providers.errors import ProviderError
+from providers.terraform import (
+    TerraformRunner,
+    UnitWorkspace,
+    find_terraform,
+    install_builtin_providers,
+    summarize_plan,
+    write_cli_config,
+)
+
+PLAN_FILE = "tfplan"
+
+
+@dataclass(frozen=True, slots=True)
+class StackContext:
+    """What every unit of one pass shares."""
+
+    run_id: str
+    revision: str
+    tree: Path  # the checkout at `revision`
+    manifest: Manifest
+    dry_run: bool
+
+
+class StackReconciler:
+    """Reconciles stack units with Terraform; one instance serves many passes."""
+
+    def __init__(
+        self, host: HostConfig, layout: StateLayout, store: RunStore, reporter: Reporter
+    ) -> None:
+        self.host = host
+        self.layout = layout
+        self.store = store
+        self.report = reporter
+        self._runner: TerraformRunner | None = None
+        self._runner_lock = threading.Lock()
+        self._stop = threading.Event()
+
+    # --- Terraform, set up once -------------------------------------------------
+
+    def runner(self) -> TerraformRunner:
+        with self._runner_lock:
+            if self._runner is None:
+                try:
+                    binary = find_terraform(self.host.terraform.binary)
+                except ProviderError as exc:
+                    raise TerraformError(
+                        str(exc), hint="set terraform.binary in the host config"
+                    ) from exc
+                cache = self.host.terraform.plugin_cache_dir
+                ensure_private_dir(cache)
+                mirror = self.layout.provider_mirror
+                write_cli_config(
+                    self.layout.cli_config,
+                    plugin_cache_dir=cache,
+                    mirror_dir=mirror,
+                    mirrored=install_builtin_providers(mirror),
+                )
+                self._runner = TerraformRunner(
+                    binary,
+                    cli_config=self.layout.cli_config,
+                    plugin_cache_dir=cache,
+                    lock_timeout=self.host.terraform.lock_timeout,
+                )
+            return self._runner
+
+    def interrupt(self) -> None:
+        """No new Terraform command starts; the running ones get one SIGINT each."""
+        self._stop.set()
+        if self._runner is not None:
+            self._runner.interrupt()
+
+    def _check_stop(self, unit: Unit) -> None:
+        if self._stop.is_set():
+            raise TerraformError(f"unit {unit.name}: interrupted before the next Terraform step")
+
+    def workspace(self, ctx: StackContext, unit: Unit) -> UnitWorkspace:
+        ensure_private_dir(self.layout.unit_dir(unit.name))
+        return UnitWorkspace(
+            stack_dir=ctx.tree / unit.stack,
+            data_dir=self.layout.unit_data_dir(unit.name),
+            state_file=self.layout.unit_state_file(unit.name),
+        )
+
+    # --- one unit -----------------------------------------------------------------
+
+    def block(
+        self, ctx: StackContext, name: str, dependency: str, dep_outcome: UnitOutcome
+    ) -> UnitOutcome:
+        """Record that `name` did not run because `dependency` did not converge."""
+        outcome = UnitOutcome(
+            status=UnitStatus.BLOCKED,
+            error=f"not run: it depends on {dependency!r}, which is {dep_outcome.status}",
+        )
+        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
+        self._finished(ctx, name, outcome, None)
+        return outcome
+
+    def reconcile(self, ctx: StackContext, name: str) -> UnitOutcome:
+        """Plan, decide and (maybe) apply one unit; never raises for the unit's own failure."""
+        unit = ctx.manifest.get_unit(name)
+        assert unit is not None
+        started = time.monotonic()
+        state = self.store.unit_state(name)
+        revision_moved = state is None or state.revision != ctx.revision
+        self.store.start_unit(ctx.run_id, name, ctx.revision)
+        self.report(Event(EventKind.UNIT_STARTED, run_id=ctx.run_id, unit=name))
+        if not needs_plan(revision_moved, unit.drift):
+            outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.SKIP)
+        else:
+            try:
+                outcome = self._plan_and_apply(ctx, unit, revision_moved, started)
+            except AgentError as exc:
+                cut = self._stop.is_set()
+                outcome = UnitOutcome(
+                    status=UnitStatus.INTERRUPTED if cut else UnitStatus.FAILED, error=exc.message
+                )
+        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
+        self._finished(ctx, name, outcome, time.monotonic() - started)
+        return outcome
+
+    def _plan_and_apply(
+        self, ctx: StackContext, unit: Unit, revision_moved: bool, started: float
+    ) -> UnitOutcome:
+        runner = self.runner()
+        deadline = started + unit.timeout
+        ws = self.workspace(ctx, unit)
+        run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, unit.name))
+        variables = self._variables(ctx, unit, deadline)
+
+        self._phase(ctx, unit, "init")
+        with self._log(ctx, unit, run_dir / "init.txt") as init_log:
+            self._terraform("init", unit, lambda: runner.init_if_needed(ws, init_log, deadline))
+        if not (run_dir / "init.txt").stat().st_size:
+            (run_dir / "init.txt").unlink()
+
+        self._check_stop(unit)
+        self._phase(ctx, unit, "plan")
+        plan_file = run_dir / PLAN_FILE
+        with self._log(ctx, unit, run_dir / "plan.txt") as plan_log:
+            planned = self._terraform(
+                "plan", unit, lambda: runner.plan(ws, plan_file, variables, plan_log, deadline)
+            )
+        plan_file.chmod(0o600)
+        if planned.has_changes:
+            self._check_stop(unit)
+            plan_json = self._terraform(
+                "show", unit, lambda: runner.show_json(ws, plan_file, deadline)
+            )
+            atomic_write(run_dir / "plan.json", json.dumps(plan_json, indent=1))
+        else:
+            # An empty plan needs no reading (and `show` costs as much as a plan).
+            plan_json = {}
+        summary = summarize_plan(plan_json)
+        verdict = decide(
+            PlanFacts(
+                revision_moved=revision_moved,
+                has_changes=summary.has_changes,
+                destroys_anything=summary.destroys_anything,
+            ),
+            drift=unit.drift,
+            destroy=self.host.policy.destroy,
+            dry_run=ctx.dry_run,
+        )
+        counts = {
+            "plan_add": summary.add,
+            "plan_change": summary.change,
+            "plan_destroy": summary.destroy,
+        }
+        drift = verdict.drift or bool(summary.drift)
+        if verdict.decision is Decision.APPLY:
+            self._check_stop(unit)
+            self._phase(ctx, unit, "apply")
+            with self._log(ctx, unit, run_dir / "apply.txt") as apply_log:
+                self._terraform(
+                    "apply",
+                    unit,
+                    lambda: runner.apply(ws, plan_file, variables, apply_log, deadline),
+                )
+            return UnitOutcome(
+                status=UnitStatus.OK,
+                decision=verdict.decision,
+                drift=drift,
+                converged=True,
+                **counts,
+            )
+        return UnitOutcome(
+            status=UnitStatus.HELD if verdict.decision is Decision.HOLD else UnitStatus.OK,
+            decision=verdict.decision,
+            drift=drift and verdict.decision is not Decision.NOTHING,
+            converged=verdict.decision is Decision.NOTHING,
+            error=verdict.reason if verdict.decision is Decision.HOLD else None,
+            **counts,
+        )
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _variables(self, ctx: StackContext, unit: Unit, deadline: float) -> dict[str, str]:
+        """The unit's vars as TF_VAR_* values: literals, and outputs of other stacks."""
+        variables: dict[str, str] = {}
+        for name, value in unit.vars.items():
+            if isinstance(value, StackOutputRef):
+                value = self._stack_output(ctx, unit, name, value, deadline)
+            if value is None:
+                continue  # null: the variable keeps its default
+            variables[f"TF_VAR_{name}"] = value if isinstance(value, str) else _hcl(value)
+        return variables
+
+    def _stack_output(
+        self, ctx: StackContext, unit: Unit, var: str, ref: StackOutputRef, deadline: float
+    ) -> Any:
+        upstream = ctx.manifest.get_unit(ref.unit)
+        assert upstream is not None
+        outputs = self._terraform(
+            "output", unit, lambda: self.runner().outputs(self.workspace(ctx, upstream), deadline)
+        )
+        if ref.output not in outputs:
+            known = ", ".join(sorted(outputs)) or "none"
+            raise TerraformError(
+                f"unit {unit.name}: vars.{var} reads output {ref.output!r} of stack unit"
+                f" {ref.unit!r}, which has no such output (outputs: {known})",
+                hint=f"has {ref.unit!r} been applied? is the output declared?",
+            )
+        return outputs[ref.output]
+
+    def _terraform(self, command: str, unit: Unit, call: Any) -> Any:
+        try:
+            return call()
+        except ProviderError as exc:
+            raise TerraformError(f"unit {unit.name}: terraform {command} failed: {exc}") from exc
+
+    def _log(self, ctx: StackContext, unit: Unit, path: Path) -> _LineSink:
+        return _LineSink(path, lambda line: self._line(ctx, unit, line))
+
+    def _line(self, ctx: StackContext, unit: Unit, line: str) -> None:
+        self.report(Event(EventKind.UNIT_LINE, run_id=ctx.run_id, unit=unit.name, message=line))
+
+    def _phase(self, ctx: StackContext, unit: Unit, phase: str) -> None:
+        self.report(Event(EventKind.UNIT_PHASE, run_id=ctx.run_id, unit=unit.name, message=phase))
+
+    def _finished(
+        self, ctx: StackContext, name: str, outcome: UnitOutcome, seconds: float | None
+    ) -> None:
+        self.report(
+            Event(
+                EventKind.UNIT_FINISHED,
+                run_id=ctx.run_id,
+                unit=name,
+                message=describe_outcome(outcome),
+                seconds=seconds,
+                result=outcome,
+            )
+        )
+
+    def finish_cut_logs(self, run_id: str) -> None:
+        """Close the logs a killed pass left half written, with a marker line."""
+        run_dir = self.layout.run_dir(run_id)
+        for partial in sorted(run_dir.glob("*/*.partial")):
+            finish_partial(partial)
+
+
+class _LineSink:
+    """A callable that streams each line to a file and to a progress callback."""
+
+    def __init__(self, path: Path, on_line: Any) -> None:
+        self._file = StreamedFile(path)
+        self._on_line = on_line
+
+    def __call__(self, line: str) -> None:
+        self._file.write_line(line)
+        self._on_line(line)
+
+    def __enter__(self) -> _LineSink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._file.close()
+
+
+def describe_outcome(outcome: UnitOutcome) -> str:
+    """One line for a person: what happened to the unit."""
+    counts = ""
+    if outcome.plan_add is not None:
+        counts = f" (+{outcome.plan_add} ~{outcome.plan_change} -{outcome.plan_destroy})"
+    drift = " drift" if outcome.drift else ""
+    if outcome.status is UnitStatus.FAILED or outcome.status is UnitStatus.BLOCKED:
+        return f"{outcome.status}: {outcome.error}"
+    labels = {
+        Decision.APPLY: "applied",
+        Decision.HOLD: "held for approval",
+        Decision.REPORT: "drift reported, left as it is",
+        Decision.NOTHING: "no changes",
+        Decision.SKIP: "drift check skipped",
+        Decision.PLAN_ONLY: "planned (dry run)",
+    }
+    label = (
+        labels.get(Decision(outcome.decision), str(outcome.decision)) if outcome.decision else ""
+    )
+    return f"{label}{counts}{drift}"
+
+
+def _plain(value: Any) -> Any:
+    """Frozen manifest values (tuples, mapping proxies) as JSON-able Python values."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _hcl(value: Any) -> str:
+    # Terraform parses a TF_VAR_ value of a non-string variable as HCL; JSON is HCL.
+    return json.dumps(_plain(value))

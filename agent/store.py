@@ -1,0 +1,448 @@
+"""The run store: SQLite (WAL) in the state directory.
+
+What is kept: every pass (`runs`), each unit's result in it (`unit_runs`), each
+revision seen and whether it was accepted (`revisions`), and per unit where it stands
+(`unit_state`: the revision it last converged at, its drift, its last result). Every
+change is one transaction, so a pass killed at any point leaves rows that are either
+there or not; `recover_interrupted` turns the rows of a dead pass into `interrupted`.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+from agent.errors import StoreError
+from agent.fsutil import PRIVATE_FILE_MODE, ensure_private_dir
+
+DB_FILENAME = "agent.db"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    trigger TEXT NOT NULL,
+    dry_run INTEGER NOT NULL DEFAULT 0,
+    unit_filter TEXT,
+    revision TEXT,
+    head_revision TEXT,
+    status TEXT NOT NULL,
+    error TEXT,
+    pid INTEGER
+);
+CREATE TABLE IF NOT EXISTS unit_runs (
+    run_id TEXT NOT NULL REFERENCES runs(id),
+    unit TEXT NOT NULL,
+    revision TEXT,
+    status TEXT NOT NULL,
+    decision TEXT,
+    drift INTEGER NOT NULL DEFAULT 0,
+    plan_add INTEGER,
+    plan_change INTEGER,
+    plan_destroy INTEGER,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    error TEXT,
+    PRIMARY KEY (run_id, unit)
+);
+CREATE INDEX IF NOT EXISTS unit_runs_by_unit ON unit_runs (unit, started_at);
+CREATE TABLE IF NOT EXISTS revisions (
+    sha TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    error TEXT,
+    seen_at REAL NOT NULL,
+    run_id TEXT
+);
+CREATE TABLE IF NOT EXISTS unit_state (
+    unit TEXT PRIMARY KEY,
+    revision TEXT,
+    converged_at REAL,
+    last_run_id TEXT,
+    last_status TEXT,
+    last_decision TEXT,
+    drift INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS agent_state (
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
+"""
+
+
+class RunStatus(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # at least one unit failed, or the pass could not start
+    INTERRUPTED = "interrupted"
+
+
+class UnitStatus(StrEnum):
+    RUNNING = "running"
+    OK = "ok"  # planned, and applied / reported / nothing to do as decided
+    HELD = "held"  # a plan waits for approval
+    FAILED = "failed"
+    BLOCKED = "blocked"  # a unit it depends on failed or is held
+    INTERRUPTED = "interrupted"
+
+
+class RevisionStatus(StrEnum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class RunRow:
+    id: str
+    started_at: float
+    finished_at: float | None
+    trigger: str
+    dry_run: bool
+    unit_filter: str | None
+    revision: str | None
+    head_revision: str | None
+    status: str
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnitRunRow:
+    run_id: str
+    unit: str
+    revision: str | None
+    status: str
+    decision: str | None
+    drift: bool
+    plan_add: int | None
+    plan_change: int | None
+    plan_destroy: int | None
+    started_at: float
+    finished_at: float | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UnitStateRow:
+    unit: str
+    revision: str | None
+    converged_at: float | None
+    last_run_id: str | None
+    last_status: str | None
+    last_decision: str | None
+    drift: bool
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class UnitOutcome:
+    """What a unit's reconcile came to, as the store records it."""
+
+    status: UnitStatus
+    decision: str | None = None
+    drift: bool = False
+    plan_add: int | None = None
+    plan_change: int | None = None
+    plan_destroy: int | None = None
+    error: str | None = None
+    converged: bool = False  # the unit now matches `revision` (update unit_state.revision)
+
+
+def new_run_id(now: float | None = None) -> str:
+    """A sortable, unique run id: r-20261123T091502-3f9a."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now if now is not None else time.time()))
+    return f"r-{stamp}-{secrets.token_hex(2)}"
+
+
+class RunStore:
+    """The SQLite run store of one state directory. Safe to share between threads."""
+
+    def __init__(self, state_dir: Path) -> None:
+        ensure_private_dir(state_dir)
+        self.path = state_dir / DB_FILENAME
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            self.path.chmod(PRIVATE_FILE_MODE)
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(
+                f"cannot open the run store {self.path}: {exc}",
+                hint="check the state directory's permissions and free space",
+            ) from exc
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _migrate(self) -> None:
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"the run store {self.path} was written by a newer gitops-agent "
+                f"(schema {version}, this one knows {SCHEMA_VERSION})"
+            )
+        with self._db:
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock, self._db:
+            yield self._db
+
+    # --- runs -----------------------------------------------------------------
+
+    def start_run(
+        self, *, trigger: str, dry_run: bool = False, unit_filter: str | None = None, pid: int = 0
+    ) -> str:
+        run_id = new_run_id()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO runs (id, started_at, trigger, dry_run, unit_filter, status, pid)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, time.time(), trigger, int(dry_run), unit_filter, RunStatus.RUNNING, pid),
+            )
+        return run_id
+
+    def set_run_revision(self, run_id: str, revision: str | None, head: str | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET revision = ?, head_revision = ? WHERE id = ?",
+                (revision, head, run_id),
+            )
+
+    def finish_run(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                (status, error, time.time(), run_id),
+            )
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return _run_row(row) if row else None
+
+    def runs(self, *, unit: str | None = None, limit: int = 50) -> list[RunRow]:
+        """Newest first; with `unit`, only passes in which that unit took part."""
+        if unit is None:
+            rows = self._db.execute(
+                "SELECT * FROM runs ORDER BY started_at DESC, id DESC LIMIT ?", (limit,)
+            )
+        else:
+            rows = self._db.execute(
+                "SELECT runs.* FROM runs JOIN unit_runs ON unit_runs.run_id = runs.id"
+                " WHERE unit_runs.unit = ? ORDER BY runs.started_at DESC, runs.id DESC LIMIT ?",
+                (unit, limit),
+            )
+        return [_run_row(r) for r in rows.fetchall()]
+
+    # --- units ----------------------------------------------------------------
+
+    def start_unit(self, run_id: str, unit: str, revision: str | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO unit_runs (run_id, unit, revision, status, started_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (run_id, unit, revision, UnitStatus.RUNNING, time.time()),
+            )
+
+    def finish_unit(
+        self, run_id: str, unit: str, revision: str | None, outcome: UnitOutcome
+    ) -> None:
+        """Record a unit's result and move its `unit_state`, in one transaction."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO unit_runs (run_id, unit, revision, status, started_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, unit) DO NOTHING",
+                (run_id, unit, revision, UnitStatus.RUNNING, now),
+            )
+            db.execute(
+                "UPDATE unit_runs SET status = ?, decision = ?, drift = ?, plan_add = ?,"
+                " plan_change = ?, plan_destroy = ?, error = ?, finished_at = ?"
+                " WHERE run_id = ? AND unit = ?",
+                (
+                    outcome.status,
+                    outcome.decision,
+                    int(outcome.drift),
+                    outcome.plan_add,
+                    outcome.plan_change,
+                    outcome.plan_destroy,
+                    outcome.error,
+                    now,
+                    run_id,
+                    unit,
+                ),
+            )
+            previous = db.execute(
+                "SELECT revision, converged_at FROM unit_state WHERE unit = ?", (unit,)
+            ).fetchone()
+            state_revision = previous["revision"] if previous else None
+            converged_at = previous["converged_at"] if previous else None
+            if outcome.converged:
+                state_revision, converged_at = revision, now
+            db.execute(
+                "INSERT OR REPLACE INTO unit_state (unit, revision, converged_at, last_run_id,"
+                " last_status, last_decision, drift, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    unit,
+                    state_revision,
+                    converged_at,
+                    run_id,
+                    outcome.status,
+                    outcome.decision,
+                    int(outcome.drift),
+                    now,
+                ),
+            )
+
+    def unit_runs(self, run_id: str) -> list[UnitRunRow]:
+        rows = self._db.execute(
+            "SELECT * FROM unit_runs WHERE run_id = ? ORDER BY started_at, unit", (run_id,)
+        )
+        return [_unit_run_row(r) for r in rows.fetchall()]
+
+    def unit_history(self, unit: str, limit: int = 50) -> list[UnitRunRow]:
+        rows = self._db.execute(
+            "SELECT * FROM unit_runs WHERE unit = ? ORDER BY started_at DESC LIMIT ?",
+            (unit, limit),
+        )
+        return [_unit_run_row(r) for r in rows.fetchall()]
+
+    def unit_states(self) -> list[UnitStateRow]:
+        rows = self._db.execute("SELECT * FROM unit_state ORDER BY unit")
+        return [_unit_state_row(r) for r in rows.fetchall()]
+
+    def unit_state(self, unit: str) -> UnitStateRow | None:
+        row = self._db.execute("SELECT * FROM unit_state WHERE unit = ?", (unit,)).fetchone()
+        return _unit_state_row(row) if row else None
+
+    def last_unit_run(self, unit: str) -> UnitRunRow | None:
+        history = self.unit_history(unit, limit=1)
+        return history[0] if history else None
+
+    # --- revisions --------------------------------------------------------------
+
+    def record_revision(
+        self, sha: str, status: RevisionStatus, error: str | None = None, run_id: str | None = None
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO revisions (sha, status, error, seen_at, run_id)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (sha, status, error, time.time(), run_id),
+            )
+            if status is RevisionStatus.ACCEPTED:
+                db.execute(
+                    "INSERT OR REPLACE INTO agent_state (key, value)"
+                    " VALUES ('current_revision', ?)",
+                    (sha,),
+                )
+
+    def revision_status(self, sha: str) -> tuple[RevisionStatus, str | None] | None:
+        row = self._db.execute(
+            "SELECT status, error FROM revisions WHERE sha = ?", (sha,)
+        ).fetchone()
+        return (RevisionStatus(row["status"]), row["error"]) if row else None
+
+    def current_revision(self) -> str | None:
+        """The last revision accepted (validated and taken into force)."""
+        row = self._db.execute(
+            "SELECT value FROM agent_state WHERE key = 'current_revision'"
+        ).fetchone()
+        return row["value"] if row else None
+
+    # --- recovery -------------------------------------------------------------
+
+    def recover_interrupted(self) -> list[str]:
+        """Mark passes left `running` by a dead process as interrupted; return their ids.
+
+        Call it only while holding the pass lock: then no live pass can own a
+        `running` row.
+        """
+        now = time.time()
+        with self._tx() as db:
+            ids = [
+                r["id"]
+                for r in db.execute("SELECT id FROM runs WHERE status = ?", (RunStatus.RUNNING,))
+            ]
+            for run_id in ids:
+                db.execute(
+                    "UPDATE runs SET status = ?, finished_at = ?,"
+                    " error = COALESCE(error, 'the agent stopped during this pass') WHERE id = ?",
+                    (RunStatus.INTERRUPTED, now, run_id),
+                )
+                units = db.execute(
+                    "SELECT unit FROM unit_runs WHERE run_id = ? AND status = ?",
+                    (run_id, UnitStatus.RUNNING),
+                ).fetchall()
+                db.execute(
+                    "UPDATE unit_runs SET status = ?, finished_at = ?,"
+                    " error = 'the agent stopped while this unit ran'"
+                    " WHERE run_id = ? AND status = ?",
+                    (UnitStatus.INTERRUPTED, now, run_id, UnitStatus.RUNNING),
+                )
+                for unit in units:
+                    db.execute(
+                        "UPDATE unit_state SET last_status = ?, last_run_id = ?, updated_at = ?"
+                        " WHERE unit = ?",
+                        (UnitStatus.INTERRUPTED, run_id, now, unit["unit"]),
+                    )
+        return ids
+
+
+def _run_row(row: sqlite3.Row) -> RunRow:
+    return RunRow(
+        id=row["id"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        trigger=row["trigger"],
+        dry_run=bool(row["dry_run"]),
+        unit_filter=row["unit_filter"],
+        revision=row["revision"],
+        head_revision=row["head_revision"],
+        status=row["status"],
+        error=row["error"],
+    )
+
+
+def _unit_run_row(row: sqlite3.Row) -> UnitRunRow:
+    return UnitRunRow(
+        run_id=row["run_id"],
+        unit=row["unit"],
+        revision=row["revision"],
+        status=row["status"],
+        decision=row["decision"],
+        drift=bool(row["drift"]),
+        plan_add=row["plan_add"],
+        plan_change=row["plan_change"],
+        plan_destroy=row["plan_destroy"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+    )
+
+
+def _unit_state_row(row: sqlite3.Row) -> UnitStateRow:
+    return UnitStateRow(
+        unit=row["unit"],
+        revision=row["revision"],
+        converged_at=row["converged_at"],
+        last_run_id=row["last_run_id"],
+        last_status=row["last_status"],
+        last_decision=row["last_decision"],
+        drift=bool(row["drift"]),
+        updated_at=row["updated_at"],
+    )

