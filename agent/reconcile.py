@@ -54,6 +54,7 @@ class PassContext:
     manifest: Manifest | None = None
     warnings: list[str] = field(default_factory=list)
     rejected: str | None = None  # why the head revision was refused, if it was
+    fetch_error: str | None = None  # the fetch failed; the revision in force was used
     outcomes: dict[str, UnitOutcome] = field(default_factory=dict)
 
 
@@ -145,7 +146,7 @@ class Reconciler:
         except AgentError as exc:
             error = exc.message
         status = self._pass_status(ctx, error)
-        messages = [m for m in (error, ctx.rejected, *ctx.warnings) if m]
+        messages = [m for m in (error, ctx.fetch_error, ctx.rejected, *ctx.warnings) if m]
         stored_error = "\n".join(messages) or None
         self.store.set_run_revision(ctx.run_id, ctx.target, ctx.head)
         self.store.finish_run(ctx.run_id, status, stored_error)
@@ -173,7 +174,7 @@ class Reconciler:
         if self._stop.is_set():
             return RunStatus.INTERRUPTED
         failed = any(o.status is UnitStatus.FAILED for o in ctx.outcomes.values())
-        if error or failed or ctx.rejected:
+        if error or failed or ctx.rejected or ctx.fetch_error:
             return RunStatus.FAILED
         return RunStatus.SUCCEEDED
 
@@ -191,7 +192,7 @@ class Reconciler:
                     hint="check the repo URL, the deploy key and known_hosts in the host config",
                 ) from exc
             # Drift is still checked against the revision in force while Git is away.
-            ctx.warnings.append(f"fetch failed, reconciling {current[:12]} again: {exc}")
+            ctx.fetch_error = f"fetch failed, reconciled {current[:12]} again: {exc}"
             ctx.head = current
         self.report(Event(EventKind.FETCHED, run_id=ctx.run_id, message=ctx.head))
 
@@ -202,7 +203,15 @@ class Reconciler:
         ctx.target = ctx.head
         if current is None or current == ctx.head:
             return
-        if not self.source.has_commit(current) or self.source.is_ancestor(current, ctx.head):
+        if not self.source.has_commit(current):
+            # Only a fresh clone lacks it (the state dir's checkout was removed, and the
+            # remote dropped the commit): nothing to compare with, so say so and go on.
+            ctx.warnings.append(
+                f"cannot check that {ctx.head[:12]} fast-forwards {current[:12]}:"
+                " that revision is no longer in the repository"
+            )
+            return
+        if self.source.is_ancestor(current, ctx.head):
             return
         if self.host.repo.allow_history_rewrite:
             ctx.warnings.append(

@@ -374,3 +374,18 @@ def test_a_history_rewrite_is_taken_when_the_host_allows_it(tmp_path: Path) -> N
     assert result.status is RunStatus.SUCCEEDED, result.error
     assert result.revision == rewritten
     assert (world.managed / "app.conf").read_text() == "replicas = 7\n"
+
+
+def test_drift_is_still_reverted_while_the_git_remote_is_away(world: World) -> None:
+    good = world.seed()
+    world.reconcile()
+    world.repo.remote.rename(world.tmp / "moved.git")
+    (world.managed / "motd.txt").write_text("drifted\n")
+
+    result = world.reconcile()
+
+    assert result.status is RunStatus.FAILED  # the user must learn that Git is unreachable
+    assert result.error and "fetch failed" in result.error
+    assert result.revision == good
+    assert result.outcomes["base"].decision == "apply"
+    assert (world.managed / "motd.txt").read_text() == "hello\n"
