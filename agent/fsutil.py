@@ -7,10 +7,12 @@ the new one, never half of one.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from pathlib import Path
+
+from providers.atomic import atomic_write
+
+__all__ = ["StreamedFile", "atomic_write", "ensure_private_dir", "finish_partial"]
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
@@ -20,25 +22,6 @@ def ensure_private_dir(path: Path) -> Path:
     """Create `path` (and parents) if needed and make it 0700."""
     path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
     os.chmod(path, PRIVATE_DIR_MODE)
-    return path
-
-
-def atomic_write(path: Path, data: bytes | str, mode: int = PRIVATE_FILE_MODE) -> Path:
-    """Write `data` to `path` atomically (temp file + fsync + rename), with `mode`."""
-    raw = data.encode("utf-8") if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(raw)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
     return path
 
 

@@ -66,7 +66,10 @@ class StackReconciler:
         with self._runner_lock:
             if self._runner is None:
                 try:
-                    binary = find_terraform(self.host.terraform.binary)
+                    binary = find_terraform(
+                        self.host.terraform.binary,
+                        version_cache=self.layout.root / "terraform" / "versions.json",
+                    )
                 except ProviderError as exc:
                     raise TerraformError(
                         str(exc), hint="set terraform.binary in the host config"

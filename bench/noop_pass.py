@@ -84,12 +84,15 @@ RSS_PROBE = textwrap.dedent(
 
 def timed_cli_pass(config: Path) -> tuple[float, int]:
     start = time.perf_counter()
+    # As installed by pip: byte-compiled modules (some shells set PYTHONDONTWRITEBYTECODE).
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     proc = subprocess.run(
         [sys.executable, "-c", RSS_PROBE, str(config)],
         capture_output=True,
         text=True,
         check=False,
         cwd=REPO_ROOT,
+        env=env,
     )
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:

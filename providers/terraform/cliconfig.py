@@ -12,16 +12,15 @@ to download dev-overridden providers.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sysconfig
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from providers.atomic import atomic_write
 from providers.tfprovider import PROVIDER_ADDRESS, PROVIDER_EXECUTABLE, PROVIDER_VERSION
 
 
@@ -76,20 +75,7 @@ def write_cli_config(
         mirror_dir=mirror_dir,
         mirrored=mirrored,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, text, mode=0o644)
 
 
 def install_builtin_providers(mirror_dir: Path) -> list[str]:
@@ -98,8 +84,6 @@ def install_builtin_providers(mirror_dir: Path) -> list[str]:
     Returns their source addresses (for `render_cli_config(mirrored=...)`); empty if the
     provider executable is not installed. Rebuilt only when the executable changed.
     """
-    from tf.runner import install_provider  # pulls in the tf package only when needed
-
     executable = provider_executable()
     if executable is None:
         return []
@@ -107,6 +91,8 @@ def install_builtin_providers(mirror_dir: Path) -> list[str]:
     stamp = mirror_dir / PROVIDER_ADDRESS / f".{PROVIDER_VERSION}.source"
     source = f"{executable}\n{hashlib.sha256(executable.read_bytes()).hexdigest()}\n"
     if not (stamp.exists() and stamp.read_text() == source):
+        from tf.runner import install_provider  # a heavy import (grpc): only when needed
+
         install_provider(host, namespace, name, PROVIDER_VERSION, mirror_dir, executable)
         stamp.write_text(source)
     return [PROVIDER_ADDRESS]

