@@ -45,7 +45,11 @@ def silent(event: Event) -> None:
 
 
 class ConsoleReporter:
-    """Writes progress for a person: unit starts and phases live on a TTY, results always."""
+    """Writes progress for a person on a TTY: phases and results of units as they happen.
+
+    Off a TTY only what needs attention (recovered passes, rejected revisions) is
+    written: the caller prints the pass's result itself.
+    """
 
     def __init__(self, stream: TextIO = sys.stderr, *, live: bool | None = None) -> None:
         self.stream = stream
@@ -70,7 +74,7 @@ class ConsoleReporter:
             return f"fetched {event.message[:12]}"
         if kind is EventKind.UNIT_PHASE and self.live:
             return f"  {event.unit}: {event.message}..."
-        if kind is EventKind.UNIT_FINISHED:
+        if kind is EventKind.UNIT_FINISHED and self.live:
             took = f" ({event.seconds:.1f}s)" if event.seconds is not None else ""
             return f"  {event.unit}: {event.message}{took}"
         return None
