@@ -138,6 +138,7 @@ def _print_json(data: Any) -> None:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from agent.reconcile import PassRequest, Reconciler
+    from agent.redact import install_logging_redaction
     from agent.stacks import describe_outcome
 
     host = _host(args)
@@ -145,6 +146,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     if args.verbose:
         reporter = _verbose(reporter)
     reconciler = Reconciler(host, reporter=reporter)
+    install_logging_redaction(reconciler.redactor)
     with _interrupt_on_signals(reconciler.interrupt):
         try:
             if args.wait:

@@ -74,3 +74,10 @@ class NotFoundError(AgentError):
     """A unit or run named on the command line does not exist."""
 
     reference = "not-found"
+
+
+class SecretsError(AgentError):
+    """A secret reference could not be resolved (missing, denied, backend down)."""
+
+    reference = "secret-unavailable"
+    retryable = True

@@ -16,13 +16,15 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent.config import HostConfig, Manifest, ManifestLimits, load_manifest
 from agent.errors import AgentError, ConfigError, SourceError, VerificationError
 from agent.layout import StateLayout
 from agent.passlock import PassLock
 from agent.progress import Event, EventKind, Reporter, silent
+from agent.redact import Redactor
+from agent.secrets import ResolvedSecrets, SecretResolver
 from agent.stacks import StackContext, StackReconciler
 from agent.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitStatus
 from providers.errors import GitSourceError
@@ -56,6 +58,7 @@ class PassContext:
     rejected: str | None = None  # why the head revision was refused, if it was
     fetch_error: str | None = None  # the fetch failed; the revision in force was used
     outcomes: dict[str, UnitOutcome] = field(default_factory=dict)
+    secrets: ResolvedSecrets = field(default_factory=ResolvedSecrets)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,8 +92,13 @@ class Reconciler:
         self.host = host
         self.layout = StateLayout(host.state_dir)
         self.layout.prepare()
-        self.store = RunStore(host.state_dir)
-        self.report = reporter
+        # One redactor for everything this agent writes or shows (see agent.redact).
+        self.redactor = Redactor()
+        self.store = RunStore(host.state_dir, scrub=self.redactor.redact)
+        self.report: Reporter = lambda event: reporter(
+            replace(event, message=self.redactor.redact(event.message))
+        )
+        self.secrets = SecretResolver(host.secrets, self.redactor)
         self.source = GitSource(
             host.repo.url,
             host.repo.branch,
@@ -99,12 +107,13 @@ class Reconciler:
             known_hosts=host.repo.known_hosts,
             https_ca_bundle=host.repo.https_ca_bundle,
         )
-        self.stacks = StackReconciler(host, self.layout, self.store, reporter)
+        self.stacks = StackReconciler(host, self.layout, self.store, self.report, self.redactor)
         self._stop = threading.Event()
         self.steps: list[tuple[str, Step]] = [
             ("fetch", self._fetch),
             ("verify", self._verify),
             ("load-manifest", self._load_manifest),
+            ("secrets", self._resolve_secrets),
             ("units", self._units),
         ]
 
@@ -144,10 +153,10 @@ class Reconciler:
                 log.debug("run %s: step %s", ctx.run_id, name)
                 step(ctx)
         except AgentError as exc:
-            error = exc.message
+            error = self.redactor.redact(exc.message)
         status = self._pass_status(ctx, error)
         messages = [m for m in (error, ctx.fetch_error, ctx.rejected, *ctx.warnings) if m]
-        stored_error = "\n".join(messages) or None
+        stored_error = self.redactor.redact("\n".join(messages)) or None
         self.store.set_run_revision(ctx.run_id, ctx.target, ctx.head)
         self.store.finish_run(ctx.run_id, status, stored_error)
         result = PassResult(
@@ -260,24 +269,37 @@ class Reconciler:
         self.store.record_revision(revision, RevisionStatus.REJECTED, reason, run_id=ctx.run_id)
         self.report(Event(EventKind.REJECTED, run_id=ctx.run_id, message=ctx.rejected))
 
+    def _selected(self, ctx: PassContext) -> list[str]:
+        """The units this pass reconciles, in dependency order."""
+        assert ctx.manifest is not None and ctx.target is not None
+        names = list(ctx.manifest.order())
+        if ctx.request.unit is None:
+            return names
+        if ctx.manifest.get_unit(ctx.request.unit) is None:
+            raise PassFailed(
+                f"no unit named {ctx.request.unit!r} in {ctx.manifest.path.name}"
+                f" at {ctx.target[:12]}; units: {', '.join(names)}"
+            )
+        return [ctx.request.unit]
+
+    def _resolve_secrets(self, ctx: PassContext) -> None:
+        """Fetch every secret the selected units need, before anything is planned."""
+        assert ctx.manifest is not None
+        units = [ctx.manifest.get_unit(name) for name in self._selected(ctx)]
+        ctx.secrets = self.secrets.resolve(u for u in units if u is not None)
+
     def _units(self, ctx: PassContext) -> None:
         """Reconcile the units in dependency order, independent ones in parallel."""
         assert ctx.manifest is not None and ctx.target is not None
         manifest = ctx.manifest
-        names = list(manifest.order())
-        if ctx.request.unit is not None:
-            if manifest.get_unit(ctx.request.unit) is None:
-                raise PassFailed(
-                    f"no unit named {ctx.request.unit!r} in {manifest.path.name}"
-                    f" at {ctx.target[:12]}; units: {', '.join(names)}"
-                )
-            names = [ctx.request.unit]
+        names = self._selected(ctx)
         stack_ctx = StackContext(
             run_id=ctx.run_id,
             revision=ctx.target,
             tree=self.layout.checkout,
             manifest=manifest,
             dry_run=ctx.request.dry_run,
+            secrets=ctx.secrets,
         )
         selected = set(names)
         pending = set(names)

@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ from agent.errors import AgentError, TerraformError
 from agent.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
 from agent.layout import StateLayout
 from agent.progress import Event, EventKind, Reporter
+from agent.redact import Redactor
+from agent.secrets import ResolvedSecrets, terraform_variables
 from agent.store import RunStore, UnitOutcome, UnitStatus
 from providers.errors import ProviderError
 from providers.terraform import (
@@ -44,15 +46,22 @@ class StackContext:
     tree: Path  # the checkout at `revision`
     manifest: Manifest
     dry_run: bool
+    secrets: ResolvedSecrets = field(default_factory=ResolvedSecrets)
 
 
 class StackReconciler:
     """Reconciles stack units with Terraform; one instance serves many passes."""
 
     def __init__(
-        self, host: HostConfig, layout: StateLayout, store: RunStore, reporter: Reporter
+        self,
+        host: HostConfig,
+        layout: StateLayout,
+        store: RunStore,
+        reporter: Reporter,
+        redactor: Redactor,
     ) -> None:
         self.host = host
+        self.redactor = redactor
         self.layout = layout
         self.store = store
         self.report = reporter
@@ -132,7 +141,9 @@ class StackReconciler:
         revision_moved = state is None or state.revision != ctx.revision
         self.store.start_unit(ctx.run_id, name, ctx.revision)
         self.report(Event(EventKind.UNIT_STARTED, run_id=ctx.run_id, unit=name))
-        if not needs_plan(revision_moved, unit.drift):
+        if name in ctx.secrets.errors:
+            outcome = UnitOutcome(status=UnitStatus.FAILED, error=ctx.secrets.errors[name])
+        elif not needs_plan(revision_moved, unit.drift):
             outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.SKIP)
         else:
             try:
@@ -140,7 +151,8 @@ class StackReconciler:
             except AgentError as exc:
                 cut = self._stop.is_set()
                 outcome = UnitOutcome(
-                    status=UnitStatus.INTERRUPTED if cut else UnitStatus.FAILED, error=exc.message
+                    status=UnitStatus.INTERRUPTED if cut else UnitStatus.FAILED,
+                    error=self.redactor.redact(exc.message),
                 )
         self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
         self._finished(ctx, name, outcome, time.monotonic() - started)
@@ -169,56 +181,65 @@ class StackReconciler:
                 "plan", unit, lambda: runner.plan(ws, plan_file, variables, plan_log, deadline)
             )
         plan_file.chmod(0o600)
-        if planned.has_changes:
-            self._check_stop(unit)
-            plan_json = self._terraform(
-                "show", unit, lambda: runner.show_json(ws, plan_file, deadline)
+        held = False
+        try:
+            if planned.has_changes:
+                self._check_stop(unit)
+                plan_json = self._terraform(
+                    "show", unit, lambda: runner.show_json(ws, plan_file, deadline)
+                )
+                redacted = self.redactor.redact_obj(plan_json)
+                atomic_write(run_dir / "plan.json", json.dumps(redacted, indent=1))
+            else:
+                # An empty plan needs no reading (and `show` costs as much as a plan).
+                plan_json = {}
+            summary = summarize_plan(plan_json)
+            verdict = decide(
+                PlanFacts(
+                    revision_moved=revision_moved,
+                    has_changes=summary.has_changes,
+                    destroys_anything=summary.destroys_anything,
+                ),
+                drift=unit.drift,
+                destroy=self.host.policy.destroy,
+                dry_run=ctx.dry_run,
             )
-            atomic_write(run_dir / "plan.json", json.dumps(plan_json, indent=1))
-        else:
-            # An empty plan needs no reading (and `show` costs as much as a plan).
-            plan_json = {}
-        summary = summarize_plan(plan_json)
-        verdict = decide(
-            PlanFacts(
-                revision_moved=revision_moved,
-                has_changes=summary.has_changes,
-                destroys_anything=summary.destroys_anything,
-            ),
-            drift=unit.drift,
-            destroy=self.host.policy.destroy,
-            dry_run=ctx.dry_run,
-        )
-        counts = {
-            "plan_add": summary.add,
-            "plan_change": summary.change,
-            "plan_destroy": summary.destroy,
-        }
-        drift = verdict.drift or bool(summary.drift)
-        if verdict.decision is Decision.APPLY:
-            self._check_stop(unit)
-            self._phase(ctx, unit, "apply")
-            with self._log(ctx, unit, run_dir / "apply.txt") as apply_log:
-                self._terraform(
-                    "apply",
-                    unit,
-                    lambda: runner.apply(ws, plan_file, variables, apply_log, deadline),
+            counts = {
+                "plan_add": summary.add,
+                "plan_change": summary.change,
+                "plan_destroy": summary.destroy,
+            }
+            drift = verdict.drift or bool(summary.drift)
+            held = verdict.decision is Decision.HOLD
+            if verdict.decision is Decision.APPLY:
+                self._check_stop(unit)
+                self._phase(ctx, unit, "apply")
+                with self._log(ctx, unit, run_dir / "apply.txt") as apply_log:
+                    self._terraform(
+                        "apply",
+                        unit,
+                        lambda: runner.apply(ws, plan_file, variables, apply_log, deadline),
+                    )
+                return UnitOutcome(
+                    status=UnitStatus.OK,
+                    decision=verdict.decision,
+                    drift=drift,
+                    converged=True,
+                    **counts,
                 )
             return UnitOutcome(
-                status=UnitStatus.OK,
+                status=UnitStatus.HELD if held else UnitStatus.OK,
                 decision=verdict.decision,
-                drift=drift,
-                converged=True,
+                drift=drift and verdict.decision is not Decision.NOTHING,
+                converged=verdict.decision is Decision.NOTHING,
+                error=verdict.reason if held else None,
                 **counts,
             )
-        return UnitOutcome(
-            status=UnitStatus.HELD if verdict.decision is Decision.HOLD else UnitStatus.OK,
-            decision=verdict.decision,
-            drift=drift and verdict.decision is not Decision.NOTHING,
-            converged=verdict.decision is Decision.NOTHING,
-            error=verdict.reason if verdict.decision is Decision.HOLD else None,
-            **counts,
-        )
+        finally:
+            # Terraform's plan file holds the variables' values (secrets too): it is kept
+            # only while a held plan waits for approval.
+            if not held:
+                plan_file.unlink(missing_ok=True)
 
     # --- helpers ------------------------------------------------------------------
 
@@ -231,6 +252,7 @@ class StackReconciler:
             if value is None:
                 continue  # null: the variable keeps its default
             variables[f"TF_VAR_{name}"] = value if isinstance(value, str) else _hcl(value)
+        variables.update(terraform_variables(ctx.secrets.values.get(unit.name, {})))
         return variables
 
     def _stack_output(
@@ -257,7 +279,7 @@ class StackReconciler:
             raise TerraformError(f"unit {unit.name}: terraform {command} failed: {exc}") from exc
 
     def _log(self, ctx: StackContext, unit: Unit, path: Path) -> _LineSink:
-        return _LineSink(path, lambda line: self._line(ctx, unit, line))
+        return _LineSink(path, self.redactor, lambda line: self._line(ctx, unit, line))
 
     def _line(self, ctx: StackContext, unit: Unit, line: str) -> None:
         self.report(Event(EventKind.UNIT_LINE, run_id=ctx.run_id, unit=unit.name, message=line))
@@ -287,13 +309,15 @@ class StackReconciler:
 
 
 class _LineSink:
-    """A callable that streams each line to a file and to a progress callback."""
+    """A callable that streams each line, redacted, to a file and to a progress callback."""
 
-    def __init__(self, path: Path, on_line: Any) -> None:
+    def __init__(self, path: Path, redactor: Redactor, on_line: Any) -> None:
         self._file = StreamedFile(path)
+        self._redact = redactor.redact
         self._on_line = on_line
 
     def __call__(self, line: str) -> None:
+        line = self._redact(line)
         self._file.write_line(line)
         self._on_line(line)
 

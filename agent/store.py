@@ -13,7 +13,7 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -165,7 +165,9 @@ def new_run_id(now: float | None = None) -> str:
 class RunStore:
     """The SQLite run store of one state directory. Safe to share between threads."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, *, scrub: Callable[[str], str] | None = None) -> None:
+        """Open (or create) the store; `scrub` redacts every message before it is stored."""
+        self._scrub = scrub or (lambda text: text)
         ensure_private_dir(state_dir)
         self.path = state_dir / DB_FILENAME
         try:
@@ -185,6 +187,9 @@ class RunStore:
 
     def close(self) -> None:
         self._db.close()
+
+    def _clean(self, text: str | None) -> str | None:
+        return None if text is None else self._scrub(text)
 
     def _migrate(self) -> None:
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
@@ -227,7 +232,7 @@ class RunStore:
         with self._tx() as db:
             db.execute(
                 "UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-                (status, error, time.time(), run_id),
+                (status, self._clean(error), time.time(), run_id),
             )
 
     def get_run(self, run_id: str) -> RunRow | None:
@@ -280,7 +285,7 @@ class RunStore:
                     outcome.plan_add,
                     outcome.plan_change,
                     outcome.plan_destroy,
-                    outcome.error,
+                    self._clean(outcome.error),
                     now,
                     run_id,
                     unit,
@@ -342,7 +347,7 @@ class RunStore:
             db.execute(
                 "INSERT OR REPLACE INTO revisions (sha, status, error, seen_at, run_id)"
                 " VALUES (?, ?, ?, ?, ?)",
-                (sha, status, error, time.time(), run_id),
+                (sha, status, self._clean(error), time.time(), run_id),
             )
             if status is RevisionStatus.ACCEPTED:
                 db.execute(

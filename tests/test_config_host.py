@@ -233,7 +233,10 @@ def test_manifest_limits_come_from_the_host_config(tmp_path: Path) -> None:
     limits = ManifestLimits.from_host(parse_host_config(text, "agent.yaml", tmp_path))
 
     assert limits == ManifestLimits(
-        allowed_paths=("stacks",), max_unit_timeout=3600.0, default_timeout=600.0
+        allowed_paths=("stacks",),
+        max_unit_timeout=3600.0,
+        default_timeout=600.0,
+        secret_backends=frozenset({"file"}),  # files on the bastion need no set-up
     )
 
 

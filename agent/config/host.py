@@ -11,10 +11,11 @@ import posixpath
 import re
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from agent.config.secrets import SecretsConfig, read_secrets
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
 
@@ -98,6 +99,7 @@ class HostConfig:
     terraform: TerraformConfig
     allowed_paths: tuple[str, ...]
     policy: Policy
+    secrets: SecretsConfig = field(default_factory=SecretsConfig)
 
 
 def resolve_host_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
@@ -144,7 +146,7 @@ def parse_host_config(text: str, filename: str, base_dir: Path) -> HostConfig:
 
 def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> HostConfig | None:
     fields = root.mapping(
-        ["repo", "state_dir", "intervals", "terraform", "allowed_paths", "policy"]
+        ["repo", "state_dir", "intervals", "terraform", "allowed_paths", "policy", "secrets"]
     )
     if fields is None:
         return None
@@ -159,6 +161,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
     policy = _policy(fields.get("policy"))
     terraform = _terraform(fields.get("terraform"), base_dir, state_dir, policy)
     allowed = _allowed_paths(fields.get("allowed_paths"))
+    secrets = read_secrets(fields.get("secrets"), base_dir, _path)
     if problems or repo is None:
         return None
     return HostConfig(
@@ -169,6 +172,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
         terraform=terraform,
         allowed_paths=allowed,
         policy=policy,
+        secrets=secrets,
     )
 
 

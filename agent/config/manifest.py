@@ -23,6 +23,7 @@ from yaml.nodes import MappingNode, ScalarNode
 from agent.config import graph
 from agent.config.yamlnodes import INVALID, Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
+from providers.secrets.refs import SecretRef, SecretRefError, parse_ref, ref_allowed
 
 if TYPE_CHECKING:
     from agent.config.host import HostConfig
@@ -32,9 +33,10 @@ UNIT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 FROM_STACK = "from_stack"
-UNIT_KEYS = ("name", "stack", "depends_on", "drift", "timeout", "vars", "labels")
+UNIT_KEYS = ("name", "stack", "depends_on", "drift", "timeout", "vars", "secrets", "labels")
 _HINT = "see docs/manifest.md for every key of gitops.yaml"
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
+_NO_SECRETS: Mapping[str, SecretRef] = MappingProxyType({})
 
 
 class DriftPolicy(StrEnum):
@@ -77,6 +79,8 @@ class Unit:
     vars: Mapping[str, VarValue] = field(hash=False)
     labels: Mapping[str, str] = field(hash=False)
     line: int
+    # Terraform variable name -> where its value is fetched (never the value itself).
+    secrets: Mapping[str, SecretRef] = field(hash=False, default_factory=lambda: _NO_SECRETS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,8 @@ class ManifestLimits:
     allowed_paths: tuple[str, ...] = (".",)
     max_unit_timeout: float = 7200.0
     default_timeout: float = 1800.0
+    secret_prefixes: tuple[str, ...] = ()  # references the repo may read
+    secret_backends: frozenset[str] = frozenset()  # schemes with a configured backend
 
     @classmethod
     def from_host(cls, host: HostConfig) -> ManifestLimits:
@@ -94,6 +100,8 @@ class ManifestLimits:
             allowed_paths=host.allowed_paths,
             max_unit_timeout=host.policy.max_unit_timeout,
             default_timeout=host.terraform.timeout,
+            secret_prefixes=host.secrets.allowed,
+            secret_backends=host.secrets.backends(),
         )
 
 
@@ -169,6 +177,7 @@ class _Draft:
     timeout: float | None
     vars: dict[str, object]
     labels: dict[str, str]
+    secrets: dict[str, SecretRef] = field(default_factory=dict)
 
 
 class _ManifestReader:
@@ -248,6 +257,8 @@ class _ManifestReader:
             self._vars(var_fields, draft)
         if (found := fields.get("labels")) and (label_fields := found.mapping()):
             self._labels(label_fields, draft)
+        if (found := fields.get("secrets")) and (secret_fields := found.mapping()):
+            self._secrets(secret_fields, draft)
         return draft
 
     def _under_message(self) -> str:
@@ -320,6 +331,34 @@ class _ManifestReader:
             return INVALID
         return StackOutputRef(unit=unit, output=output)
 
+    def _secrets(self, fields: Fields, draft: _Draft) -> None:
+        """`NAME: REFERENCE`: NAME becomes TF_VAR_NAME, fetched per pass, never stored."""
+        for key, item in fields:
+            if not VAR_NAME_RE.fullmatch(key) or key.startswith("TF_"):
+                fields.fail_key(key, "a Terraform variable name not starting with TF_")
+                continue
+            if key in draft.vars:
+                fields.fail_key(key, "a name not also given in vars")
+                continue
+            text = item.string("a secret reference like vault:kv/prod/db#password")
+            if text is None:
+                continue
+            try:
+                ref = parse_ref(text)
+            except SecretRefError as exc:
+                item.fail(f"a secret reference ({exc})")
+                continue
+            if ref.scheme not in self.limits.secret_backends:
+                item.fail(
+                    f"a reference to a backend the host config sets up"
+                    f" ({', '.join(sorted(self.limits.secret_backends)) or 'none'})"
+                )
+            elif not ref_allowed(ref, self.limits.secret_prefixes):
+                allowed = ", ".join(self.limits.secret_prefixes) or "nothing: no secrets.allowed"
+                item.fail(f"a reference the host config allows ({allowed})")
+            else:
+                draft.secrets[key] = ref
+
     def _labels(self, fields: Fields, draft: _Draft) -> None:
         for key, item in fields:
             if not LABEL_KEY_RE.fullmatch(key):
@@ -367,6 +406,7 @@ class _ManifestReader:
             vars=MappingProxyType(dict(draft.vars)),  # type: ignore[arg-type]
             labels=MappingProxyType(dict(draft.labels)) if draft.labels else _NO_LABELS,
             line=draft.value.line,
+            secrets=MappingProxyType(dict(draft.secrets)),
         )
 
 
