@@ -47,6 +47,7 @@ import logging
 import re
 import threading
 import traceback
+import unicodedata
 import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -260,7 +261,18 @@ def _part_forms(part: str) -> set[str]:
 
 
 def secret_forms(value: str) -> frozenset[str]:
-    """Every form `Redactor.register` registers for `value` (see the module docstring)."""
+    """Every form `Redactor.register` registers for `value` (see the module docstring).
+
+    The forms of its Unicode NFC and NFD normalizations too: Terraform normalizes every
+    string to NFC, so a value fetched in decomposed form is printed composed.
+    """
+    variants = dict.fromkeys(
+        [value, unicodedata.normalize("NFC", value), unicodedata.normalize("NFD", value)]
+    )
+    return frozenset().union(*(_forms_of(variant) for variant in variants))
+
+
+def _forms_of(value: str) -> frozenset[str]:
     if not value.strip():
         return frozenset()
     if len(value) < MIN_LENGTH:

@@ -14,6 +14,7 @@ timeouts): `resolve_all` retries what is worth retrying, within its own time bud
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -38,6 +39,10 @@ __all__ = ["AwsSettings", "SecretsManagerBackend", "SsmBackend"]
 
 # Assume the role again when its credentials have less than this left.
 _REFRESH_BEFORE = timedelta(minutes=5)
+
+# botocore's DEBUG records print whole response bodies, secret values included, before the
+# agent holds the value it would redact them with: they never pass, even with --debug.
+logging.getLogger("botocore").setLevel(logging.INFO)
 
 _NOT_FOUND = {"ParameterNotFound", "ParameterVersionNotFound", "ResourceNotFoundException"}
 _DENIED = {

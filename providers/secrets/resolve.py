@@ -60,7 +60,9 @@ def _resolve_one(
             if not exc.retryable or remaining <= 0:
                 return exc
             pause = min(delay * random.uniform(0.5, 1.0), remaining)
-            log.info("%s (attempt %d); retrying in %.1f s", exc, attempt, pause)
+            # Only the reference and the kind of failure: the backend's own text may quote a
+            # secret that another reference of this pass has not yet registered for redaction.
+            log.info("%s: %s (attempt %d); retrying in %.1f s", ref.raw, exc.kind, attempt, pause)
             time.sleep(pause)
             delay = min(delay * 2, BACKOFF_CAP)
             attempt += 1

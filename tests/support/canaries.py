@@ -23,6 +23,7 @@ import base64
 import contextlib
 import json
 import os
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,24 @@ def load_canaries(path: Path = CANARIES_FILE) -> list[Canary]:
 
 
 def named_forms(value: str) -> dict[str, str]:
-    """Each form to search for, by kind (`plain`, `base64`, `line 2`...), without duplicates."""
+    """Each form to search for, by kind (`plain`, `base64`, `line 2`...), without duplicates.
+
+    Also those of the value's Unicode NFC and NFD normalizations (kinds `... (NFC)`):
+    Terraform prints every string in NFC.
+    """
+    forms: dict[str, str] = {}
+    for label, variant in (
+        ("", value),
+        (" (NFC)", unicodedata.normalize("NFC", value)),
+        (" (NFD)", unicodedata.normalize("NFD", value)),
+    ):
+        for kind, form in _forms_of(variant).items():
+            if form not in forms.values():
+                forms[kind + label] = form
+    return forms
+
+
+def _forms_of(value: str) -> dict[str, str]:
     raw = value.encode("utf-8")
     candidates = [
         ("plain", value),

@@ -142,6 +142,7 @@ class _Fault:
     status: int | None  # None: a delay only
     remaining: int | None  # None: forever
     delay: float = 0.0
+    message: str | None = None  # the error text to answer with, instead of the usual one
 
 
 class _Reply(Exception):
@@ -260,7 +261,7 @@ class _Handler(BaseHTTPRequestHandler):
                     fault.remaining -= 1
                 if fault.status is None:
                     return fault.delay
-                message = {
+                message = fault.message or {
                     429: f'request path "{api_path}": rate limit quota exceeded',
                     503: "Vault is sealed",
                 }.get(fault.status, "injected fault")
@@ -630,13 +631,16 @@ class VaultStandin:
         with self._state.lock:
             self._state.sealed = False
 
-    def fail_next(self, path_prefix: str, status: int, count: int | None = 1) -> None:
+    def fail_next(
+        self, path_prefix: str, status: int, count: int | None = 1, *, message: str | None = None
+    ) -> None:
         """The next `count` requests whose API path starts with `path_prefix` get `status`.
 
-        `count=None`: every such request, until `clear_faults()`.
+        `count=None`: every such request, until `clear_faults()`. `message` replaces the
+        error text (a leak test makes Vault's answer echo a secret).
         """
         with self._state.lock:
-            self._state.faults.append(_Fault(path_prefix, status, count))
+            self._state.faults.append(_Fault(path_prefix, status, count, message=message))
 
     def delay_next(self, path_prefix: str, seconds: float, count: int | None = 1) -> None:
         with self._state.lock:
