@@ -130,3 +130,60 @@ def test_a_reference_outside_the_allowed_prefixes_rejects_the_revision(
     assert not result.ok and result.outcomes == {}
     assert result.error and "gitops.yaml:5: units[0].secrets.db_password" in result.error
     assert "vault:kv/prod/" in result.error
+
+
+@pytest.mark.parametrize(
+    ("renewable", "auth_path"),
+    [(True, "auth/token/renew-self"), (False, "auth/approle/login")],
+    ids=["renewed", "logged-in-again"],
+)
+def test_an_approle_token_that_expires_in_the_middle_of_a_pass_is_replaced(
+    tmp_path: Path, renewable: bool, auth_path: str
+) -> None:
+    # 24 secrets read 8 at a time, each read slowed to 0.4 s, by a token that lives 1 s:
+    # the later reads would find it expired; the agent renews it (or, when it cannot be
+    # renewed, logs in again) and the pass goes on.
+    with VaultStandin() as server:
+        server.enable_kv("kv", version=2)
+        names = [f"s{n:02d}" for n in range(24)]
+        for name in names:
+            server.put("kv", f"prod/{name}", {"v": f"value-{name}-{PASSWORD}"})
+        server.add_approle(
+            "role-1", "secret-id-1", ["kv/data/prod/"], token_ttl=1, renewable=renewable
+        )
+        server.delay_next("kv/data/prod/", 0.4, count=None)
+        secret_id = tmp_path / "secret-id"
+        secret_id.write_text("secret-id-1\n")
+        secret_id.chmod(0o600)
+        repo = InfraRepo(tmp_path / "git")
+        variables = "".join(f'variable "{n}" {{\n  type = string\n}}\n' for n in names)
+        repo.write("stacks/many/main.tf", variables + QUIET_TF)
+        refs = ", ".join(f'{n}: "vault:kv/prod/{n}#v"' for n in names)
+        repo.write(
+            "gitops.yaml",
+            f"version: 1\nunits:\n  - {{name: many, stack: stacks/many, secrets: {{{refs}}}}}\n",
+        )
+        repo.push("seed")
+        config = write_host_config(
+            tmp_path / "agent.yaml",
+            repo.url,
+            tmp_path / "state",
+            f"""\
+            secrets:
+              allowed: ["vault:kv/prod/"]
+              vault:
+                address: {server.address}
+                auth: {{approle: {{role_id: role-1, secret_id_file: {secret_id}}}}}
+            """,
+        )
+
+        result = run(config)
+
+        assert result.ok, result.error
+        assert result.outcomes["many"].status is UnitStatus.OK
+        logins = len(server.requests_to("auth/approle/login"))
+        renewals = len(server.requests_to("auth/token/renew-self"))
+        assert (renewals >= 1 and logins == 1) if renewable else (logins >= 2)
+        assert all(r.status == 200 for r in server.requests_to(auth_path))
+        reads = [r for r in server.requests if r.path.startswith("kv/data/prod/")]
+        assert {r.path for r in reads if r.status == 200} == {f"kv/data/prod/{n}" for n in names}
