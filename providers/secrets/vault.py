@@ -151,7 +151,14 @@ class VaultBackend:
                 step = "read"
                 data = self._read_kv(ref, mount, path, version)
             except hvac.exceptions.Forbidden as exc:
-                if attempt == 1 and token is not None and not self._token_alive(ref):
+                # Another thread may have replaced the token since this read took it: then
+                # the 403 says nothing about the current one, and lookup-self would ask
+                # about the new token, not the one that failed.
+                if (
+                    attempt == 1
+                    and token is not None
+                    and (self._replaced(token) or not self._token_alive(ref))
+                ):
                     log.info("%s: Vault token expired or revoked; authenticating again", ref.raw)
                     stale = token
                     continue
@@ -274,6 +281,11 @@ class VaultBackend:
             if left <= _EXPIRY_MARGIN or isinstance(auth, AppRoleAuth):
                 return self._authenticate(ref).value
             return token.value
+
+    def _replaced(self, value: str) -> bool:
+        """Whether the backend holds a token other than `value` now."""
+        with self._lock:
+            return self._token is None or self._token.value != value
 
     def _token_alive(self, ref: SecretRef) -> bool:
         """Whether Vault still knows the current token (False: expired or revoked)."""
