@@ -101,3 +101,66 @@ class TransportError(ProviderError):
 
 class HostKeyError(TransportError):
     """The host's key is unknown or differs from the one in known_hosts."""
+
+
+class SignatureError(ProviderError):
+    """A revision or tag is not signed by a key the signing policy allows, or cannot be checked.
+
+    The message names the commit (short hash) or tag and says what is wrong. `kind` is one of
+    `SIGNATURE_ERROR_KINDS`: unsigned, untrusted (signed, but not by an allowed key, or with a
+    kind of signature the policy does not accept), bad (the content does not match the
+    signature, or the signature is unreadable), expired, revoked, config (the policy's files
+    are missing, unreadable or empty, or a tool is missing). Never retryable: the same revision
+    gives the same answer until a person acts. `revision` is the full sha checked ("" if none).
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, kind: str, revision: str = "") -> None:
+        if kind not in SIGNATURE_ERROR_KINDS:
+            raise ValueError(f"unknown SignatureError kind {kind!r}")
+        super().__init__(message)
+        self.kind = kind
+        self.revision = revision
+
+
+SIGNATURE_ERROR_KINDS = ("unsigned", "untrusted", "bad", "expired", "revoked", "config")
+
+
+class TemplateRenderError(ProviderError):
+    """A template could not be rendered: a syntax error, an undefined variable, a failing
+    filter. The message names the template file (repo-relative) and line:
+    `templates/nginx.conf.j2:7: 'workers' is undefined`.
+    """
+
+    def __init__(self, message: str, *, template: str = "", line: int | None = None) -> None:
+        super().__init__(message)
+        self.template = template
+        self.line = line
+
+
+class HostEngineError(ProviderError):
+    """The host engine's program could not run on a host or gave an unreadable answer
+    (no python3, sudo refused, a crash). The message names the host.
+    """
+
+    retryable = True
+
+
+class ResourceConflictError(ProviderError):
+    """A resource cannot be brought to its desired state without a person deciding:
+    a directory where a file must be, a non-empty directory to remove without
+    `recursive: true`, no package manager. The engine prefixes the resource id.
+    """
+
+
+class AuthenticationError(TransportError):
+    """The host refused the SSH login (`user@host`), or the configured key cannot be used.
+    Never retryable: a person has to authorize the key or fix the user.
+    """
+
+
+class PrivilegeEscalationError(TransportError):
+    """`become` failed: `sudo -n` needs a password for the login user, or sudo is missing.
+    Never retryable: a person has to grant passwordless sudo or change the login user.
+    """
