@@ -27,8 +27,9 @@ from agent.redact import Redactor
 from agent.secrets import ResolvedSecrets, SecretResolver
 from agent.stacks import StackContext, StackReconciler
 from agent.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitStatus
-from providers.errors import GitSourceError
+from providers.errors import GitSourceError, SignatureError
 from providers.git_source import GitSource
+from providers.git_verify import verify_revision
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +207,13 @@ class Reconciler:
         self.report(Event(EventKind.FETCHED, run_id=ctx.run_id, message=ctx.head))
 
     def _verify(self, ctx: PassContext) -> None:
-        """Refuse a head that does not fast-forward from the revision in force."""
+        """Refuse a head that is not signed by an allowed key (when the host config asks
+        for signatures) or that does not fast-forward from the revision in force."""
         assert ctx.head is not None
         current = self.store.current_revision()
         ctx.target = ctx.head
+        if not self._signed(ctx, ctx.head, current):
+            return
         if current is None or current == ctx.head:
             return
         if not self.source.has_commit(current):
@@ -236,6 +240,33 @@ class Reconciler:
         )
         self._reject(ctx, ctx.head, error.message)
         ctx.target = current
+
+    def _signed(self, ctx: PassContext, revision: str, current: str | None) -> bool:
+        """Check `revision`'s signature before anything reads it. False: it was rejected and
+        the revision in force (`current`) stays the target."""
+        policy = self.host.repo.signing
+        if policy is None:
+            return True
+        try:
+            verified = verify_revision(self.layout.checkout, revision, policy)
+        except SignatureError as exc:
+            if exc.kind == "config":
+                raise VerificationError(
+                    str(exc), hint="fix repo.signing in the host config"
+                ) from exc
+            if current is None or current == revision:
+                self._reject(ctx, revision, str(exc))
+                raise PassFailed(
+                    f"revision {revision[:12]} is not signed by an allowed key and no earlier"
+                    f" revision was accepted: {exc}"
+                ) from exc
+            self._reject(ctx, revision, str(exc))
+            ctx.target = current
+            return False
+        except GitSourceError as exc:
+            raise SourceError(f"cannot verify {revision[:12]}: {exc}") from exc
+        log.info("revision %s signed by %s (%s)", revision[:12], verified.signer, verified.kind)
+        return True
 
     def _load_manifest(self, ctx: PassContext) -> None:
         """Check out the target and validate its manifest; fall back to the last good one."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from agent.config.secrets import SecretsConfig, read_secrets
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
+from providers.git_verify import SigningPolicy
 
 DEFAULT_HOST_CONFIG_PATH = Path("/etc/gitops-agent/agent.yaml")
 CONFIG_ENV_VAR = "GITOPS_AGENT_CONFIG"
@@ -54,6 +55,8 @@ class RepoConfig:
     known_hosts: Path | None = None
     https_ca_bundle: Path | None = None
     allow_history_rewrite: bool = False
+    # When set, a revision is applied only if signed by a key it allows (docs/signed-commits.md).
+    signing: SigningPolicy | None = None
 
     @property
     def is_ssh(self) -> bool:
@@ -185,6 +188,7 @@ def _repo(value: Value, base_dir: Path) -> RepoConfig | None:
             "known_hosts",
             "https_ca_bundle",
             "allow_history_rewrite",
+            "signing",
         ]
     )
     if fields is None:
@@ -203,6 +207,7 @@ def _repo(value: Value, base_dir: Path) -> RepoConfig | None:
     rewrite = False
     if found := fields.get("allow_history_rewrite"):
         rewrite = bool(found.boolean())
+    signing = _signing(fields.get("signing"), base_dir)
     if url is not None and is_ssh_url(url) and fields.get("known_hosts") is None:
         fields.require("known_hosts", "a known_hosts file for an ssh URL")
     if url is None:
@@ -214,7 +219,21 @@ def _repo(value: Value, base_dir: Path) -> RepoConfig | None:
         known_hosts=paths["known_hosts"],
         https_ca_bundle=ca_bundle,
         allow_history_rewrite=rewrite,
+        signing=signing,
     )
+
+
+def _signing(value: Value | None, base_dir: Path) -> SigningPolicy | None:
+    """`repo.signing`: a GPG keyring, an SSH allowed-signers file, or both."""
+    fields = value.mapping(["gpg_keyring", "ssh_allowed_signers"]) if value else None
+    if value is None or fields is None:
+        return None
+    keyring = _optional_path(fields, "gpg_keyring", base_dir)
+    signers = _optional_path(fields, "ssh_allowed_signers", base_dir)
+    if fields.get("gpg_keyring") is None and fields.get("ssh_allowed_signers") is None:
+        value.fail("a mapping with gpg_keyring, ssh_allowed_signers or both")
+        return None
+    return SigningPolicy(gpg_keyring=keyring, ssh_allowed_signers=signers)
 
 
 def is_ssh_url(url: str) -> bool:
