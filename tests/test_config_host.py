@@ -171,7 +171,7 @@ repo:
         f"{path}:5: repo.known_hosts: expected a known_hosts file for an ssh URL (required);"
         " got nothing",
         f"{path}:7: repo.brnch: unknown key; expected one of url, branch, deploy_key,"
-        " known_hosts, https_ca_bundle, allow_history_rewrite",
+        " known_hosts, https_ca_bundle, allow_history_rewrite, signing",
     ]
     assert str(caught.value) == "\n".join(caught.value.errors)
     assert "docs/host-config.md" in caught.value.render()
