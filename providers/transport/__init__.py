@@ -2,5 +2,13 @@
 
 from providers.transport.base import CommandResult, Transport
 from providers.transport.local import LocalTransport
+from providers.transport.ssh import SSHSettings, SSHTarget, SSHTransport
 
-__all__ = ["CommandResult", "LocalTransport", "Transport"]
+__all__ = [
+    "CommandResult",
+    "LocalTransport",
+    "SSHSettings",
+    "SSHTarget",
+    "SSHTransport",
+    "Transport",
+]

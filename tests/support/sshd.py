@@ -17,6 +17,7 @@ says why not when it cannot run, so fixtures can skip with a reason.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import shutil
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
@@ -91,6 +93,60 @@ def chown_tree(path: Path, user: str) -> None:
         os.chown(root, entry.pw_uid, entry.pw_gid)
         for name in dirs + files:
             os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid, follow_symlinks=False)
+
+
+def hash_known_hosts(path: Path) -> Path:
+    """Hash every host name in known_hosts `path` in place (`|1|salt|hash`), as OpenSSH's
+    `ssh-keygen -H` does with `HashKnownHosts yes`; returns `path`.
+    """
+    subprocess.run(
+        ["ssh-keygen", "-q", "-H", "-f", str(path)], check=True, capture_output=True, timeout=30
+    )
+    path.with_name(path.name + ".old").unlink(missing_ok=True)  # ssh-keygen's backup
+    return path
+
+
+def key_fingerprint(public_key_line: str) -> str:
+    """`SHA256:...` of a one-line public key, as OpenSSH's `ssh-keygen -l` computes it."""
+    done = subprocess.run(
+        ["ssh-keygen", "-l", "-E", "sha256", "-f", "-"],
+        input=public_key_line.encode(),
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    return done.stdout.decode().split()[1]
+
+
+def sudo_unavailable() -> str | None:
+    """None if `sudo` and /etc/sudoers.d can be used for tests, else why not (for pytest.skip)."""
+    if shutil.which("sudo") is None or shutil.which("visudo") is None:
+        return "sudo is missing: apt-get install -y sudo"
+    if os.geteuid() != 0:
+        return "granting sudo to a test user needs root"
+    return None
+
+
+@contextlib.contextmanager
+def passwordless_sudo(user: str) -> Iterator[Path]:
+    """`USER ALL=(ALL) NOPASSWD: ALL` in a file of /etc/sudoers.d/ while the block runs.
+
+    The file is checked with `visudo -c` before it is put in place (a broken sudoers file
+    would lock sudo for everyone) and removed afterwards.
+    """
+    ensure_user(user)
+    drop_in = Path("/etc/sudoers.d") / f"gitops-test-{user.replace('.', '_')}"
+    drop_in.parent.mkdir(mode=0o750, exist_ok=True)
+    staged = drop_in.parent / f".{drop_in.name}.tmp"  # sudo skips names with a dot
+    staged.write_text(f"{user} ALL=(ALL) NOPASSWD: ALL\n")
+    staged.chmod(0o440)
+    try:
+        subprocess.run(["visudo", "-c", "-q", "-f", str(staged)], check=True, timeout=30)
+        staged.rename(drop_in)
+        yield drop_in
+    finally:
+        staged.unlink(missing_ok=True)
+        drop_in.unlink(missing_ok=True)
 
 
 def _free_port() -> int:
@@ -253,6 +309,10 @@ Subsystem sftp internal-sftp
         assert self.dir is not None, "server not started"
         fields = (self.dir / "ssh_host_ed25519_key.pub").read_text().split()
         return f"{fields[0]} {fields[1]}"
+
+    def host_key_fingerprint(self) -> str:
+        """`SHA256:...` of the server's host key, as `ssh-keygen -l` prints it."""
+        return key_fingerprint(self.host_public_key())
 
     def known_hosts_line(self) -> str:
         """The line a client's known_hosts needs: `[127.0.0.1]:PORT ssh-ed25519 AAAA...`."""

@@ -1,0 +1,225 @@
+"""`converge`: one host, one facts round trip, a local diff, at most one apply round trip.
+
+A host already in its desired state costs exactly one round trip. Host-level problems
+(unreachable, no python3, sudo refused, a timeout) never raise: they come back as
+`HostReport.error`, so the caller can converge many hosts in parallel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from providers.errors import HostEngineError, ProviderError, ResourceConflictError
+from providers.hosts import diff as kinds
+from providers.hosts import plan, wire
+from providers.hosts.model import (
+    Change,
+    Handler,
+    HostReport,
+    Resource,
+    ResourceOutcome,
+    Status,
+)
+from providers.hosts.textdiff import cap
+from providers.transport.base import Transport
+
+log = logging.getLogger(__name__)
+
+Facts = Mapping[str, Any]
+
+
+def _outcome(
+    resource: Resource,
+    status: Status,
+    changes: Sequence[Change] = (),
+    error: str | None = None,
+) -> ResourceOutcome:
+    return ResourceOutcome(
+        resource_id=resource.id,
+        status=status,
+        changes=tuple(change.text for change in changes),
+        diff=cap("".join(change.diff for change in changes)),
+        error=None if error is None else f"{resource.id}: {error}",
+    )
+
+
+def gather_facts(
+    transport: Transport,
+    resources: Sequence[Resource],
+    *,
+    become: bool,
+    timeout: float = 300.0,
+    python: str = "python3",
+) -> list[Facts | None]:
+    """The facts of every resource from one round trip (index-aligned with `resources`).
+
+    A resource whose query cannot be built gets None. Raises TransportError or
+    HostEngineError; `converge` turns those into a report.
+    """
+    queries: list[dict[str, Any]] = []
+    for resource in resources:
+        try:
+            queries.append(kinds.query(resource))
+        except (ResourceConflictError, KeyError, TypeError, ValueError):
+            queries.append({"kind": "none"})  # its diff reports the problem
+    answer = wire.call(
+        transport,
+        {"mode": "facts", "resources": queries},
+        become=become,
+        timeout=timeout,
+        python=python,
+    )
+    facts = answer.get("facts")
+    if not isinstance(facts, list) or len(facts) != len(resources):
+        raise HostEngineError(f"{transport.host}: the facts answer does not match the resources")
+    return facts
+
+
+def _evaluate(resource: Resource, facts: Facts | None) -> tuple[list[Change] | None, str | None]:
+    """(changes, None) or (None, error) for one resource."""
+    if facts is None:
+        facts = {}
+    if "error" in facts:
+        return None, str(facts["error"])
+    try:
+        return kinds.diff(resource, facts), None
+    except ResourceConflictError as exc:
+        return None, str(exc)
+    except (KeyError, TypeError, ValueError) as exc:  # attributes the manifest layer let by
+        return None, f"invalid attributes ({type(exc).__name__}: {exc})"
+
+
+@dataclass
+class _Pass:
+    """What one converge call has learnt so far; outcomes stay index-aligned with resources."""
+
+    resources: tuple[Resource, ...]
+    outcomes: list[ResourceOutcome] = field(default_factory=list)
+    planned: dict[int, list[Change]] = field(default_factory=dict)
+    operations: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
+    handlers_run: list[str] = field(default_factory=list)
+    handler_errors: list[str] = field(default_factory=list)
+
+
+def _plan(state: _Pass, facts: Sequence[Facts | None], *, apply: bool) -> None:
+    """Diff every resource; with `apply`, queue the operations of those that change."""
+    for index, resource in enumerate(state.resources):
+        changes, problem = _evaluate(resource, facts[index])
+        if changes is None:
+            state.outcomes.append(_outcome(resource, "failed", error=problem))
+        elif not changes:
+            state.outcomes.append(_outcome(resource, "ok"))
+        elif not apply:
+            state.outcomes.append(_outcome(resource, "would-change", changes))
+        else:
+            state.outcomes.append(_outcome(resource, "changed", changes))  # until confirmed
+            state.planned[index] = changes
+            state.operations.append((index, kinds.operation(resource, facts[index] or {}, changes)))
+
+
+def _apply(
+    transport: Transport,
+    state: _Pass,
+    handlers: Mapping[str, Handler],
+    *,
+    become: bool,
+    timeout: float,
+    python: str,
+) -> None:
+    """The apply round trip: every queued operation, then the notified handlers."""
+    handler_ops, state.handler_errors = plan.build_handlers(
+        state.resources, list(state.planned), handlers
+    )
+    spec = {"mode": "apply", "ops": plan.build_ops(state.operations), "handlers": handler_ops}
+    try:
+        answer = wire.call(transport, spec, become=become, timeout=timeout, python=python)
+        results = {int(index): result for index, result in answer.get("results", [])}
+        ran = [(str(entry["name"]), entry) for entry in answer.get("handlers", [])]
+    except (ProviderError, KeyError, TypeError, ValueError) as exc:
+        if not isinstance(exc, ProviderError):
+            exc = HostEngineError(f"{transport.host}: unreadable apply answer ({exc!r})")
+        for index, changes in state.planned.items():
+            reason = f"not confirmed, the apply round trip failed: {exc}"
+            state.outcomes[index] = _outcome(state.resources[index], "failed", changes, reason)
+        raise exc from None
+    for index, changes in state.planned.items():
+        state.outcomes[index] = _confirmed(state.resources[index], changes, results.get(index))
+    for name, entry in ran:
+        if entry.get("ok"):
+            state.handlers_run.append(name)
+        else:
+            state.handler_errors.append(f"handler {name!r}: {entry.get('error')}")
+
+
+def converge(
+    transport: Transport,
+    resources: Sequence[Resource],
+    handlers: Mapping[str, Handler],
+    *,
+    apply: bool,
+    become: bool,
+    timeout: float = 300.0,
+    python: str = "python3",
+) -> HostReport:
+    """Bring one host to the desired state of `resources` (manifest order), or, with
+    `apply=False`, report what would change. Never raises for a host problem.
+
+    The transport is connected here and closed before returning. `timeout` bounds each
+    round trip. `python` is the interpreter on the target (Python >= 3.7).
+    """
+    started = time.monotonic()
+    first_trip = transport.round_trips
+    state = _Pass(resources=tuple(resources))
+    error: str | None = None
+    try:
+        transport.connect()
+        facts = gather_facts(
+            transport, state.resources, become=become, timeout=timeout, python=python
+        )
+        _plan(state, facts, apply=apply)
+        if state.operations:
+            _apply(transport, state, handlers, become=become, timeout=timeout, python=python)
+    except ProviderError as exc:
+        error = str(exc)
+    finally:
+        with contextlib.suppress(ProviderError):
+            transport.close()
+    report = HostReport(
+        host=transport.host,
+        outcomes=tuple(state.outcomes),
+        handlers_run=tuple(state.handlers_run),
+        handler_errors=tuple(state.handler_errors),
+        round_trips=transport.round_trips - first_trip,
+        error=error,
+        duration_s=time.monotonic() - started,
+    )
+    log.info(
+        "%s: %d changed, %d would change, %d failed, %d round trips, %.2fs%s",
+        report.host,
+        report.changed,
+        report.pending,
+        report.failed,
+        report.round_trips,
+        report.duration_s,
+        f", error: {error}" if error else "",
+    )
+    return report
+
+
+def _confirmed(
+    resource: Resource, changes: list[Change], result: Mapping[str, Any] | None
+) -> ResourceOutcome:
+    """The outcome of an applied resource, from the host's per-operation result."""
+    if result is None:
+        return _outcome(resource, "failed", changes, "the host reported no result")
+    if not result.get("ok"):
+        return _outcome(resource, "failed", changes, str(result.get("error")))
+    if not result.get("changed"):  # a command whose guard was satisfied by an earlier change
+        note = Change("run", None, None, f"not run: {result.get('note') or 'nothing to do'}")
+        return _outcome(resource, "ok", [note])
+    return _outcome(resource, "changed", changes)

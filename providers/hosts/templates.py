@@ -1,0 +1,125 @@
+"""Rendering the repo's Jinja2 templates into file contents, with errors that name the line.
+
+Strict: an undefined variable is an error, never an empty string. Trailing newlines are
+kept and nothing is HTML-escaped (these are config files). Templates run in Jinja's
+sandbox: a template from a pull request cannot reach Python internals (`__class__`...)
+to read the agent's memory. `{% include %}` and `{% import %}` resolve in the template's
+own directory and below.
+"""
+
+from __future__ import annotations
+
+import traceback
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import jinja2
+from jinja2.sandbox import SandboxedEnvironment
+
+from providers.errors import TemplateRenderError
+
+
+def _environment(directory: Path) -> SandboxedEnvironment:
+    return SandboxedEnvironment(
+        loader=jinja2.FileSystemLoader(str(directory)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+
+
+def _display(filename: str | None, path: Path, display_name: str) -> str:
+    """A template file as the user knows it: relative to the repo, like `display_name`."""
+    if filename is None:
+        return display_name
+    try:
+        relative = Path(filename).resolve().relative_to(path.parent.resolve())
+    except ValueError:
+        return filename
+    return str(PurePosixPath(display_name).parent / PurePosixPath(*relative.parts))
+
+
+def _template_frames(exc: BaseException, path: Path) -> list[tuple[str, int]]:
+    """(file, line) of the template frames in the traceback, outermost first.
+
+    Jinja rewrites tracebacks so that template code appears as frames whose filename is
+    the template file and whose line is the template's line.
+    """
+    root = path.parent.resolve()
+    frames = []
+    for frame in traceback.extract_tb(exc.__traceback__):
+        candidate = Path(frame.filename)
+        if candidate.suffix != ".py" and candidate.resolve().is_relative_to(root):
+            frames.append((frame.filename, frame.lineno or 0))
+    return frames
+
+
+def render_template(path: Path, variables: Mapping[str, Any], *, display_name: str) -> str:
+    """Render the template at `path` with `variables`.
+
+    `display_name` is the path users know (repo-relative, `templates/nginx.conf.j2`);
+    every error names it and the line: `templates/nginx.conf.j2:7: 'workers' is
+    undefined`. Raises TemplateRenderError.
+    """
+    environment = _environment(path.parent)
+    try:
+        template = environment.get_template(path.name)
+    except jinja2.TemplateSyntaxError as exc:
+        raise TemplateRenderError(
+            f"{display_name}:{exc.lineno}: {exc.message}", template=display_name, line=exc.lineno
+        ) from None
+    except jinja2.TemplateNotFound:
+        raise TemplateRenderError(
+            f"{display_name}: cannot read the template: no such file", template=display_name
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise TemplateRenderError(
+            f"{display_name}: cannot read the template: {reason}", template=display_name
+        ) from None
+    try:
+        return template.render(**variables)
+    except jinja2.TemplateSyntaxError as exc:  # in an included template
+        where = _display(exc.filename, path, display_name)
+        raise TemplateRenderError(
+            f"{where}:{exc.lineno}: {exc.message}", template=where, line=exc.lineno
+        ) from None
+    except Exception as exc:  # template code may raise anything: it is the user's code
+        frames = _template_frames(exc, path)
+        message = exc.message if isinstance(exc, jinja2.TemplateError) else None
+        reason = message or f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, jinja2.TemplateNotFound):
+            reason = f"included template {exc.name!r} not found next to {display_name}"
+        if not frames:
+            raise TemplateRenderError(f"{display_name}: {reason}", template=display_name) from None
+        filename, line = frames[-1]
+        where = _display(filename, path, display_name)
+        chain = "".join(
+            f" (included from {_display(outer, path, display_name)}:{outer_line})"
+            for outer, outer_line in reversed(frames[:-1])
+        )
+        raise TemplateRenderError(
+            f"{where}:{line}: {reason}{chain}", template=where, line=line
+        ) from None
+
+
+def render_string(text: str, variables: Mapping[str, Any], *, display_name: str) -> str:
+    """Render a short template given inline (a command line, an environment value).
+
+    Same sandbox and strictness as files; errors name `display_name` (where the string
+    is written, e.g. `gitops.yaml:20: roles.app[2].env.TOKEN`). Raises TemplateRenderError.
+    """
+    if "{" not in text:
+        return text  # nothing to render: skip building a template
+    environment = SandboxedEnvironment(
+        undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
+    )
+    try:
+        return environment.from_string(text).render(**variables)
+    except jinja2.TemplateError as exc:
+        raise TemplateRenderError(f"{display_name}: {exc.message}", template=display_name) from None
+    except Exception as exc:  # the user's template code may raise anything
+        raise TemplateRenderError(
+            f"{display_name}: {type(exc).__name__}: {exc}", template=display_name
+        ) from None
