@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(git openssh-server openssh-client python3-venv procps passwd gpg gpg-agent)
+debs=(git openssh-server openssh-client python3-venv procps passwd gpg gpg-agent debootstrap systemd-container systemd dpkg-dev)
 missing=()
 for deb in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || missing+=("$deb")
@@ -20,6 +20,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
 
+.venv/bin/python -m tests.support.rootfs  # nspawn test hosts' cached root, if missing
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 exec .venv/bin/python -m pytest "$@"
