@@ -250,8 +250,8 @@ def _open_store(args: argparse.Namespace) -> tuple[RunStore, StateLayout]:
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.views import render_status, status_view
 
-    store, _ = _open_store(args)
-    view = status_view(store)
+    store, layout = _open_store(args)
+    view = status_view(store, layout)
     _print_json(view) if args.json else print(render_status(view))
     return EXIT_OK
 

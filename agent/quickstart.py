@@ -38,6 +38,9 @@ terraform:
   timeout: 10m
 policy:
   destroy: hold          # a plan that destroys anything waits for approval
+hosts:
+  allow_local: true      # the `host` fleet converges this machine itself
+  python: {python}
 """
 
 
@@ -75,7 +78,7 @@ def lay_out(root: Path) -> Path:
             tree, root / "infra.git", root / "infra", message="Quickstart infra repo"
         )
     config = root / "agent.yaml"
-    config.write_text(HOST_CONFIG.format(root=root))
+    config.write_text(HOST_CONFIG.format(root=root, python=sys.executable))
     return config
 
 
@@ -111,6 +114,7 @@ What is there:
   {root}/agent.yaml  the host config the agent runs with
   {root}/state       the agent's state: run store, Terraform output and state
   {root}/managed     the files the two stacks manage
+  {root}/host        the files the `host` fleet manages on this machine
 
 Try next:
   export GITOPS_AGENT_CONFIG={root}/agent.yaml
@@ -120,6 +124,12 @@ Try next:
   echo "edited by hand" >> {root}/managed/motd.txt
   agent reconcile --now
   cat {root}/managed/motd.txt
+
+  # Drift on a host: the fleet puts its files back too.
+  echo "edited by hand" > {root}/host/etc/app.conf
+  agent reconcile --now --dry-run   # shows the diff, changes nothing
+  agent reconcile --now
+  agent logs host                   # the per-host diff
 
   # A change through Git: edit, commit, push, reconcile.
   cd {root}/infra

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 from agent.config import HostConfig, Manifest, ManifestLimits, load_manifest
 from agent.errors import AgentError, ConfigError, SourceError, VerificationError
+from agent.fleets import FleetReconciler
 from agent.layout import StateLayout
 from agent.passlock import PassLock
 from agent.progress import Event, EventKind, Reporter, silent
@@ -109,6 +110,9 @@ class Reconciler:
             https_ca_bundle=host.repo.https_ca_bundle,
         )
         self.stacks = StackReconciler(host, self.layout, self.store, self.report, self.redactor)
+        self.fleets = FleetReconciler(
+            host, self.layout, self.store, self.report, self.redactor, self.stacks.outputs_of
+        )
         self._stop = threading.Event()
         self.steps: list[tuple[str, Step]] = [
             ("fetch", self._fetch),
@@ -346,7 +350,9 @@ class Reconciler:
                     deps = manifest.get_unit(name).depends_on
                     if all(d not in selected or d in ctx.outcomes for d in deps):
                         pending.discard(name)
-                        running[pool.submit(self.stacks.reconcile, stack_ctx, name)] = name
+                        kind = manifest.get_unit(name).kind
+                        reconciler = self.fleets if kind == "fleet" else self.stacks
+                        running[pool.submit(reconciler.reconcile, stack_ctx, name)] = name
                 if not running:
                     continue
                 done, _ = wait(running, return_when=FIRST_COMPLETED)

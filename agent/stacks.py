@@ -272,6 +272,15 @@ class StackReconciler:
             )
         return outputs[ref.output]
 
+    def outputs_of(self, ctx: StackContext, requester: Unit, upstream: str) -> dict[str, Any]:
+        """The outputs of stack unit `upstream` (a fleet reads its hosts from them)."""
+        unit = ctx.manifest.get_unit(upstream)
+        assert unit is not None
+        deadline = time.monotonic() + requester.timeout
+        return self._terraform(
+            "output", requester, lambda: self.runner().outputs(self.workspace(ctx, unit), deadline)
+        )
+
     def _terraform(self, command: str, unit: Unit, call: Any) -> Any:
         try:
             return call()

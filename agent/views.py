@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import NotFoundError
+from agent.fleets import host_states
 from agent.layout import StateLayout
 from agent.store import RunStore, UnitRunRow
 
-LOG_FILES = ("init.txt", "plan.txt", "apply.txt")
+LOG_FILES = ("init.txt", "plan.txt", "apply.txt", "hosts.txt")
 
 
-def status_view(store: RunStore) -> dict[str, Any]:
-    """Where each unit stands, and the revision in force."""
+def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str, Any]:
+    """Where each unit stands (a fleet's hosts too, given the layout), and the revision
+    in force."""
     runs = store.runs(limit=1)
     last = runs[0] if runs else None
     units = []
@@ -37,6 +39,8 @@ def status_view(store: RunStore) -> dict[str, Any]:
                 "updated_at": state.updated_at,
             }
         )
+        if layout is not None and (hosts := host_states(layout, state.unit)):
+            units[-1]["hosts"] = hosts
     return {
         "revision": store.current_revision(),
         "last_run": asdict(last) if last else None,
@@ -120,7 +124,32 @@ def render_status(view: dict[str, Any]) -> str:
     ]
     lines.append("")
     lines.append(_table(["UNIT", "REVISION", "LAST RESULT", "DRIFT", "WHEN"], rows))
+    for unit in view["units"]:
+        if unit.get("hosts"):
+            lines.append("")
+            lines.append(f"hosts of {unit['unit']}:")
+            host_rows = [
+                [
+                    h["host"],
+                    h.get("address") or "-",
+                    _short(h.get("revision")) or "-",
+                    _host_result(h),
+                    _ago(h.get("at")),
+                ]
+                for h in unit["hosts"]
+            ]
+            lines.append(_table(["HOST", "ADDRESS", "REVISION", "LAST RESULT", "WHEN"], host_rows))
     return "\n".join(lines)
+
+
+def _host_result(host: dict[str, Any]) -> str:
+    if host.get("status") != "ok":
+        return f"failed: {_first_line(host.get('error') or '')}"[:80]
+    if host.get("changed"):
+        return f"ok, {host['changed']} changed"
+    if host.get("pending"):
+        return f"ok, {host['pending']} would change"
+    return "ok"
 
 
 def render_history(view: dict[str, Any]) -> str:

@@ -94,8 +94,12 @@ def test_quickstart_runs_offline_and_the_tour_works(tmp_path: Path) -> None:
     result = agent("quickstart", str(root), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "base: applied" in result.stdout and "app: applied" in result.stdout
+    assert "host: 5 resources changed" in result.stdout
     assert "GITOPS_AGENT_CONFIG" in result.stdout
     config = root / "agent.yaml"
+    app_conf = root / "host" / "etc" / "app.conf"
+    assert "greeting = hello from gitops-agent\nworkers = 4\n" in app_conf.read_text()
+    app_conf.write_text("edited by hand\n")  # drift on the host, reverted by the same pass
     motd = root / "managed" / "motd.txt"
     original = motd.read_text()
 
@@ -103,9 +107,12 @@ def test_quickstart_runs_offline_and_the_tour_works(tmp_path: Path) -> None:
     result = agent("reconcile", "--now", config=config)
     assert result.returncode == 0, result.stderr
     assert motd.read_text() == original
+    assert "workers = 4" in app_conf.read_text()
 
     status = json.loads(agent("status", "--json", config=config).stdout)
-    assert {u["unit"] for u in status["units"]} == {"base", "app"}
+    assert {u["unit"] for u in status["units"]} == {"base", "app", "host"}
+    host = next(u for u in status["units"] if u["unit"] == "host")
+    assert host["drift"] is True and host["hosts"][0]["host"] == "bastion"
     base = next(u for u in status["units"] if u["unit"] == "base")
     assert base["drift"] is True and base["last_decision"] == "apply"
 

@@ -222,7 +222,8 @@ def test_the_manifest_cannot_set_host_settings(key: str, value: str, tmp_path: P
     text = f"version: 1\n{key}: {value}\nunits:\n  - {{name: base, stack: stacks/base}}\n"
 
     assert errors_of(text, make_repo(tmp_path)) == [
-        f"gitops.yaml:2: {key}: unknown key; expected one of version, defaults, units",
+        f"gitops.yaml:2: {key}: unknown key;"
+        " expected one of version, defaults, units, roles, handlers",
     ]
 
 

@@ -4,7 +4,8 @@ then everything the agent wrote and printed is searched for every form of every 
 
 Paths: a sensitive and a non-sensitive Terraform variable (plan text, plan JSON, apply
 output), a Terraform error that echoes a variable (a failing precondition), a failing
-local-exec provisioner that prints them, a Vault error whose text echoes one, a Python
+local-exec provisioner that prints them, a host template holding them (its diff), a
+failing host command that prints them, a Vault error whose text echoes one, a Python
 traceback logged while the pass's redactor is installed, and the CLI (`reconcile`,
 `status`, `history`, `logs`, with `--json` and without). Searched: the whole state
 directory (SQLite database and its WAL included), every CLI stdout and stderr, and every
@@ -142,6 +143,30 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
         units.append(
             '  - {name: broken, stack: stacks/broken, secrets: {v: "vault:kv/prod/broken#v"}}'
         )
+        # A fleet (this machine): a template holding every canary, a command printing them.
+        host_dir = tmp_path / "host"
+        repo.write(
+            "templates/canaries.j2",
+            "{% for name, value in secrets.items() %}{{ name }}={{ value }}\n{% endfor %}",
+        )
+        env = ", ".join(
+            f'C{i:02d}: "{{{{ secrets.{_var_name(i)} }}}}"' for i in range(len(CANARIES))
+        )
+        units.append(
+            f"""\
+  - name: hostfiles
+    secrets: {{{secrets}}}
+    fleet:
+      hosts: {{static: [{{name: bastion, address: local}}]}}
+      resources:
+        - directory: {host_dir}
+        - template: {host_dir}/canaries.conf
+          source: templates/canaries.j2
+          mode: "0600"
+        - command: loud
+          run: "env | grep '^C' ; exit 3"
+          env: {{{env}}}"""
+        )
         repo.write("gitops.yaml", "version: 1\nunits:\n" + "\n".join(units) + "\n")
         repo.push("canaries")
         config = write_host_config(
@@ -157,9 +182,10 @@ def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
                 address: {vault.address}
                 auth: {{token_file: {token_file}}}
               aws: {{region: {REGION}, endpoint_url: "{moto.url}"}}
+            hosts: {{allow_local: true, python: {sys.executable}}}
             """,
         )
-        yield {"config": config, "state": tmp_path / "state", "refs": refs}
+        yield {"config": config, "state": tmp_path / "state", "refs": refs, "host_dir": host_dir}
 
 
 def _json(canary: Canary) -> str:
@@ -235,6 +261,15 @@ def test_no_canary_reaches_anything_the_agent_writes_or_prints(
     assert arrived == {
         _var_name(i): unicodedata.normalize("NFC", c.value) for i, c in enumerate(CANARIES)
     }
+    assert outcomes["hostfiles"].status is UnitStatus.FAILED
+    assert "command:loud" in (outcomes["hostfiles"].error or "")
+    rendered = (world["host_dir"] / "canaries.conf").read_bytes().decode()
+    missing = [
+        c.name for i, c in enumerate(CANARIES) if f"{_var_name(i)}={c.value}\n" not in rendered
+    ]
+    assert missing == []
+    hosts_txt = next(state.glob("runs/*/hostfiles/hosts.txt")).read_text(encoding="utf-8")
+    assert "sha256" in hosts_txt and "***" in hosts_txt
     apply_output = next(state.glob("runs/*/local_exec/apply.txt")).read_text(encoding="utf-8")
     assert apply_output.count("C") > len(CANARIES) and "***" in apply_output
 
@@ -261,7 +296,7 @@ def test_no_canary_reaches_anything_the_agent_writes_or_prints(
     searched = sum(p.stat().st_size for p in files) + sum(len(t.encode()) for t in printed)
     figures = (
         f"{len(CANARIES)} canaries, {sum(len(named_forms(c.value)) for c in CANARIES)} forms, "
-        f"{len(STACKS) + 3} paths, {len(files)} files + {len(printed)} outputs, "
+        f"{len(STACKS) + 5} paths, {len(files)} files + {len(printed)} outputs, "
         f"{searched} bytes searched, {len(leaks)} hits "
         f"(not searched: {len(terraform_state)} Terraform state files)"
     )

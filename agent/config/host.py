@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from agent.config.secrets import SecretsConfig, read_secrets
+from agent.config.ssh import HostsConfig, read_hosts
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
 from providers.git_verify import SigningPolicy
@@ -103,6 +104,7 @@ class HostConfig:
     allowed_paths: tuple[str, ...]
     policy: Policy
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
+    hosts: HostsConfig = field(default_factory=HostsConfig)
 
 
 def resolve_host_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
@@ -149,7 +151,16 @@ def parse_host_config(text: str, filename: str, base_dir: Path) -> HostConfig:
 
 def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> HostConfig | None:
     fields = root.mapping(
-        ["repo", "state_dir", "intervals", "terraform", "allowed_paths", "policy", "secrets"]
+        [
+            "repo",
+            "state_dir",
+            "intervals",
+            "terraform",
+            "allowed_paths",
+            "policy",
+            "secrets",
+            "hosts",
+        ]
     )
     if fields is None:
         return None
@@ -165,6 +176,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
     terraform = _terraform(fields.get("terraform"), base_dir, state_dir, policy)
     allowed = _allowed_paths(fields.get("allowed_paths"))
     secrets = read_secrets(fields.get("secrets"), base_dir, _path)
+    hosts = read_hosts(fields.get("hosts"), base_dir, _path)
     if problems or repo is None:
         return None
     return HostConfig(
@@ -176,6 +188,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
         allowed_paths=allowed,
         policy=policy,
         secrets=secrets,
+        hosts=hosts,
     )
 
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, TypeAlias
 from yaml.nodes import MappingNode, ScalarNode
 
 from agent.config import graph
+from agent.config.fleet import Fleet, FleetReader, HandlerSpec, HostsFromStack, ResourceSpec
 from agent.config.yamlnodes import INVALID, Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
 from providers.secrets.refs import SecretRef, SecretRefError, parse_ref, ref_allowed
@@ -33,7 +34,17 @@ UNIT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 VAR_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
 FROM_STACK = "from_stack"
-UNIT_KEYS = ("name", "stack", "depends_on", "drift", "timeout", "vars", "secrets", "labels")
+UNIT_KEYS = (
+    "name",
+    "stack",
+    "fleet",
+    "depends_on",
+    "drift",
+    "timeout",
+    "vars",
+    "secrets",
+    "labels",
+)
 _HINT = "see docs/manifest.md for every key of gitops.yaml"
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 _NO_SECRETS: Mapping[str, SecretRef] = MappingProxyType({})
@@ -69,10 +80,10 @@ VarValue: TypeAlias = (
 
 @dataclass(frozen=True, slots=True)
 class Unit:
-    """One Terraform stack the agent reconciles."""
+    """One thing the agent reconciles: a Terraform stack, or a fleet of hosts."""
 
     name: str
-    stack: str  # posix, normalized, relative to the repository root ("." is the root)
+    stack: str  # posix, normalized, relative to the repository root; "" for a fleet
     depends_on: tuple[str, ...]  # explicit, then implied by `from_stack` vars
     drift: DriftPolicy
     timeout: float
@@ -81,6 +92,12 @@ class Unit:
     line: int
     # Terraform variable name -> where its value is fetched (never the value itself).
     secrets: Mapping[str, SecretRef] = field(hash=False, default_factory=lambda: _NO_SECRETS)
+    fleet: Fleet | None = None
+
+    @property
+    def kind(self) -> str:
+        """`stack` or `fleet`."""
+        return "fleet" if self.fleet is not None else "stack"
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +129,10 @@ class Manifest:
     path: Path
     version: int
     units: tuple[Unit, ...]
+    roles: Mapping[str, tuple[ResourceSpec, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
+    handlers: Mapping[str, HandlerSpec] = field(default_factory=lambda: MappingProxyType({}))
 
     def get_unit(self, name: str) -> Unit | None:
         """The unit called `name`, or None."""
@@ -157,10 +178,17 @@ def parse_manifest(text: str, filename: str, repo_dir: Path, limits: ManifestLim
     """
     problems = Problems(filename)
     root = Value.root(compose(text, filename), problems)
-    units = _ManifestReader(problems, repo_dir, limits).read(root) if root else None
+    reader = _ManifestReader(problems, repo_dir, limits, filename)
+    units = reader.read(root) if root else None
     problems.raise_if_any(_HINT)
     assert units is not None  # no problems means every unit was read
-    return Manifest(path=repo_dir / Path(filename).name, version=1, units=units)
+    return Manifest(
+        path=repo_dir / Path(filename).name,
+        version=1,
+        units=units,
+        roles=MappingProxyType(reader.roles),
+        handlers=MappingProxyType(reader.handlers),
+    )
 
 
 @dataclass(slots=True)
@@ -178,11 +206,18 @@ class _Draft:
     vars: dict[str, object]
     labels: dict[str, str]
     secrets: dict[str, SecretRef] = field(default_factory=dict)
+    fleet: Fleet | None = None
+    fleet_value: Value | None = None
 
 
 class _ManifestReader:
-    def __init__(self, problems: Problems, repo_dir: Path, limits: ManifestLimits) -> None:
+    def __init__(
+        self, problems: Problems, repo_dir: Path, limits: ManifestLimits, filename: str
+    ) -> None:
         self.problems = problems
+        self.fleets = FleetReader(self._source, filename)
+        self.roles: dict[str, tuple[ResourceSpec, ...]] = {}
+        self.handlers: dict[str, HandlerSpec] = {}
         self.limits = limits
         self.allowed = tuple(posixpath.normpath(path) for path in limits.allowed_paths)
         self.drift = DriftPolicy.REVERT
@@ -193,9 +228,13 @@ class _ManifestReader:
             self.root = None
 
     def read(self, root: Value) -> tuple[Unit, ...] | None:
-        fields = root.mapping(["version", "defaults", "units"])
+        fields = root.mapping(["version", "defaults", "units", "roles", "handlers"])
         if fields is None:
             return None
+        if found := fields.get("roles"):
+            self.roles = self.fleets.roles(found)
+        if found := fields.get("handlers"):
+            self.handlers = self.fleets.handlers(found)
         if version := fields.require("version", "1"):
             found = version.scalar()
             if found is not INVALID and (found != 1 or isinstance(found, bool | float)):
@@ -207,6 +246,9 @@ class _ManifestReader:
         if items is None:
             return None
         drafts = [draft for item in items if (draft := self._unit(item))]
+        for draft in drafts:
+            if draft.fleet is not None and draft.fleet_value is not None:
+                self.fleets.check_names(draft.fleet_value, draft.fleet, self.roles, self.handlers)
         self._check_graph(drafts)
         if self.problems:
             return None
@@ -232,12 +274,20 @@ class _ManifestReader:
         name = name_value.string("a unit name") if name_value else None
         if name_value and name is not None and not UNIT_NAME_RE.fullmatch(name):
             name_value.fail("a unit name of a-z, 0-9, _ and - (up to 63, starting a-z or 0-9)")
-        stack_value = fields.require("stack", "a directory of the repository holding *.tf files")
+        fleet_value = fields.get("fleet")
+        if fleet_value is not None and fields.get("stack") is not None:
+            value.fail("a unit with either stack or fleet, not both")
+            return None
+        stack_value = (
+            fields.require("stack", "a directory of the repository holding *.tf files (or fleet)")
+            if fleet_value is None
+            else None
+        )
         draft = _Draft(
             value=value,
             name=name,
             name_value=name_value,
-            stack=self._stack(stack_value) if stack_value else None,
+            stack=self._stack(stack_value) if stack_value else ("" if fleet_value else None),
             depends_on=[],
             refs=[],
             drift=self.drift,
@@ -259,7 +309,34 @@ class _ManifestReader:
             self._labels(label_fields, draft)
         if (found := fields.get("secrets")) and (secret_fields := found.mapping()):
             self._secrets(secret_fields, draft)
+        if fleet_value is not None:
+            fleet, from_stack, where = self.fleets.fleet(fleet_value)
+            if fleet is None:
+                draft.stack = None  # the fleet's own problems were reported
+            draft.fleet, draft.fleet_value = fleet, fleet_value
+            if isinstance(from_stack, HostsFromStack) and where is not None:
+                draft.refs.append((from_stack.unit, where))
         return draft
+
+    def _source(self, value: Value) -> str | None:
+        """A file of the repository (a template or a file's source), inside allowed paths."""
+        text = value.string("a file of the repository")
+        if text is None:
+            return None
+        if "\x00" in text or self.root is None or text.startswith("/"):
+            return value.fail("a relative path of a file in the repository")
+        try:
+            resolved = (self.root / text).resolve()
+        except (OSError, RuntimeError):
+            return value.fail("a path that resolves", f"{quote(text)} (a symlink loop)")
+        if not resolved.is_relative_to(self.root):
+            return value.fail(self._under_message(), quote(text))
+        relative = resolved.relative_to(self.root).as_posix()
+        if not any(_is_under(relative, allowed) for allowed in self.allowed):
+            return value.fail(self._under_message(), quote(text))
+        if not resolved.is_file():
+            return value.fail("a file of the repository", f"{quote(text)} (no such file)")
+        return relative
 
     def _under_message(self) -> str:
         if "." in self.allowed:
@@ -396,7 +473,7 @@ class _ManifestReader:
             )
 
     def _freeze(self, draft: _Draft) -> Unit:
-        assert draft.name and draft.stack and draft.drift and draft.timeout
+        assert draft.name and draft.stack is not None and draft.drift and draft.timeout
         return Unit(
             name=draft.name,
             stack=draft.stack,
@@ -407,6 +484,7 @@ class _ManifestReader:
             labels=MappingProxyType(dict(draft.labels)) if draft.labels else _NO_LABELS,
             line=draft.value.line,
             secrets=MappingProxyType(dict(draft.secrets)),
+            fleet=draft.fleet,
         )
 
 

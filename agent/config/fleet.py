@@ -1,0 +1,457 @@
+"""Fleet units of the manifest: hosts, the resources each must have, roles and handlers.
+
+    units:
+      - name: web
+        fleet:
+          hosts: {static: [{name: web1, address: 10.0.0.5}]}   # or {from_stack: {unit, output}}
+          user: deploy
+          become: true
+          roles: [nginx]
+    roles:
+      nginx:
+        - package: nginx
+        - template: /etc/nginx/nginx.conf
+          source: templates/nginx.conf.j2
+          notify: [reload nginx]
+    handlers:
+      reload nginx: {service: nginx, action: reload}
+
+Resource items are read into `ResourceSpec` (kind, name, attributes as written); the
+agent turns them into the engine's `Resource` per host (templates rendered, sources
+read) at reconcile time. Everything here is checked against the file, line and key.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from agent.config.yamlnodes import INVALID, Fields, Value
+
+KINDS = ("file", "template", "directory", "link", "package", "service", "user", "group", "command")
+HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+FLEET_KEYS = ("hosts", "user", "port", "become", "roles", "resources", "vars", "parallelism")
+HOST_KEYS = ("name", "address", "port", "user", "roles", "vars")
+_STATE = ("present", "absent")
+_OWNERSHIP = ("mode", "owner", "group")
+
+# Attributes each kind accepts beside its own key, `notify` and `state`.
+# The reader for each: str, bool, int, "mode", "strings" (a list), "env" (str -> str).
+KIND_ATTRS: Mapping[str, Mapping[str, str]] = {
+    "file": {
+        "content": "str",
+        "source": "source",
+        "sensitive": "bool",
+        **dict.fromkeys(_OWNERSHIP, "str"),
+    },
+    "template": {
+        "source": "source",
+        "vars": "vars",
+        "sensitive": "bool",
+        **dict.fromkeys(_OWNERSHIP, "str"),
+    },
+    "directory": {"recursive": "bool", **dict.fromkeys(_OWNERSHIP, "str")},
+    "link": {"target": "str"},
+    "package": {"version": "str", "purge": "bool"},
+    "service": {"enabled": "bool"},
+    "user": {
+        "uid": "int",
+        "group": "str",
+        "groups": "strings",
+        "shell": "str",
+        "home": "str",
+        "authorized_keys": "strings",
+    },
+    "group": {"gid": "int"},
+    "command": {
+        "run": "str",  # the shell command (/bin/sh -c); the item's value is its label
+        "creates": "str",
+        "unless": "str",
+        "onlyif": "str",
+        "env": "env",
+        "cwd": "str",
+    },
+}
+_NO_STATE = ("command",)  # no state at all
+_STATES: Mapping[str, tuple[str, ...]] = {"service": ("running", "stopped")}
+_PATH_KINDS = ("file", "template", "directory", "link")
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceSpec:
+    """One resource as the manifest writes it (templates not yet rendered)."""
+
+    kind: str
+    name: str
+    attrs: Mapping[str, Any] = field(hash=False)
+    notify: tuple[str, ...]
+    where: str  # `gitops.yaml:12: roles.nginx[1]`, for messages
+
+    @property
+    def id(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class HostSpec:
+    """A host of a static list (or of a stack output, read at reconcile time)."""
+
+    name: str
+    address: str
+    port: int | None = None
+    user: str | None = None
+    roles: tuple[str, ...] = ()
+    vars: Mapping[str, Any] = field(hash=False, default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class HostsFromStack:
+    """Hosts listed by an output of a stack unit (the fleet depends on that unit)."""
+
+    unit: str
+    output: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerSpec:
+    name: str
+    service: str
+    action: str  # restart | reload
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """A fleet unit's hosts and what each must have."""
+
+    hosts: tuple[HostSpec, ...] | HostsFromStack
+    user: str | None
+    port: int | None
+    become: bool
+    roles: tuple[str, ...]
+    resources: tuple[ResourceSpec, ...]
+    vars: Mapping[str, Any] = field(hash=False)
+    parallelism: int | None = None
+
+
+SourceCheck = Callable[[Value], str | None]
+
+
+class FleetReader:
+    """Reads `fleet:` sections, `roles:` and `handlers:` (problems go to the Values)."""
+
+    def __init__(self, check_source: SourceCheck, filename: str) -> None:
+        self.check_source = check_source
+        self.filename = filename
+
+    # --- top level -------------------------------------------------------------------
+
+    def roles(self, value: Value) -> dict[str, tuple[ResourceSpec, ...]]:
+        fields = value.mapping()
+        if fields is None:
+            return {}
+        roles = {}
+        for name, item in fields:
+            items = item.sequence()
+            roles[name] = tuple(r for r in (self.resource(i) for i in items or ()) if r)
+        return roles
+
+    def handlers(self, value: Value) -> dict[str, HandlerSpec]:
+        fields = value.mapping()
+        if fields is None:
+            return {}
+        handlers = {}
+        for name, item in fields:
+            spec = item.mapping(["service", "action"])
+            if spec is None:
+                continue
+            service = spec.require("service", "a systemd service name")
+            action = spec.require("action", "restart or reload")
+            service_name = service.string("a systemd service name") if service else None
+            action_name = action.string("restart or reload") if action else None
+            if action and action_name not in (None, "restart", "reload"):
+                action.fail("restart or reload")
+                continue
+            if service_name and action_name:
+                handlers[name] = HandlerSpec(name, service_name, action_name)
+        return handlers
+
+    # --- a fleet -----------------------------------------------------------------------
+
+    def fleet(self, value: Value) -> tuple[Fleet | None, HostsFromStack | None, Value | None]:
+        """The fleet, and its `from_stack` reference (with where it is) if it has one."""
+        fields = value.mapping(FLEET_KEYS)
+        if fields is None:
+            return None, None, None
+        hosts_value = fields.require("hosts", "a mapping with static or from_stack")
+        hosts: tuple[HostSpec, ...] | HostsFromStack | None = None
+        ref_where: Value | None = None
+        if hosts_value and (host_fields := hosts_value.mapping(["static", "from_stack"])):
+            static, from_stack = host_fields.get("static"), host_fields.get("from_stack")
+            if (static is None) == (from_stack is None):
+                hosts_value.fail("exactly one of static or from_stack")
+            elif static is not None:
+                hosts = self._static_hosts(static)
+            elif from_stack is not None:
+                hosts, ref_where = self._from_stack(from_stack)
+        user = self._optional(fields, "user", lambda v: v.string("a login user name"))
+        port = self._optional(fields, "port", _port)
+        become = self._optional(fields, "become", lambda v: v.boolean())
+        parallelism = self._optional(fields, "parallelism", lambda v: v.integer(minimum=1))
+        roles = self._names(fields.get("roles"), "a role name")
+        items = fields.get("resources")
+        resources = (
+            tuple(r for r in (self.resource(i) for i in (items.sequence() or ())) if r)
+            if items
+            else ()
+        )
+        fleet_vars = _vars(fields.get("vars"))
+        if hosts is None or fleet_vars is INVALID:
+            return None, None, None
+        fleet = Fleet(
+            hosts=hosts,
+            user=user,
+            port=port,
+            become=bool(become),
+            roles=roles,
+            resources=resources,
+            vars=fleet_vars,  # type: ignore[arg-type]
+            parallelism=parallelism,
+        )
+        return fleet, hosts if isinstance(hosts, HostsFromStack) else None, ref_where
+
+    def check_names(
+        self,
+        fleet_value: Value,
+        fleet: Fleet,
+        roles: Mapping[str, tuple[ResourceSpec, ...]],
+        handlers: Mapping[str, HandlerSpec],
+    ) -> None:
+        """Roles a fleet or host names must exist; notified handlers must exist."""
+        wanted = list(fleet.roles)
+        if not isinstance(fleet.hosts, HostsFromStack):
+            wanted += [role for host in fleet.hosts for role in host.roles]
+        for role in dict.fromkeys(wanted):
+            if role not in roles:
+                fleet_value.fail(
+                    f"roles defined under roles: ({', '.join(roles) or 'none'})", repr(role)
+                )
+        for spec in [*fleet.resources, *(r for name in wanted for r in roles.get(name, ()))]:
+            for handler in spec.notify:
+                if handler not in handlers:
+                    fleet_value.problems.note(
+                        _line_of(spec.where),
+                        spec.where.partition(": ")[2],
+                        f"notifies {handler!r}, which is not under handlers:"
+                        f" ({', '.join(handlers) or 'none'})",
+                    )
+
+    def _static_hosts(self, value: Value) -> tuple[HostSpec, ...] | None:
+        items = value.sequence(non_empty=True)
+        if items is None:
+            return None
+        hosts: list[HostSpec] = []
+        seen: dict[str, int] = {}
+        for item in items:
+            fields = item.mapping(HOST_KEYS)
+            if fields is None:
+                continue
+            name_value = fields.require("name", "a host name")
+            name = name_value.string("a host name") if name_value else None
+            if name_value and name and not HOST_NAME_RE.fullmatch(name):
+                name_value.fail("a host name of letters, digits, ., _ and - (up to 63)")
+                continue
+            if name_value and name in seen:
+                name_value.fail("a unique host name", f"{name!r} again (line {seen[name]})")
+                continue
+            address_value = fields.require("address", "an address or DNS name")
+            address = address_value.string("an address or DNS name") if address_value else None
+            host_vars = _vars(fields.get("vars"))
+            if not name or not address or host_vars is INVALID:
+                continue
+            seen[name] = item.line
+            hosts.append(
+                HostSpec(
+                    name=name,
+                    address=address,
+                    port=self._optional(fields, "port", _port),
+                    user=self._optional(fields, "user", lambda v: v.string("a login user name")),
+                    roles=self._names(fields.get("roles"), "a role name"),
+                    vars=host_vars,  # type: ignore[arg-type]
+                )
+            )
+        return tuple(hosts)
+
+    def _from_stack(self, value: Value) -> tuple[HostsFromStack | None, Value | None]:
+        fields = value.mapping(["unit", "output"])
+        if fields is None:
+            return None, None
+        unit_value = fields.require("unit", "the name of a stack unit in this file")
+        output_value = fields.require("output", "the name of an output of that stack")
+        unit = unit_value.string("a unit name") if unit_value else None
+        output = output_value.string("an output name") if output_value else None
+        if unit is None or output is None:
+            return None, None
+        return HostsFromStack(unit, output), unit_value
+
+    # --- resources ---------------------------------------------------------------------
+
+    def resource(self, value: Value) -> ResourceSpec | None:
+        fields = value.mapping()
+        if fields is None:
+            return None
+        kinds = [key for key in fields.entries if key in KINDS]
+        if len(kinds) != 1:
+            got = "none" if not kinds else ", ".join(kinds)
+            value.fail(f"exactly one resource kind key ({', '.join(KINDS)})", got)
+            return None
+        kind = kinds[0]
+        allowed = KIND_ATTRS[kind]
+        name = fields.entries[kind].string(_name_expected(kind))
+        if name is None:
+            return None
+        if kind in _PATH_KINDS and not posixpath.isabs(name):
+            fields.entries[kind].fail("an absolute path on the host", repr(name))
+            return None
+        attrs: dict[str, Any] = {}
+        notify: tuple[str, ...] = ()
+        ok = True
+        for key, item in fields:
+            if key == kind:
+                continue
+            if key == "notify":
+                notify = self._names(item, "a handler name")
+            elif key == "state" and kind not in _NO_STATE:
+                choices = _STATES.get(kind, _STATE)
+                state = item.string(" or ".join(choices))
+                if state not in (None, *choices):
+                    item.fail(" or ".join(choices))
+                    ok = False
+                attrs["state"] = state or choices[0]
+            elif key in allowed:
+                read = self._attr(allowed[key], item)
+                ok = ok and read is not INVALID
+                attrs[key] = read
+            else:
+                known = ", ".join(
+                    [kind, *allowed, "notify", *(() if kind in _NO_STATE else ("state",))]
+                )
+                fields.value.problems.note(
+                    fields.key_lines[key],
+                    f"{value.path}.{key}",
+                    f"unknown key for a {kind}; expected one of {known}",
+                )
+                ok = False
+        ok = ok and self._complete(kind, attrs, value)
+        if not ok:
+            return None
+        if kind == "command":  # `- command: LABEL` with `run: SHELL TEXT`
+            attrs["command"] = attrs.pop("run")
+        return ResourceSpec(
+            kind=kind,
+            name=name,
+            attrs=MappingProxyType(attrs),
+            notify=notify,
+            where=f"{self.filename}:{value.line}: {value.path}",
+        )
+
+    def _attr(self, reader: str, item: Value) -> Any:
+        if reader == "str":
+            text = item.string("a string", non_empty=False)
+            return INVALID if text is None else text
+        if reader == "bool":
+            flag = item.boolean()
+            return INVALID if flag is None else flag
+        if reader == "int":
+            number = item.integer(minimum=0)
+            return INVALID if number is None else number
+        if reader == "strings":
+            items = item.sequence()
+            texts = [i.string("a string") for i in items or ()]
+            return INVALID if items is None or None in texts else tuple(texts)
+        if reader == "env":
+            fields = item.mapping()
+            if fields is None:
+                return INVALID
+            env = {}
+            for key, entry in fields:
+                if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                    fields.fail_key(key, "an environment variable name")
+                    return INVALID
+                text = entry.string("a string", non_empty=False)
+                if text is None:
+                    return INVALID
+                env[key] = text
+            return MappingProxyType(env)
+        if reader == "vars":
+            return _vars(item)
+        if reader == "source":
+            relative = self.check_source(item)
+            return INVALID if relative is None else relative
+        raise AssertionError(reader)
+
+    def _complete(self, kind: str, attrs: dict[str, Any], value: Value) -> bool:
+        """Per-kind rules that involve several keys."""
+        absent = attrs.get("state") == "absent"
+        mode = attrs.get("mode")
+        if mode not in (None, INVALID) and not re.fullmatch(r"0?[0-7]{3,4}", str(mode)):
+            value.fail('mode as an octal string like "0644"', repr(mode))
+            return False
+        if kind == "file" and not absent and ("content" in attrs) == ("source" in attrs):
+            value.fail("a file with exactly one of content or source")
+            return False
+        if kind == "template" and not absent and "source" not in attrs:
+            value.fail("a template with a source (a Jinja2 file in the repository)")
+            return False
+        if kind == "command" and "run" not in attrs:
+            value.fail("a command with run: (the shell command, run with /bin/sh -c)")
+            return False
+        if kind == "link" and not absent and "target" not in attrs:
+            value.fail("a link with a target")
+            return False
+        return True
+
+    # --- small readers -----------------------------------------------------------------
+
+    @staticmethod
+    def _names(value: Value | None, what: str) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        items = value.sequence()
+        return tuple(t for t in (i.string(what) for i in items or ()) if t)
+
+    @staticmethod
+    def _optional(fields: Fields, key: str, read: Callable[[Value], Any]) -> Any:
+        found = fields.get(key)
+        return read(found) if found else None
+
+
+def _port(value: Value) -> int | None:
+    port = value.integer(minimum=1)
+    if port is not None and port > 65535:
+        return value.fail("a port number (1-65535)")
+    return port
+
+
+def _vars(value: Value | None) -> Mapping[str, Any] | object:
+    if value is None:
+        return MappingProxyType({})
+    if value.mapping() is None:
+        return INVALID
+    found = value.literal()
+    return found if found is not INVALID else INVALID
+
+
+def _name_expected(kind: str) -> str:
+    if kind in _PATH_KINDS:
+        return "an absolute path on the host"
+    if kind == "command":
+        return "a label for the command (its name in reports)"
+    return f"a {kind} name"
+
+
+def _line_of(where: str) -> int:
+    return int(where.split(":")[1])
