@@ -101,6 +101,7 @@ class _Pass:
     resources: tuple[Resource, ...]
     outcomes: list[ResourceOutcome] = field(default_factory=list)
     planned: dict[int, list[Change]] = field(default_factory=dict)
+    rechecked: set[int] = field(default_factory=set)  # commands whose guards the apply re-asks
     operations: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     handlers_run: list[str] = field(default_factory=list)
     handler_errors: list[str] = field(default_factory=list)
@@ -114,6 +115,13 @@ def _plan(state: _Pass, facts: Sequence[Facts | None], *, apply: bool) -> None:
             state.outcomes.append(_outcome(resource, "failed", error=problem))
         elif not changes:
             state.outcomes.append(_outcome(resource, "ok"))
+            if apply and resource.kind == "command" and state.operations:
+                # Its guards said "skip" before anything changed; an earlier resource of this
+                # apply may make them say "run" (`onlyif: test -f F` after file F): the host
+                # asks them again at the command's turn, so one pass converges.
+                state.rechecked.add(index)
+                state.planned[index] = []
+                state.operations.append((index, kinds.operation(resource, facts[index] or {}, [])))
         elif not apply:
             state.outcomes.append(_outcome(resource, "would-change", changes))
         else:
@@ -144,11 +152,17 @@ def _apply(
         if not isinstance(exc, ProviderError):
             exc = HostEngineError(f"{transport.host}: unreadable apply answer ({exc!r})")
         for index, changes in state.planned.items():
+            if index in state.rechecked:
+                continue  # it may not have had to run at all: the next pass finds out
             reason = f"not confirmed, the apply round trip failed: {exc}"
             state.outcomes[index] = _outcome(state.resources[index], "failed", changes, reason)
         raise exc from None
     for index, changes in state.planned.items():
-        state.outcomes[index] = _confirmed(state.resources[index], changes, results.get(index))
+        result = results.get(index)
+        if index in state.rechecked:
+            state.outcomes[index] = _rechecked(state.resources[index], result)
+        else:
+            state.outcomes[index] = _confirmed(state.resources[index], changes, result)
     for name, entry in ran:
         if entry.get("ok"):
             state.handlers_run.append(name)
@@ -223,3 +237,13 @@ def _confirmed(
         note = Change("run", None, None, f"not run: {result.get('note') or 'nothing to do'}")
         return _outcome(resource, "ok", [note])
     return _outcome(resource, "changed", changes)
+
+
+def _rechecked(resource: Resource, result: Mapping[str, Any] | None) -> ResourceOutcome:
+    """The outcome of a command the facts said to skip, whose guards the apply asked again."""
+    if result is not None and not result.get("ok"):
+        return _outcome(resource, "failed", error=str(result.get("error")))
+    if result is None or not result.get("changed"):
+        return _outcome(resource, "ok")  # still nothing to do (or unknown: the next pass asks)
+    why = f"{result.get('note') or 'guards passed'}, checked after earlier changes"
+    return _outcome(resource, "changed", [Change("run", None, why, f"run ({why})")])

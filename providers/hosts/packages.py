@@ -67,7 +67,12 @@ def diff(resource: Resource, facts: Facts) -> list[Change]:
         )
     installed, current = bool(facts.get("installed")), facts.get("version")
     if _absent(resource):
-        return [Change("state", current, None, f"remove {current}")] if installed else []
+        if installed:
+            return [Change("state", current, None, f"remove {current}")]
+        if resource.attrs.get("purge") and facts.get("config_files"):
+            # Removed earlier without purge: its configuration files are still there.
+            return [Change("state", "config-files", None, "purge configuration files")]
+        return []
     if not installed:
         text = f"install {version}" if version else "install"
         return [Change("state", None, version or "latest", text)]

@@ -339,6 +339,7 @@ def facts_packages(queries, ctx):
     manager = package_manager()
     names = sorted({query["name"] for _, query in queries})
     installed = {}
+    leftovers = set()  # removed, its configuration files still there (dpkg's "rc")
     error = None
     if manager == "apt":
         code, out = ctx.run(
@@ -356,6 +357,8 @@ def facts_packages(queries, ctx):
             if len(fields) == 4 and fields[2].endswith(" installed"):
                 installed[fields[0]] = fields[3]
                 installed[fields[1]] = fields[3]
+            elif len(fields) == 4 and fields[2].endswith(" config-files"):
+                leftovers.update(fields[:2])
     elif manager in ("dnf", "yum"):
         code, out = ctx.run(["rpm", "-q", "--qf", "%{NAME}\t%{VERSION}-%{RELEASE}\n", *names])
         if code is None:
@@ -375,6 +378,8 @@ def facts_packages(queries, ctx):
                 "installed": name in installed,
                 "version": installed.get(name),
             }
+            if name in leftovers:  # only then: what purge: true still has to remove
+                facts[index]["config_files"] = True
     return facts
 
 
@@ -611,6 +616,7 @@ def step_command(step, ctx):
         detail = tail(out)
         suffix = f": {detail}" if detail else ""
         raise StepError(f"exited {code}{suffix}")
+    return why  # the engine shows why a command it had been told to skip ran after all
 
 
 STEPS = {
@@ -629,16 +635,20 @@ STEPS = {
 
 def run_steps(steps, ctx):
     """Run one operation's steps in order; the first failure ends the operation."""
+    note = None
     for step in steps:
         try:
             if step.get("systemd"):
                 ctx.daemon_reload_if_needed()
-            STEPS[step["do"]](step, ctx)
+            note = STEPS[step["do"]](step, ctx) or note
         except Skipped as why:
             return {"ok": True, "changed": False, "note": f"skipped: {why}"}
         except Exception as exc:
             return {"ok": False, "changed": False, "error": describe(exc)}
-    return {"ok": True, "changed": True}
+    result = {"ok": True, "changed": True}
+    if note:
+        result["note"] = note
+    return result
 
 
 def run_packages(op, ctx):
