@@ -8,6 +8,10 @@ Exit codes (also in the README):
   4  another pass is running (with --no-wait)
   5  the unit or run named does not exist
  130 interrupted (SIGINT/SIGTERM); the running Terraform was stopped gracefully
+
+`agent run` is the daemon (agent.daemon). While it runs, `reconcile`, `approve`,
+`suspend` and `resume` go through its control socket (agent.control) and print exactly
+what they print without it; without a daemon they work directly on the state directory.
 """
 
 from __future__ import annotations
@@ -79,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="stream Terraform's output")
     p.add_argument("--json", action="store_true", help="print the pass result as JSON")
 
+    p = sub.add_parser("run", help="run as a service: timers, webhooks, control socket")
+
+    p = sub.add_parser("approve", help="apply the plan a run held for approval")
+    p.add_argument("run", help="the run that held the plan (see `agent status`, `agent history`)")
+    p.add_argument("--unit", help="approve only this unit's plan (default: every plan held)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    p = sub.add_parser("suspend", help="leave a unit out of every pass until resumed")
+    p.add_argument("unit")
+    p.add_argument("--reason", help="shown in `agent status`")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("resume", help="reconcile a suspended unit again")
+    p.add_argument("unit")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("status", help="each unit: revision, last result, drift, when")
     p.add_argument("--json", action="store_true")
 
@@ -137,18 +157,23 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    from agent.control import check_not_suspended
     from agent.reconcile import PassRequest, Reconciler
     from agent.redact import install_logging_redaction
-    from agent.stacks import describe_outcome
 
     host = _host(args)
     reporter = ConsoleReporter(sys.stderr)
     if args.verbose:
         reporter = _verbose(reporter)
+    if (client := _daemon(host)) is not None:
+        options = {"unit": args.unit, "dry_run": args.dry_run, "wait": args.wait}
+        result = _remote_pass(client, host, "reconcile", reporter, lines=args.verbose, **options)
+        return _print_pass(result, args)
     reconciler = Reconciler(host, reporter=reporter)
     install_logging_redaction(reconciler.redactor)
     with _interrupt_on_signals(reconciler.interrupt):
         try:
+            check_not_suspended(reconciler.store, args.unit)
             if args.wait:
                 _say_if_busy(reconciler)
             result = reconciler.run_pass(
@@ -156,6 +181,109 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             )
         finally:
             reconciler.close()
+    return _print_pass(result, args)
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    from agent.control import user_name
+    from agent.reconcile import Reconciler
+    from agent.redact import install_logging_redaction
+
+    host = _host(args)
+    reporter = ConsoleReporter(sys.stderr)
+    if (client := _daemon(host)) is not None:
+        options = {"run": args.run, "unit": args.unit, "user": user_name(os.getuid())}
+        result = _remote_pass(client, host, "approve", reporter, **options)
+        return _print_pass(result, args)
+    reconciler = Reconciler(host, reporter=reporter)
+    install_logging_redaction(reconciler.redactor)
+    with _interrupt_on_signals(reconciler.interrupt):
+        try:
+            _say_if_busy(reconciler)
+            result = reconciler.approve(args.run, args.unit, by=user_name(os.getuid()))
+        finally:
+            reconciler.close()
+    code = _print_pass(result, args)
+    if code == EXIT_OK and not args.json:
+        print("units that depend on it are reconciled by the next pass", file=sys.stderr)
+    return code
+
+
+def cmd_suspend(args: argparse.Namespace) -> int:
+    from agent.control import suspend_unit
+
+    return _unit_switch(
+        args,
+        "suspend",
+        lambda store, known, by: suspend_unit(store, args.unit, known, by=by, reason=args.reason),
+        reason=args.reason,
+    )
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from agent.control import resume_unit
+
+    return _unit_switch(
+        args, "resume", lambda store, known, by: resume_unit(store, args.unit, known, by=by)
+    )
+
+
+def _unit_switch(
+    args: argparse.Namespace, op: str, direct: Callable[..., Any], **extra: Any
+) -> int:
+    """suspend/resume: through the daemon, or on the store under the pass lock."""
+    from agent.control import known_units, run_remote, user_name
+    from agent.passlock import PassLock
+    from agent.reconcile import Reconciler
+
+    host = _host(args)
+    if (client := _daemon(host)) is not None:
+        me = user_name(os.getuid())
+        answer = run_remote(
+            client, op, unit=args.unit, state_dir=str(host.state_dir), user=me, **extra
+        )
+    else:
+        reconciler = Reconciler(host)
+        try:
+            _say_if_busy(reconciler)
+            lock = PassLock(reconciler.layout.root)
+            lock.acquire(wait=True)
+            with lock:
+                answer = direct(reconciler.store, known_units(reconciler), user_name(os.getuid()))
+        finally:
+            reconciler.close()
+    _print_json(answer) if args.json else print(answer["message"])
+    return EXIT_OK
+
+
+def _daemon(host: HostConfig) -> Any:
+    """A connection to the running daemon of this host config, or None (direct mode)."""
+    from agent.control import ControlClient
+
+    return ControlClient.connect(host.service.control_socket)
+
+
+def _remote_pass(
+    client: Any, host: HostConfig, op: str, reporter: Callable[[Any], None], **options: Any
+) -> Any:
+    """Run a pass (or an approval) in the daemon, showing its progress as direct mode does."""
+    from agent.control import decode_result, run_remote
+
+    def note(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    try:
+        answer = run_remote(client, op, reporter, note, state_dir=str(host.state_dir), **options)
+    except KeyboardInterrupt:
+        note("\nstopped following: the pass goes on in the agent (see `agent status`)")
+        raise
+    return decode_result(answer)
+
+
+def _print_pass(result: Any, args: argparse.Namespace) -> int:
+    """Print a pass's result (text or --json); the exit code it deserves."""
+    from agent.stacks import describe_outcome
+
     if args.json:
         _print_json(
             {
@@ -248,12 +376,28 @@ def _open_store(args: argparse.Namespace) -> tuple[RunStore, StateLayout]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from agent.control import describe_suspension
     from agent.views import render_status, status_view
 
     store, layout = _open_store(args)
     view = status_view(store, layout)
-    _print_json(view) if args.json else print(render_status(view))
+    suspended = store.suspended()
+    view["suspended"] = {unit: asdict(row) for unit, row in suspended.items()}
+    if args.json:
+        _print_json(view)
+        return EXIT_OK
+    print(render_status(view))
+    for unit, row in suspended.items():
+        print(f"suspended: {unit} ({describe_suspension(row)}); `agent resume {unit}`")
     return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.daemon import run_daemon
+    from agent.logfmt import setup_logging
+
+    context = setup_logging(logging.DEBUG if args.debug else logging.INFO)
+    return run_daemon(_host(args), context)
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -311,7 +455,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run,
     "reconcile": cmd_reconcile,
+    "approve": cmd_approve,
+    "suspend": cmd_suspend,
+    "resume": cmd_resume,
     "status": cmd_status,
     "logs": cmd_logs,
     "history": cmd_history,

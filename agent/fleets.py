@@ -12,16 +12,17 @@ never stops the others. The per-host diff goes to `hosts.txt` in the run directo
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from agent.config import HostConfig, StackOutputRef, Unit
 from agent.config.fleet import Fleet, HostsFromStack, HostSpec, ResourceSpec
-from agent.decide import Decision, needs_plan
+from agent.decide import Decision
 from agent.errors import AgentError
 from agent.fsutil import atomic_write, ensure_private_dir
 from agent.layout import StateLayout
@@ -29,6 +30,7 @@ from agent.progress import Event, EventKind, Reporter
 from agent.redact import Redactor
 from agent.stacks import StackContext
 from agent.store import RunStore, UnitOutcome, UnitStatus
+from agent.unitrun import run_unit
 from providers.errors import ProviderError
 from providers.hosts.engine import converge
 from providers.hosts.model import Handler, HostReport, Resource
@@ -78,41 +80,24 @@ class FleetReconciler:
         self.report = reporter
         self.redactor = redactor
         self.stack_outputs = stack_outputs
+        self._stop = threading.Event()
+
+    def interrupt(self) -> None:
+        """Start no new host; the hosts converging now finish their round trip."""
+        self._stop.set()
 
     def reconcile(self, ctx: StackContext, name: str) -> UnitOutcome:
         """Converge every host of fleet unit `name`; never raises for the unit's failure."""
-        unit = ctx.manifest.get_unit(name)
-        assert unit is not None and unit.fleet is not None
-        started = time.monotonic()
-        state = self.store.unit_state(name)
-        revision_moved = state is None or state.revision != ctx.revision
-        self.store.start_unit(ctx.run_id, name, ctx.revision)
-        self.report(Event(EventKind.UNIT_STARTED, run_id=ctx.run_id, unit=name))
-        if name in ctx.secrets.errors:
-            outcome = UnitOutcome(status=UnitStatus.FAILED, error=ctx.secrets.errors[name])
-        elif not needs_plan(revision_moved, unit.drift):
-            outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.SKIP)
-        else:
-            try:
-                outcome = self._converge(ctx, unit, unit.fleet, revision_moved)
-                # Host errors quote command output and file text: mask secrets once, here.
-                outcome = replace(outcome, error=self.redactor.redact(outcome.error or "") or None)
-            except AgentError as exc:
-                outcome = UnitOutcome(
-                    status=UnitStatus.FAILED, error=self.redactor.redact(exc.message)
-                )
-        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
-        self.report(
-            Event(
-                EventKind.UNIT_FINISHED,
-                run_id=ctx.run_id,
-                unit=name,
-                message=_describe(outcome),
-                seconds=time.monotonic() - started,
-                result=outcome,
-            )
+        return run_unit(
+            ctx,
+            name,
+            store=self.store,
+            report=self.report,
+            redactor=self.redactor,
+            stop=self._stop,
+            work=lambda unit, moved, _: self._converge(ctx, unit, _fleet(unit), moved),
+            describe=_describe,
         )
-        return outcome
 
     # --- the steps ------------------------------------------------------------------
 
@@ -232,6 +217,8 @@ class FleetReconciler:
     ) -> HostReport:
         if plan.error is not None:
             return HostReport(host=plan.spec.name, error=plan.error)
+        if self._stop.is_set():
+            return HostReport(host=plan.spec.name, error="interrupted before it was converged")
         try:
             transport = self._transport(unit, fleet, plan.spec)
         except FleetError as exc:
@@ -352,6 +339,11 @@ def host_states(layout: StateLayout, unit: str) -> list[dict[str, Any]]:
         data.pop("resources", None)
         states.append(data)
     return states
+
+
+def _fleet(unit: Unit) -> Fleet:
+    assert unit.fleet is not None
+    return unit.fleet
 
 
 def hosts_from_output(unit: str, ref: HostsFromStack, value: Any) -> tuple[HostSpec, ...]:

@@ -25,6 +25,10 @@ class EventKind(StrEnum):
     UNIT_LINE = "unit-line"  # one line of Terraform output
     UNIT_FINISHED = "unit-finished"
     PASS_FINISHED = "pass-finished"
+    # For the daemon's metrics; reporters for people ignore them.
+    MANIFEST_LOADED = "manifest-loaded"  # result: the Manifest the pass reconciles
+    SECRET_FAILED = "secret-failed"  # a unit's reference could not be read; message: scheme
+    APPLY_FAILED = "apply-failed"  # a unit's `terraform apply` failed
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,16 +17,23 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from agent.config import HostConfig, Manifest, ManifestLimits, load_manifest
-from agent.errors import AgentError, ConfigError, SourceError, VerificationError
+from agent.errors import (
+    AgentError,
+    ConfigError,
+    NotFoundError,
+    SourceError,
+    VerificationError,
+)
 from agent.fleets import FleetReconciler
 from agent.layout import StateLayout
 from agent.passlock import PassLock
 from agent.progress import Event, EventKind, Reporter, silent
 from agent.redact import Redactor
 from agent.secrets import ResolvedSecrets, SecretResolver
-from agent.stacks import StackContext, StackReconciler
+from agent.stacks import PLAN_FILE, StackContext, StackReconciler
 from agent.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitStatus
 from providers.errors import GitSourceError, SignatureError
 from providers.git_source import GitSource
@@ -45,6 +52,9 @@ class PassRequest:
     trigger: str = "cli"
     dry_run: bool = False
     unit: str | None = None  # reconcile only this unit
+    # Units this pass leaves out (the daemon's backoff: a unit failing again and again, and
+    # its dependents; or units on a drift schedule of their own). Suspended units are always.
+    skip: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -61,6 +71,7 @@ class PassContext:
     fetch_error: str | None = None  # the fetch failed; the revision in force was used
     outcomes: dict[str, UnitOutcome] = field(default_factory=dict)
     secrets: ResolvedSecrets = field(default_factory=ResolvedSecrets)
+    selected: list[str] | None = None  # the units this pass reconciles, once chosen
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +93,12 @@ class PassFailed(AgentError):
     """A step stopped the pass before any unit could run."""
 
     reference = "pass-failed"
+
+
+class ApprovalRefused(AgentError):
+    """`agent approve` cannot apply the plan asked for (stale, not held, already applied)."""
+
+    reference = "approval-refused"
 
 
 Step = Callable[[PassContext], None]
@@ -126,18 +143,18 @@ class Reconciler:
         self.store.close()
 
     def interrupt(self) -> None:
-        """Stop taking new units; send the running Terraform processes one SIGINT each."""
+        """Stop taking new units; send the running Terraform processes one SIGINT each;
+        fleets start no new host (a host already converging finishes its round trip)."""
         self._stop.set()
         self.stacks.interrupt()
+        self.fleets.interrupt()
 
     def run_pass(self, request: PassRequest, *, wait: bool = True) -> PassResult:
         """Take the pass lock (waiting for it, or not), recover, and run one pass."""
         lock = PassLock(self.layout.root)
         lock.acquire(wait=wait)
         with lock:
-            for run_id in self.store.recover_interrupted():
-                self.stacks.finish_cut_logs(run_id)
-                self.report(Event(EventKind.RECOVERED, message=f"run {run_id} was interrupted"))
+            self._recover()
             run_id = self.store.start_run(
                 trigger=request.trigger,
                 dry_run=request.dry_run,
@@ -147,12 +164,128 @@ class Reconciler:
             lock.record(run_id)
             return self._run_steps(PassContext(request=request, run_id=run_id))
 
-    def _run_steps(self, ctx: PassContext) -> PassResult:
+    def _recover(self) -> None:
+        """Mark the runs of a dead pass interrupted (the caller holds the pass lock)."""
+        for run_id in self.store.recover_interrupted():
+            self.stacks.finish_cut_logs(run_id)
+            self.report(Event(EventKind.RECOVERED, message=f"run {run_id} was interrupted"))
+
+    def fetch_head(self) -> str:
+        """Fetch the branch and return its head: the daemon's poll, which runs a pass only
+        if something moved. Takes the pass lock without waiting (PassBusyError while a pass
+        runs elsewhere); SourceError if the fetch fails."""
+        lock = PassLock(self.layout.root)
+        lock.acquire(wait=False)
+        with lock:
+            try:
+                return self.source.fetch()
+            except GitSourceError as exc:
+                raise SourceError(str(exc)) from exc
+
+    def approve(
+        self, run_id: str, unit: str | None = None, *, by: str | None = None, wait: bool = True
+    ) -> PassResult:
+        """Apply exactly the plans that run `run_id` held (all of them, or `unit`'s), as a new
+        run with trigger `approve`. Nothing is planned again.
+
+        Raises NotFoundError (no such run, or unit not in it) and ApprovalRefused (nothing
+        held, plan already applied or replaced, unit suspended, or the revision in force
+        moved since: the plan is stale). A state that moved under the plan is found by
+        Terraform itself; that unit then fails with "the plan is stale".
+        """
+        lock = PassLock(self.layout.root)
+        lock.acquire(wait=wait)
+        with lock:
+            self._recover()
+            revision, held = self._held_plans(run_id, unit)
+            approve_id = self.store.start_run(trigger="approve", unit_filter=unit, pid=os.getpid())
+            lock.record(approve_id)
+            self.store.record_approval(approve_id, run_id, list(held), by=by)
+            ctx = PassContext(request=PassRequest(trigger="approve", unit=unit), run_id=approve_id)
+
+            def load(ctx: PassContext) -> None:
+                ctx.head = ctx.target = revision
+                ctx.manifest = self._manifest_at(revision, ManifestLimits.from_host(self.host))
+
+            def apply(ctx: PassContext) -> None:
+                assert ctx.manifest is not None
+                stack_ctx = StackContext(
+                    approve_id, revision, self.layout.checkout, ctx.manifest, False
+                )
+                for name in [n for n in ctx.manifest.order() if n in held]:
+                    if self._stop.is_set():
+                        break
+                    ctx.outcomes[name] = self.stacks.apply_saved(
+                        stack_ctx, name, run_id, held[name]
+                    )
+
+            return self._run_steps(ctx, [("load-manifest", load), ("apply", apply)])
+
+    def _held_plans(self, run_id: str, unit: str | None) -> tuple[str, dict[str, Path]]:
+        """The revision of run `run_id` and the plan files of its held units (or `unit`'s)."""
+        run = self.store.get_run(run_id)
+        if run is None:
+            raise NotFoundError(f"no run with id {run_id!r}", hint="see `agent history`")
+        rows = {row.unit: row for row in self.store.unit_runs(run_id)}
+        if unit is not None and unit not in rows:
+            raise NotFoundError(
+                f"unit {unit!r} did not take part in run {run_id}",
+                hint=f"its units: {', '.join(rows) or 'none'}",
+            )
+        names = [unit] if unit else [n for n, r in rows.items() if r.status == UnitStatus.HELD]
+        if not names:
+            results = ", ".join(f"{n}: {r.status}" for n, r in rows.items()) or "no units"
+            raise ApprovalRefused(f"run {run_id} held no plan for approval ({results})")
+        for name in names:
+            if rows[name].status != UnitStatus.HELD:
+                raise ApprovalRefused(
+                    f"unit {name} was not held for approval in run {run_id}"
+                    f" (its result: {rows[name].status})"
+                )
+        suspended = [n for n in names if n in self.store.suspended()]
+        if suspended:
+            name = suspended[0]
+            raise ApprovalRefused(
+                f"unit {name} is suspended", hint=f"`agent resume {name}`, then approve again"
+            )
+        current = self.store.current_revision()
+        if run.revision is None or run.revision != current:
+            raise ApprovalRefused(
+                f"the plan is stale: the revision in force moved since run {run_id}"
+                f" (it planned {(run.revision or 'nothing')[:12]}, {(current or 'none')[:12]} is"
+                " in force now); run `agent reconcile --now` to plan again"
+            )
+        plans = {n: self.layout.unit_run_dir(run_id, n) / PLAN_FILE for n in names}
+        for name, plan in plans.items():
+            if not plan.exists():
+                raise ApprovalRefused(self._why_no_plan(run_id, name))
+        return run.revision, plans
+
+    def _why_no_plan(self, run_id: str, unit: str) -> str:
+        for approval in self.store.approvals(run_id):
+            if approval.unit == unit:
+                by = f" by {approval.by}" if approval.by else ""
+                return (
+                    f"the plan of {unit} in run {run_id} was already approved{by}"
+                    f" (run {approval.run_id})"
+                )
+        state = self.store.unit_state(unit)
+        later = state.last_run_id if state and state.last_run_id != run_id else None
+        if later:
+            return (
+                f"the plan of {unit} in run {run_id} was replaced: run {later} planned it again"
+                f" ({state.last_status}); approve that run if it holds a plan"
+            )
+        return f"the saved plan of {unit} in run {run_id} is gone; run `agent reconcile --now`"
+
+    def _run_steps(
+        self, ctx: PassContext, steps: list[tuple[str, Step]] | None = None
+    ) -> PassResult:
         started = time.monotonic()
         self.report(Event(EventKind.PASS_STARTED, run_id=ctx.run_id))
         error: str | None = None
         try:
-            for name, step in self.steps:
+            for name, step in steps or self.steps:
                 if self._stop.is_set():
                     raise PassFailed(f"interrupted before the {name} step")
                 log.debug("run %s: step %s", ctx.run_id, name)
@@ -288,9 +421,11 @@ class Reconciler:
                 ) from exc
             ctx.target = current
             ctx.manifest = self._manifest_at(current, limits)
+            self.report(Event(EventKind.MANIFEST_LOADED, run_id=ctx.run_id, result=ctx.manifest))
             return
         if ctx.target != current:
             self.store.record_revision(ctx.target, RevisionStatus.ACCEPTED, run_id=ctx.run_id)
+        self.report(Event(EventKind.MANIFEST_LOADED, run_id=ctx.run_id, result=ctx.manifest))
 
     def _manifest_at(self, revision: str, limits: ManifestLimits) -> Manifest:
         try:
@@ -305,23 +440,39 @@ class Reconciler:
         self.report(Event(EventKind.REJECTED, run_id=ctx.run_id, message=ctx.rejected))
 
     def _selected(self, ctx: PassContext) -> list[str]:
-        """The units this pass reconciles, in dependency order."""
+        """The units this pass reconciles, in dependency order (chosen once per pass)."""
         assert ctx.manifest is not None and ctx.target is not None
+        if ctx.selected is not None:
+            return ctx.selected
         names = list(ctx.manifest.order())
-        if ctx.request.unit is None:
-            return names
-        if ctx.manifest.get_unit(ctx.request.unit) is None:
+        if ctx.request.unit is not None and ctx.manifest.get_unit(ctx.request.unit) is None:
             raise PassFailed(
                 f"no unit named {ctx.request.unit!r} in {ctx.manifest.path.name}"
                 f" at {ctx.target[:12]}; units: {', '.join(names)}"
             )
-        return [ctx.request.unit]
+        wanted = names if ctx.request.unit is None else [ctx.request.unit]
+        suspended = set(self.store.suspended())
+        left_out = [n for n in wanted if n in suspended or n in ctx.request.skip]
+        if left_out:
+            log.info("run %s: left out: %s", ctx.run_id, ", ".join(left_out))
+        ctx.selected = [n for n in wanted if n not in left_out]
+        return ctx.selected
 
     def _resolve_secrets(self, ctx: PassContext) -> None:
         """Fetch every secret the selected units need, before anything is planned."""
         assert ctx.manifest is not None
         units = [ctx.manifest.get_unit(name) for name in self._selected(ctx)]
         ctx.secrets = self.secrets.resolve(u for u in units if u is not None)
+        for unit in units:
+            if unit is None or unit.name not in ctx.secrets.errors:
+                continue
+            read = ctx.secrets.values.get(unit.name, {})
+            for scheme in sorted({ref.scheme for n, ref in unit.secrets.items() if n not in read}):
+                self.report(
+                    Event(
+                        EventKind.SECRET_FAILED, run_id=ctx.run_id, unit=unit.name, message=scheme
+                    )
+                )
 
     def _units(self, ctx: PassContext) -> None:
         """Reconcile the units in dependency order, independent ones in parallel."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import HostConfig, Manifest, StackOutputRef, Unit
-from agent.decide import Decision, PlanFacts, decide, needs_plan
+from agent.decide import Decision, PlanFacts, decide
 from agent.errors import AgentError, TerraformError
 from agent.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
 from agent.layout import StateLayout
@@ -24,6 +24,7 @@ from agent.progress import Event, EventKind, Reporter
 from agent.redact import Redactor
 from agent.secrets import ResolvedSecrets, terraform_variables
 from agent.store import RunStore, UnitOutcome, UnitStatus
+from agent.unitrun import run_unit
 from providers.errors import ProviderError
 from providers.terraform import (
     TerraformRunner,
@@ -134,29 +135,16 @@ class StackReconciler:
 
     def reconcile(self, ctx: StackContext, name: str) -> UnitOutcome:
         """Plan, decide and (maybe) apply one unit; never raises for the unit's own failure."""
-        unit = ctx.manifest.get_unit(name)
-        assert unit is not None
-        started = time.monotonic()
-        state = self.store.unit_state(name)
-        revision_moved = state is None or state.revision != ctx.revision
-        self.store.start_unit(ctx.run_id, name, ctx.revision)
-        self.report(Event(EventKind.UNIT_STARTED, run_id=ctx.run_id, unit=name))
-        if name in ctx.secrets.errors:
-            outcome = UnitOutcome(status=UnitStatus.FAILED, error=ctx.secrets.errors[name])
-        elif not needs_plan(revision_moved, unit.drift):
-            outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.SKIP)
-        else:
-            try:
-                outcome = self._plan_and_apply(ctx, unit, revision_moved, started)
-            except AgentError as exc:
-                cut = self._stop.is_set()
-                outcome = UnitOutcome(
-                    status=UnitStatus.INTERRUPTED if cut else UnitStatus.FAILED,
-                    error=self.redactor.redact(exc.message),
-                )
-        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
-        self._finished(ctx, name, outcome, time.monotonic() - started)
-        return outcome
+        return run_unit(
+            ctx,
+            name,
+            store=self.store,
+            report=self.report,
+            redactor=self.redactor,
+            stop=self._stop,
+            work=lambda unit, moved, started: self._plan_and_apply(ctx, unit, moved, started),
+            describe=describe_outcome,
+        )
 
     def _plan_and_apply(
         self, ctx: StackContext, unit: Unit, revision_moved: bool, started: float
@@ -240,6 +228,68 @@ class StackReconciler:
             # only while a held plan waits for approval.
             if not held:
                 plan_file.unlink(missing_ok=True)
+            else:
+                self._drop_older_plans(unit.name, ctx.run_id)
+
+    # --- approvals ----------------------------------------------------------------
+
+    def apply_saved(
+        self, ctx: StackContext, name: str, held_run_id: str, plan_file: Path
+    ) -> UnitOutcome:
+        """Apply the plan that run `held_run_id` saved and held for `name` (`agent approve`),
+        and nothing else. The plan file is removed once Terraform has tried it."""
+        unit = ctx.manifest.get_unit(name)
+        assert unit is not None
+        started = time.monotonic()
+        held = next((r for r in self.store.unit_runs(held_run_id) if r.unit == name), None)
+        counts = {
+            "plan_add": held.plan_add if held else None,
+            "plan_change": held.plan_change if held else None,
+            "plan_destroy": held.plan_destroy if held else None,
+        }
+        self.store.start_unit(ctx.run_id, name, ctx.revision)
+        self.report(Event(EventKind.UNIT_STARTED, run_id=ctx.run_id, unit=name))
+        try:
+            self._check_stop(unit)
+            runner = self.runner()
+            ws = self.workspace(ctx, unit)
+            run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, name))
+            self._phase(ctx, unit, "apply")
+            try:
+                with self._log(ctx, unit, run_dir / "apply.txt") as apply_log:
+                    self._terraform(
+                        "apply",
+                        unit,
+                        lambda: runner.apply(ws, plan_file, {}, apply_log, started + unit.timeout),
+                    )
+            finally:
+                plan_file.unlink(missing_ok=True)
+            outcome = UnitOutcome(
+                status=UnitStatus.OK, decision=Decision.APPLY, converged=True, **counts
+            )
+        except AgentError as exc:
+            message = exc.message
+            if "Saved plan is stale" in message:
+                message = (
+                    f"the plan is stale: the state changed since run {held_run_id}; run"
+                    " `agent reconcile --now` to plan again"
+                )
+            outcome = UnitOutcome(
+                status=UnitStatus.INTERRUPTED if self._stop.is_set() else UnitStatus.FAILED,
+                decision=Decision.APPLY,
+                error=self.redactor.redact(message),
+                **counts,
+            )
+        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
+        self._finished(ctx, name, outcome, time.monotonic() - started)
+        return outcome
+
+    def _drop_older_plans(self, unit: str, run_id: str) -> None:
+        """A unit held again: the plans earlier runs held for it can no longer be approved
+        (they hold secrets too), so only the newest is kept."""
+        for plan in self.layout.runs.glob(f"*/{unit}/{PLAN_FILE}"):
+            if plan.parent.parent.name != run_id:
+                plan.unlink(missing_ok=True)
 
     # --- helpers ------------------------------------------------------------------
 
@@ -285,6 +335,8 @@ class StackReconciler:
         try:
             return call()
         except ProviderError as exc:
+            if command == "apply" and not self._stop.is_set():
+                self.report(Event(EventKind.APPLY_FAILED, unit=unit.name, message=str(exc)))
             raise TerraformError(f"unit {unit.name}: terraform {command} failed: {exc}") from exc
 
     def _log(self, ctx: StackContext, unit: Unit, path: Path) -> _LineSink:
@@ -343,7 +395,7 @@ def describe_outcome(outcome: UnitOutcome) -> str:
     if outcome.plan_add is not None:
         counts = f" (+{outcome.plan_add} ~{outcome.plan_change} -{outcome.plan_destroy})"
     drift = " drift" if outcome.drift else ""
-    if outcome.status is UnitStatus.FAILED or outcome.status is UnitStatus.BLOCKED:
+    if outcome.status in (UnitStatus.FAILED, UnitStatus.BLOCKED, UnitStatus.INTERRUPTED):
         return f"{outcome.status}: {outcome.error}"
     labels = {
         Decision.APPLY: "applied",

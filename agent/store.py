@@ -76,6 +76,20 @@ CREATE TABLE IF NOT EXISTS agent_state (
     key TEXT PRIMARY KEY,
     value TEXT
 );
+CREATE TABLE IF NOT EXISTS suspended_units (
+    unit TEXT PRIMARY KEY,
+    since REAL NOT NULL,
+    by TEXT,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS approvals (
+    run_id TEXT NOT NULL,
+    held_run_id TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    approved_at REAL NOT NULL,
+    by TEXT,
+    PRIMARY KEY (run_id, unit)
+);
 """
 
 
@@ -140,6 +154,23 @@ class UnitStateRow:
     last_decision: str | None
     drift: bool
     updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SuspensionRow:
+    unit: str
+    since: float
+    by: str | None
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalRow:
+    run_id: str  # the run that applied the plan (trigger `approve`)
+    held_run_id: str  # the run that made and held it
+    unit: str
+    approved_at: float
+    by: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +399,50 @@ class RunStore:
             "SELECT value FROM agent_state WHERE key = 'current_revision'"
         ).fetchone()
         return row["value"] if row else None
+
+    # --- suspensions and approvals ----------------------------------------------
+
+    def suspend(self, unit: str, *, by: str | None = None, reason: str | None = None) -> bool:
+        """Mark `unit` suspended (every pass leaves it out); False if it already was."""
+        with self._tx() as db:
+            cursor = db.execute(
+                "INSERT INTO suspended_units (unit, since, by, reason) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (unit) DO NOTHING",
+                (unit, time.time(), by, self._clean(reason)),
+            )
+            return cursor.rowcount == 1
+
+    def resume(self, unit: str) -> bool:
+        """Lift a suspension; False if `unit` was not suspended."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM suspended_units WHERE unit = ?", (unit,)).rowcount == 1
+
+    def suspended(self) -> dict[str, SuspensionRow]:
+        """The suspended units, by name."""
+        rows = self._db.execute("SELECT * FROM suspended_units ORDER BY unit").fetchall()
+        return {r["unit"]: SuspensionRow(r["unit"], r["since"], r["by"], r["reason"]) for r in rows}
+
+    def record_approval(
+        self, run_id: str, held_run_id: str, units: list[str], *, by: str | None = None
+    ) -> None:
+        """Record that run `run_id` applies the plans `held_run_id` held for `units`."""
+        now = time.time()
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO approvals (run_id, held_run_id, unit, approved_at, by)"
+                " VALUES (?, ?, ?, ?, ?)",
+                [(run_id, held_run_id, unit, now, by) for unit in units],
+            )
+
+    def approvals(self, held_run_id: str) -> list[ApprovalRow]:
+        """The approvals of the plans `held_run_id` held, oldest first."""
+        rows = self._db.execute(
+            "SELECT * FROM approvals WHERE held_run_id = ? ORDER BY approved_at", (held_run_id,)
+        ).fetchall()
+        return [
+            ApprovalRow(r["run_id"], r["held_run_id"], r["unit"], r["approved_at"], r["by"])
+            for r in rows
+        ]
 
     # --- recovery -------------------------------------------------------------
 

@@ -18,7 +18,7 @@ SLOW_APPLY_TF = """
 resource "terraform_data" "slow" {
   input = var.generation
   provisioner "local-exec" {
-    command = "sleep 4"
+    command = "sleep 6"
   }
 }
 variable "generation" {

@@ -14,8 +14,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from types import MappingProxyType
 
 from agent.config.secrets import SecretsConfig, read_secrets
+from agent.config.service import (
+    SERVICE_KEYS,
+    ServiceConfig,
+    UnitIntervals,
+    read_service,
+    read_unit_intervals,
+)
 from agent.config.ssh import HostsConfig, read_hosts
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
@@ -71,6 +79,8 @@ class Intervals:
 
     poll: float = DEFAULT_POLL
     drift: float = DEFAULT_DRIFT
+    # A unit's own drift interval (`intervals.units`); the daemon runs it on its own timer.
+    units: Mapping[str, UnitIntervals] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +115,7 @@ class HostConfig:
     policy: Policy
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     hosts: HostsConfig = field(default_factory=HostsConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)  # what `agent run` needs
 
 
 def resolve_host_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
@@ -160,6 +171,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
             "policy",
             "secrets",
             "hosts",
+            *SERVICE_KEYS,
         ]
     )
     if fields is None:
@@ -177,6 +189,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
     allowed = _allowed_paths(fields.get("allowed_paths"))
     secrets = read_secrets(fields.get("secrets"), base_dir, _path)
     hosts = read_hosts(fields.get("hosts"), base_dir, _path)
+    service = read_service({key: fields.get(key) for key in SERVICE_KEYS}, base_dir, _path)
     if problems or repo is None:
         return None
     return HostConfig(
@@ -189,6 +202,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
         policy=policy,
         secrets=secrets,
         hosts=hosts,
+        service=service,
     )
 
 
@@ -313,7 +327,7 @@ def _optional_path(fields: Fields, key: str, base_dir: Path) -> Path | None:
 
 
 def _intervals(value: Value | None) -> Intervals:
-    fields = value.mapping(["poll", "drift"]) if value else None
+    fields = value.mapping(["poll", "drift", "units"]) if value else None
     if fields is None:
         return Intervals()
     poll = fields.get("poll")
@@ -321,6 +335,7 @@ def _intervals(value: Value | None) -> Intervals:
     return Intervals(
         poll=(poll.duration() if poll else None) or DEFAULT_POLL,
         drift=(drift.duration() if drift else None) or DEFAULT_DRIFT,
+        units=read_unit_intervals(fields.get("units")),
     )
 
 
