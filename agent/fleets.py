@@ -22,6 +22,7 @@ from typing import Any
 
 from agent.config import HostConfig, StackOutputRef, Unit
 from agent.config.fleet import Fleet, HostsFromStack, HostSpec, ResourceSpec
+from agent.config.manifest import plain_value
 from agent.decide import Decision
 from agent.errors import AgentError
 from agent.fsutil import atomic_write, ensure_private_dir
@@ -165,9 +166,9 @@ class FleetReconciler:
         }
         user = spec.user or fleet.user or "root"
         return {
-            **_plain(fleet.vars),
-            **_plain(unit_vars),
-            **_plain(spec.vars),
+            **plain_value(fleet.vars),
+            **plain_value(unit_vars),
+            **plain_value(spec.vars),
             "host": {"name": spec.name, "address": spec.address, "user": user},
             "secrets": secrets,
         }
@@ -181,7 +182,7 @@ class FleetReconciler:
             source = attrs.pop("source")
             text = render_template(
                 ctx.tree / source,
-                {**variables, **_plain(attrs.pop("vars", {}))},
+                {**variables, **plain_value(attrs.pop("vars", {}))},
                 display_name=source,
             )
             attrs["content"] = text.encode()
@@ -388,15 +389,6 @@ def _last_wins(specs: Sequence[ResourceSpec]) -> list[ResourceSpec]:
         chosen.pop(spec.id, None)
         chosen[spec.id] = spec
     return list(chosen.values())
-
-
-def _plain(value: Any) -> Any:
-    """Frozen manifest values (MappingProxyType, tuples) as plain dicts and lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _host_error(report: HostReport) -> str:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from agent.config import HostConfig, Manifest, StackOutputRef, Unit
+from agent.config.manifest import plain_value
 from agent.decide import Decision, PlanFacts, decide
 from agent.errors import AgentError, TerraformError
 from agent.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
@@ -411,15 +411,6 @@ def describe_outcome(outcome: UnitOutcome) -> str:
     return f"{label}{counts}{drift}"
 
 
-def _plain(value: Any) -> Any:
-    """Frozen manifest values (tuples, mapping proxies) as JSON-able Python values."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _hcl(value: Any) -> str:
     # Terraform parses a TF_VAR_ value of a non-string variable as HCL; JSON is HCL.
-    return json.dumps(_plain(value))
+    return json.dumps(plain_value(value))

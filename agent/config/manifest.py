@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from yaml.nodes import MappingNode, ScalarNode
 
@@ -486,6 +486,15 @@ class _ManifestReader:
             secrets=MappingProxyType(dict(draft.secrets)),
             fleet=draft.fleet,
         )
+
+
+def plain_value(value: Any) -> Any:
+    """A frozen manifest value (tuples, mapping proxies) as plain dicts and lists."""
+    if isinstance(value, Mapping):
+        return {str(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [plain_value(v) for v in value]
+    return value
 
 
 def _dependencies(draft: _Draft) -> tuple[str, ...]:
