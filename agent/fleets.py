@@ -44,6 +44,9 @@ LOCAL_ADDRESS = "local"
 # cannot: stopping a service is said explicitly, a command has no "undo").
 _REMOVABLE = ("file", "template", "directory", "link", "package", "user", "group")
 
+# A command's string fields rendered with the host's variables (its `env` values too).
+_COMMAND_TEMPLATES = ("command", "creates", "unless", "onlyif", "cwd")
+
 StackOutputs = Callable[[StackContext, Unit, str], Mapping[str, Any]]
 
 
@@ -108,7 +111,8 @@ class FleetReconciler:
         hosts = self._hosts(ctx, unit, fleet)
         # Drift with `report` looks without touching; a dry run never touches.
         apply = not ctx.dry_run and (revision_moved or unit.drift.value == "revert")
-        planned = [self._plan_host(ctx, unit, fleet, spec) for spec in hosts]
+        unit_vars = self._unit_vars(ctx, unit)
+        planned = [self._plan_host(ctx, unit, fleet, spec, unit_vars) for spec in hosts]
         limit = min(fleet.parallelism or self.host.hosts.parallelism, self.host.hosts.parallelism)
         with ThreadPoolExecutor(max_workers=max(1, limit), thread_name_prefix="host") as pool:
             reports = list(pool.map(lambda p: self._run_host(ctx, unit, fleet, p, apply), planned))
@@ -131,14 +135,40 @@ class FleetReconciler:
             )
         return hosts_from_output(unit.name, ref, outputs[ref.output])
 
+    def _unit_vars(self, ctx: StackContext, unit: Unit) -> dict[str, Any]:
+        """The unit's `vars`, each `from_stack` one read from its stack's outputs (once per
+        pass, for every host)."""
+        values: dict[str, Any] = {}
+        outputs: dict[str, Mapping[str, Any]] = {}
+        for name, value in unit.vars.items():
+            if not isinstance(value, StackOutputRef):
+                values[name] = value
+                continue
+            if value.unit not in outputs:
+                outputs[value.unit] = self.stack_outputs(ctx, unit, value.unit)
+            if value.output not in outputs[value.unit]:
+                known = ", ".join(sorted(outputs[value.unit])) or "none"
+                raise FleetError(
+                    f"unit {unit.name}: vars.{name} reads output {value.output!r} of stack unit"
+                    f" {value.unit!r}, which has no such output (outputs: {known})",
+                    hint=f"has {value.unit!r} been applied? is the output declared?",
+                )
+            values[name] = outputs[value.unit][value.output]
+        return values
+
     def _plan_host(
-        self, ctx: StackContext, unit: Unit, fleet: Fleet, spec: HostSpec
+        self,
+        ctx: StackContext,
+        unit: Unit,
+        fleet: Fleet,
+        spec: HostSpec,
+        unit_vars: Mapping[str, Any],
     ) -> PlannedHost:
         """The engine's resources for one host (templates rendered), or why not."""
         roles = ctx.manifest.roles
         specs = [r for name in (*fleet.roles, *spec.roles) for r in roles.get(name, ())]
         specs += fleet.resources
-        variables = self._variables(ctx, unit, fleet, spec)
+        variables = self._variables(ctx, unit, fleet, spec, unit_vars)
         resources: list[Resource] = []
         try:
             for item in _last_wins(specs):
@@ -158,9 +188,13 @@ class FleetReconciler:
         return PlannedHost(spec, tuple(resources), handlers)
 
     def _variables(
-        self, ctx: StackContext, unit: Unit, fleet: Fleet, spec: HostSpec
+        self,
+        ctx: StackContext,
+        unit: Unit,
+        fleet: Fleet,
+        spec: HostSpec,
+        unit_vars: Mapping[str, Any],
     ) -> dict[str, Any]:
-        unit_vars = {k: v for k, v in unit.vars.items() if not isinstance(v, StackOutputRef)}
         secrets = {
             name: secret.reveal() for name, secret in ctx.secrets.values.get(unit.name, {}).items()
         }
@@ -191,7 +225,12 @@ class FleetReconciler:
         elif item.kind == "file" and "content" in attrs:
             attrs["content"] = str(attrs["content"]).encode()
         if item.kind == "command":
-            attrs["command"] = render_string(attrs["command"], variables, display_name=where)
+            # Every string field is a template, guards and cwd as much as the command itself:
+            # `creates: "{{ app_dir }}/log"` must name the path the command makes.
+            for key in _COMMAND_TEMPLATES:
+                if attrs.get(key) is not None:
+                    name = where if key == "command" else f"{where}.{key}"
+                    attrs[key] = render_string(attrs[key], variables, display_name=name)
             attrs["env"] = {
                 key: render_string(value, variables, display_name=f"{where}.env.{key}")
                 for key, value in dict(attrs.get("env") or {}).items()

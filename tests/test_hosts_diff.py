@@ -29,7 +29,7 @@ import pytest
 
 from providers.errors import ResourceConflictError
 from providers.hosts import diff as kinds
-from providers.hosts import plan
+from providers.hosts import plan, remote, services
 from providers.hosts.accounts import keys_content
 from providers.hosts.common import norm_mode
 from providers.hosts.model import Handler, Resource
@@ -92,6 +92,7 @@ def settled(resource: Resource, facts: dict[str, Any]) -> dict[str, Any]:
         version = attrs.get("version") or facts.get("version") or "1.0-1"
         return {**out, "installed": installed, "version": version if installed else None}
     if kind == "service":
+        out["need_reload"] = False
         if attrs.get("enabled") is not None:
             out["unit_file"] = "enabled" if attrs["enabled"] else "disabled"
         if attrs.get("state") is not None:
@@ -107,8 +108,8 @@ def settled(resource: Resource, facts: dict[str, Any]) -> dict[str, Any]:
         out.setdefault("uid", 1000)
         if attrs.get("group") is not None:
             out["group"] = attrs["group"]
-        if attrs.get("groups") is not None:
-            out["groups"] = sorted(set(attrs["groups"]))
+        if attrs.get("groups") is not None:  # the host lists supplementary groups only
+            out["groups"] = sorted(set(attrs["groups"]) - {out.get("group")})
         if attrs.get("authorized_keys") is not None:
             content = keys_content(attrs["authorized_keys"])
             out["authorized_keys"] = {
@@ -227,3 +228,33 @@ def test_a_long_diff_is_cut_with_a_note() -> None:
 def test_a_file_without_trailing_newline_says_so() -> None:
     shown = content_diff("/etc/x", b"a\n", b"a\nb", old_sha="x", existed=True, sensitive=False)
     assert shown.endswith("+b\n\\ No newline at end of file\n")
+
+
+def test_a_service_is_asked_again_only_after_a_package_change() -> None:
+    stopped = Resource("service", "testsvc", {"enabled": False, "state": "stopped"})
+    package = Resource("package", "testsvc", {})
+    a_file = Resource("file", "/etc/x", {"content": b"x\n"})
+    assert kinds.recheck(stopped, {}, [a_file]) is None
+    assert kinds.recheck(stopped, {}, []) is None
+    assert kinds.recheck(stopped, {}, [a_file, package]) == {
+        "steps": [
+            {
+                "do": "service",
+                "unit": "testsvc.service",
+                "enabled": False,
+                "state": "stopped",
+                "systemd": True,
+            }
+        ]
+    }
+    command = Resource("command", "migrate", {"command": "true", "onlyif": "test -f /etc/x"})
+    assert kinds.recheck(command, {}, []) is None
+    assert kinds.recheck(command, {}, [a_file])["steps"][0]["do"] == "command"  # type: ignore[index]
+    assert kinds.recheck(a_file, {}, [package]) is None
+
+
+def test_the_host_program_reads_service_states_as_the_diff_does() -> None:
+    # remote.py cannot import services.py (it runs alone on the host): same sets, by hand.
+    assert set(remote.SERVICE_ENABLED) == services.ENABLED
+    assert set(remote.SERVICE_DISABLEABLE) == services.DISABLEABLE
+    assert set(remote.SERVICE_RUNNING) == services.RUNNING

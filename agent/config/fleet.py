@@ -239,6 +239,7 @@ class FleetReader:
                 fleet_value.fail(
                     f"roles defined under roles: ({', '.join(roles) or 'none'})", repr(role)
                 )
+        self._check_paths(fleet_value, fleet, roles)
         for spec in [*fleet.resources, *(r for name in wanted for r in roles.get(name, ()))]:
             for handler in spec.notify:
                 if handler not in handlers:
@@ -247,6 +248,34 @@ class FleetReader:
                         spec.where.partition(": ")[2],
                         f"notifies {handler!r}, which is not under handlers:"
                         f" ({', '.join(handlers) or 'none'})",
+                    )
+
+    @staticmethod
+    def _check_paths(
+        fleet_value: Value, fleet: Fleet, roles: Mapping[str, tuple[ResourceSpec, ...]]
+    ) -> None:
+        """One path, one kind, on every host: a `file` in one role and a `link` (or a
+        `template`, a `directory`) at the same path in another would replace each other on
+        every pass. Each host's list is checked (the fleet's roles, its own, the fleet's
+        resources); hosts read from a stack output get their roles at reconcile time."""
+        per_host: list[tuple[str, ...]] = [()]
+        if not isinstance(fleet.hosts, HostsFromStack):
+            per_host += [host.roles for host in fleet.hosts]
+        for extra in dict.fromkeys(per_host):
+            names = dict.fromkeys((*fleet.roles, *extra))
+            specs = [*(r for name in names for r in roles.get(name, ())), *fleet.resources]
+            first: dict[str, ResourceSpec] = {}
+            for spec in specs:
+                if spec.kind not in _PATH_KINDS:
+                    continue
+                seen = first.setdefault(posixpath.normpath(spec.name), spec)
+                if seen.kind != spec.kind:
+                    fleet_value.problems.note(
+                        _line_of(spec.where),
+                        spec.where.partition(": ")[2],
+                        f"{spec.kind} {spec.name} is also a {seen.kind} at {seen.where};"
+                        " a path can have one kind only (the two would replace each other"
+                        " on every pass)",
                     )
 
     def _static_hosts(self, value: Value) -> tuple[HostSpec, ...] | None:

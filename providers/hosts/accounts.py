@@ -97,6 +97,16 @@ def _shown(value: Any) -> str:
     return str(value)
 
 
+def _supplementary(attrs: Mapping[str, Any], facts: Facts) -> list[str]:
+    """`groups` without the primary group: the host reports supplementary groups only,
+    so listing the primary one too must not look like a change on every pass."""
+    primary = attrs.get("group")
+    if primary is None:
+        return sorted(g for g in set(attrs["groups"]) if g != facts.get("group"))
+    name = facts.get("group") if same_id(primary, facts.get("group"), facts.get("gid")) else None
+    return sorted(g for g in set(attrs["groups"]) if g not in (str(primary), name))
+
+
 def user_diff(resource: Resource, facts: Facts) -> list[Change]:
     """Create, modify or remove the user, and its authorized_keys."""
     _check_name(resource)
@@ -138,7 +148,7 @@ def user_diff(resource: Resource, facts: Facts) -> list[Change]:
             )
         )
     if attrs.get("groups") is not None:
-        wanted, current = sorted(set(attrs["groups"])), sorted(facts.get("groups") or [])
+        wanted, current = _supplementary(attrs, facts), sorted(facts.get("groups") or [])
         if wanted != current:
             text = f"groups {_groups_text(current)} -> {_groups_text(wanted)}"
             changes.append(Change("groups", current, wanted, text))
@@ -174,7 +184,13 @@ def user_operation(resource: Resource, facts: Facts, changes: list[Change]) -> O
     steps: list[dict[str, Any]] = []
     if "state" in changed:
         given = [a for a, _ in USER_OPTIONS if resource.attrs.get(a) not in (None, [], ())]
-        steps.append({"do": "run", "argv": _user_argv("useradd", resource, given)})
+        step: dict[str, Any] = {"do": "run", "argv": _user_argv("useradd", resource, given)}
+        if resource.attrs.get("group") is None:
+            # Debian's useradd refuses to make a user group that exists already ("group app
+            # exists ... use -g"), e.g. one a `group:` resource made earlier in this apply:
+            # the host adds `-g NAME` when a group of the user's name exists at that moment.
+            step["user_group"] = resource.name
+        steps.append(step)
     elif changed - {"authorized_keys"}:
         steps.append({"do": "run", "argv": _user_argv("usermod", resource, sorted(changed))})
     if "authorized_keys" in changed:

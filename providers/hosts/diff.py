@@ -8,7 +8,7 @@ them touches a host; tests/cases/hosts/<kind>/*.json drive them as a table.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +62,21 @@ def diff(resource: Resource, facts: Facts) -> list[Change]:
     Raises ResourceConflictError when only a person can resolve the difference.
     """
     return kind_of(resource).diff(resource, facts)
+
+
+def recheck(resource: Resource, facts: Facts, earlier: Sequence[Resource]) -> Op | None:
+    """For a resource the facts found in its desired state: the operation that asks the host
+    again at its turn, when `earlier` (resources changing before it in this apply) may have
+    moved it; None when the facts stand.
+
+    A command's guards may now say "run" (`onlyif: test -f F` after file F); a service may
+    have been enabled or started by the postinst of a package installed before it.
+    """
+    if resource.kind == "command" and earlier:
+        return kind_of(resource).operation(resource, facts, [])
+    if resource.kind == "service" and any(r.kind == "package" for r in earlier):
+        return services.recheck_operation(resource)
+    return None
 
 
 def operation(resource: Resource, facts: Facts, changes: list[Change]) -> Op:

@@ -101,7 +101,7 @@ class _Pass:
     resources: tuple[Resource, ...]
     outcomes: list[ResourceOutcome] = field(default_factory=list)
     planned: dict[int, list[Change]] = field(default_factory=dict)
-    rechecked: set[int] = field(default_factory=set)  # commands whose guards the apply re-asks
+    rechecked: set[int] = field(default_factory=set)  # the apply asks these again (recheck)
     operations: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     handlers_run: list[str] = field(default_factory=list)
     handler_errors: list[str] = field(default_factory=list)
@@ -115,13 +115,14 @@ def _plan(state: _Pass, facts: Sequence[Facts | None], *, apply: bool) -> None:
             state.outcomes.append(_outcome(resource, "failed", error=problem))
         elif not changes:
             state.outcomes.append(_outcome(resource, "ok"))
-            if apply and resource.kind == "command" and state.operations:
-                # Its guards said "skip" before anything changed; an earlier resource of this
-                # apply may make them say "run" (`onlyif: test -f F` after file F): the host
-                # asks them again at the command's turn, so one pass converges.
+            # An earlier change of this apply may move it (a command's guard, a service a
+            # package's postinst started): the host asks again at its turn, so one pass converges.
+            earlier = [state.resources[i] for i, _ in state.operations] if apply else []
+            again = kinds.recheck(resource, facts[index] or {}, earlier) if earlier else None
+            if again is not None:
                 state.rechecked.add(index)
                 state.planned[index] = []
-                state.operations.append((index, kinds.operation(resource, facts[index] or {}, [])))
+                state.operations.append((index, again))
         elif not apply:
             state.outcomes.append(_outcome(resource, "would-change", changes))
         else:
@@ -245,5 +246,8 @@ def _rechecked(resource: Resource, result: Mapping[str, Any] | None) -> Resource
         return _outcome(resource, "failed", error=str(result.get("error")))
     if result is None or not result.get("changed"):
         return _outcome(resource, "ok")  # still nothing to do (or unknown: the next pass asks)
+    if resource.kind == "service":
+        why = f"{result.get('note')} (checked again after a package change)"
+        return _outcome(resource, "changed", [Change("state", None, why, why)])
     why = f"{result.get('note') or 'guards passed'}, checked after earlier changes"
     return _outcome(resource, "changed", [Change("run", None, why, f"run ({why})")])

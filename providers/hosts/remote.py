@@ -33,8 +33,28 @@ import time
 MAX_CONTENT = 256 * 1024  # largest file whose old text comes back for a diff
 TAIL_LINES = 20
 TAIL_CHARS = 2000
-SYSTEMD_DIRS = ("/etc/systemd/", "/usr/lib/systemd/", "/lib/systemd/", "/run/systemd/system/")
-SERVICE_PROPERTIES = "LoadState,ActiveState,SubState,UnitFileState"
+# systemd's system unit paths (drop-in `NAME.d/` dirs are under them): a file written or
+# removed there needs `systemctl daemon-reload` before it takes effect.
+SYSTEMD_DIRS = (
+    "/etc/systemd/system/",
+    "/run/systemd/system/",
+    "/usr/local/lib/systemd/system/",
+    "/usr/lib/systemd/system/",
+    "/lib/systemd/system/",
+)
+SERVICE_PROPERTIES = "LoadState,ActiveState,SubState,UnitFileState,NeedDaemonReload"
+# As services.py's ENABLED and RUNNING (this program cannot import it; a test compares them).
+SERVICE_ENABLED = (
+    "enabled",
+    "enabled-runtime",
+    "alias",
+    "static",
+    "indirect",
+    "generated",
+    "transient",
+)
+SERVICE_DISABLEABLE = ("enabled", "enabled-runtime")
+SERVICE_RUNNING = ("active", "reloading", "activating")
 # apt's "the package lists are stale or empty" messages: worth one `apt-get update`.
 STALE_APT = ("Unable to locate package", "has no installation candidate", "Failed to fetch")
 
@@ -95,7 +115,8 @@ class Context:
             self.unit_files_changed = True
 
     def daemon_reload_if_needed(self):
-        """Unit files written in this run take effect before any service action."""
+        """Unit files written in this run take effect before any service action, and
+        before the run ends (a unit file changed without a notify is loaded too)."""
         if not self.unit_files_changed:
             return
         self.unit_files_changed = False
@@ -400,6 +421,7 @@ def facts_services(queries, ctx):
             "active": props.get("ActiveState", ""),
             "sub": props.get("SubState", ""),
             "unit_file": props.get("UnitFileState", ""),
+            "need_reload": props.get("NeedDaemonReload") == "yes",
         }
     return facts
 
@@ -594,9 +616,51 @@ def failure(argv, code, out):
 
 
 def step_run(step, ctx):
-    code, out = ctx.run(step["argv"], env=step.get("env"))
+    argv = step["argv"]
+    user_group = step.get("user_group")
+    if user_group and group_exists(user_group):
+        argv = argv[:-1] + ["-g", user_group, argv[-1]]  # useradd: join it, do not make it
+    code, out = ctx.run(argv, env=step.get("env"))
     if code != 0:
-        raise StepError(failure(step["argv"], code, out))
+        raise StepError(failure(argv, code, out))
+
+
+def group_exists(name):
+    try:
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def step_daemon_reload(step, ctx):
+    """A unit file changed on disk since systemd read it (NeedDaemonReload=yes)."""
+    ctx.unit_files_changed = True
+    ctx.daemon_reload_if_needed()
+
+
+def step_service(step, ctx):
+    """A service asked again after a package changed in this apply: act only if needed."""
+    unit = step["unit"]
+    code, out = ctx.run(["systemctl", "show", "-p", SERVICE_PROPERTIES, "--", unit])
+    if code != 0:
+        raise StepError(f"systemctl show {unit} failed: {tail(out)}")
+    props = dict(line.partition("=")[::2] for line in out.splitlines() if "=" in line)
+    unit_file, active = props.get("UnitFileState", ""), props.get("ActiveState", "")
+    verbs = []
+    if step.get("enabled") is True and unit_file not in SERVICE_ENABLED:
+        verbs.append("enable")
+    if step.get("state") == "running" and active not in SERVICE_RUNNING:
+        verbs.append("start")
+    if step.get("state") == "stopped" and active in SERVICE_RUNNING:
+        verbs.append("stop")
+    if step.get("enabled") is False and unit_file in SERVICE_DISABLEABLE:
+        verbs.append("disable")
+    if not verbs:
+        raise Skipped("still as desired")
+    for verb in verbs:
+        step_run({"argv": ["systemctl", verb, unit]}, ctx)
+    return ", ".join(verbs)
 
 
 class Skipped(Exception):
@@ -630,6 +694,8 @@ STEPS = {
     "authorized_keys": step_authorized_keys,
     "run": step_run,
     "command": step_command,
+    "daemon_reload": step_daemon_reload,
+    "service": step_service,
 }
 
 
@@ -694,6 +760,10 @@ def apply(spec, ctx):
             for index in op["ids"]:
                 results[index] = outcome
     handlers = []
+    try:
+        ctx.daemon_reload_if_needed()  # a unit file changed and no service step came after it
+    except StepError as exc:
+        handlers.append({"name": "systemctl daemon-reload", "ok": False, "error": str(exc)})
     for handler in spec.get("handlers", []):
         if not any(results.get(index, {}).get("changed") for index in handler["notified_by"]):
             continue

@@ -1,7 +1,11 @@
 """service: systemd units, enabled at boot or not, running or stopped.
 
-The host reports LoadState, ActiveState, SubState and UnitFileState for every service
-from one `systemctl show` call. A name without a suffix is a `.service` unit.
+The host reports LoadState, ActiveState, SubState, UnitFileState and NeedDaemonReload for
+every service from one `systemctl show` call. A name without a suffix is a `.service` unit.
+A unit whose file changed on disk since systemd read it (`NeedDaemonReload=yes`) is drift:
+the apply runs `systemctl daemon-reload` first. A service placed after a package that
+changes in the same apply is checked again at its turn (`recheck_operation`): a package's
+postinst may enable or start what the service resource says must stay disabled or stopped.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ def diff(resource: Resource, facts: Facts) -> list[Change]:
             f"{unit} is masked; unmask it (systemctl unmask {unit}) or stop managing it"
         )
     changes: list[Change] = []
+    if facts.get("need_reload"):
+        text = "daemon-reload (its unit file changed on disk since systemd read it)"
+        changes.append(Change("daemon-reload", True, False, text))
     if enabled is True and unit_file not in ENABLED:
         changes.append(Change("enabled", unit_file, True, f"enable (was {unit_file or 'unknown'})"))
     if enabled is False and unit_file in DISABLEABLE:
@@ -70,7 +77,9 @@ def operation(resource: Resource, facts: Facts, changes: list[Change]) -> Op:
     """Enable before start; stop before disable."""
     unit = unit_name(resource.name)
     wanted = {change.attr: change.after for change in changes}
-    steps = []
+    steps: list[dict[str, Any]] = []
+    if "daemon-reload" in wanted:
+        steps.append({"do": "daemon_reload"})
     if wanted.get("enabled") is True:
         steps.append(_systemctl("enable", unit))
     if wanted.get("state") == "running":
@@ -80,6 +89,19 @@ def operation(resource: Resource, facts: Facts, changes: list[Change]) -> Op:
     if wanted.get("enabled") is False:
         steps.append(_systemctl("disable", unit))
     return {"steps": steps}
+
+
+def recheck_operation(resource: Resource) -> Op:
+    """Ask the host again at this service's turn, after a package changed earlier in the
+    apply: enable/start/stop/disable as desired, or nothing (the facts still hold)."""
+    step = {
+        "do": "service",
+        "unit": unit_name(resource.name),
+        "enabled": resource.attrs.get("enabled"),
+        "state": resource.attrs.get("state"),
+        "systemd": True,
+    }
+    return {"steps": [step]}
 
 
 def handler_step(service: str, action: str) -> dict[str, Any]:
