@@ -1,0 +1,103 @@
+"""Fleet units in real passes on this machine (`address: local`): the variables a host's
+templates and commands see, read from a real stack's outputs (the embedded Terraform).
+
+No mocks: a real Git remote, a real Terraform stack whose output feeds the fleet, the
+host engine's program run locally, real files checked afterwards.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_host_config
+from agent.reconcile import PassRequest, Reconciler
+from agent.store import UnitStatus
+from tests.support.infra import InfraRepo, write_host_config
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[dict]:
+    app_dir = tmp_path / "app"  # what the stack says; the fleet's own default is wrong
+    repo = InfraRepo(tmp_path / "git")
+    repo.write("stacks/base/main.tf", f'output "app_dir" {{\n  value = "{app_dir}"\n}}\n')
+    repo.write("templates/app.j2", "dir={{ app_dir }}\nlog={{ log_name }}\n")
+    config = write_host_config(
+        tmp_path / "agent.yaml",
+        repo.url,
+        tmp_path / "state",
+        f"hosts: {{allow_local: true, python: {sys.executable}}}\n",
+    )
+    yield {"repo": repo, "config": config, "app_dir": app_dir}
+
+
+def manifest(app_dir: Path, resources: str) -> str:
+    return f"""\
+version: 1
+units:
+  - name: base
+    stack: stacks/base
+  - name: app
+    vars: {{app_dir: {{from_stack: {{unit: base, output: app_dir}}}}}}
+    fleet:
+      hosts: {{static: [{{name: bastion, address: local}}]}}
+      vars: {{app_dir: /nonexistent/fleet-default, log_name: app.log}}
+      resources:
+        - directory: {app_dir}
+{resources}"""
+
+
+def run(world: dict) -> dict:
+    reconciler = Reconciler(load_host_config(world["config"]))
+    try:
+        return reconciler.run_pass(PassRequest(trigger="test")).outcomes
+    finally:
+        reconciler.close()
+
+
+def test_a_unit_var_from_a_stack_output_reaches_the_fleets_templates(world: dict) -> None:
+    app_dir = world["app_dir"]
+    resources = f"""\
+        - template: {app_dir}/app.conf
+          source: templates/app.j2
+"""
+    world["repo"].write("gitops.yaml", manifest(app_dir, resources))
+    world["repo"].push("app from base")
+
+    outcomes = run(world)
+    assert outcomes["base"].status is UnitStatus.OK, outcomes["base"].error
+    assert outcomes["app"].status is UnitStatus.OK, outcomes["app"].error
+    # The unit's var (the stack output) wins over the fleet's default, as a literal would.
+    assert (app_dir / "app.conf").read_text() == f"dir={app_dir}\nlog=app.log\n"
+
+
+def test_command_guards_and_cwd_are_templates_like_the_command(world: dict) -> None:
+    app_dir = world["app_dir"]
+    # Each command appends a line to its own file; its guard says "done" once the file is
+    # there. Rendered guards run each exactly once; unrendered ones never match (or fail).
+    resources = """\
+        - command: creates
+          run: "echo ran >> {{ log_name }}"
+          cwd: "{{ app_dir }}"
+          creates: "{{ app_dir }}/{{ log_name }}"
+        - command: unless
+          run: "echo ran >> unless.txt"
+          cwd: "{{ app_dir }}"
+          unless: "test -e {{ app_dir }}/unless.txt"
+        - command: onlyif
+          run: "echo ran >> onlyif.txt"
+          cwd: "{{ app_dir }}"
+          onlyif: "test ! -e {{ app_dir }}/onlyif.txt"
+"""
+    world["repo"].write("gitops.yaml", manifest(app_dir, resources))
+    world["repo"].push("guarded commands")
+    app_dir.mkdir()  # guards are asked before the apply: the cwd exists from the start
+
+    for _ in range(2):  # the second pass finds every guard satisfied
+        outcomes = run(world)
+        assert outcomes["app"].status is UnitStatus.OK, outcomes["app"].error
+    for name in ("app.log", "unless.txt", "onlyif.txt"):
+        assert (app_dir / name).read_text() == "ran\n", name
