@@ -664,3 +664,97 @@ def test_bad_input_fails_its_own_resource_only_and_the_other_host_converges(
     assert fine_report.host == other.name
     assert stat(other, "/srv/fine") == "700 root root"
     assert (other.root / "srv/fine/ok.txt").read_bytes() == b"ok\n"
+
+
+# -- issue 12: users beside their group, services their package starts, unit file reloads ----
+
+
+def test_a_user_joins_the_group_of_its_name_made_before_it_and_lists_it_in_groups(
+    hosts: list[NspawnHost],
+) -> None:
+    host = hosts[0]
+    host.run("userdel -r batch 2>/dev/null; groupdel batch 2>/dev/null; true")
+    # The docs' advice: the group first, then the user. Debian's useradd would try to make a
+    # group `batch` again (USERGROUPS_ENAB) and fail with exit 9; the engine passes -g batch.
+    role = [
+        Resource("group", "batch", {}),
+        Resource("user", "batch", {"shell": "/bin/sh", "groups": ["batch", "adm"]}),
+    ]
+    report = run_pass(host, role)
+    assert report.ok and report.changed == 2, shown(report)
+    assert out(host, "id -gn batch") == "batch"
+    assert out(host, "id -Gn batch").split() == ["batch", "adm"]
+    # `groups` naming the primary group is no change on the next pass (the host reports
+    # supplementary groups only).
+    assert_settled(host, role)
+    explicit = [role[0], Resource("user", "batch", {"group": "batch", "groups": ["adm", "batch"]})]
+    assert_settled(host, explicit)
+
+
+def test_a_service_its_package_starts_on_install_stays_stopped_and_disabled(
+    hosts: list[NspawnHost],
+) -> None:
+    host = hosts[1]
+    ensure(host, [Resource("package", "testsvc-auto", {"state": "absent"})])
+    role = [
+        Resource("package", "testsvc-auto", {}),
+        Resource("service", "testsvc-auto", {"enabled": False, "state": "stopped"}),
+    ]
+    # The facts were gathered before the package existed; its postinst enables and starts
+    # the service: the engine asks again at the service's turn and stops and disables it.
+    report = run_pass(host, role)
+    assert report.ok, shown(report)
+    assert outcomes(report)["service:testsvc-auto"].status == "changed", shown(report)
+    assert out(host, "systemctl is-active testsvc-auto || true") == "inactive"
+    assert out(host, "systemctl is-enabled testsvc-auto || true") == "disabled"
+    assert_settled(host, role)
+    ensure(host, [Resource("package", "testsvc-auto", {"state": "absent"})])
+
+
+def quiet_role(greeting: str) -> list[Resource]:
+    """A unit file with no notify, and its service."""
+    return [
+        Resource(
+            "file",
+            "/etc/systemd/system/gitops-quiet.service",
+            {"content": UNIT.format(greeting=greeting).encode()},
+        ),
+        Resource("service", "gitops-quiet", {"enabled": True, "state": "running"}),
+    ]
+
+
+def test_a_unit_file_changed_without_a_notify_is_reloaded_and_a_stale_one_is_drift(
+    hosts: list[NspawnHost],
+) -> None:
+    host = hosts[1]
+    unit_path = "/etc/systemd/system/gitops-quiet.service"
+    need_reload = "systemctl show -p NeedDaemonReload --value gitops-quiet"
+    ensure(host, quiet_role("one"))
+
+    # The file changes, the service needs no action: systemd still reads the new file.
+    report = ensure(host, quiet_role("two"))
+    assert statuses(report) == {f"file:{unit_path}": "changed", "service:gitops-quiet": "ok"}
+    assert out(host, need_reload) == "no"
+    assert "GREETING=two" in out(host, "systemctl show -p Environment --value gitops-quiet")
+    assert_settled(host, quiet_role("two"))
+
+    host.run(f"systemctl disable --now gitops-quiet; rm -f {unit_path}; systemctl daemon-reload")
+
+    # A unit file edited by hand (not managed here) leaves systemd behind: drift, put right.
+    stale_path = "/etc/systemd/system/gitops-stale.service"
+    stale = [Resource("service", "gitops-stale", {"state": "running"})]
+    (host.root / stale_path.lstrip("/")).write_text(UNIT.format(greeting="old"))
+    host.run("systemctl daemon-reload && systemctl start gitops-stale")
+    assert_settled(host, stale)
+    host.run(f"sed -i s/GREETING=old/GREETING=new/ {stale_path}")
+    stale_flag = "systemctl show -p NeedDaemonReload --value gitops-stale"
+    assert out(host, stale_flag) == "yes"
+    dry = run_pass(host, stale, apply=False)
+    assert outcomes(dry)["service:gitops-stale"].changes == (
+        "daemon-reload (its unit file changed on disk since systemd read it)",
+    ), shown(dry)
+    ensure(host, stale)
+    assert out(host, stale_flag) == "no"
+    assert "GREETING=new" in out(host, "systemctl show -p Environment --value gitops-stale")
+    assert_settled(host, stale)
+    host.run(f"systemctl stop gitops-stale; rm -f {stale_path}; systemctl daemon-reload")

@@ -619,7 +619,7 @@ def step_run(step, ctx):
     argv = step["argv"]
     user_group = step.get("user_group")
     if user_group and group_exists(user_group):
-        argv = argv[:-1] + ["-g", user_group, argv[-1]]  # useradd: join it, do not make it
+        argv = [*argv[:-1], "-g", user_group, argv[-1]]  # useradd: join it, do not make it
     code, out = ctx.run(argv, env=step.get("env"))
     if code != 0:
         raise StepError(failure(argv, code, out))

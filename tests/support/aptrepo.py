@@ -10,7 +10,8 @@ unsigned, so hosts list it as `deb [trusted=yes] file:/srv/localrepo ./`; `confi
 also empties the Debian sources inside the host so nothing there reaches for the network.
 
 A package that ships a systemd unit gets a postinst that only runs `systemctl daemon-reload`:
-it enables and starts nothing, as the agent's service resource is what must do that.
+it enables and starts nothing, as the agent's service resource is what must do that. The one
+exception, `testsvc-auto`, enables and starts its service on install, as most Debian packages do.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ class DebPackage:
     service: str | None = None
     service_name: str | None = None
     description: str = "a package built by the gitops-agent tests"
+    # Maintainer scripts by name (`postinst`, `prerm`, ...), instead of the default ones.
+    scripts: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def unit_name(self) -> str:
@@ -119,10 +122,11 @@ def build_deb(package: DebPackage, out_dir: Path) -> Path:
         conffiles = sorted(p for p in files if p.startswith("/etc/"))
         if conffiles:
             (control_dir / "conffiles").write_text("\n".join(conffiles) + "\n")
-        if package.service is not None:
-            for script in ("postinst", "postrm"):
-                (control_dir / script).write_text(_RELOAD_SCRIPT)
-                (control_dir / script).chmod(0o755)
+        scripts = dict.fromkeys(("postinst", "postrm"), _RELOAD_SCRIPT) if package.service else {}
+        scripts.update(package.scripts)
+        for script, text in scripts.items():
+            (control_dir / script).write_text(text)
+            (control_dir / script).chmod(0o755)
         deb = out_dir / package.deb_name
         _run(
             ["dpkg-deb", "--root-owner-group", "--build", str(tree), str(deb)],
@@ -183,6 +187,25 @@ def _testpkg(version: str) -> DebPackage:
     )
 
 
+# As Debian's deb-systemd-helper/invoke-rc.d do for most services: enabled and started on
+# install (the agent's service resource must still hold `enabled: false, state: stopped`).
+_AUTOSTART_POSTINST = """\
+#!/bin/sh
+set -e
+if [ -d /run/systemd/system ]; then
+    systemctl daemon-reload
+    systemctl enable testsvc-auto.service
+    systemctl start testsvc-auto.service
+fi
+exit 0
+"""
+_AUTOSTART_PRERM = """\
+#!/bin/sh
+if [ -d /run/systemd/system ]; then
+    systemctl disable --now testsvc-auto.service >/dev/null 2>&1 || true
+fi
+exit 0
+"""
 TEST_PACKAGES: tuple[DebPackage, ...] = (
     DebPackage(
         name="testpkg-lib",
@@ -197,6 +220,14 @@ TEST_PACKAGES: tuple[DebPackage, ...] = (
         files={"/usr/share/testsvc/index.html": "testsvc\n"},
         service=TESTSVC_UNIT,
         description="test package shipping a systemd service (not enabled on install)",
+    ),
+    DebPackage(
+        name="testsvc-auto",
+        depends=("python3",),
+        files={"/usr/share/testsvc/auto.html": "testsvc-auto\n"},
+        service=TESTSVC_UNIT,
+        scripts={"postinst": _AUTOSTART_POSTINST, "prerm": _AUTOSTART_PRERM},
+        description="test package shipping a systemd service it enables and starts on install",
     ),
 )
 
