@@ -483,7 +483,7 @@ def test_services_are_enabled_started_and_stopped(tmp_path: Path, systemctl: Pat
         "enable (was disabled)",
         "start (was inactive)",
     )
-    facts_call = "show -p LoadState,ActiveState,SubState,UnitFileState -- "
+    facts_call = "show -p LoadState,ActiveState,SubState,UnitFileState,NeedDaemonReload -- "
     assert calls(systemctl) == [
         facts_call + "app.service old.service backup.timer",  # one call for every service
         "enable app.service",
