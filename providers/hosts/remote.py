@@ -10,7 +10,9 @@ Two modes, one JSON document out on stdout:
   dpkg-query/rpm call for all packages, one `systemctl show` for all services; users and
   groups via pwd/grp; command guards are run here).
 - `apply`: a list of operations, each a list of steps (write, chmod, chown, mkdir, rmdir,
-  remove, symlink, run, packages, authorized_keys, command), then the notified handlers.
+  remove, symlink, run, packages, authorized_keys, command, daemon_reload, service), then a
+  `systemctl daemon-reload` if a unit file changed after the last service step, then the
+  notified handlers.
   A failing step ends its operation only; later operations still run.
 """
 
