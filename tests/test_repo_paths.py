@@ -7,6 +7,9 @@ repository that no rendering, error or message may ever contain.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,7 @@ from providers.repofiles import (
     read_bounded,
     read_repo_file,
 )
+from tests.support.infra import InfraRepo, write_host_config
 
 CANARY = "bastion-only-3f9c1e7a-canary"
 
@@ -111,8 +115,6 @@ def test_a_file_over_its_limit_is_refused_before_it_is_read(world: tuple[Path, P
 
 
 def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
-    import os
-
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(RepoFileError) as caught:
         read_bounded(tmp_path / "fifo", limit=100)
@@ -286,3 +288,76 @@ def test_a_stack_with_a_tf_file_symlinked_out_of_the_repository_is_refused(
     (repo / "stacks" / "app" / "leak.tf").unlink()
     (repo / "stacks" / "app" / "shared.tf").symlink_to(repo / "common" / "header.j2")
     assert load_manifest(repo, ManifestLimits()).units[0].stack == "stacks/app"
+
+
+# --- end to end: the issue's reproduction through the CLI ------------------------------------
+
+
+def _agent(config: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "GITOPS_AGENT_CONFIG": str(config)}
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=180,
+        check=False,
+    )
+
+
+def test_reconcile_dry_run_and_logs_never_show_a_file_a_symlink_points_to(
+    tmp_path: Path,
+) -> None:
+    bastion = tmp_path / "bastion-etc"
+    bastion.mkdir()
+    (bastion / "shadow").write_text(f"root:{CANARY}:19000::::::\n")
+    host_dir = tmp_path / "host"
+    repo = InfraRepo(tmp_path / "git")
+    repo.write("common/motd.j2", "welcome to {{ host.name }}\n")
+    repo.write("templates/evil.j2", "line one\n{% include 'shadowdir/shadow' %}\n")
+    repo.write("templates/good.j2", "{% include 'common/motd.j2' %}")
+    (repo.work / "templates" / "shadowdir").symlink_to(bastion)
+    (repo.work / "templates" / "common").symlink_to(Path("..") / "common")
+    repo.write(
+        "gitops.yaml",
+        f"""\
+        version: 1
+        units:
+          - name: web
+            fleet:
+              hosts: {{static: [{{name: bastion, address: local}}]}}
+              resources:
+                - template: {host_dir}/evil.conf
+                  source: templates/evil.j2
+                - template: {host_dir}/motd
+                  source: templates/good.j2
+        """,
+    )
+    repo.push("a template that includes a bastion file through a symlink")
+    state = tmp_path / "state"
+    config = write_host_config(
+        tmp_path / "agent.yaml",
+        repo.url,
+        state,
+        f"hosts: {{allow_local: true, python: {sys.executable}}}\n",
+    )
+    result = _agent(config, "reconcile", "--now", "--dry-run")
+    logs = _agent(config, "logs", "web")
+    seen = result.stdout + result.stderr + logs.stdout + logs.stderr
+    assert CANARY not in seen
+    everything = [p.read_bytes() for p in state.rglob("*") if p.is_file()]
+    assert not any(CANARY.encode() in data for data in everything)
+    expected = "templates/evil.j2:2: template 'shadowdir/shadow' resolves outside the repository"
+    assert expected in seen, seen
+    assert not host_dir.exists()  # a dry run, and the host failed before anything
+    # Without the bad template, the include through a symlink inside the repository works.
+    text = (repo.work / "gitops.yaml").read_text()
+    text = text.replace(
+        f"        - template: {host_dir}/evil.conf\n          source: templates/evil.j2\n",
+        f"        - directory: {host_dir}\n",
+    )
+    (repo.work / "gitops.yaml").write_text(text)
+    repo.push("only the good template")
+    result = _agent(config, "reconcile", "--now")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (host_dir / "motd").read_text() == "welcome to bastion\n"
