@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 
 from providers.errors import RepoFileError, TemplateRenderError
@@ -197,3 +198,18 @@ def render_string(text: str, variables: Mapping[str, Any], *, display_name: str)
         raise TemplateRenderError(
             f"{display_name}: {type(exc).__name__}: {exc}", template=display_name
         ) from None
+
+
+def reads_variable(text: str, name: str) -> bool:
+    """True when the inline template `text` reads the variable `name` at all (`{{ name.x }}`,
+    `{{ name['x'] | upper }}`, `{% set y = name %}{{ y }}`...): anything derived from
+    it has to start from its name. A text Jinja cannot parse counts when it mentions
+    `name` (its render fails anyway, but validation must not let it through)."""
+    if "{" not in text:
+        return False
+    environment = SandboxedEnvironment()
+    try:
+        parsed = environment.parse(text)
+    except jinja2.TemplateSyntaxError:
+        return name in text
+    return name in jinja2.meta.find_undeclared_variables(parsed)
