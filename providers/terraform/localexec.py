@@ -20,6 +20,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from providers.errors import RepoFileError
 from providers.repofiles import MAX_MANIFEST_BYTES, read_bounded
@@ -83,7 +84,7 @@ def classify(text: str) -> str:
     """One letter per character of `text`: code, literal text, or comment."""
     kinds = [CODE] * len(text)
     # Frames: ("str",) a quoted string, ("heredoc", TERMINATOR), ("interp", brace depth).
-    stack: list[list] = []
+    stack: list[list[Any]] = []
     i, n = 0, len(text)
     while i < n:
         frame = stack[-1] if stack else None
