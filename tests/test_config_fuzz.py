@@ -130,42 +130,16 @@ _KEYS = sorted(
         *("notify", "state", "service", "action", "output", "unit", "address", "poll"),
     }
 )
+_WORDS = ["1", "stacks/base", "stacks/escape", "../etc", "/etc/passwd", "5m", "0s", "-1s"]
+_WORDS += ["templates/app.conf.j2", "revert", "base", "app", "web1", "local", "0644", "9999"]
+_WORDS += ["vault:kv/prod/db#password", "file:/etc/gitops-agent/x", "{{ secrets.x }}", "{{"]
+_WORDS += ["{% include 'x' %}", "ssh://h/x", "git@h:x", "file:///x", "-x", "\x00", "*"]
 _SCALARS = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(),
-    st.sampled_from(
-        [
-            "1",
-            "stacks/base",
-            "stacks/escape",
-            "../etc",
-            "/etc/passwd",
-            "templates/app.conf.j2",
-            "5m",
-            "0s",
-            "-1s",
-            "revert",
-            "base",
-            "app",
-            "web1",
-            "local",
-            "0644",
-            "9999",
-            "vault:kv/prod/db#password",
-            "file:/etc/gitops-agent/x",
-            "{{ secrets.x }}",
-            "{% include 'x' %}",
-            "{{",
-            "ssh://h/x",
-            "git@h:x",
-            "file:///x",
-            "-x",
-            "\x00",
-            "*",
-        ]
-    ),  # fmt: skip
+    st.sampled_from(_WORDS),
     st.text(max_size=12),
 )
 _VALUES = st.recursive(
@@ -214,13 +188,13 @@ def _mutate_text(text: str, edits: list[tuple[str, int, int, str]]) -> str:
         elif op == "delete":
             text = text[:at] + text[at + length :]
         elif op == "duplicate-line":
-            text = "".join(lines[: row + 1] + [lines[row]] + lines[row + 1 :])
+            text = "".join([*lines[: row + 1], lines[row], *lines[row + 1 :]])
         elif op == "drop-line":
             text = "".join(lines[:row] + lines[row + 1 :])
         elif op == "truncate":
             text = text[:at]
         else:
-            text = "".join(lines[:row] + ["  " + lines[row]] + lines[row + 1 :])
+            text = "".join([*lines[:row], "  " + lines[row], *lines[row + 1 :]])
     return text
 
 

@@ -361,3 +361,19 @@ def test_reconcile_dry_run_and_logs_never_show_a_file_a_symlink_points_to(
     result = _agent(config, "reconcile", "--now")
     assert result.returncode == 0, result.stdout + result.stderr
     assert (host_dir / "motd").read_text() == "welcome to bastion\n"
+
+
+def test_a_cached_include_is_checked_again_when_its_symlink_moves(
+    world: tuple[Path, Path],
+) -> None:
+    """Compiled templates are kept between passes; a new revision that repoints a
+    symlink from inside the repository to a bastion file must not reuse the old one."""
+    repo, etc = world
+    link = repo / "templates" / "part.j2"
+    link.symlink_to(repo / "common" / "header.j2")
+    assert _render(repo, "site.j2", "{% include 'part.j2' %}") == "# managed by gitops-agent\n"
+    link.unlink()
+    link.symlink_to(etc / "shadow")
+    with pytest.raises(TemplateRenderError) as caught:
+        _render(repo, "site.j2", "{% include 'part.j2' %}")
+    assert "template 'part.j2' resolves outside the repository" in str(caught.value)

@@ -75,8 +75,14 @@ class _Loader(jinja2.BaseLoader):
         filename = str(candidate)
         # Stamped after reading, as Jinja does: the agent never rewrites its checkout
         # while a pass renders, so the text and the stamp belong together.
+        # A new revision may point a symlink elsewhere without touching the old target:
+        # the cached template is stale then too (and the new target is checked again).
         stamp = _stamp(str(resolved))
-        return source, filename, lambda: _stamp(str(resolved)) == stamp
+        return (
+            source,
+            filename,
+            lambda: os.path.realpath(candidate) == str(resolved) and _stamp(str(resolved)) == stamp,
+        )
 
 
 def _stamp(filename: str) -> tuple[int, int, int] | None:
