@@ -286,6 +286,11 @@ def test_a_stack_with_a_tf_file_symlinked_out_of_the_repository_is_refused(
         " got 'stacks/app' (leak.tf is a symlink out of the repository)"
     )
     (repo / "stacks" / "app" / "leak.tf").unlink()
+    (repo / "stacks" / "app" / ".terraform.lock.hcl").symlink_to(etc / "shadow")
+    with pytest.raises(ConfigError) as caught:
+        load_manifest(repo, ManifestLimits())
+    assert "(.terraform.lock.hcl is a symlink out of the repository)" in caught.value.message
+    (repo / "stacks" / "app" / ".terraform.lock.hcl").unlink()
     (repo / "stacks" / "app" / "shared.tf").symlink_to(repo / "common" / "header.j2")
     assert load_manifest(repo, ManifestLimits()).units[0].stack == "stacks/app"
 

@@ -48,6 +48,7 @@ UNIT_KEYS = (
     "labels",
 )
 _HINT = "see docs/manifest.md for every key of gitops.yaml"
+_TERRAFORM_READS = (".tf", ".tf.json", ".tfvars", ".tfvars.json", ".terraform.lock.hcl")
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 _NO_SECRETS: Mapping[str, SecretRef] = MappingProxyType({})
 
@@ -534,8 +535,9 @@ def _is_under(relative: str, allowed: str) -> bool:
 def _stack_problem(directory: Path, root: Path) -> str | None:
     """Why `directory` cannot be a Terraform root module, or None.
 
-    A *.tf file that is a symlink out of the repository is refused: Terraform would read
-    (and quote in its diagnostics) a file of the bastion.
+    A file Terraform reads there (`*.tf`, `*.tf.json`, `*.tfvars`, the lock file) that is a
+    symlink out of the repository is refused: Terraform would read (and quote in its
+    diagnostics) a file of the bastion.
     """
     try:
         if not directory.exists():
@@ -543,7 +545,7 @@ def _stack_problem(directory: Path, root: Path) -> str | None:
         if not directory.is_dir():
             return "not a directory"
         with os.scandir(directory) as scan:
-            entries = [e for e in scan if e.name.endswith((".tf", ".tf.json", ".tfvars"))]
+            entries = [e for e in scan if e.name.endswith(_TERRAFORM_READS)]
         for entry in sorted(entries, key=lambda e: e.name):
             if entry.is_symlink():
                 try:
