@@ -32,10 +32,11 @@ from agent.redact import Redactor
 from agent.stacks import StackContext
 from agent.store import RunStore, UnitOutcome, UnitStatus
 from agent.unitrun import run_unit
-from providers.errors import ProviderError
+from providers.errors import ProviderError, RepoFileError
 from providers.hosts.engine import converge
 from providers.hosts.model import Handler, HostReport, Resource
 from providers.hosts.templates import render_string, render_template
+from providers.repofiles import MAX_SOURCE_BYTES, read_repo_file
 from providers.transport import LocalTransport, Transport
 from providers.transport.ssh import SSHSettings, SSHTarget, SSHTransport
 
@@ -54,6 +55,10 @@ class FleetError(AgentError):
     """A fleet could not be set up (hosts from a stack output, a missing SSH config)."""
 
     reference = "fleet-failed"
+
+
+class CommandLineSecretError(FleetError):
+    """A rendered command line holds a secret value (refused before it reaches a host)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,7 +178,7 @@ class FleetReconciler:
         try:
             for item in _last_wins(specs):
                 resources.append(self._resource(ctx, item, variables))
-        except (ProviderError, OSError) as exc:
+        except (ProviderError, CommandLineSecretError, OSError) as exc:
             return PlannedHost(spec, (), {}, error=f"{spec.name}: {exc}")
         wanted = {r.id for r in resources}
         for kind, name in self._previous(unit.name, spec.name):
@@ -218,10 +223,18 @@ class FleetReconciler:
                 ctx.tree / source,
                 {**variables, **plain_value(attrs.pop("vars", {}))},
                 display_name=source,
+                root=ctx.tree,
             )
             attrs["content"] = text.encode()
         elif item.kind == "file" and "source" in attrs:
-            attrs["content"] = (ctx.tree / attrs.pop("source")).read_bytes()
+            try:
+                attrs["content"] = read_repo_file(
+                    ctx.tree, attrs.pop("source"), limit=MAX_SOURCE_BYTES
+                )
+            except RepoFileError as exc:
+                raise RepoFileError(
+                    f"{where}.source: {exc.path}", exc.reason, kind=exc.kind
+                ) from None
         elif item.kind == "file" and "content" in attrs:
             attrs["content"] = str(attrs["content"]).encode()
         if item.kind == "command":
@@ -231,6 +244,16 @@ class FleetReconciler:
                 if attrs.get(key) is not None:
                     name = where if key == "command" else f"{where}.{key}"
                     attrs[key] = render_string(attrs[key], variables, display_name=name)
+                    # Validation refuses `secrets` in command lines; this catches a value that
+                    # reached one another way (a var equal to a secret): /proc/PID/cmdline is
+                    # public.
+                    if self.redactor.redact(attrs[key]) != attrs[key]:
+                        field = "run" if key == "command" else key
+                        raise CommandLineSecretError(
+                            f"{where}.{field}: the command line would hold a secret value, which"
+                            " every user of the host can read in /proc/PID/cmdline; pass it in"
+                            " env:"
+                        )
             attrs["env"] = {
                 key: render_string(value, variables, display_name=f"{where}.env.{key}")
                 for key, value in dict(attrs.get("env") or {}).items()

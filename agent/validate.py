@@ -14,6 +14,7 @@ from typing import Any
 
 from agent.config import (
     ManifestLimits,
+    Unit,
     load_host_config,
     load_manifest,
     resolve_host_config_path,
@@ -21,6 +22,7 @@ from agent.config import (
 from agent.errors import AgentError, ConfigError
 from providers.errors import ProviderError
 from providers.terraform import find_terraform
+from providers.terraform.localexec import local_exec_uses
 from providers.terraform.offline_validate import validate_offline
 
 
@@ -68,6 +70,7 @@ def validate_repo(repo_dir: Path, *, config_path: str | None = None) -> Validati
         report.errors.extend(exc.message.splitlines())
         return report
     report.units = [u.name for u in manifest.units]
+    report.warnings.extend(_secrets_in_local_exec(repo_dir.resolve(), manifest.units))
     try:
         binary = find_terraform(binary_name)
     except ProviderError as exc:
@@ -83,3 +86,21 @@ def validate_repo(repo_dir: Path, *, config_path: str | None = None) -> Validati
             target = report.errors if diag.severity == "error" else report.warnings
             target.append(f"unit {unit.name}: {diag.render(unit.stack)}")
     return report
+
+
+def _secrets_in_local_exec(repo: Path, units: tuple[Unit, ...]) -> list[str]:
+    """A warning for each secret variable written into a `local-exec` command line, where
+    every user of the bastion can read it (/proc/PID/cmdline)."""
+    warnings = []
+    for unit in units:
+        if not unit.stack or not unit.secrets:
+            continue
+        for use in local_exec_uses(repo / unit.stack, unit.secrets):
+            warnings.append(
+                f"unit {unit.name}: {unit.stack}/{use.filename}:{use.line}: warning:"
+                f" var.{use.variable} holds a secret ({unit.secrets[use.variable]}) and is"
+                " written into a local-exec command line, which every user of the bastion"
+                " can read in /proc/PID/cmdline; pass it with"
+                f' environment = {{ NAME = var.{use.variable} }} and use "$NAME" in the command'
+            )
+    return warnings

@@ -164,3 +164,17 @@ class PrivilegeEscalationError(TransportError):
     """`become` failed: `sudo -n` needs a password for the login user, or sudo is missing.
     Never retryable: a person has to grant passwordless sudo or change the login user.
     """
+
+
+class RepoFileError(ProviderError):
+    """A file the repository names cannot be read: it resolves (after symlinks) outside the
+    repository checkout, does not exist, is not a regular file, or is larger than its limit.
+    The message names the path as the repository wrote it, never the content.
+    `kind` is one of outside, missing, not-a-file, too-large, unreadable.
+    """
+
+    def __init__(self, path: str, reason: str, *, kind: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+        self.kind = kind

@@ -31,6 +31,7 @@ from types import MappingProxyType
 from typing import Any
 
 from agent.config.yamlnodes import INVALID, Fields, Value
+from providers.hosts.templates import reads_variable
 
 KINDS = ("file", "template", "directory", "link", "package", "service", "user", "group", "command")
 HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -79,6 +80,8 @@ KIND_ATTRS: Mapping[str, Mapping[str, str]] = {
 _NO_STATE = ("command",)  # no state at all
 _STATES: Mapping[str, tuple[str, ...]] = {"service": ("running", "stopped")}
 _PATH_KINDS = ("file", "template", "directory", "link")
+# Command fields that end up in an argv (the shell text, its guards) or a path.
+_COMMAND_LINE_KEYS = ("run", "unless", "onlyif", "creates", "cwd")
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +377,8 @@ class FleetReader:
                     f"unknown key for a {kind}; expected one of {known}",
                 )
                 ok = False
+        if kind == "command":
+            ok = self._no_secret_in_command_line(fields, attrs) and ok
         ok = ok and self._complete(kind, attrs, value)
         if not ok:
             return None
@@ -421,6 +426,24 @@ class FleetReader:
             relative = self.check_source(item)
             return INVALID if relative is None else relative
         raise AssertionError(reader)
+
+    @staticmethod
+    def _no_secret_in_command_line(fields: Fields, attrs: Mapping[str, Any]) -> bool:
+        """A command line is readable by every user of the host (/proc/PID/cmdline): a
+        secret may reach a command through `env:` only, which travels on stdin."""
+        ok = True
+        for key in _COMMAND_LINE_KEYS:
+            text = attrs.get(key)
+            if isinstance(text, str) and reads_variable(text, "secrets"):
+                fields.value.problems.note(
+                    fields.key_lines[key],
+                    f"{fields.value.path}.{key}",
+                    "a secret must not be part of a command line (every user of the host can"
+                    ' read it in /proc/PID/cmdline); pass it in env: (TOKEN: "{{ secrets.x }}")'
+                    ' and use "$TOKEN" in the command',
+                )
+                ok = False
+        return ok
 
     def _complete(self, kind: str, attrs: dict[str, Any], value: Value) -> bool:
         """Per-kind rules that involve several keys."""

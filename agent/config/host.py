@@ -27,7 +27,9 @@ from agent.config.service import (
 from agent.config.ssh import HostsConfig, read_hosts
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
+from providers.errors import RepoFileError
 from providers.git_verify import SigningPolicy
+from providers.repofiles import MAX_HOST_CONFIG_BYTES, format_size, read_bounded
 
 DEFAULT_HOST_CONFIG_PATH = Path("/etc/gitops-agent/agent.yaml")
 CONFIG_ENV_VAR = "GITOPS_AGENT_CONFIG"
@@ -132,16 +134,23 @@ def load_host_config(path: Path) -> HostConfig:
     the file's directory. Raises ConfigError (a missing file names how to point elsewhere).
     """
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
+        # Bounded: a host config is short; a huge file is a mistake refused before parsing.
+        data = read_bounded(path, limit=MAX_HOST_CONFIG_BYTES)
+    except RepoFileError as exc:
+        if exc.kind == "missing":
+            raise ConfigError(
+                f"{path}: expected a host config file; got no such file",
+                hint=f"write one (see docs/host-config.md) or point elsewhere with "
+                f"--config PATH or {CONFIG_ENV_VAR}=PATH",
+            ) from None
+        if exc.kind == "too-large":
+            raise ConfigError(
+                f"{path}:1: (file): the host config has more than"
+                f" {format_size(MAX_HOST_CONFIG_BYTES)} (the limit)",
+                hint="a host config is a short YAML file; check the path",
+            ) from None
         raise ConfigError(
-            f"{path}: expected a host config file; got no such file",
-            hint=f"write one (see docs/host-config.md) or point elsewhere with "
-            f"--config PATH or {CONFIG_ENV_VAR}=PATH",
-        ) from None
-    except OSError as exc:
-        raise ConfigError(
-            f"{path}: expected a readable host config file; got {exc.strerror or exc}",
+            f"{path}: expected a readable host config file; got {exc.reason}",
             hint=f"point elsewhere with --config PATH or {CONFIG_ENV_VAR}=PATH",
         ) from None
     filename = str(path)

@@ -24,6 +24,8 @@ from agent.config import graph
 from agent.config.fleet import Fleet, FleetReader, HandlerSpec, HostsFromStack, ResourceSpec
 from agent.config.yamlnodes import INVALID, Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
+from providers.errors import RepoFileError
+from providers.repofiles import MAX_MANIFEST_BYTES, MAX_SOURCE_BYTES, format_size, read_repo_file
 from providers.secrets.refs import SecretRef, SecretRefError, parse_ref, ref_allowed
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ UNIT_KEYS = (
     "labels",
 )
 _HINT = "see docs/manifest.md for every key of gitops.yaml"
+_TERRAFORM_READS = (".tf", ".tf.json", ".tfvars", ".tfvars.json", ".terraform.lock.hcl")
 _NO_LABELS: Mapping[str, str] = MappingProxyType({})
 _NO_SECRETS: Mapping[str, SecretRef] = MappingProxyType({})
 
@@ -156,18 +159,25 @@ class Manifest:
 
 def load_manifest(repo_dir: Path, limits: ManifestLimits) -> Manifest:
     """Read and validate `repo_dir/gitops.yaml`. Raises ConfigError."""
-    path = repo_dir / MANIFEST_FILENAME
+    # Read like every other file the repository names: a gitops.yaml that is a symlink
+    # out of the checkout is refused, and a huge one is refused before it is parsed.
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{MANIFEST_FILENAME}: expected a manifest at the repository root; got no such file",
-            hint=f"add {MANIFEST_FILENAME} (see docs/manifest.md) to the branch the agent follows",
-        ) from None
-    except OSError as exc:
-        raise ConfigError(
-            f"{MANIFEST_FILENAME}: expected a readable file; got {exc.strerror or exc}"
-        ) from None
+        data = read_repo_file(repo_dir, MANIFEST_FILENAME, limit=MAX_MANIFEST_BYTES)
+    except RepoFileError as exc:
+        if exc.kind == "missing":
+            raise ConfigError(
+                f"{MANIFEST_FILENAME}: expected a manifest at the repository root;"
+                " got no such file",
+                hint=f"add {MANIFEST_FILENAME} (see docs/manifest.md) to the branch the agent"
+                " follows",
+            ) from None
+        if exc.kind == "too-large":
+            raise ConfigError(
+                f"{MANIFEST_FILENAME}:1: (file): {exc.reason}",
+                hint=f"a manifest is at most {format_size(MAX_MANIFEST_BYTES)}; split big"
+                " values into files (templates, file sources) of the repository",
+            ) from None
+        raise ConfigError(f"{MANIFEST_FILENAME}:1: (file): {exc.reason}") from None
     return parse_manifest(decode(data, MANIFEST_FILENAME), MANIFEST_FILENAME, repo_dir, limits)
 
 
@@ -336,6 +346,15 @@ class _ManifestReader:
             return value.fail(self._under_message(), quote(text))
         if not resolved.is_file():
             return value.fail("a file of the repository", f"{quote(text)} (no such file)")
+        try:
+            size = resolved.stat().st_size
+        except OSError as exc:
+            return value.fail("a readable file", f"{quote(text)} ({exc.strerror})")
+        if size > MAX_SOURCE_BYTES:
+            return value.fail(
+                f"a file of at most {format_size(MAX_SOURCE_BYTES)}",
+                f"{quote(text)} ({size} bytes)",
+            )
         return relative
 
     def _under_message(self) -> str:
@@ -365,7 +384,7 @@ class _ManifestReader:
         if not any(_is_under(relative, allowed) for allowed in self.allowed):
             via = "" if relative == posixpath.normpath(text) else f" (resolves to {relative!r})"
             return value.fail(self._under_message(), quote(text) + via)
-        problem = _stack_problem(resolved)
+        problem = _stack_problem(resolved, self.root)
         if problem:
             return value.fail("a directory holding *.tf files", f"{quote(text)} ({problem})")
         return relative
@@ -513,18 +532,30 @@ def _is_under(relative: str, allowed: str) -> bool:
     return allowed == "." or relative == allowed or relative.startswith(allowed + "/")
 
 
-def _stack_problem(directory: Path) -> str | None:
-    """Why `directory` cannot be a Terraform root module, or None."""
+def _stack_problem(directory: Path, root: Path) -> str | None:
+    """Why `directory` cannot be a Terraform root module, or None.
+
+    A file Terraform reads there (`*.tf`, `*.tf.json`, `*.tfvars`, the lock file) that is a
+    symlink out of the repository is refused: Terraform would read (and quote in its
+    diagnostics) a file of the bastion.
+    """
     try:
         if not directory.exists():
             return "no such directory"
         if not directory.is_dir():
             return "not a directory"
-        with os.scandir(directory) as entries:
-            if not any(
-                entry.name.endswith((".tf", ".tf.json")) and entry.is_file() for entry in entries
-            ):
-                return "no *.tf files in it"
+        with os.scandir(directory) as scan:
+            entries = [e for e in scan if e.name.endswith(_TERRAFORM_READS)]
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.is_symlink():
+                try:
+                    inside = Path(entry.path).resolve(strict=True).is_relative_to(root)
+                except (OSError, RuntimeError):
+                    return f"{entry.name} is a broken symlink"
+                if not inside:
+                    return f"{entry.name} is a symlink out of the repository"
+        if not any(e.name.endswith((".tf", ".tf.json")) and e.is_file() for e in entries):
+            return "no *.tf files in it"
     except OSError as exc:
         return exc.strerror or "unreadable"
     return None

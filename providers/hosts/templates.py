@@ -3,8 +3,10 @@
 Strict: an undefined variable is an error, never an empty string. Trailing newlines are
 kept and nothing is HTML-escaped (these are config files). Templates run in Jinja's
 sandbox: a template from a pull request cannot reach Python internals (`__class__`...)
-to read the agent's memory. `{% include %}` and `{% import %}` resolve in the template's
-own directory and below.
+to read the agent's memory. `{% include %}`, `{% import %}` and `{% extends %}` resolve in
+the template's own directory and below, and every template file, once its symlinks are
+followed, must be inside the repository checkout (`root`) and at most
+`MAX_TEMPLATE_BYTES`: a pull request cannot include `/etc/shadow` through a symlink.
 
 Compiled templates are kept between calls (one environment per template directory), so
 a fleet of N hosts compiles each template once, not N times: compiling a template takes
@@ -22,24 +24,65 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.sandbox import SandboxedEnvironment
 
-from providers.errors import TemplateRenderError
+from providers.errors import RepoFileError, TemplateRenderError
+from providers.repofiles import MAX_TEMPLATE_BYTES, confine, read_bounded
 
 
-class _Loader(jinja2.FileSystemLoader):
-    """Jinja's file loader, whose cached template is stale as soon as its file's mtime,
-    size or inode differ (Jinja's own check compares the float mtime only)."""
+class TemplateRefused(jinja2.TemplateError):
+    """A template file the loader will not read: outside the repository once its symlinks
+    are followed, or too large. Not a TemplateNotFound, so `ignore missing` cannot hide it."""
+
+
+class _Loader(jinja2.BaseLoader):
+    """Loads templates from one directory of the repository checkout.
+
+    Every file is resolved (symlinks followed) and must lie inside `root`; it is read with
+    a size limit. A cached template is stale as soon as its file's mtime, size or inode
+    differ (Jinja's own check compares the float mtime only).
+    """
+
+    def __init__(self, directory: str, root: str) -> None:
+        self.directory = Path(directory)
+        self.root = Path(root)
 
     def get_source(
         self, environment: jinja2.Environment, template: str
     ) -> tuple[str, str, Callable[[], bool]]:
-        source, filename, _ = super().get_source(environment, template)
-        assert filename is not None  # a file loader always knows the file
+        # Jinja's own splitting: refuses `..`, drops empty and `.` parts.
+        pieces = jinja2.loaders.split_template_path(template)
+        candidate = self.directory.joinpath(*pieces)
+        try:
+            resolved = confine(self.root, candidate)
+            data = read_bounded(resolved, limit=MAX_TEMPLATE_BYTES, shown=template, follow=False)
+        except RepoFileError as exc:
+            if exc.kind in ("missing", "not-a-file"):
+                raise jinja2.TemplateNotFound(template) from None
+            if exc.kind == "outside":
+                raise TemplateRefused(
+                    f"template {template!r} resolves outside the repository (a symlink?);"
+                    " templates can only read files of the repository"
+                ) from None
+            raise TemplateRefused(f"template {exc}") from None
+        try:
+            source = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise TemplateRefused(f"template {template!r} is not UTF-8 text") from None
+        # The name Jinja knows (and tracebacks show) is the path inside the directory, not
+        # the symlink's target: messages name the file the repository wrote.
+        filename = str(candidate)
         # Stamped after reading, as Jinja does: the agent never rewrites its checkout
         # while a pass renders, so the text and the stamp belong together.
-        stamp = _stamp(filename)
-        return source, filename, lambda: _stamp(filename) == stamp
+        # A new revision may point a symlink elsewhere without touching the old target:
+        # the cached template is stale then too (and the new target is checked again).
+        stamp = _stamp(str(resolved))
+        return (
+            source,
+            filename,
+            lambda: os.path.realpath(candidate) == str(resolved) and _stamp(str(resolved)) == stamp,
+        )
 
 
 def _stamp(filename: str) -> tuple[int, int, int] | None:
@@ -51,11 +94,11 @@ def _stamp(filename: str) -> tuple[int, int, int] | None:
 
 
 @functools.lru_cache(maxsize=32)
-def _environment(directory: str) -> SandboxedEnvironment:
+def _environment(directory: str, root: str) -> SandboxedEnvironment:
     """The environment of one template directory, shared by every call (and thread: Jinja
     environments are safe to share) so that its template cache is used."""
     return SandboxedEnvironment(
-        loader=_Loader(directory),
+        loader=_Loader(directory, root),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
         autoescape=False,
@@ -67,8 +110,10 @@ def _display(filename: str | None, path: Path, display_name: str) -> str:
     """A template file as the user knows it: relative to the repo, like `display_name`."""
     if filename is None:
         return display_name
+    # The loader names files by their place in the template directory (never a symlink's
+    # target), so a lexical comparison is right.
     try:
-        relative = Path(filename).resolve().relative_to(path.parent.resolve())
+        relative = Path(filename).relative_to(path.parent)
     except ValueError:
         return filename
     return str(PurePosixPath(display_name).parent / PurePosixPath(*relative.parts))
@@ -80,23 +125,26 @@ def _template_frames(exc: BaseException, path: Path) -> list[tuple[str, int]]:
     Jinja rewrites tracebacks so that template code appears as frames whose filename is
     the template file and whose line is the template's line.
     """
-    root = path.parent.resolve()
     frames = []
     for frame in traceback.extract_tb(exc.__traceback__):
         candidate = Path(frame.filename)
-        if candidate.suffix != ".py" and candidate.resolve().is_relative_to(root):
+        if candidate.suffix != ".py" and candidate.is_relative_to(path.parent):
             frames.append((frame.filename, frame.lineno or 0))
     return frames
 
 
-def render_template(path: Path, variables: Mapping[str, Any], *, display_name: str) -> str:
+def render_template(
+    path: Path, variables: Mapping[str, Any], *, display_name: str, root: Path | None = None
+) -> str:
     """Render the template at `path` with `variables`.
 
     `display_name` is the path users know (repo-relative, `templates/nginx.conf.j2`);
     every error names it and the line: `templates/nginx.conf.j2:7: 'workers' is
-    undefined`. Raises TemplateRenderError.
+    undefined`. `root` is the repository checkout: the template and everything it
+    includes must resolve inside it (default: the template's own directory).
+    Raises TemplateRenderError.
     """
-    environment = _environment(str(path.parent))
+    environment = _environment(str(path.parent), str(root if root is not None else path.parent))
     try:
         template = environment.get_template(path.name)
     except jinja2.TemplateSyntaxError as exc:
@@ -107,10 +155,9 @@ def render_template(path: Path, variables: Mapping[str, Any], *, display_name: s
         raise TemplateRenderError(
             f"{display_name}: cannot read the template: no such file", template=display_name
         ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+    except TemplateRefused as exc:
         raise TemplateRenderError(
-            f"{display_name}: cannot read the template: {reason}", template=display_name
+            f"{display_name}: cannot read the template: {exc.message}", template=display_name
         ) from None
     try:
         return template.render(**variables)
@@ -157,3 +204,18 @@ def render_string(text: str, variables: Mapping[str, Any], *, display_name: str)
         raise TemplateRenderError(
             f"{display_name}: {type(exc).__name__}: {exc}", template=display_name
         ) from None
+
+
+def reads_variable(text: str, name: str) -> bool:
+    """True when the inline template `text` reads the variable `name` at all (`{{ name.x }}`,
+    `{{ name['x'] | upper }}`, `{% set y = name %}{{ y }}`...): anything derived from
+    it has to start from its name. A text Jinja cannot parse counts when it mentions
+    `name` (its render fails anyway, but validation must not let it through)."""
+    if "{" not in text:
+        return False
+    environment = SandboxedEnvironment()
+    try:
+        parsed = environment.parse(text)
+    except jinja2.TemplateSyntaxError:
+        return name in text
+    return name in jinja2.meta.find_undeclared_variables(parsed)
