@@ -1,0 +1,150 @@
+"""What the docs quote is what the product prints: error messages, log lines, /healthz.
+
+Each test reads the block marked `<!-- output: ID -->` in the page (tests/support/
+docblocks.py) and makes the product print it: the same input the page implies, the real
+parser, notifier, formatter or daemon. A page that drifts from the product fails here,
+naming the page and line. No mocks: real HTTP on 127.0.0.1, a real `agent run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import pytest
+
+from agent.config import ConfigValidationError, ManifestLimits, parse_host_config, parse_manifest
+from agent.logfmt import JournalFormatter
+from agent.notify import Event, NotificationSink, Notifier
+from agent.redact import Redactor
+from tests.support.docblocks import ROOT, Block, block
+from tests.test_config_resources import manifest
+from tests.test_daemon import AgentProcess, file_stack, wait_for
+from tests.test_notify import Receiver
+
+
+def lines(documented: Block) -> list[str]:
+    return [line for line in documented.text.splitlines() if line.strip()]
+
+
+def pattern(quoted: str, wildcards: dict[str, str]) -> str:
+    """A regular expression for a quoted line: each key of `wildcards` (a volatile part of
+    the example: a revision, a run id) becomes its regular expression, the rest literal."""
+    parts = re.split("(" + "|".join(re.escape(k) for k in wildcards) + ")", quoted)
+    return "".join(wildcards[p] if p in wildcards else re.escape(p) for p in parts)
+
+
+RUN_ID = r"r-\d{8}T\d{6}-[0-9a-f]{4}"
+
+
+def errors_of(parse: object, *args: object) -> list[str]:
+    with pytest.raises(ConfigValidationError) as caught:
+        parse(*args)  # type: ignore[operator]
+    return caught.value.errors
+
+
+def test_host_config_errors(tmp_path: Path) -> None:
+    documented = block("output", "host-config-errors")
+    text = (
+        "policy:\n  destroy: never\nstate_dir: /var/lib/gitops-agent\n# the repository\n"
+        "repo:\n  url: git@git.example.com:platform/infra.git\n  brnch: main\n"
+    )
+    found = errors_of(parse_host_config, text, "/etc/gitops-agent/agent.yaml", tmp_path)
+    assert found == lines(documented), documented.where
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    for stack in ("network", "web", "base"):
+        (tmp_path / "stacks" / stack).mkdir(parents=True)
+        (tmp_path / "stacks" / stack / "main.tf").write_text("# a stack\n")
+    return tmp_path
+
+
+def test_manifest_errors(repo: Path) -> None:
+    documented = block("output", "manifest-errors")
+    text = (
+        "version: 1\nunits:\n  - name: web\n    stack: stacks/web\n    depends_on: [db]\n"
+        "    drift: sometimes\n  - name: Base\n    stack: ../base\n    timeout: forever\n"
+    )
+    limits = ManifestLimits(allowed_paths=("stacks",))
+    assert errors_of(parse_manifest, text, "gitops.yaml", repo, limits) == lines(documented), (
+        documented.where
+    )
+
+
+def test_manifest_cycle(repo: Path) -> None:
+    documented = block("output", "manifest-cycle")
+    text = "version: 1\nunits:\n" + "".join(
+        f"  - name: {name}\n    stack: stacks/{name}\n    depends_on: [{after}]\n"
+        for name, after in (("network", "web"), ("web", "base"), ("base", "network"))
+    )
+    found = errors_of(parse_manifest, text, "gitops.yaml", repo, ManifestLimits())
+    assert found == lines(documented), documented.where
+
+
+def test_a_misspelt_resource_kind(repo: Path) -> None:
+    documented = block("output", "resource-kind-misspelt")
+    found = errors_of(
+        parse_manifest, manifest("- dirctory: /x\n"), "gitops.yaml", repo, ManifestLimits()
+    )
+    assert found == lines(documented), documented.where
+
+
+def test_a_notification_given_up_is_logged_as_the_page_shows(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    documented = block("output", "notify-given-up")
+    quoted = next(line for line in lines(documented) if "HTTP 404" in line).strip()
+    receiver = Receiver(default=(404, {}, b"channel_not_found"))
+    try:
+        sink = NotificationSink(kind="slack", url=receiver.url(), events=frozenset({"drift"}))
+        notifier = Notifier([sink], Redactor(), backoff_s=0.01)
+        notifier.start()
+        notifier.send(Event("drift", "web", "r-20260312T104502-77c1", "0" * 40, "drift found"))
+        wait_for(lambda: notifier.stats()[0].failed == 1, what="the notification given up")
+        notifier.stop(5)
+    finally:
+        receiver.close()
+    [record] = [r for r in caplog.records if r.levelno == logging.WARNING]
+    printed = JournalFormatter(journal=True).format(record)  # what journalctl shows
+    printed = re.sub(r"^<\d>", "", printed)
+    expected = pattern(quoted, {"hooks.slack.com": r"127\.0\.0\.1:\d+", "in 0.2s": r"in \d+\.\ds"})
+    assert re.fullmatch(expected, printed), f"{documented.where}: the agent logs\n{printed}"
+
+
+def test_healthz_and_an_unknown_unit_under_intervals(tmp_path: Path) -> None:
+    """/healthz as docs/webhooks.md shows it; the warning of docs/host-config.md at start."""
+    health_doc = block("output", "healthz")
+    warning_doc = block("output", "unknown-unit-warning")
+    agent = AgentProcess(tmp_path, units="nosuchunit: {drift: 1h}")
+    motd = tmp_path / "managed" / "motd.txt"
+    agent.repo.write("stacks/app/main.tf", file_stack(motd, "hello"))
+    agent.repo.write("gitops.yaml", "version: 1\nunits:\n  - {name: app, stack: stacks/app}\n")
+    head = agent.repo.push("seed")
+    try:
+        agent.start()  # returns after the first pass succeeded
+        status, health = agent.request("GET", "/healthz")
+        log = agent.new_log()
+    finally:
+        agent.kill()
+    assert status == 200
+    wildcards = {"6113728f27ae": head[:12], "r-20261123T091502-3f9a": RUN_ID, "2 units": "1 units"}
+    expected = [pattern(line, wildcards) for line in lines(health_doc)]
+    got = health.splitlines()
+    assert len(got) == len(expected) and all(map(re.fullmatch, expected, got)), (
+        f"{health_doc.where}: /healthz answered\n{health}"
+    )
+    [quoted] = lines(warning_doc)
+    warning = pattern(quoted, {"network": "nosuchunit", "r-20261123T091502-3f9a": RUN_ID})
+    assert re.search(warning, log), f"{warning_doc.where}: not in the agent's log:\n{log}"
+
+
+def test_a_password_in_the_repo_url_is_refused_as_git_source_md_says(tmp_path: Path) -> None:
+    page = (ROOT / "docs" / "git-source.md").read_text()
+    quoted = re.search(r"\(`(expected a URL without a password[^`]*)`\)", page, re.S)
+    assert quoted, "docs/git-source.md no longer quotes the refusal"
+    text = "repo: {url: 'https://x-access-token:TOKEN@git.example.org/infra.git'}\n"
+    [error] = errors_of(parse_host_config, text, "agent.yaml", tmp_path)
+    assert error == "agent.yaml:1: repo.url: " + " ".join(quoted.group(1).split())
