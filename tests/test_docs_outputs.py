@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -148,3 +150,26 @@ def test_a_password_in_the_repo_url_is_refused_as_git_source_md_says(tmp_path: P
     text = "repo: {url: 'https://x-access-token:TOKEN@git.example.org/infra.git'}\n"
     [error] = errors_of(parse_host_config, text, "agent.yaml", tmp_path)
     assert error == "agent.yaml:1: repo.url: " + " ".join(quoted.group(1).split())
+
+
+def test_the_readme_exit_codes(tmp_path: Path) -> None:
+    """The exit codes README.md lists for a usage error, a bad host config, no such run."""
+    readme = (ROOT / "README.md").read_text()
+    table = " ".join(readme[readme.index("Exit codes:") :].split("\n\n")[0].split())
+    documented = dict(re.findall(r"`(\d+)` ([^;`]+)", table))
+    assert documented["2"].startswith("usage error"), table
+    assert documented["3"].startswith("the host config is invalid"), table
+    assert documented["5"].startswith("no such unit or run"), table
+
+    good = tmp_path / "agent.yaml"
+    good.write_text(f"repo: {{url: file:///nonexistent.git}}\nstate_dir: {tmp_path / 'state'}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("repo: {url: 1}\n")
+
+    def agent(*args: str) -> int:
+        command = [sys.executable, "-m", "agent.cli", *args]
+        return subprocess.run(command, capture_output=True, timeout=60, check=False).returncode
+
+    assert agent("--config", str(good), "status", "--no-such-option") == 2
+    assert agent("--config", str(bad), "status") == 3
+    assert agent("--config", str(good), "approve", "r-20261123T091502-3f9a") == 5
