@@ -128,7 +128,7 @@ def test_healthz_and_an_unknown_unit_under_intervals(tmp_path: Path) -> None:
     try:
         agent.start()  # returns after the first pass succeeded
         status, health = agent.request("GET", "/healthz")
-        log = agent.new_log()
+        log = agent.log_path.read_text()  # one start: the whole log
     finally:
         agent.kill()
     assert status == 200
@@ -138,6 +138,25 @@ def test_healthz_and_an_unknown_unit_under_intervals(tmp_path: Path) -> None:
     assert len(got) == len(expected) and all(map(re.fullmatch, expected, got)), (
         f"{health_doc.where}: /healthz answered\n{health}"
     )
+    start_doc = block("output", "daemon-start")
+    hexes = r"[0-9a-f]{12}"
+    wildcards = {
+        "/run/gitops-agent/control.sock": r"\S+",
+        "0.0.0.0:9100": r"127\.0\.0\.1:\d+",
+        "git@git.example.com:platform/infra.git": r"\S+",
+        "gitops-agent 0.1.0": r"gitops-agent \S+",
+        "every 60s": r"every \d+s",
+        "every 600s": r"every \d+s",
+        "r-20261123T091502-3f9a": RUN_ID,
+        "(1.2s)": r"\(\d+\.\ds\)",
+        "in 1.4s": r"in \d+\.\ds",
+        "6113728f27ae": hexes,
+        "network: no changes, app: applied": "app: applied",
+    }
+    for quoted in lines(start_doc)[1:]:  # after the `$ agent run` line
+        assert re.search(r"(^|\s)" + pattern(quoted, wildcards) + "$", log, re.M), (
+            f"{start_doc.where}: {quoted!r} is not in the agent's log:\n{log}"
+        )
     [quoted] = lines(warning_doc)
     warning = pattern(quoted, {"network": "nosuchunit", "r-20261123T091502-3f9a": RUN_ID})
     assert re.search(warning, log), f"{warning_doc.where}: not in the agent's log:\n{log}"
