@@ -20,6 +20,8 @@ from agent.config import ConfigValidationError, ManifestLimits, parse_host_confi
 from agent.logfmt import JournalFormatter
 from agent.notify import Event, NotificationSink, Notifier
 from agent.redact import Redactor
+from providers.hosts import Resource, converge
+from providers.transport import LocalTransport
 from tests.support.docblocks import ROOT, Block, block
 from tests.test_config_resources import manifest
 from tests.test_daemon import AgentProcess, file_stack, wait_for
@@ -192,3 +194,39 @@ def test_the_readme_exit_codes(tmp_path: Path) -> None:
     assert agent("--config", str(good), "status", "--no-such-option") == 2
     assert agent("--config", str(bad), "status") == 3
     assert agent("--config", str(good), "approve", "r-20261123T091502-3f9a") == 5
+
+
+def test_the_host_errors_resources_md_quotes(tmp_path: Path) -> None:
+    """A file where a directory is, a non-empty directory to remove, a failing command:
+    converged on this machine through the real LocalTransport, with tmp paths."""
+    page = (ROOT / "docs" / "resources.md").read_text()
+    quoted = {
+        m.group(1): " ".join(m.group(0).strip("`").split())
+        for m in re.finditer(r"`((?:file|directory|command):[^`:]+): [^`]+`", page)
+    }
+    motd, old = tmp_path / "motd", tmp_path / "old"
+    motd.mkdir()
+    (old / "data").mkdir(parents=True)
+    resources = [
+        Resource("file", str(motd), {"content": b"hi\n"}),
+        Resource("directory", str(old), {"state": "absent"}),
+        Resource(
+            "command",
+            "build app",
+            {"command": "echo \"make: *** No rule to make target 'install'.  Stop.\"; exit 2"},
+        ),
+    ]
+    report = converge(
+        LocalTransport("docs"), resources, {}, apply=True, become=False, python=sys.executable
+    )
+    got = {o.resource_id: " ".join((o.error or "").split()) for o in report.outcomes}
+    paths = {str(motd): "/etc/motd", str(old): "/srv/old"}
+    for resource_id, error in got.items():
+        for real, documented in paths.items():
+            resource_id, error = (
+                resource_id.replace(real, documented),
+                error.replace(real, documented),
+            )
+        assert quoted.get(resource_id) == error, (
+            f"docs/resources.md quotes {quoted.get(resource_id)!r}"
+        )
