@@ -221,6 +221,7 @@ def test_the_host_errors_resources_md_quotes(tmp_path: Path) -> None:
     )
     got = {o.resource_id: " ".join((o.error or "").split()) for o in report.outcomes}
     paths = {str(motd): "/etc/motd", str(old): "/srv/old"}
+    assert len(got) == 3
     for resource_id, error in got.items():
         for real, documented in paths.items():
             resource_id, error = (
