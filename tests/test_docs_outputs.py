@@ -18,6 +18,7 @@ import pytest
 
 from agent.config import ConfigValidationError, ManifestLimits, parse_host_config, parse_manifest
 from agent.logfmt import JournalFormatter
+from agent.metrics import AgentMetrics
 from agent.notify import Event, NotificationSink, Notifier
 from agent.redact import Redactor
 from providers.hosts import Resource, converge
@@ -231,3 +232,22 @@ def test_the_host_errors_resources_md_quotes(tmp_path: Path) -> None:
         assert quoted.get(resource_id) == error, (
             f"docs/resources.md quotes {quoted.get(resource_id)!r}"
         )
+
+
+def test_every_metric_docs_metrics_md_names_exists_from_the_start() -> None:
+    """The metrics the page's table and queries use exist before the first pass, with
+    the series the alerts need at 0 (`increase()` sees the first failure)."""
+    page = (ROOT / "docs" / "metrics.md").read_text()
+    metrics = AgentMetrics()
+    metrics.declare_units({"app": "stack"})  # what loading a manifest does
+    text = metrics.render()[0].decode()
+    names = set(re.findall(r"\bgitops_agent_[a-z_]+", page))
+    assert len(names) >= 10
+    assert [n for n in sorted(names) if not re.search(rf"^(# TYPE )?{n}\b", text, re.M)] == []
+    for series in (
+        'gitops_agent_passes_total{outcome="failed",trigger="poll"} 0.0',
+        'gitops_agent_unit_results_total{kind="stack",outcome="failed",unit="app"} 0.0',
+        'gitops_agent_drift_found_total{unit="app"} 0.0',
+        'gitops_agent_apply_failures_total{unit="app"} 0.0',
+    ):
+        assert series in text
