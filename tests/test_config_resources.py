@@ -124,7 +124,7 @@ REFUSED = [
     (
         "- file: /etc/motd\n  mode: '0644'\n",
         "gitops.yaml:11: roles.base[0]: expected a file with exactly one of content or source;"
-        " got neither (no content key)",
+        " got neither",
     ),
     (
         "- template: /etc/app.conf\n",

@@ -422,7 +422,7 @@ class FleetReader:
             value.fail('mode as an octal string like "0644"', repr(mode))
             return False
         if kind == "file" and not absent and ("content" in attrs) == ("source" in attrs):
-            got = "both content and source" if "content" in attrs else "neither (no content key)"
+            got = "both content and source" if "content" in attrs else "neither"
             value.fail("a file with exactly one of content or source", got)
             return False
         if kind == "template" and not absent and "source" not in attrs:
