@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from agent.config.yamlnodes import INVALID, Fields, Value, quote
+from agent.config.yamlnodes import INVALID, Fields, Value
 
 KINDS = ("file", "template", "directory", "link", "package", "service", "user", "group", "command")
 HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -371,11 +371,11 @@ class FleetReader:
             return first
         later = [key for key in fields.entries if key in KINDS]
         if later:
-            got = f"{quote(first)}; move {quote(later[0])} to the top of the item"
+            got = f"{first!r}; move {later[0]!r} to the top of the item"
         elif close := difflib.get_close_matches(first, KINDS, n=1):
-            got = f"{quote(first)} (did you mean {quote(close[0])}?)"
+            got = f"{first!r} (did you mean {close[0]!r}?)"
         else:
-            got = quote(first)
+            got = repr(first)
         fields.value.problems.expected(fields.key_lines[first], fields.value.path, expected, got)
         return None
 
