@@ -602,6 +602,8 @@ class Daemon:
         if event.kind is EventKind.MANIFEST_LOADED and isinstance(event.result, Manifest):
             self._manifest = event.result
             self.metrics.declare_units({u.name: u.kind for u in event.result.units})
+            # At start (the first pass loads it), not when the unit's timer first fires.
+            self._warn_unknown(set(self.host.intervals.units) - set(event.result.names()))
         elif event.kind is EventKind.APPLY_FAILED and event.unit:
             self.metrics.apply_failed(event.unit)
         elif event.kind is EventKind.SECRET_FAILED and event.unit:

@@ -8,7 +8,7 @@
   units/<unit>/terraform.tfstate   local state, for stacks that declare no backend
   runs/<run-id>/<unit>/   init.txt, plan.txt, plan.json, tfplan, apply.txt (0600)
   terraform/cli.tfrc      the Terraform CLI config the agent writes
-  terraform/plugin-cache/ shared provider cache
+  plugin-cache/           shared provider cache (host config terraform.plugin_cache_dir)
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class StateLayout:
 
     @property
     def default_plugin_cache(self) -> Path:
-        return self.root / "terraform" / "plugin-cache"
+        return self.root / "plugin-cache"  # as agent.config.host reads it
 
     def unit_dir(self, unit: str) -> Path:
         return self.root / "units" / unit

@@ -52,6 +52,8 @@ PASS_BUCKETS: Final[tuple[float, ...]] = (
 )
 
 PASS_OUTCOMES: Final = tuple(str(s) for s in RunStatus if s is not RunStatus.RUNNING)
+# What starts a pass in the daemon (the `trigger` label); others (quickstart) are counted too.
+PASS_TRIGGERS: Final = ("start", "poll", "drift", "webhook", "cli", "approve")
 # The `outcome` label of a unit result: its decision when it ran to one, else its status.
 UNIT_OUTCOMES: Final = (
     "apply",
@@ -142,6 +144,8 @@ class AgentMetrics:
         # series that `rate()`/`increase()` cannot see.
         for outcome in PASS_OUTCOMES:
             self._pass_duration.labels(outcome)
+            for trigger in PASS_TRIGGERS:
+                self._passes.labels(outcome, trigger)
 
     def _label(self, value: str) -> str:
         return self._redact(str(value))

@@ -7,6 +7,7 @@ HTTPS go through the servers in `tests/support` on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import traceback
@@ -588,3 +589,40 @@ def test_a_secret_in_the_url_never_shows_in_an_error(
     everything = "".join(traceback.format_exception(excinfo.value)) + repr(excinfo.value.args)
     assert SECRET not in everything, message
     assert excinfo.value.__cause__ is None and excinfo.value.__suppress_context__
+
+
+def test_https_with_a_token_from_the_credential_helper_of_git_source_md(
+    private_https_server: GitHttpServer,
+    https_root: Path,
+    https_upstream: Upstream,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/git-source.md's way: a user name in the URL, the token from a file through a
+    `get`-only helper in git's system config; the token is stored nowhere by git."""
+    page = (Path(__file__).parents[1] / "docs" / "git-source.md").read_text()
+    setup = re.search(r"git config --system (credential\.\S+\.helper) \\\n\s+'([^']+)'", page)
+    assert setup, "docs/git-source.md no longer shows the credential helper"
+    token_file = tmp_path / "git-token"
+    token_file.write_text(SECRET + "\n")
+    server = private_https_server.url("")
+    key = setup.group(1).replace("https://git.example.org", server.rstrip("/"))
+    helper = setup.group(2).replace("/etc/gitops-agent/git-token", str(token_file))
+    system_config = tmp_path / "gitconfig"
+    run_git(tmp_path, "config", "--file", str(system_config), key, helper)
+    monkeypatch.delenv("GIT_CONFIG_NOSYSTEM", raising=False)
+    monkeypatch.setenv("GIT_CONFIG_SYSTEM", str(system_config))  # stands for /etc/gitconfig
+
+    url = private_https_server.url(https_path(https_root, https_upstream), userinfo="deploy")
+    without = GitSource(
+        url, "main", tmp_path / "no-helper", https_ca_bundle=private_https_server.ca_bundle
+    )
+    with monkeypatch.context() as no_helper:
+        no_helper.setenv("GIT_CONFIG_SYSTEM", os.devnull)
+        with pytest.raises(GitSourceError, match="authentication refused"):
+            without.fetch()
+    checkout = tmp_path / "checkout"
+    source = GitSource(url, "main", checkout, https_ca_bundle=private_https_server.ca_bundle)
+    assert source.fetch() == https_upstream.head()
+    stored = [p for p in checkout.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    assert stored == []

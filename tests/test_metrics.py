@@ -85,8 +85,13 @@ def test_passes_are_counted_and_timed_by_outcome_and_trigger() -> None:
     assert value(samples, f"{hist}_bucket", outcome="succeeded", le="0.5") == 2
     assert value(samples, f"{hist}_bucket", outcome="failed", le="1200.0") == 0
     assert value(samples, f"{hist}_bucket", outcome="failed", le="1800.0") == 1
-    # Known outcomes exist before their first pass, so increase() sees the first one.
+    # Known outcomes (and triggers) exist before their first pass, so increase() sees the
+    # first one and docs/metrics.md's GitopsNoPasses and failed-share queries have data.
     assert value(samples, f"{hist}_count", outcome="interrupted") == 0
+    for outcome in ("succeeded", "failed", "interrupted"):
+        for trigger in ("start", "poll", "drift", "webhook", "cli", "approve"):
+            assert value(samples, passes, outcome=outcome, trigger=trigger) is not None
+    assert value(samples, passes, outcome="interrupted", trigger="poll") == 0
 
 
 def test_unit_results_drift_holds_failures_and_version() -> None:
@@ -161,7 +166,8 @@ def test_each_instance_has_its_own_registry() -> None:
     first.pass_finished(duration_s=1.0, outcome="succeeded", trigger="cli")
     with metrics_endpoint(second) as url:
         _, _, samples = scrape(url)
-    assert value(samples, "gitops_agent_passes_total", outcome="succeeded", trigger="cli") is None
+    # The other registry's pass is not counted here: its series is still at 0.
+    assert value(samples, "gitops_agent_passes_total", outcome="succeeded", trigger="cli") == 0
     assert REGISTRY.get_sample_value("gitops_agent_holds_waiting") is None  # not global
 
 

@@ -23,6 +23,7 @@ read) at reconcile time. Everything here is checked against the file, line and k
 
 from __future__ import annotations
 
+import difflib
 import posixpath
 import re
 from collections.abc import Callable, Mapping
@@ -195,7 +196,8 @@ class FleetReader:
         if hosts_value and (host_fields := hosts_value.mapping(["static", "from_stack"])):
             static, from_stack = host_fields.get("static"), host_fields.get("from_stack")
             if (static is None) == (from_stack is None):
-                hosts_value.fail("exactly one of static or from_stack")
+                got = "both" if static is not None else "neither"
+                hosts_value.fail("exactly one of static or from_stack", got)
             elif static is not None:
                 hosts = self._static_hosts(static)
             elif from_stack is not None:
@@ -335,12 +337,9 @@ class FleetReader:
         fields = value.mapping()
         if fields is None:
             return None
-        kinds = [key for key in fields.entries if key in KINDS]
-        if len(kinds) != 1:
-            got = "none" if not kinds else ", ".join(kinds)
-            value.fail(f"exactly one resource kind key ({', '.join(KINDS)})", got)
+        kind = self._kind(fields)
+        if kind is None:
             return None
-        kind = kinds[0]
         allowed = KIND_ATTRS[kind]
         name = fields.entries[kind].string(_name_expected(kind))
         if name is None:
@@ -371,10 +370,12 @@ class FleetReader:
                 known = ", ".join(
                     [kind, *allowed, "notify", *(() if kind in _NO_STATE else ("state",))]
                 )
+                # `- file: ...` then `package: ...` is two resources run together.
+                another = f" ({key} is a kind: start a new list item)" if key in KINDS else ""
                 fields.value.problems.note(
                     fields.key_lines[key],
                     f"{value.path}.{key}",
-                    f"unknown key for a {kind}; expected one of {known}",
+                    f"unknown key for a {kind}{another}; expected one of {known}",
                 )
                 ok = False
         if kind == "command":
@@ -391,6 +392,26 @@ class FleetReader:
             notify=notify,
             where=f"{self.filename}:{value.line}: {value.path}",
         )
+
+    @staticmethod
+    def _kind(fields: Fields) -> str | None:
+        """The resource's kind: its first key (other keys may share a kind's name: `group`)."""
+        expected = f"a resource kind as the first key ({', '.join(KINDS)})"
+        first = next(iter(fields.entries), None)
+        if first is None:
+            fields.value.fail(expected, "an empty mapping")
+            return None
+        if first in KINDS:
+            return first
+        later = [key for key in fields.entries if key in KINDS]
+        if later:
+            got = f"{first!r}; move {later[0]!r} to the top of the item"
+        elif close := difflib.get_close_matches(first, KINDS, n=1):
+            got = f"{first!r} (did you mean {close[0]!r}?)"
+        else:
+            got = repr(first)
+        fields.value.problems.expected(fields.key_lines[first], fields.value.path, expected, got)
+        return None
 
     def _attr(self, reader: str, item: Value) -> Any:
         if reader == "str":
@@ -453,16 +474,19 @@ class FleetReader:
             value.fail('mode as an octal string like "0644"', repr(mode))
             return False
         if kind == "file" and not absent and ("content" in attrs) == ("source" in attrs):
-            value.fail("a file with exactly one of content or source")
+            got = "both content and source" if "content" in attrs else "neither"
+            value.fail("a file with exactly one of content or source", got)
             return False
         if kind == "template" and not absent and "source" not in attrs:
-            value.fail("a template with a source (a Jinja2 file in the repository)")
+            value.fail(
+                "a template with a source (a Jinja2 file in the repository)", "no source key"
+            )
             return False
         if kind == "command" and "run" not in attrs:
-            value.fail("a command with run: (the shell command, run with /bin/sh -c)")
+            value.fail("a command with run: (the shell command, run with /bin/sh -c)", "no run key")
             return False
         if kind == "link" and not absent and "target" not in attrs:
-            value.fail("a link with a target")
+            value.fail("a link with a target", "no target key")
             return False
         return True
 

@@ -267,7 +267,7 @@ def _signing(value: Value | None, base_dir: Path) -> SigningPolicy | None:
     keyring = _optional_path(fields, "gpg_keyring", base_dir)
     signers = _optional_path(fields, "ssh_allowed_signers", base_dir)
     if fields.get("gpg_keyring") is None and fields.get("ssh_allowed_signers") is None:
-        value.fail("a mapping with gpg_keyring, ssh_allowed_signers or both")
+        value.fail("a mapping with gpg_keyring, ssh_allowed_signers or both", "neither")
         return None
     return SigningPolicy(gpg_keyring=keyring, ssh_allowed_signers=signers)
 

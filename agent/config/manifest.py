@@ -286,7 +286,7 @@ class _ManifestReader:
             name_value.fail("a unit name of a-z, 0-9, _ and - (up to 63, starting a-z or 0-9)")
         fleet_value = fields.get("fleet")
         if fleet_value is not None and fields.get("stack") is not None:
-            value.fail("a unit with either stack or fleet, not both")
+            value.fail("a unit with either stack or fleet, not both", "both")
             return None
         stack_value = (
             fields.require("stack", "a directory of the repository holding *.tf files (or fleet)")

@@ -124,7 +124,7 @@ def _vault_auth(
     if found := fields.get("approle"):
         approle = _approle(found, base_dir, path_of)
     if (token_file is None) == (found is None):
-        value.fail("exactly one of token_file or approle")
+        value.fail("exactly one of token_file or approle", "both" if found else "neither")
     return token_file, approle
 
 
@@ -141,7 +141,8 @@ def _approle(value: Value, base_dir: Path, path_of: PathReader) -> AppRoleConfig
         if credential is not None and not _CREDENTIAL_NAME_RE.fullmatch(credential):
             found.fail("a systemd credential name (letters, digits, _ . -)")
     if (secret_file is None) == (credential is None):
-        value.fail("exactly one of secret_id_file or secret_id_credential")
+        got = "both" if secret_file is not None else "neither"
+        value.fail("exactly one of secret_id_file or secret_id_credential", got)
     if role_id is None:
         return None
     return AppRoleConfig(role_id, secret_file, credential)

@@ -64,7 +64,8 @@ def read_hosts(value: Value | None, base_dir: Path, read_path: PathReader) -> Ho
     key_file = read_path(found, base_dir) if (found := fields.get("key_file")) else None
     known = read_path(found, base_dir) if (found := fields.get("known_hosts")) else None
     if (fields.get("key_file") is None) != (fields.get("known_hosts") is None):
-        value.fail("key_file and known_hosts together (SSH needs both)")
+        missing = "known_hosts" if fields.get("known_hosts") is None else "key_file"
+        value.fail("key_file and known_hosts together (SSH needs both)", f"no {missing}")
     tofu = fields.get("trust_on_first_use")
     local = fields.get("allow_local")
     connect = fields.get("connect_timeout")
