@@ -11,12 +11,20 @@ framework and no new dependency, and the defences a listener on a network needs 
 few lines each here:
 
 - one request per connection (`Connection: close`), so a connection cannot linger idle;
-- a deadline for the whole request (request line, headers and body), not just per read,
-  so a client that trickles a byte at a time cannot hold a thread for long;
-- `Content-Length` is required and checked against `max_body` before the body is read
+- a short deadline for the request line and headers (`header_timeout`, 5 s), then one for
+  the whole request (`request_timeout`, 10 s), both for the total, not per read: a client
+  that opens connections and sends nothing, or trickles a byte at a time, frees its slot
+  within seconds; it is answered 408 and logged as a warning;
+- a body needs `Content-Length`, checked against `max_body` before the body is read
   (also when the client sends `Expect: 100-continue`, which then never sends it); a body
-  answered unread is discarded for at most a second so that the client reads the 413;
-- at most `max_connections` requests in progress; beyond that a 503 at once;
+  answered unread is discarded for at most a second so that the client reads the 413.
+  A request with neither `Content-Length` nor `Transfer-Encoding` has no body (RFC 9112
+  6.3): `curl -X POST URL` sends that, and it is a valid generic trigger; chunked bodies
+  are refused (411), since their length is not known before reading;
+- at most `max_connections` requests in progress, and at most `max_connections_per_client`
+  from one remote address, so that one address holding idle connections cannot take the
+  slots every sender needs (the 64 slots used to be one idle client's for the taking);
+  beyond either, a 503 at once;
 - `on_push` runs on a dispatcher thread of its own: the sender gets its 202 at once and
   never waits for the daemon.
 
@@ -52,8 +60,10 @@ from agent.webhooks import (
 )
 
 __all__ = [
+    "DEFAULT_HEADER_TIMEOUT",
     "DEFAULT_MAX_BODY",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_CONNECTIONS_PER_CLIENT",
     "DEFAULT_REQUEST_TIMEOUT",
     "AgentHTTPServer",
     "ListenError",
@@ -63,7 +73,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 1024 * 1024  # GitHub push payloads are a few KiB; 1 MiB is generous
 DEFAULT_REQUEST_TIMEOUT = 10.0  # seconds for a whole request to arrive
+# Seconds for the request line and headers: a sender writes them at once, so a few
+# seconds is generous, and an idle connection frees its slot twice as soon.
+DEFAULT_HEADER_TIMEOUT = 5.0
 DEFAULT_MAX_CONNECTIONS = 64
+# A quarter of the slots: a burst from one forge address still fits, and one address
+# alone cannot take them all. (Behind a reverse proxy, every request comes from the proxy's
+# address: raise it there, the proxy buffers requests before passing them on anyway.)
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 16
 DEFAULT_STOP_TIMEOUT = 2.0
 # How soon serve_forever notices stop(): its select() only wakes on a connection or after
 # this long. 20 idle wakeups a second cost nothing measurable and keep stop() prompt.
@@ -107,9 +124,20 @@ class AgentHTTPServer:
         max_body: int = DEFAULT_MAX_BODY,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_connections_per_client: int = DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        header_timeout: float = DEFAULT_HEADER_TIMEOUT,
     ) -> None:
-        if max_body < 0 or request_timeout <= 0 or max_connections < 1:
-            raise ValueError("max_body >= 0, request_timeout > 0 and max_connections >= 1")
+        if (
+            max_body < 0
+            or request_timeout <= 0
+            or header_timeout <= 0
+            or max_connections < 1
+            or max_connections_per_client < 1
+        ):
+            raise ValueError(
+                "max_body >= 0, request_timeout > 0, header_timeout > 0, "
+                "max_connections >= 1 and max_connections_per_client >= 1"
+            )
         self.host = host
         self.tracked_branch = tracked_branch
         self.hooks = dict(hooks)
@@ -118,6 +146,9 @@ class AgentHTTPServer:
         self.max_body = max_body
         self.request_timeout = request_timeout
         self.max_connections = max_connections
+        self.max_connections_per_client = max_connections_per_client
+        # The headers' deadline never runs past the whole request's.
+        self.header_timeout = min(header_timeout, request_timeout)
         self._requested_port = port
         self._on_push = on_push
         self._dispatcher = _Dispatcher(on_push)
@@ -243,22 +274,32 @@ class _Dispatcher:
 
 
 class _DeadlineReader(io.RawIOBase):
-    """A socket reader that gives up at a fixed moment, however slowly bytes arrive."""
+    """A socket reader that gives up at a fixed moment, however slowly bytes arrive.
+
+    The moment (`deadline`) can be moved: the handler moves it from the headers' deadline
+    to the whole request's once the headers are in. `timed_out` tells that it gave up.
+    """
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         super().__init__()
         self._sock = sock
-        self._deadline = deadline
+        self.deadline = deadline
+        self.timed_out = False
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        remaining = self._deadline - time.monotonic()
+        remaining = self.deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError("the request did not arrive within the request timeout")
+            self.timed_out = True
+            raise TimeoutError("the request did not arrive in time")
         self._sock.settimeout(remaining)
-        return self._sock.recv_into(buffer)
+        try:
+            return self._sock.recv_into(buffer)
+        except TimeoutError:
+            self.timed_out = True
+            raise
 
 
 class _Server(ThreadingHTTPServer):
@@ -275,20 +316,32 @@ class _Server(ThreadingHTTPServer):
         self.address_family = family
         self.app = app
         self._active: set[socket.socket] = set()
+        self._per_client: dict[str, int] = {}  # remote address -> requests in progress
+        self._client_of: dict[socket.socket, str] = {}
         self._changed = threading.Condition()
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        client = str(client_address[0])
         with self._changed:
-            busy = len(self._active) >= self.app.max_connections
-            if not busy:
+            busy = None
+            if self._per_client.get(client, 0) >= self.app.max_connections_per_client:
+                busy = (
+                    f"more than {self.app.max_connections_per_client} requests in progress "
+                    "from this address"
+                )
+            elif len(self._active) >= self.app.max_connections:
+                busy = f"more than {self.app.max_connections} requests in progress"
+            else:
                 self._active.add(request)
+                self._client_of[request] = client
+                self._per_client[client] = self._per_client.get(client, 0) + 1
         if busy:
             _refuse_busy(request)
             log.warning(
                 "http request rejected: remote=%s route=- status=503 reason=%s delivery=-",
-                client_address[0],
-                f"more than {self.app.max_connections} requests in progress",
+                client,
+                busy,
             )
             self.shutdown_request(request)
             return
@@ -296,7 +349,14 @@ class _Server(ThreadingHTTPServer):
 
     def shutdown_request(self, request: Any) -> None:
         with self._changed:
-            self._active.discard(request)
+            if request in self._active:
+                self._active.discard(request)
+                client = self._client_of.pop(request)
+                left = self._per_client[client] - 1
+                if left:
+                    self._per_client[client] = left
+                else:
+                    del self._per_client[client]
             self._changed.notify_all()
         super().shutdown_request(request)
 
@@ -326,16 +386,24 @@ def _is_length(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+def _raw_answer(status: str, text: str, extra: str = "") -> bytes:
+    """A whole answer, for when the request was not parsed far enough for send_response."""
+    body = text.encode()
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: {_TEXT}\r\nContent-Length: {len(body)}\r\n"
+        f"{extra}Connection: close\r\n\r\n"
+    ).encode() + body
+
+
 def _refuse_busy(request: socket.socket) -> None:
-    body = b"too many requests in progress, retry later\n"
-    head = (
-        "HTTP/1.1 503 Service Unavailable\r\n"
-        f"Content-Type: {_TEXT}\r\nContent-Length: {len(body)}\r\n"
-        "Retry-After: 1\r\nConnection: close\r\n\r\n"
-    ).encode()
+    answer = _raw_answer(
+        "503 Service Unavailable",
+        "too many requests in progress, retry later\n",
+        "Retry-After: 1\r\n",
+    )
     try:
         request.setblocking(False)  # a fresh socket's send buffer is empty: never blocks
-        request.send(head + body)
+        request.send(answer)
     except OSError:
         pass
 
@@ -347,12 +415,48 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
     disable_nagle_algorithm = True  # headers and body go out as two writes
     _unread_body = False  # a body was announced and answered without being read
+    _headers_in = False  # the request line and headers were read in time
+    command: str | None = None
 
     def setup(self) -> None:
         super().setup()
-        deadline = time.monotonic() + self.server.app.request_timeout
+        self._started = time.monotonic()
+        self._reader = _DeadlineReader(
+            self.connection, self._started + self.server.app.header_timeout
+        )
         self.rfile.close()
-        self.rfile = io.BufferedReader(_DeadlineReader(self.connection, deadline))
+        self.rfile = io.BufferedReader(self._reader)
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # reads the headers
+        self._headers_in = True
+        # The body (if any) may take until the whole request's deadline.
+        self._reader.deadline = self._started + self.server.app.request_timeout
+        return parsed
+
+    def handle_one_request(self) -> None:
+        super().handle_one_request()
+        if self._reader.timed_out and not self._headers_in:
+            self._answer_header_timeout()
+
+    def _answer_header_timeout(self) -> None:
+        """408 for a request whose line or headers did not arrive in time (the stock
+        handler closes such a connection without a word and logs it at info)."""
+        limit = self.server.app.header_timeout
+        reason = f"the request headers did not arrive within {limit:g} s"
+        route = "-"
+        if self.command:  # the request line was in; the headers were not
+            route = f"{self.command} {sanitize(self._path())}"
+        log.warning(
+            "http request rejected: remote=%s route=%s status=408 reason=%s delivery=-",
+            self.client_address[0],
+            route,
+            reason,
+        )
+        with contextlib.suppress(OSError):
+            self.connection.settimeout(1.0)  # a client that reads nothing cannot hold us
+            self.connection.sendall(_raw_answer("408 Request Timeout", reason + "\n"))
+        self.close_connection = True
 
     def finish(self) -> None:
         super().finish()
@@ -472,8 +576,9 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         raw = self.headers.get("Content-Length")
         if raw is None:
-            self._reject(411, "Content-Length is required", delivery=delivery)
-            return None
+            # Neither a length nor chunks: the request has no body (RFC 9112, 6.3), as
+            # `curl -X POST URL` sends it.
+            return b""
         if not _is_length(raw.strip()):
             self._reject(400, "Content-Length is not a number", delivery=delivery)
             return None
@@ -583,5 +688,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         # Errors http.server answers by itself (malformed request line, timeouts).
+        if self._reader.timed_out and not self._headers_in:
+            return  # logged as a warning with its 408 (handle_one_request)
         text = (format % args)[:200]
         log.info("http request rejected: remote=%s reason=%s", self.client_address[0], text)

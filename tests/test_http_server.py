@@ -7,17 +7,22 @@ receives and when.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import http.client
 import json
 import logging
+import os
+import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -260,7 +265,7 @@ def test_a_wrong_method_is_405(server: AgentHTTPServer, method: str, path: str, 
     assert answer.headers["Allow"] == allow
 
 
-def test_content_length_is_required(server: AgentHTTPServer) -> None:
+def test_a_chunked_body_is_411(server: AgentHTTPServer) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT)
     conn.putrequest("POST", "/hooks/github")
     conn.putheader("Transfer-Encoding", "chunked")
@@ -350,7 +355,9 @@ def test_a_slow_client_is_cut_at_the_request_timeout(
         assert closed
         assert 0.4 < elapsed < 1.5
         assert request(srv, "GET", "/healthz").status == 200  # the server is still serving
-    assert any("timed out" in r.getMessage() for r in caplog.records)
+    assert any(
+        r.levelno == logging.WARNING and "status=408" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_a_body_that_stops_arriving_is_408(
@@ -386,21 +393,172 @@ def test_requests_beyond_the_connection_limit_get_503(recorder: Recorder) -> Non
             pytest.fail("the server did not recover after the held connections closed")
 
 
-def test_twenty_parallel_pushes_are_all_answered_and_delivered(
-    server: AgentHTTPServer, recorder: Recorder
+def _connect_from(source: str, port: int) -> socket.socket:
+    """A connection to the listener from `source`, another address of 127.0.0.0/8."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.settimeout(WAIT)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def _post_from(source: str, port: int, kind: str) -> bytes:
+    body, headers = push_request(kind)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with _connect_from(source, port) as sock:
+        sock.sendall(
+            f"POST /hooks/{kind} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            f"{head}\r\n".encode()
+            + body
+        )
+        return sock.recv(200)
+
+
+def test_one_address_holding_idle_connections_cannot_starve_another(
+    recorder: Recorder, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    # The defaults, as the daemon uses them: 64 slots, 10 s for a request.
+    with make_server(recorder) as srv:
+        idle = [_connect_from("127.0.0.2", srv.port) for _ in range(64)]
+        try:
+            # Every idle connection beyond the address's share is refused at once...
+            refused = 0
+            for sock in idle:
+                sock.settimeout(0.2)
+                with contextlib.suppress(TimeoutError):
+                    refused += sock.recv(100).startswith(b"HTTP/1.1 503 ")
+            assert refused == 64 - 16
+            # ...and a signed webhook from another address still gets through.
+            assert _post_from("127.0.0.3", srv.port, "github").startswith(b"HTTP/1.1 202 ")
+            assert recorder.wait_for(1)[0][0].delivery == "d-1"
+        finally:
+            for sock in idle:
+                sock.close()
+    assert any("from this address" in line for line in rejections(caplog))
+
+
+def test_the_per_address_limit_frees_as_requests_end(recorder: Recorder) -> None:
+    with make_server(recorder, max_connections_per_client=2) as srv:
+        held = [_connect_from("127.0.0.4", srv.port) for _ in range(2)]
+        try:
+            assert _post_from("127.0.0.4", srv.port, "github").startswith(b"HTTP/1.1 503 ")
+        finally:
+            for sock in held:
+                sock.close()
+        for _ in range(50):  # the server notices the closed connections at once
+            if _post_from("127.0.0.4", srv.port, "github").startswith(b"HTTP/1.1 202 "):
+                break
+            time.sleep(0.02)
+        else:
+            pytest.fail("the address's slots were not given back")
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"POST /hooks/github HTTP/1.1\r\n", b"POST /hooks/github HTTP/1.1\r\nHost: x\r\n"],
+    ids=["nothing", "request-line", "some-headers"],
+)
+def test_headers_that_never_finish_get_408_and_a_warning(
+    recorder: Recorder, caplog: pytest.LogCaptureFixture, sent: bytes
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    with (
+        make_server(recorder, header_timeout=0.3, request_timeout=5.0) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT) as sock,
+    ):
+        started = time.monotonic()
+        sock.sendall(sent)
+        answer = sock.recv(300)
+        elapsed = time.monotonic() - started
+        assert sock.recv(100) == b""  # then the connection is closed
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert b"did not arrive within 0.3 s" in answer
+    assert 0.2 < elapsed < 3.0  # the headers' deadline, not the request's
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "status=408" in r.getMessage()
+    ]
+    assert len(warnings) == 1
+    route = "POST /hooks/github" if sent else "-"
+    assert f"route={route} status=408" in warnings[0]
+    assert not any("timed out" in r.getMessage() for r in caplog.records)
+
+
+def test_the_body_may_take_until_the_request_deadline(recorder: Recorder) -> None:
+    body, headers = push_request("github")
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with (
+        make_server(recorder, header_timeout=0.3, request_timeout=5.0) as srv,
+        socket.create_connection(("127.0.0.1", srv.port), timeout=WAIT) as sock,
+    ):
+        sock.sendall(
+            f"POST /hooks/github HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+            f"{head}\r\n".encode()
+        )
+        # The body comes after the headers' deadline, well within the request's.
+        sock.settimeout(0.6)
+        with pytest.raises(TimeoutError):
+            sock.recv(100)
+        sock.settimeout(WAIT)
+        sock.sendall(body)
+        assert sock.recv(100).startswith(b"HTTP/1.1 202 ")
+
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "webhooks.md"
+
+
+def _doc_curl_commands() -> list[str]:
+    """The generic sender's curl commands of docs/webhooks.md, joined into one line each."""
+    text = DOCS.read_text(encoding="utf-8")
+    section = text[text.index("## Generic") : text.index("## What the answers mean")]
+    blocks = re.findall(r"```sh\n(.*?)```", section, re.S)
+    return [block.replace("\\\n", " ") for block in blocks]
+
+
+def test_the_docs_generic_curl_commands_trigger(recorder: Recorder, tmp_path: Path) -> None:
+    commands = _doc_curl_commands()
+    assert len(commands) == 2 and all(c.startswith("curl -fsS -X POST") for c in commands)
+    secret_file = tmp_path / "webhook-ci"
+    secret_file.write_text(SECRETS["generic"] + "\n")
+    with make_server(recorder, request_timeout=2.0) as srv:
+        for number, command in enumerate(commands, start=1):
+            # The doc's command as written, pointed at this listener and this secret file.
+            command = command.replace(
+                "https://bastion.example.org/hooks/ci", f"{srv.url}/hooks/generic"
+            ).replace("/etc/gitops-agent/webhook-ci", str(secret_file))
+            done = subprocess.run(
+                ["sh", "-c", command],
+                env={"PATH": os.environ["PATH"], "TOKEN": SECRETS["generic"]},
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            assert done.returncode == 0, (command, done.stderr)
+            assert done.stdout.startswith("accepted: ")
+            assert len(recorder.wait_for(number)) == number
+    first, second = (event for event, _ in recorder.events)
+    assert first.ref == ""  # no body: "reconcile the tracked branch now"
+    assert second.ref == "refs/heads/main" and second.delivery == "pipeline-4711"
+
+
+def test_twenty_parallel_pushes_are_all_answered_and_delivered(recorder: Recorder) -> None:
     kinds = list(SECRETS)
+    # All from 127.0.0.1: allow them all at once (the per-address limit is tested below).
+    with make_server(recorder, request_timeout=2.0, max_connections_per_client=20) as server:
 
-    def send(i: int) -> int:
-        kind = kinds[i % len(kinds)]
-        return request(
-            server, "POST", f"/hooks/{kind}", *push_request(kind, delivery=f"p-{i}")
-        ).status
+        def send(i: int) -> int:
+            kind = kinds[i % len(kinds)]
+            return request(
+                server, "POST", f"/hooks/{kind}", *push_request(kind, delivery=f"p-{i}")
+            ).status
 
-    with ThreadPoolExecutor(max_workers=20) as pool:
-        statuses = list(pool.map(send, range(20)))
-    assert statuses == [202] * 20
-    events = recorder.wait_for(20)
+        with ThreadPoolExecutor(max_workers=20) as pool:
+            statuses = list(pool.map(send, range(20)))
+        assert statuses == [202] * 20
+        events = recorder.wait_for(20)
     assert sorted(e.delivery or "" for e, _ in events) == sorted(f"p-{i}" for i in range(20))
 
 
