@@ -22,6 +22,14 @@ registered together with the forms it takes on its way out:
   documents re-indented or field by field; this masks the document's harmless fields
   too, such as its `token_uri`, wherever they appear).
 
+A secret value can be masked safely only if it is long and uncommon: `true` would turn
+`enabled = true` into `enabled = ***` everywhere, `a` would mask every word "a", and a
+repository author could confirm a guessed value by printing candidates and seeing which is
+masked. `weak_value` says whether a value is too short (fewer than `MIN_SECRET_LENGTH`
+characters, surrounding whitespace aside), one character repeated, or one of a small list
+of common values (`COMMON_VALUES`, compared case-insensitively); the secrets resolver
+refuses such a value (agent.secrets) unless the host config allows it.
+
 Derived parts (lines, strings of a JSON document, base64 inside a blob) shorter than
 `MIN_PART_LENGTH` are not registered: masking `}` or `-----` everywhere would destroy
 the output, and such parts carry little of the secret. A value shorter than
@@ -29,6 +37,19 @@ the output, and such parts carry little of the secret. A value shorter than
 as a whole word (not next to a letter, digit or `_`); a warning is logged (naming the
 length, never the value). An empty or whitespace-only value is not registered (it cannot
 be masked without masking every space) and a warning is logged.
+
+A value of several words (anything split by whitespace, a multi-line value too) is also
+matched as Terraform prints it word-wrapped: Terraform wraps diagnostics (a precondition's
+`error_message`) at whitespace, so `correct horse battery staple` can come out as
+`... is correct horse` / `battery staple ...`, and multi-line values come out indented. Each
+whitespace run between the value's words may then be any run of blanks, or a line break
+with the next line's indentation and a `│` box prefix (`_SEP`). Where a text is cut (the
+start and the end of every redacted text: the last lines of a command's output, a
+truncated message), the piece of a multi-word value left at the cut is masked too: a text
+that starts with the value's last words or ends with its first words (a piece of at least
+`MIN_PART_LENGTH` characters). `LineRedactor` does the same for a stream of lines: it
+holds a line back while it ends with the first words of a value (so a wrapped value is
+redacted whole, with the lines it spans), and passes every other line on at once.
 
 Matching is one compiled alternation of every form, longest first, behind a lookahead on
 the forms' first characters (Python's `re` tries the branches of an alternation one by
@@ -54,9 +75,12 @@ from typing import Any
 from urllib.parse import quote, quote_plus
 
 __all__ = [
+    "COMMON_VALUES",
     "MASK",
     "MIN_LENGTH",
     "MIN_PART_LENGTH",
+    "MIN_SECRET_LENGTH",
+    "LineRedactor",
     "RedactingFilter",
     "Redactor",
     "Secret",
@@ -64,6 +88,7 @@ __all__ = [
     "redact_exception",
     "remove_logging_redaction",
     "secret_forms",
+    "weak_value",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,12 +98,63 @@ log = logging.getLogger(__name__)
 MASK = "***"
 # A whole value shorter than this is masked only as a whole word, without derived forms.
 MIN_LENGTH = 4
+# A secret the resolver accepts without `secrets.allow_weak_values` has at least this many
+# characters (NIST SP 800-63B's minimum for a password chosen by a person).
+MIN_SECRET_LENGTH = 8
+# Values of at least MIN_SECRET_LENGTH characters that are still too common to mask: default
+# and placeholder passwords, keyboard and number runs, words that appear in output.
+COMMON_VALUES = frozenset(
+    {
+        "12345678",
+        "123456789",
+        "1234567890",
+        "87654321",
+        "abcd1234",
+        "abcdefgh",
+        "admin123",
+        "administrator",
+        "changeit",
+        "changeme",
+        "changeme123",
+        "default",
+        "disabled",
+        "football",
+        "iloveyou",
+        "letmein1",
+        "localhost",
+        "nopassword",
+        "p@ssw0rd",
+        "p@ssword",
+        "passw0rd",
+        "password",
+        "password1",
+        "password123",
+        "placeholder",
+        "postgres",
+        "qwerty123",
+        "qwertyui",
+        "qwertyuiop",
+        "replaceme",
+        "secret123",
+        "sunshine",
+        "superman",
+        "trustno1",
+        "undefined",
+        "welcome1",
+    }
+)
 # Lines, strings of a JSON document and base64 inside a blob shorter than this are skipped.
 MIN_PART_LENGTH = 6
 # Strings of a JSON document shorter than this are skipped ("us-east-1", "my-project").
 MIN_JSON_STRING_LENGTH = 12
 # How many leading characters of each form the prefilter lookahead checks.
 _PREFIX = 4
+# Between two words of a value as Terraform may print it: blanks, or a line break with the
+# next line's indentation and box prefix (`│ ` in diagnostics). Within a line, any blanks:
+# a value "a  b" wrapped keeps no trace of its double space.
+_SEP = r"(?:[^\S\n]*\n[^\S\n]*(?:[│|][^\S\n]*)?|[^\S\n]+)"
+# What may come before a piece of a value at the start of a text: indentation, a box.
+_LEAD = r"[^\S\n]*(?:[│|][^\S\n]*)?"
 
 
 class Secret:
@@ -296,6 +372,56 @@ def _forms_of(value: str) -> frozenset[str]:
     return frozenset(f for f in forms if len(f) >= MIN_LENGTH and f.strip())
 
 
+def wrapped_words(value: str) -> frozenset[tuple[str, ...]]:
+    """The word sequences of `value` to match across Terraform's wrapping (see the module
+    docstring): of the value and of its escaped forms, in NFC and NFD, with 2 words or more.
+    """
+    if len(value.strip()) < MIN_LENGTH:
+        return frozenset()
+    found = set()
+    for variant in dict.fromkeys(
+        [value, unicodedata.normalize("NFC", value), unicodedata.normalize("NFD", value)]
+    ):
+        for form in (variant, *_escapes(variant)):
+            words = tuple(form.split())
+            if len(words) >= 2:
+                found.add(words)
+    return frozenset(found)
+
+
+def _joined(words: Iterable[str]) -> str:
+    return _SEP.join(map(re.escape, words))
+
+
+def _prefixes(words: tuple[str, ...]) -> str:
+    """A regex for the proper prefixes of `words` (the first 1 to n-1 words)."""
+    inner = ""
+    for word in reversed(words[1:-1]):
+        inner = f"(?:{_SEP}{re.escape(word)}{inner})?"
+    return re.escape(words[0]) + inner
+
+
+def _suffixes(words: tuple[str, ...]) -> str:
+    """A regex for the proper suffixes of `words` (the last 1 to n-1 words)."""
+    inner = ""
+    for word in words[1:-1]:
+        inner = f"(?:{inner}{re.escape(word)}{_SEP})?"
+    return inner + re.escape(words[-1])
+
+
+def _by_length(sequences: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    return sorted(sequences, key=lambda words: (-sum(map(len, words)), words))
+
+
+def weak_value(value: str) -> bool:
+    """Whether `value` is too short or too common to be masked safely (module docstring).
+
+    Says no more than yes or no: the caller's message must not hint at the value.
+    """
+    core = value.strip()
+    return len(core) < MIN_SECRET_LENGTH or len(set(core)) == 1 or core.casefold() in COMMON_VALUES
+
+
 # --- the redactor ---------------------------------------------------------------------
 
 
@@ -326,24 +452,82 @@ def _trie_regex(words: Iterable[str]) -> str:
     return render(trie)
 
 
-class _Compiled:
-    """The compiled patterns for one set of forms (a chunk: see `Redactor._patterns`)."""
+_Sequences = frozenset[tuple[str, ...]]
 
-    def __init__(self, forms: frozenset[str], words: frozenset[str]) -> None:
-        self.forms, self.words = forms, words
+
+class _Compiled:
+    """The compiled patterns for one set of forms (a chunk: see `Redactor._patterns`).
+
+    `forms` are masked anywhere, `words` (short values) only as whole words, `wrapped`
+    (multi-word values, as word sequences) across Terraform's wrapping and, in pieces, at
+    the edges of a text.
+    """
+
+    def __init__(
+        self, forms: frozenset[str], words: frozenset[str], wrapped: _Sequences = frozenset()
+    ) -> None:
+        self.forms, self.words, self.wrapped = forms, words, wrapped
+        self.searches: list[Callable[[str], re.Match[str] | None]] = []
+        self.finditers: list[Callable[[str], Iterable[re.Match[str]]]] = []
         branches = [re.escape(f) for f in sorted(forms, key=lambda f: (-len(f), f))]
         if words:
             # Short whole values: only where they stand as a whole word.
             ordered = sorted(words, key=lambda f: (-len(f), f))
             branches.append(r"(?<!\w)(?:" + "|".join(map(re.escape, ordered)) + r")(?!\w)")
-        prefilter = _trie_regex({f[:_PREFIX] for f in forms | words})
-        alternation = "|".join(branches)
-        self.search = re.compile(f"(?={prefilter})(?:{alternation})").search
+        if branches:
+            self._add(_trie_regex({f[:_PREFIX] for f in forms | words}), "|".join(branches))
+        self.head = self.tail = None
+        if wrapped:
+            # Apart from the literal forms, so that a literal form matching at the same
+            # position (a shorter value, a word of this one) cannot hide a wrapped match.
+            ordered_seqs = _by_length(wrapped)
+            firsts = _trie_regex({seq[0][:_PREFIX] for seq in ordered_seqs})
+            self._add(firsts, "|".join(_joined(seq) for seq in ordered_seqs))
+            lasts = "|".join(_suffixes(seq) for seq in ordered_seqs)
+            self.head = re.compile(f"{_LEAD}({lasts})")
+            heads = "|".join(_prefixes(seq) for seq in ordered_seqs)
+            self.tail = re.compile(f"(?={firsts})(?:{heads})[^\\S\\n]*\\Z")
+            # How far from its end a text is searched for a value's first words.
+            self.reach = 4 * max(sum(map(len, seq)) for seq in ordered_seqs) + 64
+
+    def _add(self, prefilter: str, alternation: str) -> None:
+        self.searches.append(re.compile(f"(?={prefilter})(?:{alternation})").search)
         # Zero-width, so that every start position is tried: overlapping matches.
-        self.finditer = re.compile(f"(?={prefilter})(?=({alternation}))").finditer
+        self.finditers.append(re.compile(f"(?={prefilter})(?=({alternation}))").finditer)
+
+    def search(self, text: str) -> bool:
+        return any(search(text) for search in self.searches)
+
+    def spans(self, text: str) -> Iterable[tuple[int, int]]:
+        for finditer in self.finditers:
+            for m in finditer(text):
+                yield m.span(1)
+
+    def edge_spans(self, text: str, head: bool, tail: bool) -> Iterable[tuple[int, int]]:
+        """The pieces of multi-word values at the start (`head`) and the end (`tail`)."""
+        if self.head is None or self.tail is None:
+            return
+        if head and (m := self.head.match(text)) and _long_piece(m.group(1)):
+            yield m.span(1)
+        m = self.tail.search(text, max(0, len(text) - self.reach)) if tail else None
+        if m and _long_piece(m.group()):
+            yield m.span()
+
+    def held_from(self, text: str) -> int | None:
+        """Where the first words of a multi-word value end `text`, if they do."""
+        if self.tail is None:
+            return None
+        m = self.tail.search(text, max(0, len(text) - self.reach))
+        return m.start() if m else None
 
     def __len__(self) -> int:
-        return len(self.forms) + len(self.words)
+        return len(self.forms) + len(self.words) + len(self.wrapped)
+
+
+def _long_piece(piece: str) -> bool:
+    # A piece shorter than this carries little of the secret, and masking it would mask
+    # common short words at the edges of texts.
+    return len("".join(piece.split())) >= MIN_PART_LENGTH
 
 
 class Redactor:
@@ -359,7 +543,9 @@ class Redactor:
         self._values: dict[str, frozenset[str]] = {}
         self._forms: set[str] = set()  # masked anywhere
         self._words: set[str] = set()  # short values: masked as whole words only
-        self._pending: tuple[set[str], set[str]] = (set(), set())  # not compiled yet
+        self._wrapped: set[tuple[str, ...]] = set()  # multi-word values, as words
+        # Not compiled yet: forms, words, wrapped.
+        self._pending: tuple[set[str], set[str], set[tuple[str, ...]]] = (set(), set(), set())
         self._chunks: tuple[_Compiled, ...] = ()
 
     def register(self, value: str | Secret) -> None:
@@ -375,6 +561,7 @@ class Redactor:
             return
         forms = secret_forms(value)
         short = len(value) < MIN_LENGTH
+        wrapped = wrapped_words(value)
         if short:
             log.warning(
                 "a secret value has only %d characters (fewer than %d): it is masked only "
@@ -392,6 +579,9 @@ class Redactor:
             new = forms - known
             known.update(new)
             pending.update(new)
+            new_wrapped = wrapped - self._wrapped
+            self._wrapped.update(new_wrapped)
+            self._pending[2].update(new_wrapped)
 
     def forms(self, value: str | Secret) -> frozenset[str]:
         """Every form registered (or that would be registered) for `value`."""
@@ -412,34 +602,37 @@ class Redactor:
         ~75 ms). Masking the union of every chunk's matches gives the same result as one
         pattern.
         """
-        if not (self._pending[0] or self._pending[1]):
+        if not any(self._pending):
             return self._chunks
         with self._lock:
-            forms, words = self._pending
-            if forms or words:
-                chunks = [*self._chunks, _Compiled(frozenset(forms), frozenset(words))]
+            forms, words, wrapped = self._pending
+            if forms or words or wrapped:
+                new = _Compiled(frozenset(forms), frozenset(words), frozenset(wrapped))
+                chunks = [*self._chunks, new]
                 while len(chunks) >= 2 and len(chunks[-2]) <= 2 * len(chunks[-1]):
                     last, before = chunks.pop(), chunks.pop()
-                    chunks.append(_Compiled(before.forms | last.forms, before.words | last.words))
+                    chunks.append(
+                        _Compiled(
+                            before.forms | last.forms,
+                            before.words | last.words,
+                            before.wrapped | last.wrapped,
+                        )
+                    )
                 self._chunks = tuple(chunks)
-                self._pending = (set(), set())
+                self._pending = (set(), set(), set())
             return self._chunks
 
     def redact(self, text: str) -> str:
-        """`text` with every registered form replaced by `MASK`."""
+        """`text` with every registered form replaced by `MASK`, and the pieces of
+        multi-word values at its start and end (where a text may have been cut)."""
+        return self._redact(text, head=True, tail=True)
+
+    def _redact(self, text: str, *, head: bool, tail: bool) -> str:
         if not isinstance(text, str):
             text = str(text)
-        chunks = self._patterns()
-        if not any(chunk.search(text) for chunk in chunks):
+        spans = self._spans(text, head=head, tail=tail)
+        if not spans:
             return text
-        # Mask the union of all matches, so that overlapping secrets leave no fragment.
-        found = sorted(m.span(1) for chunk in chunks for m in chunk.finditer(text))
-        spans: list[list[int]] = []
-        for start, end in found:
-            if spans and start < spans[-1][1]:
-                spans[-1][1] = max(spans[-1][1], end)
-            else:
-                spans.append([start, end])
         out, pos = [], 0
         for start, end in spans:
             out.append(text[pos:start])
@@ -447,6 +640,26 @@ class Redactor:
             pos = end
         out.append(text[pos:])
         return "".join(out)
+
+    def _spans(self, text: str, *, head: bool, tail: bool) -> list[tuple[int, int]]:
+        """The spans of `text` to mask, merged: the union of every match, so that
+        overlapping secrets leave no fragment; with `head`/`tail`, the pieces of multi-word
+        values at the start/end of `text` too."""
+        chunks = self._patterns()
+        found: list[tuple[int, int]] = []
+        if any(chunk.search(text) for chunk in chunks):
+            found = [span for chunk in chunks for span in chunk.spans(text)]
+        if head or tail:
+            for chunk in chunks:
+                found.extend(chunk.edge_spans(text, head, tail))
+        found.sort()
+        merged: list[tuple[int, int]] = []
+        for start, end in found:
+            if merged and start < merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return merged
 
     def redact_bytes(self, data: bytes) -> bytes:
         """`data` (UTF-8, or anything: undecodable bytes pass through) redacted."""
@@ -488,6 +701,71 @@ class Redactor:
     def contains_secret(self, text: str) -> bool:
         """Whether `text` holds any registered form."""
         return any(chunk.search(text) for chunk in self._patterns())
+
+    def held_from(self, text: str) -> int | None:
+        """Where `text` ends with the first words of a multi-word value (the rest may be on
+        the next line): the earliest such position, or None."""
+        starts = [
+            start for chunk in self._patterns() if (start := chunk.held_from(text)) is not None
+        ]
+        return min(starts, default=None)
+
+
+class LineRedactor:
+    """Redacts a stream of lines (a command's output) as they come, for `emit`.
+
+    A line that ends with the first words of a multi-word secret is held back until the
+    next line shows whether the secret goes on there (Terraform wraps long diagnostics at
+    whitespace); then the lines are redacted together, so a wrapped secret is masked whole.
+    At most `max_held` lines are held (a longer run is redacted as it is, its cut edges
+    included); `flush` passes on what is held, at the end of the stream. Every other line
+    is passed on at once. Lines that a masked secret spanned are passed on as one line.
+    Not thread-safe: one stream, one caller at a time.
+    """
+
+    def __init__(self, redactor: Redactor, emit: Callable[[str], None], max_held: int = 32) -> None:
+        self._redactor = redactor
+        self._emit = emit
+        self._max_held = max_held
+        self._held: list[str] = []
+        self._cut = False  # the held text starts where an earlier run was cut
+
+    def __call__(self, line: str) -> None:
+        self._held.append(line)
+        text = "\n".join(self._held)
+        start = self._redactor.held_from(text)
+        if start is None:
+            self._pass_on(text, cut_after=False)
+            return
+        if len(self._held) >= self._max_held:
+            self._pass_on(text, cut_after=True)
+            return
+        # Pass on the lines before the one where the value's first words begin, unless
+        # a secret found whole crosses into it (a held line it completed): keep its lines.
+        begins = text.rfind("\n", 0, start) + 1
+        spans = self._redactor._spans(text, head=False, tail=False)
+        moved = True
+        while begins and moved:
+            moved = False
+            for span_start, span_end in spans:
+                if span_start <= begins - 1 < span_end:
+                    begins = text.rfind("\n", 0, span_start) + 1
+                    moved = True
+        if begins:
+            self._pass_on(text[: begins - 1], cut_after=False)
+            self._held = text[begins:].split("\n")
+
+    def flush(self) -> None:
+        """Pass on the lines held (the stream ended)."""
+        if self._held:
+            self._pass_on("\n".join(self._held), cut_after=False)
+
+    def _pass_on(self, text: str, *, cut_after: bool) -> None:
+        redacted = self._redactor._redact(text, head=self._cut, tail=cut_after)
+        self._held = []
+        self._cut = cut_after
+        for line in redacted.split("\n"):
+            self._emit(line)
 
 
 def redact_exception(exc: BaseException, redactor: Redactor) -> str:

@@ -6,10 +6,17 @@ else sees it, and travels as a `Secret` (masked in str/repr) until the Terraform
 process's environment is built. A reference that cannot be read fails its unit (and
 so its dependents) with a message naming the reference, never the value; it never
 becomes an empty string.
+
+A value too short or too common to be masked safely (`agent.redact.weak_value`) fails its
+units the same way, and is not registered with the redactor (so that printing candidates
+and seeing which one is masked tells nothing), unless the host config has
+`secrets.allow_weak_values: true`: then it is used, registered, and a warning names the
+reference.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Iterable, Mapping
@@ -20,10 +27,18 @@ from typing import Protocol
 from agent.config import Unit
 from agent.config.secrets import SecretsConfig
 from agent.errors import SecretsError
-from agent.redact import Redactor, Secret
+from agent.redact import MIN_SECRET_LENGTH, Redactor, Secret, weak_value
 from providers.errors import SecretBackendError
 from providers.secrets.refs import SecretRef
 from providers.secrets.resolve import resolve_all
+
+log = logging.getLogger(__name__)
+
+WEAK_HINT = (
+    f"a secret needs at least {MIN_SECRET_LENGTH} characters and must not be a common value"
+    " (docs/secrets.md); store a stronger one, or set secrets.allow_weak_values: true in"
+    " the host config to use it anyway"
+)
 
 
 class Backend(Protocol):
@@ -58,15 +73,35 @@ class SecretResolver:
             self.backend_for,
             retry_for=self.config.retry_for,
         )
-        # Register every value before any message about any of them is built.
-        for found in fetched.values():
-            if isinstance(found, str):
+        weak = {
+            raw for raw, found in fetched.items() if isinstance(found, str) and weak_value(found)
+        }
+        # Register every value before any message about any of them is built; a weak one
+        # only if allowed (else masking it would tell which guess is right).
+        for raw, found in fetched.items():
+            if isinstance(found, str) and (raw not in weak or self.config.allow_weak_values):
                 self.redactor.register(found)
+        if self.config.allow_weak_values:
+            for raw in sorted(weak):
+                log.warning(
+                    "secret %s is too short or too common to be masked safely in output;"
+                    " used because secrets.allow_weak_values is true",
+                    raw,
+                )
+        refused = set() if self.config.allow_weak_values else weak
         for unit, name, ref in wanted:
             found = fetched[ref.raw]
-            if isinstance(found, str):
+            if isinstance(found, str) and ref.raw not in refused:
                 result.values.setdefault(unit.name, {})[name] = Secret(found, source=ref.raw)
-            elif unit.name not in result.errors:
+            elif unit.name in result.errors:
+                continue
+            elif isinstance(found, str):
+                # Not registered, and the message says nothing of the value (not its length).
+                result.errors[unit.name] = (
+                    f"unit {unit.name}: secret {name!r} ({ref.raw}) is too short or too common"
+                    f" to be masked safely in output ({WEAK_HINT})"
+                )
+            else:
                 result.errors[unit.name] = self.redactor.redact(
                     f"unit {unit.name}: secret {name!r} could not be read: {found}"
                 )

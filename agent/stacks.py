@@ -21,7 +21,7 @@ from agent.errors import AgentError, TerraformError
 from agent.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
 from agent.layout import StateLayout
 from agent.progress import Event, EventKind, Reporter
-from agent.redact import Redactor
+from agent.redact import LineRedactor, Redactor
 from agent.secrets import ResolvedSecrets, terraform_variables
 from agent.store import RunStore, UnitOutcome, UnitStatus
 from agent.unitrun import run_unit
@@ -370,15 +370,21 @@ class StackReconciler:
 
 
 class _LineSink:
-    """A callable that streams each line, redacted, to a file and to a progress callback."""
+    """A callable that streams each line, redacted, to a file and to a progress callback.
+
+    Redacted by a `LineRedactor`: a line ending with the first words of a secret waits
+    for the next one, so that a secret Terraform word-wrapped is masked whole.
+    """
 
     def __init__(self, path: Path, redactor: Redactor, on_line: Any) -> None:
         self._file = StreamedFile(path)
-        self._redact = redactor.redact
         self._on_line = on_line
+        self._lines = LineRedactor(redactor, self._emit)
 
     def __call__(self, line: str) -> None:
-        line = self._redact(line)
+        self._lines(line)
+
+    def _emit(self, line: str) -> None:
         self._file.write_line(line)
         self._on_line(line)
 
@@ -386,7 +392,10 @@ class _LineSink:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._file.close()
+        try:
+            self._lines.flush()
+        finally:
+            self._file.close()
 
 
 def describe_outcome(outcome: UnitOutcome) -> str:

@@ -56,6 +56,9 @@ class SecretsConfig:
     retry_for: float = DEFAULT_RETRY_FOR
     vault: VaultConfig | None = None
     aws: AwsConfig | None = None
+    # Values too short or common to mask safely (agent.redact.weak_value): a warning
+    # instead of failing the unit.
+    allow_weak_values: bool = False
 
     def backends(self) -> frozenset[str]:
         """The reference schemes that have a configured backend."""
@@ -69,7 +72,8 @@ class SecretsConfig:
 
 def read_secrets(value: Value | None, base_dir: Path, path_of: PathReader) -> SecretsConfig:
     """Validate the `secrets:` mapping; `path_of(value, base_dir)` reads a path value."""
-    fields = value.mapping(["allowed", "retry_for", "vault", "aws"]) if value else None
+    keys = ["allowed", "retry_for", "vault", "aws", "allow_weak_values"]
+    fields = value.mapping(keys) if value else None
     if fields is None:
         return SecretsConfig()
     allowed: list[str] = []
@@ -85,7 +89,9 @@ def read_secrets(value: Value | None, base_dir: Path, path_of: PathReader) -> Se
         retry_for = found.duration(positive=False) or 0.0
     vault = _vault(fields.get("vault"), base_dir, path_of)
     aws = _aws(fields.get("aws"))
-    return SecretsConfig(tuple(allowed), retry_for, vault, aws)
+    weak = fields.get("allow_weak_values")
+    allow_weak = bool(weak.boolean()) if weak else False
+    return SecretsConfig(tuple(allowed), retry_for, vault, aws, allow_weak)
 
 
 def _vault(value: Value | None, base_dir: Path, path_of: PathReader) -> VaultConfig | None:
