@@ -153,6 +153,8 @@ _PREFIX = 4
 # next line's indentation and box prefix (`│ ` in diagnostics). Within a line, any blanks:
 # a value "a  b" wrapped keeps no trace of its double space.
 _SEP = r"(?:[^\S\n]*\n[^\S\n]*(?:[│|][^\S\n]*)?|[^\S\n]+)"
+# At most this many words of a value are matched as a piece at the edge of a text.
+_EDGE_WORDS = 64
 # What may come before a piece of a value at the start of a text: indentation, a box.
 _LEAD = r"[^\S\n]*(?:[│|][^\S\n]*)?"
 
@@ -394,19 +396,23 @@ def _joined(words: Iterable[str]) -> str:
 
 
 def _prefixes(words: tuple[str, ...]) -> str:
-    """A regex for the proper prefixes of `words` (the first 1 to n-1 words)."""
+    """A regex for the proper prefixes of `words` (the first 1 to n-1 words, at most
+    `_EDGE_WORDS`: the regex nests a group per word, and Python's parser recurses)."""
+    head = words[:-1][:_EDGE_WORDS]
     inner = ""
-    for word in reversed(words[1:-1]):
+    for word in reversed(head[1:]):
         inner = f"(?:{_SEP}{re.escape(word)}{inner})?"
-    return re.escape(words[0]) + inner
+    return re.escape(head[0]) + inner
 
 
 def _suffixes(words: tuple[str, ...]) -> str:
-    """A regex for the proper suffixes of `words` (the last 1 to n-1 words)."""
+    """A regex for the proper suffixes of `words` (the last 1 to n-1 words, at most
+    `_EDGE_WORDS`)."""
+    tail = words[1:][-_EDGE_WORDS:]
     inner = ""
-    for word in words[1:-1]:
+    for word in tail[:-1]:
         inner = f"(?:{inner}{re.escape(word)}{_SEP})?"
-    return inner + re.escape(words[-1])
+    return inner + re.escape(tail[-1])
 
 
 def _by_length(sequences: Iterable[tuple[str, ...]]) -> list[tuple[str, ...]]:

@@ -142,6 +142,17 @@ def test_the_stream_gives_up_holding_after_max_held_lines() -> None:
     assert out[0] == MASK and "word00" not in "\n".join(out)
 
 
+def test_a_value_of_many_words_is_registered_and_masked() -> None:
+    # The pieces' patterns nest a group per word: a long document must not overflow
+    # Python's regex parser (it recursed past its limit at ~1,000 words).
+    value = " ".join(f"w{i:04d}x" for i in range(1500))
+    redactor = Redactor()
+    redactor.register(value)
+    cut = value.index(" ", 700)
+    assert redactor.redact(f"a {value[:cut]}\n    {value[cut + 1 :]} b") == f"a {MASK} b"
+    assert redactor.redact("w1498x w1499x and more") == f"{MASK} and more"
+
+
 # --- end to end: the embedded Terraform and a real pass ---------------------------------
 
 # Three resources put the secrets at different columns, so that Terraform breaks them at
