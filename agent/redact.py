@@ -482,7 +482,9 @@ class _Compiled:
             branches.append(r"(?<!\w)(?:" + "|".join(map(re.escape, ordered)) + r")(?!\w)")
         if branches:
             self._add(_trie_regex({f[:_PREFIX] for f in forms | words}), "|".join(branches))
-        self.head = self.tail = None
+        self.head: re.Pattern[str] | None = None
+        self.tail: re.Pattern[str] | None = None
+        self.reach = 0
         if wrapped:
             # Apart from the literal forms, so that a literal form matching at the same
             # position (a shorter value, a word of this one) cannot hide a wrapped match.
