@@ -135,6 +135,12 @@ def test_a_weak_secret_fails_its_unit_before_planning(tmp_path: Path) -> None:
     assert f"secret 'flag' ({ref}) is too short or too common" in (weak.error or "")
     assert f"at least {MIN_SECRET_LENGTH} characters" in (weak.error or "")
     assert "allow_weak_values" in (weak.error or "")
+    # The message is the one docs/secrets.md quotes (its unit and reference aside).
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "secrets.md").read_text()
+    quoted = next(line for line in docs.splitlines() if line.startswith("unit app: secret"))
+    assert quoted.replace("unit app:", "unit weak:").replace("vault:kv/prod/app#flag", ref) == (
+        weak.error
+    )
     # Nothing was planned for it; its dependent is blocked; the others ran.
     assert not list((tmp_path / "state").glob("runs/*/weak/plan.txt"))
     assert result.outcomes["after"].status is UnitStatus.BLOCKED
