@@ -19,6 +19,7 @@ from agent.errors import ConfigError
 from agent.reconcile import PassRequest, Reconciler
 from agent.redact import MASK, MIN_SECRET_LENGTH, weak_value
 from agent.store import UnitStatus
+from tests.support.docblocks import block
 from tests.support.infra import InfraRepo, write_host_config
 
 
@@ -136,8 +137,7 @@ def test_a_weak_secret_fails_its_unit_before_planning(tmp_path: Path) -> None:
     assert f"at least {MIN_SECRET_LENGTH} characters" in (weak.error or "")
     assert "allow_weak_values" in (weak.error or "")
     # The message is the one docs/secrets.md quotes (its unit and reference aside).
-    docs = (Path(__file__).resolve().parent.parent / "docs" / "secrets.md").read_text()
-    quoted = next(line for line in docs.splitlines() if line.startswith("unit app: secret"))
+    quoted = block("output", "weak-secret").text.strip()
     assert quoted.replace("unit app:", "unit weak:").replace("vault:kv/prod/app#flag", ref) == (
         weak.error
     )
