@@ -492,7 +492,8 @@ class _Compiled:
             firsts = _trie_regex({seq[0][:_PREFIX] for seq in ordered_seqs})
             self._add(firsts, "|".join(_joined(seq) for seq in ordered_seqs))
             lasts = "|".join(_suffixes(seq) for seq in ordered_seqs)
-            self.head = re.compile(f"{_LEAD}({lasts})")
+            inner = _trie_regex({w[:_PREFIX] for seq in ordered_seqs for w in seq[1:]})
+            self.head = re.compile(f"{_LEAD}(?={inner})({lasts})")
             heads = "|".join(_prefixes(seq) for seq in ordered_seqs)
             self.tail = re.compile(f"(?={firsts})(?:{heads})[^\\S\\n]*\\Z")
             # How far from its end a text is searched for a value's first words.
