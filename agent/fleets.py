@@ -2,11 +2,16 @@
 
 Per host: the manifest's resources (the fleet's roles, the host's own roles, the
 fleet's inline resources) become the engine's `Resource`s (templates rendered with the
-fleet, unit and host variables and the unit's secrets; sources read from the checkout);
-resources this host had at its last converge that the repo no longer lists are added
-as `state: absent`, so a `git revert` really rolls back. The engine converges each host
-in one round trip when nothing changed; hosts run in parallel and one failing host
-never stops the others. The per-host diff goes to `hosts.txt` in the run directory.
+fleet, unit and host variables and the unit's secrets; sources read from the checkout).
+Each host has one record of what the agent manages there (providers/hosts/ledger.py,
+stored under `<state>/hosts/`), shared by every fleet unit: objects this unit created
+that the repo no longer lists, and that no current resource of any unit owns, are
+added as `state: absent` (in reverse dependency order), so a `git revert` really rolls
+back; adopted objects are let go. The record is updated per resource after every apply,
+so a partly failed apply still records what it did. With `policy.destroy: hold` those
+removals are shown and held for `agent approve`; the rest converges. The engine converges
+each host in one round trip when nothing changed; hosts run in parallel and one failing
+host never stops the others. The per-host diff goes to `hosts.txt` in the run directory.
 """
 
 from __future__ import annotations
@@ -16,11 +21,11 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from agent.config import HostConfig, StackOutputRef, Unit
+from agent.config import DestroyPolicy, HostConfig, StackOutputRef, Unit
 from agent.config.fleet import Fleet, HostsFromStack, HostSpec, ResourceSpec
 from agent.config.manifest import plain_value
 from agent.decide import Decision
@@ -33,6 +38,7 @@ from agent.stacks import StackContext
 from agent.store import RunStore, UnitOutcome, UnitStatus
 from agent.unitrun import run_unit
 from providers.errors import ProviderError, RepoFileError
+from providers.hosts import ledger
 from providers.hosts.engine import converge
 from providers.hosts.model import Handler, HostReport, Resource
 from providers.hosts.templates import render_string, render_template
@@ -41,9 +47,7 @@ from providers.transport import LocalTransport, Transport
 from providers.transport.ssh import SSHSettings, SSHTarget, SSHTransport
 
 LOCAL_ADDRESS = "local"
-# Kinds that can be removed when the repo stops listing them (services and commands
-# cannot: stopping a service is said explicitly, a command has no "undo").
-_REMOVABLE = ("file", "template", "directory", "link", "package", "user", "group")
+HELD_FILE = "held-removals.json"  # in the run dir: the removals a hold showed, per host
 
 # A command's string fields rendered with the host's variables (its `env` values too).
 _COMMAND_TEMPLATES = ("command", "creates", "unless", "onlyif", "cwd")
@@ -66,9 +70,13 @@ class PlannedHost:
     """One host of a fleet with what it must have (or why it cannot be built)."""
 
     spec: HostSpec
-    resources: tuple[Resource, ...]
+    resources: tuple[Resource, ...]  # what the engine gets: desired, then removals
     handlers: Mapping[str, Handler]
     error: str | None = None
+    desired: tuple[Resource, ...] = ()
+    removals: tuple[Resource, ...] = ()
+    released: tuple[str, ...] = ()  # record keys let go (adopted objects the repo dropped)
+    pending_handlers: tuple[str, ...] = ()
 
 
 class FleetReconciler:
@@ -90,6 +98,8 @@ class FleetReconciler:
         self.redactor = redactor
         self.stack_outputs = stack_outputs
         self._stop = threading.Event()
+        # Units run in parallel and several may share a host: one writer of the records.
+        self._records = threading.Lock()
 
     def interrupt(self) -> None:
         """Start no new host; the hosts converging now finish their round trip."""
@@ -108,6 +118,66 @@ class FleetReconciler:
             describe=_describe,
         )
 
+    def apply_saved(
+        self, ctx: StackContext, name: str, held_run_id: str, held_file: Path
+    ) -> UnitOutcome:
+        """Apply exactly the removals run `held_run_id` held for fleet `name` (`agent
+        approve`), host by host. A removal whose change on the host is no longer the one
+        shown (the host moved) is not applied: it fails as stale. The file is then gone."""
+        unit = ctx.manifest.get_unit(name)
+        assert unit is not None
+        fleet = _fleet(unit)
+        started = time.monotonic()
+        self.store.start_unit(ctx.run_id, name, ctx.revision)
+        self.report(Event(EventKind.UNIT_STARTED, run_id=ctx.run_id, unit=name))
+        try:
+            held = json.loads(held_file.read_text())
+            specs = {spec.name: spec for spec in self._hosts(ctx, unit, fleet)}
+            planned, expected = [], {}
+            for host, entry in held.items():
+                removals = tuple(
+                    Resource(kind=r["kind"], name=r["name"], attrs=r["attrs"])
+                    for r in entry["removals"]
+                )
+                expected[host] = {
+                    f"{r['kind']}:{r['name']}": tuple(r["changes"]) for r in entry["removals"]
+                }
+                spec = specs.get(host)
+                if spec is None:
+                    spec = HostSpec(name=host, address=str(entry["address"]))
+                    error = f"{host}: no longer in the fleet; nothing removed"
+                    planned.append(PlannedHost(spec, (), {}, error=error))
+                    continue
+                planned.append(PlannedHost(spec, removals, {}, removals=removals))
+            reports = [
+                self._run_host(ctx, unit, fleet, p, True, expected=expected[p.spec.name])
+                for p in planned
+            ]
+            run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, name))
+            atomic_write(run_dir / "hosts.txt", self.redactor.redact(_render_reports(reports)))
+            for plan, report in zip(planned, reports, strict=True):
+                self._remember(unit, plan, report, ctx.revision, applied=True)
+            outcome = _outcome(reports, apply=True, dry_run=False, revision_moved=True)
+        except (AgentError, OSError, ValueError, KeyError) as exc:
+            message = exc.message if isinstance(exc, AgentError) else f"held removals: {exc}"
+            outcome = UnitOutcome(status=UnitStatus.FAILED, decision=Decision.APPLY, error=message)
+        finally:
+            held_file.unlink(missing_ok=True)
+        if outcome.error:
+            outcome = replace(outcome, error=self.redactor.redact(outcome.error))
+        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
+        self.report(
+            Event(
+                EventKind.UNIT_FINISHED,
+                run_id=ctx.run_id,
+                unit=name,
+                message=_describe(outcome),
+                seconds=time.monotonic() - started,
+                result=outcome,
+            )
+        )
+        return outcome
+
     # --- the steps ------------------------------------------------------------------
 
     def _converge(
@@ -116,15 +186,22 @@ class FleetReconciler:
         hosts = self._hosts(ctx, unit, fleet)
         # Drift with `report` looks without touching; a dry run never touches.
         apply = not ctx.dry_run and (revision_moved or unit.drift.value == "revert")
+        hold = apply and self.host.policy.destroy is DestroyPolicy.HOLD
         unit_vars = self._unit_vars(ctx, unit)
         planned = [self._plan_host(ctx, unit, fleet, spec, unit_vars) for spec in hosts]
         limit = min(fleet.parallelism or self.host.hosts.parallelism, self.host.hosts.parallelism)
         with ThreadPoolExecutor(max_workers=max(1, limit), thread_name_prefix="host") as pool:
-            reports = list(pool.map(lambda p: self._run_host(ctx, unit, fleet, p, apply), planned))
+            reports = list(
+                pool.map(lambda p: self._run_host(ctx, unit, fleet, p, apply, hold=hold), planned)
+            )
         run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, unit.name))
         atomic_write(run_dir / "hosts.txt", self.redactor.redact(_render_reports(reports)))
         for plan, report in zip(planned, reports, strict=True):
             self._remember(unit, plan, report, ctx.revision, applied=apply)
+        held = _held_removals(planned, reports)
+        if held:
+            atomic_write(run_dir / HELD_FILE, json.dumps(held, indent=1))
+            self._drop_older_holds(unit.name, ctx.run_id)
         return _outcome(reports, apply=apply, dry_run=ctx.dry_run, revision_moved=revision_moved)
 
     def _hosts(self, ctx: StackContext, unit: Unit, fleet: Fleet) -> tuple[HostSpec, ...]:
@@ -180,17 +257,51 @@ class FleetReconciler:
                 resources.append(self._resource(ctx, item, variables))
         except (ProviderError, CommandLineSecretError, OSError) as exc:
             return PlannedHost(spec, (), {}, error=f"{spec.name}: {exc}")
-        wanted = {r.id for r in resources}
-        for kind, name in self._previous(unit.name, spec.name):
-            if f"{kind}:{name}" not in wanted and kind in _REMOVABLE:
-                attrs: dict[str, Any] = {"state": "absent"}
-                resources.append(
-                    Resource(kind="file" if kind == "template" else kind, name=name, attrs=attrs)
-                )
+        record = self._record(unit.name, spec.name)
+        elsewhere = self._owned_elsewhere(ctx, unit.name, spec, record)
+        removals, released = ledger.implied_removals(record, unit.name, resources, elsewhere)
         handlers = {
             h.name: Handler(h.name, h.service, h.action) for h in ctx.manifest.handlers.values()
         }
-        return PlannedHost(spec, tuple(resources), handlers)
+        return PlannedHost(
+            spec,
+            (*resources, *removals),
+            handlers,
+            desired=tuple(resources),
+            removals=tuple(removals),
+            released=tuple(released),
+            pending_handlers=tuple(record.get("handlers", {}).get(unit.name, ())),
+        )
+
+    def _owned_elsewhere(
+        self, ctx: StackContext, unit: str, spec: HostSpec, record: Mapping[str, Any]
+    ) -> set[str]:
+        """What the current resources of the other fleet units on this host own.
+
+        Static hosts are matched by name or address; a fleet whose hosts come from a
+        stack counts when the record shows it on this host (its host roles are not known
+        without its stack's outputs, so its fleet-wide roles and resources count)."""
+        recorded = {e.get("unit") for e in record.get("objects", {}).values()}
+        keys: set[str] = set()
+        for other in ctx.manifest.units:
+            if other.name == unit or other.fleet is None:
+                continue
+            fleet = other.fleet
+            roles: tuple[str, ...] = ()
+            if isinstance(fleet.hosts, HostsFromStack):
+                seen = self._host_file(other.name, spec.name).exists()
+                if other.name not in recorded and not seen:
+                    continue
+            else:
+                match = [h for h in fleet.hosts if h.name == spec.name or h.address == spec.address]
+                if not match:
+                    continue
+                roles = tuple(r for h in match for r in h.roles)
+            names = (*fleet.roles, *roles)
+            items = [r for name in names for r in ctx.manifest.roles.get(name, ())]
+            items += fleet.resources
+            keys |= {k for r in items if (k := ledger.object_key(r.kind, r.name)) is not None}
+        return keys
 
     def _variables(
         self,
@@ -276,7 +387,15 @@ class FleetReconciler:
         return any(self.redactor.redact(text) != text for text in texts)
 
     def _run_host(
-        self, ctx: StackContext, unit: Unit, fleet: Fleet, plan: PlannedHost, apply: bool
+        self,
+        ctx: StackContext,
+        unit: Unit,
+        fleet: Fleet,
+        plan: PlannedHost,
+        apply: bool,
+        *,
+        hold: bool = False,
+        expected: Mapping[str, Sequence[str]] | None = None,
     ) -> HostReport:
         if plan.error is not None:
             return HostReport(host=plan.spec.name, error=plan.error)
@@ -302,6 +421,9 @@ class FleetReconciler:
             become=fleet.become,
             timeout=self.host.hosts.command_timeout,
             python=self.host.hosts.python,
+            pending_handlers=plan.pending_handlers,
+            hold_removals=hold,
+            expected=expected,
         )
         self.report(
             Event(
@@ -351,7 +473,26 @@ class FleetReconciler:
     def _host_file(self, unit: str, host: str) -> Path:
         return self.layout.unit_dir(unit) / "hosts" / f"{host}.json"
 
-    def _previous(self, unit: str, host: str) -> list[tuple[str, str]]:
+    def _record_file(self, host: str) -> Path:
+        return self.layout.root / "hosts" / f"{host}.json"
+
+    def _record(self, unit: str, host: str) -> dict[str, Any]:
+        """The host's record; a unit's list from before the record existed counts as
+        created by the agent (that is how it was treated then)."""
+        try:
+            record = json.loads(self._record_file(host).read_text())
+        except (OSError, ValueError):
+            record = ledger.new_record()
+        objects = record.setdefault("objects", {})
+        record.setdefault("handlers", {})
+        if not any(e.get("unit") == unit for e in objects.values()):
+            for kind, name in self._legacy(unit, host):
+                key = ledger.object_key(kind, name)
+                if key is not None and key not in objects:
+                    objects[key] = {"kind": kind, "name": name, "unit": unit, "created": True}
+        return record
+
+    def _legacy(self, unit: str, host: str) -> list[tuple[str, str]]:
         try:
             data = json.loads(self._host_file(unit, host).read_text())
         except (OSError, ValueError):
@@ -361,20 +502,31 @@ class FleetReconciler:
     def _remember(
         self, unit: Unit, plan: PlannedHost, report: HostReport, revision: str, *, applied: bool
     ) -> None:
-        """Keep each host's last result (for status) and, after a clean apply, what it has."""
+        """Keep each host's last result (for status) and, per resource, what it manages."""
+        if plan.error is None:
+            outcomes = {o.resource_id: o for o in report.outcomes}
+            with self._records:
+                record = self._record(unit.name, plan.spec.name)
+                record = ledger.updated(
+                    record,
+                    unit.name,
+                    plan.desired,
+                    plan.removals,
+                    plan.released,
+                    outcomes,
+                    applied=applied,
+                    handlers_run=report.handlers_run,
+                    handlers_failed=report.handlers_failed,
+                )
+                path = self._record_file(plan.spec.name)
+                ensure_private_dir(path.parent)
+                atomic_write(path, json.dumps(record, indent=1))
         path = self._host_file(unit.name, plan.spec.name)
         ensure_private_dir(path.parent)
         try:
             previous = json.loads(path.read_text())
         except (OSError, ValueError):
             previous = {}
-        resources = previous.get("resources", [])
-        if applied and report.ok:
-            resources = [
-                {"kind": r.kind, "name": r.name}
-                for r in plan.resources
-                if r.attrs.get("state") != "absent"
-            ]
         record = {
             "host": plan.spec.name,
             "address": plan.spec.address,
@@ -384,11 +536,17 @@ class FleetReconciler:
             "changed": report.changed,
             "pending": report.pending,
             "failed": report.failed,
+            "held": report.held,
             "round_trips": report.round_trips,
             "error": self.redactor.redact(_host_error(report)) or None,
-            "resources": resources,
         }
         atomic_write(path, json.dumps(record, indent=1))
+
+    def _drop_older_holds(self, unit: str, run_id: str) -> None:
+        """Held again: only the newest hold can be approved (the older ones are stale)."""
+        for held in self.layout.runs.glob(f"*/{unit}/{HELD_FILE}"):
+            if held.parent.parent.name != run_id:
+                held.unlink(missing_ok=True)
 
 
 def host_states(layout: StateLayout, unit: str) -> list[dict[str, Any]]:
@@ -445,12 +603,29 @@ def hosts_from_output(unit: str, ref: HostsFromStack, value: Any) -> tuple[HostS
 
 def _last_wins(specs: Sequence[ResourceSpec]) -> list[ResourceSpec]:
     """One resource per id: a later definition (the host's roles, the fleet's own list)
-    replaces an earlier one in place."""
+    replaces an earlier one and keeps its first place (a user defined early stays before
+    the files it owns)."""
     chosen: dict[str, ResourceSpec] = {}
     for spec in specs:
-        chosen.pop(spec.id, None)
-        chosen[spec.id] = spec
+        chosen[spec.id] = spec  # a dict keeps the first insertion's position
     return list(chosen.values())
+
+
+def _held_removals(
+    planned: Sequence[PlannedHost], reports: Sequence[HostReport]
+) -> dict[str, dict[str, Any]]:
+    """Per host, exactly the removals a hold showed (what `agent approve` may apply)."""
+    held: dict[str, dict[str, Any]] = {}
+    for plan, report in zip(planned, reports, strict=True):
+        shown = {o.resource_id: o for o in report.outcomes if o.status == "held"}
+        items = [
+            {"kind": r.kind, "name": r.name, "attrs": dict(r.attrs), "changes": list(o.changes)}
+            for r in plan.resources
+            if (o := shown.get(r.id)) is not None
+        ]
+        if items:
+            held[plan.spec.name] = {"address": plan.spec.address, "removals": items}
+    return held
 
 
 def _host_error(report: HostReport) -> str:
@@ -469,6 +644,8 @@ def _host_line(report: HostReport) -> str:
         parts.append(f"{report.changed} changed")
     if report.pending:
         parts.append(f"{report.pending} would change")
+    if report.held:
+        parts.append(f"{report.held} removals held for approval")
     if report.failed or report.handler_errors:
         parts.append(f"{report.failed + len(report.handler_errors)} failed")
     summary = ", ".join(parts) or "in its desired state"
@@ -500,8 +677,9 @@ def _outcome(
 ) -> UnitOutcome:
     changed = sum(r.changed for r in reports)
     pending = sum(r.pending for r in reports)
+    held = sum(r.held for r in reports)
     failed = [r for r in reports if not r.ok]
-    found = changed + pending
+    found = changed + pending + held
     if dry_run:
         decision = Decision.PLAN_ONLY
     elif not found:
@@ -521,6 +699,19 @@ def _outcome(
             plan_change=found,
             error=f"{len(failed)} of {len(reports)} hosts failed ({names}): {detail}",
         )
+    if held:
+        hosts = ", ".join(r.host for r in reports if r.held)
+        return UnitOutcome(
+            status=UnitStatus.HELD,
+            decision=Decision.HOLD,
+            drift=drift,
+            plan_change=changed,
+            plan_destroy=held,
+            error=(
+                f"{held} removals on {hosts} are held for approval (policy.destroy: hold);"
+                " the rest was applied"
+            ),
+        )
     return UnitOutcome(
         status=UnitStatus.OK,
         decision=decision,
@@ -533,6 +724,8 @@ def _outcome(
 def _describe(outcome: UnitOutcome) -> str:
     if outcome.status is UnitStatus.FAILED:
         return f"failed: {outcome.error}"
+    if outcome.status is UnitStatus.HELD:
+        return f"held: {outcome.error}"
     if outcome.decision == Decision.NOTHING:
         return "hosts in their desired state"
     count = outcome.plan_change or 0

@@ -27,7 +27,7 @@ from agent.errors import (
     SourceError,
     VerificationError,
 )
-from agent.fleets import FleetReconciler
+from agent.fleets import HELD_FILE, FleetReconciler
 from agent.layout import StateLayout
 from agent.passlock import PassLock
 from agent.progress import Event, EventKind, Reporter, silent
@@ -215,9 +215,14 @@ class Reconciler:
                 for name in [n for n in ctx.manifest.order() if n in held]:
                     if self._stop.is_set():
                         break
-                    ctx.outcomes[name] = self.stacks.apply_saved(
-                        stack_ctx, name, run_id, held[name]
+                    unit_kind = ctx.manifest.get_unit(name)
+                    # A fleet holds the removals it showed; a stack, its Terraform plan.
+                    apply_saved = (
+                        self.fleets.apply_saved
+                        if unit_kind is not None and unit_kind.fleet is not None
+                        else self.stacks.apply_saved
                     )
+                    ctx.outcomes[name] = apply_saved(stack_ctx, name, run_id, held[name])
 
             return self._run_steps(ctx, [("load-manifest", load), ("apply", apply)])
 
@@ -255,7 +260,7 @@ class Reconciler:
                 f" (it planned {(run.revision or 'nothing')[:12]}, {(current or 'none')[:12]} is"
                 " in force now); run `agent reconcile --now` to plan again"
             )
-        plans = {n: self.layout.unit_run_dir(run_id, n) / PLAN_FILE for n in names}
+        plans = {n: _held_file(self.layout.unit_run_dir(run_id, n)) for n in names}
         for name, plan in plans.items():
             if not plan.exists():
                 raise ApprovalRefused(self._why_no_plan(run_id, name))
@@ -534,3 +539,11 @@ class Reconciler:
                         stack_ctx, name, failed[0], outcomes[failed[0]]
                     )
                     changed = True
+
+
+def _held_file(unit_run_dir: Path) -> Path:
+    """What a held unit saved for approval: a fleet's removals (its run dir has the hosts'
+    report), or a stack's Terraform plan."""
+    if (unit_run_dir / "hosts.txt").exists():
+        return unit_run_dir / HELD_FILE
+    return unit_run_dir / PLAN_FILE

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from providers.errors import HostEngineError, ProviderError, ResourceConflictError
@@ -38,6 +38,7 @@ def _outcome(
     status: Status,
     changes: Sequence[Change] = (),
     error: str | None = None,
+    existed: bool | None = None,
 ) -> ResourceOutcome:
     return ResourceOutcome(
         resource_id=resource.id,
@@ -45,7 +46,28 @@ def _outcome(
         changes=tuple(change.text for change in changes),
         diff=cap("".join(change.diff for change in changes)),
         error=None if error is None else f"{resource.id}: {error}",
+        existed=existed,
     )
+
+
+# Kinds whose removal deletes something (files, accounts, packages): these can be held.
+REMOVABLE = frozenset({"file", "template", "directory", "link", "package", "user", "group"})
+
+
+def _existed(resource: Resource, facts: Facts | None) -> bool | None:
+    """Whether the object was on the host before this converge (None: unknown)."""
+    if facts is None or "error" in facts:
+        return None
+    if resource.kind == "package":
+        return bool(facts.get("installed"))
+    if resource.kind in REMOVABLE:
+        return bool(facts.get("exists"))
+    return None
+
+
+def is_removal(resource: Resource) -> bool:
+    """A resource whose desired state deletes something from the host."""
+    return resource.kind in REMOVABLE and resource.attrs.get("state") == "absent"
 
 
 def gather_facts(
@@ -105,16 +127,37 @@ class _Pass:
     operations: list[tuple[int, dict[str, Any]]] = field(default_factory=list)
     handlers_run: list[str] = field(default_factory=list)
     handler_errors: list[str] = field(default_factory=list)
+    handlers_failed: list[str] = field(default_factory=list)
+    hold_removals: bool = False
+    expected: Mapping[str, Sequence[str]] | None = None
+
+
+def _stale(resource: Resource, changes: list[Change], expected: Sequence[str] | None) -> str | None:
+    """Why an approved change no longer matches what was shown (None: it does)."""
+    now = [change.text for change in changes]
+    if not now or (expected is not None and list(expected) == now):
+        return None  # as shown, or already done
+    shown = "; ".join(expected or ()) or "nothing"
+    return (
+        f"stale: approved as {shown!r}, the host now needs {'; '.join(now) or 'nothing'!r};"
+        " nothing done (run `agent reconcile --now` to plan again)"
+    )
 
 
 def _plan(state: _Pass, facts: Sequence[Facts | None], *, apply: bool) -> None:
     """Diff every resource; with `apply`, queue the operations of those that change."""
     for index, resource in enumerate(state.resources):
         changes, problem = _evaluate(resource, facts[index])
+        existed = _existed(resource, facts[index])
+        if changes is not None and state.expected is not None:
+            # An approval applies exactly what was shown, or nothing for that resource.
+            problem = _stale(resource, changes, state.expected.get(resource.id))
+            if problem is not None:
+                changes = None
         if changes is None:
-            state.outcomes.append(_outcome(resource, "failed", error=problem))
+            state.outcomes.append(_outcome(resource, "failed", error=problem, existed=existed))
         elif not changes:
-            state.outcomes.append(_outcome(resource, "ok"))
+            state.outcomes.append(_outcome(resource, "ok", existed=existed))
             # An earlier change of this apply may move it (a command's guard, a service a
             # package's postinst started): the host asks again at its turn, so one pass converges.
             earlier = [state.resources[i] for i, _ in state.operations] if apply else []
@@ -124,9 +167,13 @@ def _plan(state: _Pass, facts: Sequence[Facts | None], *, apply: bool) -> None:
                 state.planned[index] = []
                 state.operations.append((index, again))
         elif not apply:
-            state.outcomes.append(_outcome(resource, "would-change", changes))
+            state.outcomes.append(_outcome(resource, "would-change", changes, existed=existed))
+        elif state.hold_removals and is_removal(resource):
+            # policy.destroy: hold — shown, left for `agent approve`; the rest converges.
+            state.outcomes.append(_outcome(resource, "held", changes, existed=existed))
         else:
-            state.outcomes.append(_outcome(resource, "changed", changes))  # until confirmed
+            # "changed" until the host confirms it
+            state.outcomes.append(_outcome(resource, "changed", changes, existed=existed))
             state.planned[index] = changes
             state.operations.append((index, kinds.operation(resource, facts[index] or {}, changes)))
 
@@ -139,10 +186,12 @@ def _apply(
     become: bool,
     timeout: float,
     python: str,
+    pending: Sequence[str],
 ) -> None:
-    """The apply round trip: every queued operation, then the notified handlers."""
+    """The apply round trip: every queued operation, then the notified handlers (and the
+    `pending` ones, which failed in an earlier pass and run whatever changes now)."""
     handler_ops, state.handler_errors = plan.build_handlers(
-        state.resources, list(state.planned), handlers
+        state.resources, list(state.planned), handlers, pending=pending
     )
     spec = {"mode": "apply", "ops": plan.build_ops(state.operations), "handlers": handler_ops}
     try:
@@ -156,19 +205,27 @@ def _apply(
             if index in state.rechecked:
                 continue  # it may not have had to run at all: the next pass finds out
             reason = f"not confirmed, the apply round trip failed: {exc}"
-            state.outcomes[index] = _outcome(state.resources[index], "failed", changes, reason)
+            before = state.outcomes[index].existed
+            state.outcomes[index] = _outcome(
+                state.resources[index], "failed", changes, reason, existed=before
+            )
+        # Whatever changed may still need its handlers: keep them due.
+        state.handlers_failed = [str(op["name"]) for op in handler_ops]
         raise exc from None
     for index, changes in state.planned.items():
         result = results.get(index)
+        before = state.outcomes[index].existed
         if index in state.rechecked:
-            state.outcomes[index] = _rechecked(state.resources[index], result)
+            outcome = _rechecked(state.resources[index], result)
         else:
-            state.outcomes[index] = _confirmed(state.resources[index], changes, result)
+            outcome = _confirmed(state.resources[index], changes, result)
+        state.outcomes[index] = replace(outcome, existed=before)
     for name, entry in ran:
         if entry.get("ok"):
             state.handlers_run.append(name)
         else:
             state.handler_errors.append(f"handler {name!r}: {entry.get('error')}")
+            state.handlers_failed.append(name)
 
 
 def converge(
@@ -180,16 +237,24 @@ def converge(
     become: bool,
     timeout: float = 300.0,
     python: str = "python3",
+    pending_handlers: Sequence[str] = (),
+    hold_removals: bool = False,
+    expected: Mapping[str, Sequence[str]] | None = None,
 ) -> HostReport:
     """Bring one host to the desired state of `resources` (manifest order), or, with
     `apply=False`, report what would change. Never raises for a host problem.
 
     The transport is connected here and closed before returning. `timeout` bounds each
     round trip. `python` is the interpreter on the target (Python >= 3.7).
+    `pending_handlers` run in the apply even if nothing notifies them (they failed before).
+    `hold_removals`: removals are shown with status "held" and not applied.
+    `expected` (resource id -> change lines, from an approval): a resource whose changes
+    differ is not applied (stale), nor is one that is not listed.
     """
     started = time.monotonic()
     first_trip = transport.round_trips
-    state = _Pass(resources=tuple(resources))
+    state = _Pass(resources=tuple(resources), hold_removals=hold_removals, expected=expected)
+    pending = [name for name in pending_handlers if name in handlers] if apply else []
     error: str | None = None
     try:
         transport.connect()
@@ -197,8 +262,16 @@ def converge(
             transport, state.resources, become=become, timeout=timeout, python=python
         )
         _plan(state, facts, apply=apply)
-        if state.operations:
-            _apply(transport, state, handlers, become=become, timeout=timeout, python=python)
+        if state.operations or pending:
+            _apply(
+                transport,
+                state,
+                handlers,
+                become=become,
+                timeout=timeout,
+                python=python,
+                pending=pending,
+            )
     except ProviderError as exc:
         error = str(exc)
     finally:
@@ -209,6 +282,7 @@ def converge(
         outcomes=tuple(state.outcomes),
         handlers_run=tuple(state.handlers_run),
         handler_errors=tuple(state.handler_errors),
+        handlers_failed=tuple(state.handlers_failed),
         round_trips=transport.round_trips - first_trip,
         error=error,
         duration_s=time.monotonic() - started,

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-Status = Literal["ok", "changed", "would-change", "failed"]
+Status = Literal["ok", "changed", "would-change", "failed", "held"]
 
 
 @dataclass(frozen=True)
@@ -59,13 +59,19 @@ class Change:
 
 @dataclass(frozen=True)
 class ResourceOutcome:
-    """What happened to one resource on one host."""
+    """What happened to one resource on one host.
+
+    `existed` says whether the object (path, package, user, group) was there before this
+    converge touched it (None: not known, or a kind without one); the agent records from
+    it whether it created the object or adopted one. `held`: a removal left for approval.
+    """
 
     resource_id: str
     status: Status
     changes: tuple[str, ...] = ()
     diff: str = ""
     error: str | None = None
+    existed: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -75,13 +81,16 @@ class HostReport:
     `error` is set for a host-level failure (unreachable, no python3, a transport error,
     an unreadable answer); `outcomes` may then be empty or incomplete. `handlers_run`
     names the handlers that ran and succeeded; `handler_errors` holds one message per
-    handler that failed. `round_trips` counts the commands sent to the host.
+    handler that failed, and `handlers_failed` their names (with those that were due but
+    never ran because the apply round trip failed): the caller keeps them pending.
+    `round_trips` counts the commands sent to the host.
     """
 
     host: str
     outcomes: tuple[ResourceOutcome, ...] = ()
     handlers_run: tuple[str, ...] = ()
     handler_errors: tuple[str, ...] = ()
+    handlers_failed: tuple[str, ...] = ()
     round_trips: int = 0
     error: str | None = None
     duration_s: float = 0.0
@@ -100,6 +109,11 @@ class HostReport:
     def pending(self) -> int:
         """How many resources would change (dry run)."""
         return sum(1 for outcome in self.outcomes if outcome.status == "would-change")
+
+    @property
+    def held(self) -> int:
+        """How many removals wait for approval (they were shown, not applied)."""
+        return sum(1 for outcome in self.outcomes if outcome.status == "held")
 
     @property
     def ok(self) -> bool:

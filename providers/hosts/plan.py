@@ -44,10 +44,16 @@ def build_handlers(
     resources: Sequence[Resource],
     changing: Sequence[int],
     handlers: Mapping[str, Handler],
+    *,
+    pending: Sequence[str] = (),
 ) -> tuple[list[Op], list[str]]:
-    """The handlers the changing resources notify, and a message per unusable notify."""
+    """The handlers the changing resources notify, and a message per unusable notify.
+
+    A `pending` handler (it failed in an earlier pass) runs whether or not anything
+    notifies it now: the change it was for has not been picked up yet.
+    """
     errors: list[str] = []
-    notified: dict[str, list[int]] = {}
+    notified: dict[str, list[int]] = {name: [] for name in pending if name in handlers}
     for index in changing:
         resource = resources[index]
         for name in resource.notify:
@@ -66,5 +72,8 @@ def build_handlers(
             errors.append(f"handler {name!r}: {handler.service!r} is not a systemd unit name")
             continue
         step = handler_step(handler.service, handler.action)
-        ops.append({"name": name, **step, "notified_by": notified[name]})
+        op = {"name": name, **step, "notified_by": notified[name]}
+        if name in pending:
+            op["always"] = True
+        ops.append(op)
     return ops, errors

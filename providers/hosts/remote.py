@@ -29,7 +29,6 @@ import signal
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 
 MAX_CONTENT = 256 * 1024  # largest file whose old text comes back for a diff
@@ -307,17 +306,35 @@ def fact_user(query, ctx):
         "home": entry.pw_dir,
     }
     if query.get("keys"):
-        path = os.path.join(entry.pw_dir, ".ssh", "authorized_keys")
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            fact["authorized_keys"] = {"exists": False}
-        else:
-            keys = stat_fact(st)
-            if keys["type"] == "file":
-                content_fact(path, keys, query.get("sha256"), True)
-            fact["authorized_keys"] = keys
+        fact["authorized_keys"] = keys_fact(entry, query)
     return fact
+
+
+def keys_fact(entry, query):
+    """The user's authorized_keys, read without following a link (so a ~/.ssh pointing
+    at /root/.ssh shows as something to replace, never as root's keys)."""
+    try:
+        ssh_dir = open_ssh_dir(entry, create=False)
+    except FileNotFoundError:
+        return {"exists": False}
+    except StepError:
+        return {"exists": True, "type": "link"}
+    try:
+        st = lstat_at(ssh_dir, "authorized_keys")
+        if st is None:
+            return {"exists": False}
+        keys = stat_fact(st)
+        if keys["type"] == "file":
+            flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open("authorized_keys", flags, dir_fd=ssh_dir)
+            path = f"/proc/self/fd/{fd}"
+            try:
+                content_fact(path, keys, query.get("sha256"), True)
+            finally:
+                os.close(fd)
+        return keys
+    finally:
+        os.close(ssh_dir)
 
 
 def fact_group(query, ctx):
@@ -328,10 +345,16 @@ def fact_group(query, ctx):
     return {"exists": True, "gid": entry.gr_gid}
 
 
-def guard(query, ctx):
+def guard(query, ctx, applying=False):
     """(run?, why) for a command, from its creates/unless/onlyif guards, in that order."""
     # Commands and guards run in `cwd`, or in / (not wherever the login or sudo left us).
     env, cwd = query.get("env"), query.get("cwd") or "/"
+    if not os.path.isdir(cwd):
+        if applying:
+            raise StepError(f"working directory {cwd} does not exist")
+        # An earlier resource of the same apply may create it: the guards are asked
+        # again at the command's turn.
+        return True, f"cwd {cwd} does not exist yet (guards checked when it runs)"
     reasons = []
     creates = query.get("creates")
     if creates:
@@ -463,21 +486,91 @@ def gather(spec, ctx):
 # --- apply -----------------------------------------------------------------------------
 
 
-def fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+MAX_LINKS = 40
+NEW_DIR = (0o755, -1, -1)  # parents the engine creates: root's, 0755 (as mkdir -p under 022)
+
+
+def trusted(st):
+    """Owned by root (or the user the engine runs as): nobody else can have made it."""
+    return st.st_uid in (0, os.geteuid())
+
+
+def open_dir(path, create=None):
+    """An fd of directory `path`, opened one component at a time from / with O_NOFOLLOW.
+
+    The engine runs as root and writes where other users own directories (their home):
+    a symbolic link is followed only when it and the directory holding it are owned by
+    root, never one a user could have made (`~/.ssh -> /root/.ssh`). `create`:
+    (mode, uid, gid) for missing directories, or None to fail on them.
+    """
+    parts = [part for part in path.split("/") if part and part != "."]
+    fd = os.open("/", DIR_FLAGS)
+    hops = 0
     try:
-        os.fsync(fd)
-    finally:
+        while parts:
+            part = parts.pop(0)
+            try:
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if create is None:
+                    raise
+                mode, uid, gid = create
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, mode, dir_fd=fd)
+                child = os.open(part, DIR_FLAGS, dir_fd=fd)
+                if uid != -1 or gid != -1:
+                    os.fchown(child, uid, gid)
+                os.fchmod(child, mode)
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                st = os.stat(part, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISLNK(st.st_mode):
+                    raise StepError(f"{path}: {part} is not a directory") from None
+                if not (trusted(st) and trusted(os.fstat(fd))):
+                    raise StepError(
+                        f"{path}: {part} is a symbolic link owned by {user_name(st.st_uid)};"
+                        " not following it as root"
+                    ) from None
+                hops += 1
+                if hops > MAX_LINKS:
+                    raise StepError(f"{path}: too many symbolic links") from None
+                target = os.readlink(part, dir_fd=fd)
+                parts = [p for p in target.split("/") if p and p != "."] + parts
+                if target.startswith("/"):
+                    os.close(fd)
+                    fd = os.open("/", DIR_FLAGS)
+                continue
+            os.close(fd)
+            fd = child
+        return fd
+    except BaseException:
         os.close(fd)
+        raise
 
 
-def atomic_write(path, data, mode, uid, gid):
-    """Temp file beside `path`, fchown/fchmod, fsync, rename: readers see old or new."""
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(
-        prefix=f".{os.path.basename(path)}.", suffix=".gitops-tmp", dir=directory
-    )
+def open_parent(path, create=NEW_DIR):
+    """(fd of the directory holding `path`, the last component), safely (open_dir)."""
+    directory, name = os.path.split(os.path.normpath(path))
+    if not name:
+        raise StepError(f"{path} names no file")
+    return open_dir(directory or "/", create), name
+
+
+def lstat_at(dfd, name):
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def atomic_write(dfd, name, data, mode, uid, gid):
+    """Temp file beside `name` in `dfd`, fchown/fchmod, fsync, rename: readers see old or
+    new. Neither the temp file nor `name` is ever opened through a link."""
+    tmp = f".{name}.{os.getpid()}.{os.urandom(4).hex()}.gitops-tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
     try:
         view = memoryview(data)
         while view:
@@ -488,103 +581,182 @@ def atomic_write(path, data, mode, uid, gid):
         os.fsync(fd)
         os.close(fd)
         fd = -1
-        os.rename(tmp, path)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)  # replaces a link, never follows
     except BaseException:
         if fd != -1:
             os.close(fd)
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dfd)
         raise
-    fsync_dir(directory)
-
-
-def existing(path):
-    try:
-        return os.lstat(path)
-    except FileNotFoundError:
-        return None
+    os.fsync(dfd)
 
 
 def step_write(step, ctx):
     path = step["path"]
-    old = existing(path)
-    if old is not None and stat.S_ISDIR(old.st_mode):
-        raise StepError(f"{path} is a directory; not replacing it with a file")
-    regular = old is not None and stat.S_ISREG(old.st_mode)
-    # Unset mode/owner/group keep what the file had; a new file gets 0644 and our user.
-    if step.get("mode"):
-        mode = int(step["mode"], 8)
-    else:
-        mode = stat.S_IMODE(old.st_mode) if regular else 0o644
-    uid = resolve_uid(step.get("owner"))
-    gid = resolve_gid(step.get("group"))
-    if regular:
-        uid = old.st_uid if uid == -1 else uid
-        gid = old.st_gid if gid == -1 else gid
-    atomic_write(path, base64.b64decode(step["content_b64"]), mode, uid, gid)
+    dfd, name = open_parent(path)
+    try:
+        old = lstat_at(dfd, name)
+        if old is not None and stat.S_ISDIR(old.st_mode):
+            raise StepError(f"{path} is a directory; not replacing it with a file")
+        regular = old is not None and stat.S_ISREG(old.st_mode)
+        # Unset mode/owner/group keep what the file had; a new file gets 0644 and our user.
+        if step.get("mode"):
+            mode = int(step["mode"], 8)
+        else:
+            mode = stat.S_IMODE(old.st_mode) if regular else 0o644
+        uid = resolve_uid(step.get("owner"))
+        gid = resolve_gid(step.get("group"))
+        if regular:
+            uid = old.st_uid if uid == -1 else uid
+            gid = old.st_gid if gid == -1 else gid
+        data = base64.b64decode(step["content_b64"])
+        atomic_write(dfd, name, data, mode, uid, gid)
+    finally:
+        os.close(dfd)
     ctx.touched(path)
 
 
+@contextlib.contextmanager
+def opened(path):
+    """An fd of `path` itself for fchmod/fchown: a directory through open_dir, anything
+    else opened with O_NOFOLLOW (a link there is refused, not followed)."""
+    dfd, name = open_parent(path, create=None)
+    try:
+        st = lstat_at(dfd, name)
+        if st is None:
+            raise StepError(f"{path} does not exist")
+        if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            fd = open_dir(path)  # a link only if root's: see open_dir
+        else:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+            fd = os.open(name, flags, dir_fd=dfd)
+    finally:
+        os.close(dfd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 def step_chmod(step, ctx):
-    os.chmod(step["path"], int(step["mode"], 8))
+    with opened(step["path"]) as fd:
+        os.fchmod(fd, int(step["mode"], 8))
 
 
 def step_chown(step, ctx):
-    os.chown(step["path"], resolve_uid(step.get("owner")), resolve_gid(step.get("group")))
+    uid, gid = resolve_uid(step.get("owner")), resolve_gid(step.get("group"))
+    with opened(step["path"]) as fd:
+        os.fchown(fd, uid, gid)
 
 
 def step_mkdir(step, ctx):
     path = step["path"]
-    os.makedirs(path, exist_ok=True)
     uid, gid = resolve_uid(step.get("owner")), resolve_gid(step.get("group"))
-    if uid != -1 or gid != -1:
-        os.chown(path, uid, gid)
-    os.chmod(path, int(step.get("mode") or "0755", 8))
+    mode = int(step.get("mode") or "0755", 8)
+    dfd, name = open_parent(path)  # missing parents: root's, 0755
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=dfd)  # 0700 until it has its owner and mode
+    finally:
+        os.close(dfd)
+    fd = open_dir(path)
+    try:
+        if uid != -1 or gid != -1:
+            os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def step_rmdir(step, ctx):
     path = step["path"]
-    if os.path.islink(path):
-        os.unlink(path)  # a link to a directory: remove the link, never the target's files
-    elif step.get("recursive"):
-        shutil.rmtree(path)
-    else:
-        try:
-            os.rmdir(path)
-        except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
-                raise StepError(
-                    f"{path} is not empty; set recursive: true to remove it with its contents"
-                ) from None
-            raise
+    dfd, name = open_parent(path, create=None)
+    try:
+        st = lstat_at(dfd, name)
+        if st is None:
+            return
+        if stat.S_ISLNK(st.st_mode):
+            # a link to a directory: remove the link, never the target's files
+            os.unlink(name, dir_fd=dfd)
+        elif step.get("recursive"):
+            # rmtree never follows links inside; the fd pins the parent we checked
+            shutil.rmtree(f"/proc/self/fd/{dfd}/{name}")
+        else:
+            try:
+                os.rmdir(name, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise StepError(
+                        f"{path} is not empty; set recursive: true to remove it with its contents"
+                    ) from None
+                raise
+    finally:
+        os.close(dfd)
     ctx.touched(path)
 
 
 def step_remove(step, ctx):
     path = step["path"]
-    old = existing(path)
-    if old is None:
+    try:
+        dfd, name = open_parent(path, create=None)
+    except FileNotFoundError:
         return
-    if stat.S_ISDIR(old.st_mode):
-        raise StepError(f"{path} is a directory; not removing it")
-    os.unlink(path)
+    try:
+        old = lstat_at(dfd, name)
+        if old is None:
+            return
+        if stat.S_ISDIR(old.st_mode):
+            raise StepError(f"{path} is a directory; not removing it")
+        os.unlink(name, dir_fd=dfd)
+    finally:
+        os.close(dfd)
     ctx.touched(path)
 
 
 def step_symlink(step, ctx):
     path = step["path"]
-    directory = os.path.dirname(path) or "."
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.gitops-tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    os.symlink(step["target"], tmp)
+    dfd, name = open_parent(path)
+    tmp = f".{name}.{os.getpid()}.gitops-tmp"
     try:
-        os.rename(tmp, path)  # replaces a file or link at once; a directory refuses
-    except OSError:
-        os.unlink(tmp)
-        raise
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
+        os.symlink(step["target"], tmp, dir_fd=dfd)
+        try:
+            # replaces a file or link at once; a directory refuses
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except OSError:
+            os.unlink(tmp, dir_fd=dfd)
+            raise
+    finally:
+        os.close(dfd)
     ctx.touched(path)
+
+
+def open_ssh_dir(entry, create):
+    """An fd of the user's ~/.ssh, never through a link (the user owns their home and
+    could point ~/.ssh anywhere); with `create`, made 0700 and owned by the user."""
+    home = open_dir(entry.pw_dir)
+    try:
+        try:
+            return os.open(".ssh", DIR_FLAGS, dir_fd=home)
+        except FileNotFoundError:
+            if not create:
+                raise
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(".ssh", 0o700, dir_fd=home)
+            fd = os.open(".ssh", DIR_FLAGS, dir_fd=home)
+            os.fchown(fd, entry.pw_uid, entry.pw_gid)
+            os.fchmod(fd, 0o700)
+            return fd
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise StepError(
+                    f"{entry.pw_dir}/.ssh is not a directory (a symbolic link?); not writing"
+                    " authorized_keys through it"
+                ) from None
+            raise
+    finally:
+        os.close(home)
 
 
 def step_authorized_keys(step, ctx):
@@ -592,13 +764,12 @@ def step_authorized_keys(step, ctx):
         entry = pwd.getpwnam(step["user"])
     except KeyError:
         raise StepError(f"no such user {step['user']!r} on the host") from None
-    ssh_dir = os.path.join(entry.pw_dir, ".ssh")
-    if not os.path.isdir(ssh_dir):
-        os.makedirs(ssh_dir, exist_ok=True)
-        os.chown(ssh_dir, entry.pw_uid, entry.pw_gid)
-        os.chmod(ssh_dir, 0o700)
     data = base64.b64decode(step["content_b64"])
-    atomic_write(os.path.join(ssh_dir, "authorized_keys"), data, 0o600, entry.pw_uid, entry.pw_gid)
+    ssh_dir = open_ssh_dir(entry, create=True)
+    try:
+        atomic_write(ssh_dir, "authorized_keys", data, 0o600, entry.pw_uid, entry.pw_gid)
+    finally:
+        os.close(ssh_dir)
 
 
 def failure(argv, code, out):
@@ -670,7 +841,7 @@ class Skipped(Exception):
 
 
 def step_command(step, ctx):
-    run, why = guard(step, ctx)
+    run, why = guard(step, ctx, applying=True)
     if not run:
         raise Skipped(why)
     code, out = ctx.run(
@@ -767,7 +938,10 @@ def apply(spec, ctx):
     except StepError as exc:
         handlers.append({"name": "systemctl daemon-reload", "ok": False, "error": str(exc)})
     for handler in spec.get("handlers", []):
-        if not any(results.get(index, {}).get("changed") for index in handler["notified_by"]):
+        due = handler.get("always")  # failed in an earlier pass: still owed
+        if not due and not any(
+            results.get(index, {}).get("changed") for index in handler["notified_by"]
+        ):
             continue
         entry = {"name": handler["name"], "ok": True}
         try:
