@@ -214,7 +214,19 @@ def test_a_resource_removed_from_the_repo_is_removed_from_the_host(world: dict) 
     push(world, manifest(world))  # as a `git revert` would leave it
     result = run(world)
 
+    # The host config's policy.destroy is hold (the default): the removal is shown and held.
     assert result.ok, result.error
+    assert result.outcomes["web"].status is UnitStatus.HELD, result.outcomes["web"]
+    assert (world["root"] / "web1" / "etc" / "extra").exists()
+
+    reconciler = Reconciler(load_host_config(world["config"]))
+    try:
+        approved = reconciler.approve(result.run_id)
+    finally:
+        reconciler.close()
+
+    assert approved.ok, approved.error
+    assert approved.outcomes["web"].status is UnitStatus.OK, approved.outcomes["web"]
     assert not (world["root"] / "web1" / "etc" / "extra").exists()
     assert (world["root"] / "web1" / "etc" / "motd").exists()
 

@@ -40,6 +40,9 @@ FLEET_KEYS = ("hosts", "user", "port", "become", "roles", "resources", "vars", "
 HOST_KEYS = ("name", "address", "port", "user", "roles", "vars")
 _STATE = ("present", "absent")
 _OWNERSHIP = ("mode", "owner", "group")
+# What to do with the object when the repo stops listing it (providers/hosts/ledger.py).
+_DROP = {"on_drop": "on_drop"}
+_ON_DROP = ("remove", "keep")
 
 # Attributes each kind accepts beside its own key, `notify` and `state`.
 # The reader for each: str, bool, int, "mode", "strings" (a list), "env" (str -> str).
@@ -49,16 +52,18 @@ KIND_ATTRS: Mapping[str, Mapping[str, str]] = {
         "source": "source",
         "sensitive": "bool",
         **dict.fromkeys(_OWNERSHIP, "str"),
+        **_DROP,
     },
     "template": {
         "source": "source",
         "vars": "vars",
         "sensitive": "bool",
         **dict.fromkeys(_OWNERSHIP, "str"),
+        **_DROP,
     },
-    "directory": {"recursive": "bool", **dict.fromkeys(_OWNERSHIP, "str")},
-    "link": {"target": "str"},
-    "package": {"version": "str", "purge": "bool"},
+    "directory": {"recursive": "bool", **dict.fromkeys(_OWNERSHIP, "str"), **_DROP},
+    "link": {"target": "str", **_DROP},
+    "package": {"version": "str", "purge": "bool", **_DROP},
     "service": {"enabled": "bool"},
     "user": {
         "uid": "int",
@@ -67,8 +72,9 @@ KIND_ATTRS: Mapping[str, Mapping[str, str]] = {
         "shell": "str",
         "home": "str",
         "authorized_keys": "strings",
+        **_DROP,
     },
-    "group": {"gid": "int"},
+    "group": {"gid": "int", **_DROP},
     "command": {
         "run": "str",  # the shell command (/bin/sh -c); the item's value is its label
         "creates": "str",
@@ -443,6 +449,14 @@ class FleetReader:
             return MappingProxyType(env)
         if reader == "vars":
             return _vars(item)
+        if reader == "on_drop":
+            choice = item.string(" or ".join(_ON_DROP))
+            if choice is None:
+                return INVALID
+            if choice not in _ON_DROP:
+                item.fail(" or ".join(_ON_DROP), repr(choice))
+                return INVALID
+            return choice
         if reader == "source":
             relative = self.check_source(item)
             return INVALID if relative is None else relative

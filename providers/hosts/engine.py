@@ -130,6 +130,18 @@ class _Pass:
     handlers_failed: list[str] = field(default_factory=list)
     hold_removals: bool = False
     expected: Mapping[str, Sequence[str]] | None = None
+    removing: list[str] = field(default_factory=list)  # paths this pass removes, in order
+
+
+def _emptied(resource: Resource, facts: Facts | None, removing: Sequence[str]) -> bool:
+    """A directory to remove that holds only what earlier removals of this pass delete:
+    its `not empty` is checked when it is removed (the host refuses if it still is)."""
+    if resource.kind != "directory" or not is_removal(resource) or resource.attrs.get("recursive"):
+        return False
+    if not facts or facts.get("type") != "dir" or facts.get("link") or facts.get("empty"):
+        return False
+    prefix = resource.name.rstrip("/") + "/"
+    return any(path.startswith(prefix) for path in removing)
 
 
 def _stale(resource: Resource, changes: list[Change], expected: Sequence[str] | None) -> str | None:
@@ -147,8 +159,14 @@ def _stale(resource: Resource, changes: list[Change], expected: Sequence[str] | 
 def _plan(state: _Pass, facts: Sequence[Facts | None], *, apply: bool) -> None:
     """Diff every resource; with `apply`, queue the operations of those that change."""
     for index, resource in enumerate(state.resources):
-        changes, problem = _evaluate(resource, facts[index])
+        if _emptied(resource, facts[index], state.removing):
+            text = "remove directory (emptied by the removals before it)"
+            changes, problem = [Change("state", "directory", "absent", text)], None
+        else:
+            changes, problem = _evaluate(resource, facts[index])
         existed = _existed(resource, facts[index])
+        if changes and is_removal(resource) and resource.kind not in ("package", "user", "group"):
+            state.removing.append(resource.name)
         if changes is not None and state.expected is not None:
             # An approval applies exactly what was shown, or nothing for that resource.
             problem = _stale(resource, changes, state.expected.get(resource.id))
