@@ -572,3 +572,78 @@ def test_the_remote_program_runs_on_python_3_7(tmp_path: Path, systemctl: Path) 
     assert set(statuses(first).values()) == {"changed", "ok"} and first.changed == 6
     second = run(resources, python=PY37[-1])
     assert set(statuses(second).values()) == {"ok"} and second.round_trips == 1
+
+
+# --- issue 12: handlers kept due, links a user controls, cwd made in the same apply ---------
+
+
+def test_a_failed_handler_runs_on_the_next_pass_until_it_succeeds(
+    tmp_path: Path, systemctl: Path
+) -> None:
+    handlers = {"reload web": Handler("reload web", "web", "reload")}
+    conf = Resource("file", f"{tmp_path}/web.conf", {"content": b"v2\n"}, notify=("reload web",))
+    first = run([conf], handlers)  # web is not active: the reload fails
+    assert first.handlers_failed == ("reload web",) and first.changed == 1
+
+    (systemctl / "web.service.active").write_text("active\n")
+    second = converge(
+        LocalTransport("testhost"),
+        [conf],
+        handlers,
+        apply=True,
+        become=False,
+        timeout=30,
+        python=PYTHON,
+        pending_handlers=first.handlers_failed,
+    )
+
+    assert second.changed == 0 and second.handlers_run == ("reload web",), second
+    assert second.handlers_failed == () and second.ok
+    assert calls(systemctl) == ["reload web.service", "reload web.service"]
+
+
+NOBODY = 65534
+
+
+def test_a_write_never_follows_a_link_another_user_owns(tmp_path: Path) -> None:
+    home, secret_dir = tmp_path / "home", tmp_path / "root-only"
+    home.mkdir()
+    secret_dir.mkdir(mode=0o700)
+    os.chown(home, NOBODY, NOBODY)  # a directory someone else owns
+    (home / "conf").symlink_to(secret_dir)
+    os.lchown(home / "conf", NOBODY, NOBODY)  # ... and a link they made in it
+    root_link = tmp_path / "via-root"
+    root_link.symlink_to(secret_dir)  # root's own link: followed
+
+    report = run(
+        [
+            Resource("file", f"{home}/conf/app.ini", {"content": b"x\n"}),
+            Resource("directory", f"{home}/conf/sub", {}),
+            Resource("link", f"{home}/conf/l", {"target": "/etc"}),
+            Resource("file", f"{root_link}/ok.ini", {"content": b"y\n"}),
+        ]
+    )
+
+    states = statuses(report)
+    for rid in (f"file:{home}/conf/app.ini", f"directory:{home}/conf/sub", f"link:{home}/conf/l"):
+        assert states[rid] == "failed", report
+        assert "symbolic link owned by nobody" in (outcome(report, rid).error or "")
+    assert sorted(p.name for p in secret_dir.iterdir()) == ["ok.ini"]
+    assert states[f"file:{root_link}/ok.ini"] == "changed"
+
+
+def test_a_guarded_command_whose_cwd_the_same_apply_creates_runs(tmp_path: Path) -> None:
+    work = tmp_path / "build"
+    resources = [
+        Resource("directory", str(work), {}),
+        Resource(
+            "command",
+            "build",
+            {"command": "echo built > out", "cwd": str(work), "creates": "out", "unless": "false"},
+        ),
+    ]
+    first = run(resources)
+    assert statuses(first) == {f"directory:{work}": "changed", "command:build": "changed"}
+    assert (work / "out").read_text() == "built\n"
+    second = run(resources)
+    assert set(statuses(second).values()) == {"ok"} and second.round_trips == 1
