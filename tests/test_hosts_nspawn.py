@@ -758,3 +758,34 @@ def test_a_unit_file_changed_without_a_notify_is_reloaded_and_a_stale_one_is_dri
     assert "GREETING=new" in out(host, "systemctl show -p Environment --value gitops-stale")
     assert_settled(host, stale)
     host.run(f"systemctl stop gitops-stale; rm -f {stale_path}; systemctl daemon-reload")
+
+
+# -- links a user controls -----------------------------------------------------------------
+
+
+def test_authorized_keys_are_never_written_through_a_link_the_user_made(
+    hosts: list[NspawnHost],
+) -> None:
+    """The issue's attack: mallory points ~/.ssh at /root/.ssh; managing her keys as root
+    must not replace root's authorized_keys (nor show root's keys in the diff)."""
+    host = hosts[0]
+    root_keys = f"{KEY_LAPTOP}\n"
+    ensure(host, [Resource("user", "mallory", {"uid": 3300})])
+    host.run(
+        "mkdir -p /root/.ssh && chmod 700 /root/.ssh"
+        f" && printf '%s' '{root_keys}' > /root/.ssh/authorized_keys"
+        " && rm -rf /home/mallory/.ssh"
+        " && su mallory -s /bin/sh -c 'ln -s /root/.ssh /home/mallory/.ssh'"
+    )
+    try:
+        wanted = [Resource("user", "mallory", {"uid": 3300, "authorized_keys": [KEY_CI]})]
+        report = run_pass(host, wanted)
+
+        user = outcomes(report)["user:mallory"]
+        assert user.status == "failed", shown(report)
+        assert "not writing authorized_keys through it" in (user.error or ""), shown(report)
+        assert "alice@laptop" not in user.diff  # root's key never read into the diff
+        assert (host.root / "root/.ssh/authorized_keys").read_text() == root_keys
+        assert stat(host, "/root/.ssh/authorized_keys").endswith("root root")
+    finally:
+        host.run("rm -f /home/mallory/.ssh && userdel mallory", check=False)
