@@ -349,12 +349,6 @@ def guard(query, ctx, applying=False):
     """(run?, why) for a command, from its creates/unless/onlyif guards, in that order."""
     # Commands and guards run in `cwd`, or in / (not wherever the login or sudo left us).
     env, cwd = query.get("env"), query.get("cwd") or "/"
-    if not os.path.isdir(cwd):
-        if applying:
-            raise StepError(f"working directory {cwd} does not exist")
-        # An earlier resource of the same apply may create it: the guards are asked
-        # again at the command's turn.
-        return True, f"cwd {cwd} does not exist yet (guards checked when it runs)"
     reasons = []
     creates = query.get("creates")
     if creates:
@@ -362,6 +356,14 @@ def guard(query, ctx, applying=False):
         if os.path.lexists(path):
             return False, f"creates {creates} exists"
         reasons.append(f"creates {creates} is missing")
+    if not os.path.isdir(cwd):
+        if applying:
+            raise StepError(f"working directory {cwd} does not exist")
+        # An earlier resource of the same apply may create it: the guards are asked
+        # again in it at the command's turn.
+        if query.get("unless") is not None or query.get("onlyif") is not None:
+            reasons.append(f"cwd {cwd} does not exist yet (guards checked when it runs)")
+        return True, "; ".join(reasons) or "no guard"
     for name in ("unless", "onlyif"):
         check = query.get(name)
         if check is None:
