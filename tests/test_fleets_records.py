@@ -300,3 +300,32 @@ def test_an_approval_is_stale_when_the_host_moved(world: dict) -> None:
     outcome = approved.outcomes["web"]
     assert outcome.status is UnitStatus.FAILED and "stale" in (outcome.error or ""), outcome
     assert old.exists()
+
+
+def test_a_resource_redefined_by_a_later_role_keeps_its_first_place(world: dict) -> None:
+    work = world["root"] / "build"
+    text = f"""\
+version: 1
+units:
+  - name: web
+    fleet:
+      hosts: {{static: [{{name: box, address: local}}]}}
+      roles: [base, tuned]
+roles:
+  base:
+    - directory: {work}
+    - command: build
+      run: echo built > out
+      cwd: {work}
+      unless: test -f out
+  tuned:
+    - directory: {work}
+      mode: "0700"
+"""
+    world["repo"].write("gitops.yaml", text)
+    world["repo"].push("roles")
+    result = run(world)
+
+    assert result.outcomes["web"].status is UnitStatus.OK, hosts_txt(world, result, "web")
+    assert (work / "out").read_text() == "built\n"
+    assert oct(work.stat().st_mode & 0o777) == "0o700"

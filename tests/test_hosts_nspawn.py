@@ -642,8 +642,9 @@ def test_bad_input_fails_its_own_resource_only_and_the_other_host_converges(
     assert found["user:carol"].error == (
         "user:carol: useradd exited 6: useradd: group 'no-such-group' does not exist"
     )
+    # A missing cwd is checked at the command's turn (an earlier resource may create it).
     assert found["command:guard cannot run"].error == (
-        "command:guard cannot run: onlyif guard: working directory /srv/nowhere does not exist"
+        "command:guard cannot run: working directory /srv/nowhere does not exist"
     )
     assert found["command:migrate"].error == "command:migrate: exited 3: migration 7 failed"
     assert not report.ok and report.failed == 4
