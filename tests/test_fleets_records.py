@@ -8,6 +8,7 @@ revision after another and reads the files the passes left.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -177,7 +178,8 @@ def test_what_a_partly_failed_apply_added_is_removed_by_a_revert(world: dict) ->
 
     added = world["root"] / "added"
     failing = "        - command: broken\n          run: exit 3\n"
-    push(world, fleet("web", base + f'        - file: {added}\n          content: "a\\n"\n' + failing))
+    added_item = f'        - file: {added}\n          content: "a\\n"\n'
+    push(world, fleet("web", base + added_item + failing))
     assert run(world).outcomes["web"].status is UnitStatus.FAILED
     assert added.exists()
 
@@ -210,7 +212,8 @@ def test_a_removal_that_cannot_finish_is_retried_never_blocks_and_can_be_let_go(
         assert "is not empty" in record(world)["objects"][f"path:{work}"]["error"]
 
     # Let go: list it again with on_drop: keep, then drop it.
-    push(world, fleet("web", keep + added + f"        - directory: {work}\n          on_drop: keep\n"))
+    let_go = f"        - directory: {work}\n          on_drop: keep\n"
+    push(world, fleet("web", keep + added + let_go))
     assert run(world).outcomes["web"].status is UnitStatus.OK
     push(world, fleet("web", keep + added))
     result = run(world)
@@ -329,3 +332,49 @@ roles:
     assert result.outcomes["web"].status is UnitStatus.OK, hosts_txt(world, result, "web")
     assert (work / "out").read_text() == "built\n"
     assert oct(work.stat().st_mode & 0o777) == "0o700"
+
+
+# --- item 10: a failed handler stays due ------------------------------------------------
+
+
+def test_a_failed_handler_is_run_again_by_the_next_passes_until_it_succeeds(
+    world: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_hosts_engine_local import FAKE_SYSTEMCTL
+
+    bin_dir, state = tmp_path / "bin", tmp_path / "systemd-state"
+    bin_dir.mkdir()
+    state.mkdir()
+    (bin_dir / "systemctl").write_text(FAKE_SYSTEMCTL)
+    (bin_dir / "systemctl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SYSTEMCTL_DIR", str(state))
+    conf = world["root"] / "web.conf"
+    text = (
+        "version: 1\nunits:\n"
+        + fleet(
+            "web",
+            f'        - file: {conf}\n          content: "v2\\n"\n          notify: [reload web]\n',
+        )
+        + "handlers:\n  reload web: {service: web, action: reload}\n"
+    )
+    world["repo"].write("gitops.yaml", text)
+    world["repo"].push("handler")
+
+    first = run(world)  # web is not active: the reload fails
+    assert first.outcomes["web"].status is UnitStatus.FAILED
+    assert record(world)["handlers"] == {"web": ["reload web"]}
+
+    second = run(world)  # nothing changed, and yet the reload is still owed
+    assert second.outcomes["web"].status is UnitStatus.FAILED, hosts_txt(world, second, "web")
+    assert "handler 'reload web'" in (second.outcomes["web"].error or "")
+
+    (state / "web.service.active").write_text("active\n")
+    third = run(world)
+    assert third.outcomes["web"].status is UnitStatus.OK, hosts_txt(world, third, "web")
+    assert "handlers run: reload web" in hosts_txt(world, third, "web")
+    assert record(world)["handlers"] == {}
+
+    run(world)
+    reloads = [c for c in (state / "calls.log").read_text().splitlines() if c.startswith("reload")]
+    assert reloads == ["reload web.service"] * 3
