@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import DestroyPolicy, HostConfig, StackOutputRef, Unit
-from agent.config.fleet import Fleet, HostsFromStack, HostSpec, ResourceSpec
+from agent.config.fleet import HOST_NAME_RE, Fleet, HostsFromStack, HostSpec, ResourceSpec
 from agent.config.manifest import plain_value
 from agent.decide import Decision
 from agent.errors import AgentError
@@ -474,7 +474,7 @@ class FleetReconciler:
         return self.layout.unit_dir(unit) / "hosts" / f"{host}.json"
 
     def _record_file(self, host: str) -> Path:
-        return self.layout.root / "hosts" / f"{host}.json"
+        return self.layout.host_record(host)
 
     def _record(self, unit: str, host: str) -> dict[str, Any]:
         """The host's record; a unit's list from before the record existed counts as
@@ -585,6 +585,9 @@ def hosts_from_output(unit: str, ref: HostsFromStack, value: Any) -> tuple[HostS
         name, address = item.get("name"), item.get("address")
         if not isinstance(name, str) or not isinstance(address, str) or not name or not address:
             raise FleetError(f"{where}: item {index} has no name and address strings")
+        if not HOST_NAME_RE.fullmatch(name):
+            # The name names the host's record files: never a path.
+            raise FleetError(f"{where}: item {index}: {name!r} is not a host name")
         port = item.get("port")
         hosts.append(
             HostSpec(

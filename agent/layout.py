@@ -6,7 +6,11 @@
   checkout/               the agent's clone of the infra repo
   units/<unit>/tfdata/    TF_DATA_DIR of the unit (outside the checkout)
   units/<unit>/terraform.tfstate   local state, for stacks that declare no backend
-  runs/<run-id>/<unit>/   init.txt, plan.txt, plan.json, tfplan, apply.txt (0600)
+  runs/<run-id>/<unit>/   init.txt, plan.txt, plan.json, tfplan, apply.txt (0600);
+                          a fleet's hosts.txt and held-removals.json
+  units/<unit>/hosts/<host>.json   a fleet host's last result (for status)
+  hosts/<host>.json       what the agent manages on a host, shared by the fleet units
+                          (providers/hosts/ledger.py)
   terraform/cli.tfrc      the Terraform CLI config the agent writes
   plugin-cache/           shared provider cache (host config terraform.plugin_cache_dir)
 """
@@ -51,6 +55,10 @@ class StateLayout:
 
     def unit_state_file(self, unit: str) -> Path:
         return self.unit_dir(unit) / "terraform.tfstate"
+
+    def host_record(self, host: str) -> Path:
+        """What the agent manages on fleet host `host` (every unit's, one file)."""
+        return self.root / "hosts" / f"{host}.json"
 
     def run_dir(self, run_id: str) -> Path:
         return self.runs / run_id

@@ -378,3 +378,14 @@ def test_a_failed_handler_is_run_again_by_the_next_passes_until_it_succeeds(
     run(world)
     reloads = [c for c in (state / "calls.log").read_text().splitlines() if c.startswith("reload")]
     assert reloads == ["reload web.service"] * 3
+
+
+def test_a_host_name_from_a_stack_output_never_names_a_path() -> None:
+    from agent.config.fleet import HostsFromStack
+    from agent.fleets import FleetError, hosts_from_output
+
+    ref = HostsFromStack(unit="net", output="hosts")
+    assert hosts_from_output("web", ref, {"web1": "10.0.0.1"})[0].name == "web1"
+    with pytest.raises(FleetError) as caught:
+        hosts_from_output("web", ref, {"../../etc/cron.d/x": "10.0.0.1"})
+    assert "'../../etc/cron.d/x' is not a host name" in caught.value.message
