@@ -76,7 +76,7 @@ class PlannedHost:
     desired: tuple[Resource, ...] = ()
     removals: tuple[Resource, ...] = ()
     released: tuple[str, ...] = ()  # record keys let go (adopted objects the repo dropped)
-    pending_handlers: tuple[str, ...] = ()
+    pending_handlers: tuple[str, ...] | None = None  # owed from earlier passes (None: keep)
 
 
 class FleetReconciler:
@@ -270,7 +270,10 @@ class FleetReconciler:
             desired=tuple(resources),
             removals=tuple(removals),
             released=tuple(released),
-            pending_handlers=tuple(record.get("handlers", {}).get(unit.name, ())),
+            # Owed from an earlier pass; one the manifest no longer defines is dropped.
+            pending_handlers=tuple(
+                name for name in record.get("handlers", {}).get(unit.name, ()) if name in handlers
+            ),
         )
 
     def _owned_elsewhere(
@@ -421,7 +424,7 @@ class FleetReconciler:
             become=fleet.become,
             timeout=self.host.hosts.command_timeout,
             python=self.host.hosts.python,
-            pending_handlers=plan.pending_handlers,
+            pending_handlers=plan.pending_handlers or (),
             hold_removals=hold,
             expected=expected,
         )
@@ -517,6 +520,7 @@ class FleetReconciler:
                     applied=applied,
                     handlers_run=report.handlers_run,
                     handlers_failed=report.handlers_failed,
+                    due=plan.pending_handlers,
                 )
                 path = self._record_file(plan.spec.name)
                 ensure_private_dir(path.parent)

@@ -12,6 +12,7 @@ Each case is `tests/cases/hosts/records/NAME.json`:
      "released": [KEY, ...],                         # the keys let go
      "outcomes": {resource id: {status, existed, error}},  # optional: then "after" is
      "applied": true, "handlers_run": [], "handlers_failed": [],  # the record updated
+     "due": [...],                                   # optional, the handlers still owed
      "after": {"objects": {...}, "handlers": {...}}}
 """
 
@@ -64,6 +65,7 @@ def test_case(path: Path) -> None:
         applied=case["applied"],
         handlers_run=case.get("handlers_run", ()),
         handlers_failed=case.get("handlers_failed", ()),
+        due=case.get("due"),
     )
     assert after == case["after"], case["doc"]
 

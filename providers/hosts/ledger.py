@@ -118,12 +118,15 @@ def updated(
     applied: bool,
     handlers_run: Sequence[str] = (),
     handlers_failed: Sequence[str] = (),
+    due: Sequence[str] | None = None,
 ) -> Record:
     """The record after `unit` converged the host (`outcomes` by resource id).
 
     Each resource is recorded on its own outcome, so a partly failed apply still records
     everything that did happen. Without `applied` (a dry run, drift reported) nothing on
-    the host changed: only let-go entries leave the record.
+    the host changed: only let-go entries leave the record. `due`: the unit's handlers
+    that were owed before this apply (default: the record's; a handler the manifest no
+    longer defines is no longer owed).
     """
     objects: dict[str, dict[str, Any]] = {
         key: dict(entry) for key, entry in record.get("objects", {}).items()
@@ -137,9 +140,10 @@ def updated(
             _record_desired(objects, unit, resource, outcomes.get(resource.id))
         for resource in removals:
             _record_removal(objects, resource, outcomes.get(resource.id))
-        due = (set(handlers.get(unit, ())) - set(handlers_run)) | set(handlers_failed)
-        if due:
-            handlers[unit] = sorted(due)
+        owed = set(handlers.get(unit, ()) if due is None else due)
+        owed = (owed - set(handlers_run)) | set(handlers_failed)
+        if owed:
+            handlers[unit] = sorted(owed)
         else:
             handlers.pop(unit, None)
     return {"objects": objects, "handlers": handlers}
