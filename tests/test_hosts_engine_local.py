@@ -614,6 +614,7 @@ def test_a_write_never_follows_a_link_another_user_owns(tmp_path: Path) -> None:
     os.lchown(home / "conf", NOBODY, NOBODY)  # ... and a link they made in it
     root_link = tmp_path / "via-root"
     root_link.symlink_to(secret_dir)  # root's own link: followed
+    (secret_dir / "app.ini").write_text(f"password={SECRET}\n")
 
     report = run(
         [
@@ -628,7 +629,9 @@ def test_a_write_never_follows_a_link_another_user_owns(tmp_path: Path) -> None:
     for rid in (f"file:{home}/conf/app.ini", f"directory:{home}/conf/sub", f"link:{home}/conf/l"):
         assert states[rid] == "failed", report
         assert "symbolic link owned by nobody" in (outcome(report, rid).error or "")
-    assert sorted(p.name for p in secret_dir.iterdir()) == ["ok.ini"]
+    assert sorted(p.name for p in secret_dir.iterdir()) == ["app.ini", "ok.ini"]
+    assert (secret_dir / "app.ini").read_text() == f"password={SECRET}\n"
+    assert SECRET not in repr(report)  # never read into a diff either
     assert states[f"file:{root_link}/ok.ini"] == "changed"
 
 

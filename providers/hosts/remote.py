@@ -203,12 +203,14 @@ def stat_fact(st):
     }
 
 
-def content_fact(path, fact, desired_sha, want_content):
-    """Add sha256 (and the old bytes, when they differ and are small) to a file fact."""
+def content_fact(dfd, name, fact, desired_sha, want_content):
+    """Add sha256 (and the old bytes, when they differ and are small) to a file fact; the
+    file `name` in directory `dfd` is opened without following a link."""
     digest = hashlib.sha256()
     kept = bytearray()
     keep = want_content and fact["size"] <= MAX_CONTENT
-    with open(path, "rb") as handle:
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    with os.fdopen(os.open(name, flags, dir_fd=dfd), "rb") as handle:
         for block in iter(lambda: handle.read(65536), b""):
             digest.update(block)
             if keep:
@@ -250,15 +252,22 @@ def package_manager():
 
 
 def fact_file(query, ctx):
-    path = query["path"]
+    # Read as the writes go (open_dir): never through a link another user made, so no
+    # file they point at (root's) is read into a diff.
     try:
-        st = os.lstat(path)
+        dfd, name = open_parent(query["path"], create=None)
     except FileNotFoundError:
         return {"exists": False}
-    fact = stat_fact(st)
-    if fact["type"] == "file":
-        content_fact(path, fact, query.get("sha256"), query.get("want_content"))
-    return fact
+    try:
+        st = lstat_at(dfd, name)
+        if st is None:
+            return {"exists": False}
+        fact = stat_fact(st)
+        if fact["type"] == "file":
+            content_fact(dfd, name, fact, query.get("sha256"), query.get("want_content"))
+        return fact
+    finally:
+        os.close(dfd)
 
 
 def fact_directory(query, ctx):
@@ -325,13 +334,7 @@ def keys_fact(entry, query):
             return {"exists": False}
         keys = stat_fact(st)
         if keys["type"] == "file":
-            flags = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
-            fd = os.open("authorized_keys", flags, dir_fd=ssh_dir)
-            path = f"/proc/self/fd/{fd}"
-            try:
-                content_fact(path, keys, query.get("sha256"), True)
-            finally:
-                os.close(fd)
+            content_fact(ssh_dir, "authorized_keys", keys, query.get("sha256"), True)
         return keys
     finally:
         os.close(ssh_dir)
