@@ -554,7 +554,8 @@ class FleetReconciler:
 
 
 def host_states(layout: StateLayout, unit: str) -> list[dict[str, Any]]:
-    """The last recorded result of every host of fleet `unit` (for `agent status`)."""
+    """The last recorded result of every host of fleet `unit` (for `agent status`), with
+    the removals that have not finished and the handlers still owed there."""
     states = []
     for path in sorted((layout.unit_dir(unit) / "hosts").glob("*.json")):
         try:
@@ -562,6 +563,12 @@ def host_states(layout: StateLayout, unit: str) -> list[dict[str, Any]]:
         except (OSError, ValueError):
             continue
         data.pop("resources", None)
+        try:
+            record = json.loads(layout.host_record(path.stem).read_text())
+        except (OSError, ValueError):
+            record = ledger.new_record()
+        data["removals_failing"] = ledger.unfinished(record, unit)
+        data["handlers_owed"] = list(record.get("handlers", {}).get(unit, ()))
         states.append(data)
     return states
 

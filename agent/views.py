@@ -145,6 +145,8 @@ def render_status(view: dict[str, Any]) -> str:
 def _host_result(host: dict[str, Any]) -> str:
     if host.get("status") != "ok":
         return f"failed: {_first_line(host.get('error') or '')}"[:80]
+    if host.get("held"):
+        return f"ok, {host['held']} removals held for approval"
     if host.get("changed"):
         return f"ok, {host['changed']} changed"
     if host.get("pending"):

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_host_config
+from agent.fleets import host_states
+from agent.layout import StateLayout
 from agent.reconcile import PassRequest, PassResult, Reconciler
 from agent.store import UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
@@ -210,6 +212,8 @@ def test_a_removal_that_cannot_finish_is_retried_never_blocks_and_can_be_let_go(
         assert later.exists()  # the rest converged
         assert work.exists()
         assert "is not empty" in record(world)["objects"][f"path:{work}"]["error"]
+        (box,) = host_states(StateLayout(world["state"]), "web")
+        assert box["status"] == "failed" and "is not empty" in box["removals_failing"][0]
 
     # Let go: list it again with on_drop: keep, then drop it.
     let_go = f"        - directory: {work}\n          on_drop: keep\n"
