@@ -608,6 +608,6 @@ def test_a_local_repository_owned_by_another_user_is_fetched(
     assert source.fetch() == upstream.head()
     # Only that repository is trusted (not `*`), in a file of the agent's own beside the clone.
     gitconfig = (tmp_path / "checkout.gitconfig").read_text()
-    trusted = [line.split("=", 1)[1].strip() for line in gitconfig.splitlines() if "directory" in line]
+    trusted = [ln.split("=", 1)[1].strip() for ln in gitconfig.splitlines() if "directory" in ln]
     assert trusted == [str(upstream.bare), f"{upstream.bare}/.git"]
     assert (tmp_path / "checkout.gitconfig").stat().st_mode & 0o077 == 0
