@@ -121,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="set up and run the offline quickstart")
     p.add_argument("dir", nargs="?", help="where to lay it out (default: a new temp dir)")
+
+    p = sub.add_parser(
+        "service",
+        help="install or remove the systemd service on this machine (as root)",
+        description="Put the systemd unit, sysusers and tmpfiles files where systemd reads "
+        "them, create the user and directories, write a starter host config if there is none. "
+        "Idempotent. Example: agent service install --dry-run",
+    )
+    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("--dry-run", action="store_true", help="print what it would do; change nothing")
+    p.add_argument(
+        "--root", default="/", help="install into this root (packaging); runs no systemd tool"
+    )
     return parser
 
 
@@ -397,7 +410,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     from agent.logfmt import setup_logging
 
     context = setup_logging(logging.DEBUG if args.debug else logging.INFO)
-    return run_daemon(_host(args), context)
+    host = _host(args)
+    _check_credentials(host)
+    return run_daemon(host, context)
+
+
+def _check_credentials(host: HostConfig) -> None:
+    """Before the daemon starts: a credential of the unit that the config names must be there."""
+    from agent.install import missing_credentials
+
+    missing = missing_credentials(host)
+    if missing:
+        key, path, source = missing[0]
+        raise ConfigError(
+            f"{host.path}: {key}: {path} was not handed over by systemd",
+            hint=f"create {source} (root:root, 0600) and restart the service; "
+            f"every file in {source.parent} reaches the agent as {path.parent}/gitops_<file>",
+        )
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    from agent.install import carry_out, plan_install, plan_uninstall, what_is_left
+
+    root = Path(args.root)
+    if root == Path("/") and not args.dry_run and os.geteuid() != 0:
+        raise ConfigError(
+            f"`agent service {args.action}` changes /etc and needs root",
+            hint=f"sudo {sys.argv[0]} service {args.action} (or --dry-run to see the steps)",
+        )
+    steps = plan_install(root) if args.action == "install" else plan_uninstall(root)
+    verb = "Would" if args.dry_run else "Doing"
+    print(f"{verb}: agent service {args.action}" + ("" if root == Path("/") else f" --root {root}"))
+    carry_out(steps, dry_run=args.dry_run, say=print)
+    if args.action == "install":
+        print("\nStill yours to provide:")
+        for item in what_is_left(root):
+            print(f"  - {item}")
+    else:
+        print("\nKept: /etc/gitops-agent (config, credentials) and /var/lib/gitops-agent (state).")
+    return EXIT_OK
 
 
 def cmd_history(args: argparse.Namespace) -> int:
@@ -466,6 +517,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate,
     "version": cmd_version,
     "quickstart": cmd_quickstart,
+    "service": cmd_service,
 }
 
 

@@ -4,6 +4,7 @@
   agent.db                the run store (SQLite, WAL)
   pass.lock               one pass at a time
   checkout/               the agent's clone of the infra repo
+  checkout.gitconfig      for a local repo: its safe.directory entry (see docs/git-source.md)
   units/<unit>/tfdata/    TF_DATA_DIR of the unit (outside the checkout)
   units/<unit>/terraform.tfstate   local state, for stacks that declare no backend
   runs/<run-id>/<unit>/   init.txt, plan.txt, plan.json, tfplan, apply.txt (0600);

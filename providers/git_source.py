@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import git
 
@@ -150,6 +150,33 @@ def _ssh_host(url: str) -> str:
         return f"[{host}]:{parts.port}" if parts.port and parts.port != 22 else host
     match = _SCP_LIKE_RE.fullmatch(url)
     return match.group("host") if match else "?"
+
+
+def _trust_local_repository(url: str, config_file: Path) -> dict[str, str]:
+    """Git's `safe.directory` for the configured local repository, and only it.
+
+    A repository on this machine owned by another user (root's /srv/infra.git, read by the
+    service user) is refused by git as "dubious ownership". The host config names it, so the
+    operator trusts it: allow exactly that path (and its `.git`). Git reads `safe.directory`
+    only from protected config, and strips `-c`/GIT_CONFIG_COUNT when it starts upload-pack for
+    a local fetch (measured, git 2.39), so it goes into a global config file of the agent's own
+    that also includes the user's ~/.gitconfig.
+    """
+    path = url.split("://", 1)[1] if "://" in url else url
+    path = unquote(path.rstrip("/")) or "/"
+    text = (
+        "# written by gitops-agent: trust the local repository the host config names\n"
+        "[include]\n\tpath = ~/.gitconfig\n"
+        f"[safe]\n\tdirectory = {path}\n\tdirectory = {path}/.git\n"
+    )
+    if not config_file.is_file() or config_file.read_text() != text:
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = config_file.with_name(config_file.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, config_file)
+    return {"GIT_CONFIG_GLOBAL": str(config_file)}
 
 
 class GitSource:
@@ -310,6 +337,9 @@ class GitSource:
             env["GIT_SSH_VARIANT"] = "ssh"
         if self._kind == "http" and self.https_ca_bundle:
             env["GIT_SSL_CAINFO"] = str(self.https_ca_bundle)
+        if self._kind == "file":
+            gitconfig = self.checkout_dir.with_name(self.checkout_dir.name + ".gitconfig")
+            env.update(_trust_local_repository(self.url, gitconfig))
         return env
 
     def _check_credential_files(self) -> None:

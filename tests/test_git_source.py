@@ -20,7 +20,7 @@ import pytest
 from providers.errors import GitSourceError
 from providers.git_source import CommitInfo, GitSource, sanitize_text, sanitize_url
 from tests.support.git_http import GitHttpServer
-from tests.support.sshd import SshServer, chown_tree, make_client_key, public_key
+from tests.support.sshd import SshServer, chown_tree, ensure_user, make_client_key, public_key
 
 GIT_ENV = {
     **os.environ,
@@ -626,3 +626,26 @@ def test_https_with_a_token_from_the_credential_helper_of_git_source_md(
     assert source.fetch() == https_upstream.head()
     stored = [p for p in checkout.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert stored == []
+
+
+def test_a_local_repository_owned_by_another_user_is_fetched(
+    upstream: Upstream, tmp_path: Path
+) -> None:
+    """docs/host-config.md's smallest example: `file:///srv/infra.git` owned by root, read by
+    the service user. Git refuses a repository of another owner ("dubious ownership") unless
+    it is trusted; the agent trusts exactly the one its host config names."""
+    other = ensure_user()
+    chown_tree(upstream.bare, other.pw_name)
+    probe = subprocess.run(
+        ["git", "ls-remote", f"file://{upstream.bare}"],
+        env={k: v for k, v in GIT_ENV.items() if k != "GIT_CONFIG_GLOBAL"},
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert "dubious ownership" in probe.stderr  # what the agent's git would meet without trust
+    source = GitSource(f"file://{upstream.bare}", "main", tmp_path / "checkout")
+    assert source.fetch() == upstream.head()
+    # Only that repository is trusted (not `*`), in a file of the agent's own beside the clone.
+    gitconfig = (tmp_path / "checkout.gitconfig").read_text()
+    trusted = [ln.split("=", 1)[1].strip() for ln in gitconfig.splitlines() if "directory" in ln]
+    assert trusted == [str(upstream.bare), f"{upstream.bare}/.git"]
+    assert (tmp_path / "checkout.gitconfig").stat().st_mode & 0o077 == 0
