@@ -26,6 +26,7 @@ import os
 import queue
 import signal
 import socket
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -54,7 +55,7 @@ from agent.control import (
     resume_unit,
     suspend_unit,
 )
-from agent.errors import AgentError, PassBusyError
+from agent.errors import AgentError, PassBusyError, StoreError
 from agent.http_server import AgentHTTPServer
 from agent.logfmt import EventLog, RunContext
 from agent.metrics import AgentMetrics, record_run
@@ -410,6 +411,12 @@ class Daemon:
         self.notifier.stop(NOTIFY_STOP_TIMEOUT)
         self.watchdog.stop()
         if not drained:
+            # Terraform had its chance to stop; nothing it started may outlive the agent.
+            killed = self.reconciler.children.end_running()
+            if killed:
+                log.warning(
+                    "killed what the cut pass still ran: pid %s", ", ".join(map(str, killed))
+                )
             log.error(
                 "%s did not stop within daemon.stop_timeout (%gs): exiting anyway; the next"
                 " start marks it interrupted",
@@ -521,8 +528,12 @@ class Daemon:
                     self._approve(item)
                 else:
                     self._serve(item)
-            except Exception:  # a bug must not stop the daemon from taking the next pass
+            except Exception as exc:  # a bug must not stop the daemon taking the next pass
                 log.exception("the pass worker failed")
+                # Nobody may wait for ever: whoever asked for this work hears why it failed.
+                error = self._unexpected(exc)
+                for waiter in [item.waiter] if isinstance(item, Approval) else item.waiters:
+                    waiter.error(error)
             finally:
                 self._running = None
 
@@ -587,11 +598,45 @@ class Daemon:
             for waiter in waiters:
                 waiter.error(exc)
             return None
+        except Exception as exc:  # the store locked, the disk full, or a bug
+            error = self._unexpected(exc)
+            log.error("%s", error.message)
+            log.debug("the pass raised", exc_info=True)
+            for waiter in waiters:
+                waiter.error(error)
+            # A timer retries after the backoff; that pass also marks this run's row if
+            # it could not be closed now.
+            self._pass_failures += 1
+            self._pass_failed_at = time.time()
+            return None
         finally:
             with self._sub_lock:
                 self._subscribers = []
         self._after(result)
         return result
+
+    def _unexpected(self, exc: Exception) -> AgentError:
+        """What a client is told when a pass raised something other than an AgentError."""
+        if isinstance(exc, AgentError):
+            return exc
+        path = self.store.path
+        text = self.redactor.redact(str(exc))
+        if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+            return StoreError(
+                f"the run store {path} is locked: another process holds a write transaction"
+                f" on it ({text}); the pass did not run to its end",
+                hint=f"find the holder (`fuser -v {path}`) and end its transaction; the agent"
+                " retries at the next poll, or run `agent reconcile --now` again",
+            )
+        if isinstance(exc, sqlite3.DatabaseError | OSError):
+            return StoreError(
+                f"the pass could not write to the state directory {path.parent}: {text}",
+                hint="check its free space and permissions; the agent retries at the next poll",
+            )
+        return AgentError(
+            f"the pass failed: {type(exc).__name__}: {text}",
+            hint="see the agent's log (journalctl -u gitops-agent) and report it",
+        )
 
     def _on_event(self, event: Event) -> None:
         """Every event of a pass (from the worker and unit threads)."""

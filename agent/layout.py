@@ -3,6 +3,7 @@
 <state_dir>/              0700
   agent.db                the run store (SQLite, WAL)
   pass.lock               one pass at a time
+  children/<token>.json   a Terraform process a pass runs, until it is done (see passlock)
   checkout/               the agent's clone of the infra repo
   checkout.gitconfig      for a local repo: its safe.directory entry (see docs/git-source.md)
   units/<unit>/tfdata/    TF_DATA_DIR of the unit (outside the checkout)
@@ -31,6 +32,10 @@ class StateLayout:
     @property
     def checkout(self) -> Path:
         return self.root / "checkout"
+
+    @property
+    def children(self) -> Path:
+        return self.root / "children"
 
     @property
     def runs(self) -> Path:

@@ -3,6 +3,11 @@
 An exclusive `flock` on `<state_dir>/pass.lock`. The kernel drops the lock when the
 holder dies (even on kill -9), so a stale lock cannot block the next start. The file
 holds the holder's PID and run id, only to tell a waiting user who holds it.
+
+The processes a dead holder left are another matter: `end_leftovers`, run by the next holder,
+ends the Terraform processes (and what they started) that a killed agent recorded, and
+removes a Terraform state lock note whose holder is gone, so a kill -9 cannot make every
+later pass fail.
 """
 
 from __future__ import annotations
@@ -15,9 +20,14 @@ from pathlib import Path
 from types import TracebackType
 
 from agent.errors import PassBusyError
+from providers.proctrack import ChildTracker
+from providers.terraform.runner import clear_dead_lock
 
 LOCK_FILENAME = "pass.lock"
 _POLL_SECONDS = 0.1
+# How long a left-over Terraform gets to finish its graceful stop (the kernel sent it SIGTERM
+# when the agent died) before it is killed.
+LEFTOVER_GRACE = 10.0
 
 
 class PassLock:
@@ -89,3 +99,22 @@ def _describe(info: dict[str, object]) -> str:
     since = info.get("since")
     age = f", for {time.time() - float(since):.0f} s" if isinstance(since, int | float) else ""
     return f"pid {info.get('pid')}, run {info.get('run')}{age}"
+
+
+def end_leftovers(
+    children: ChildTracker, units_dir: Path, grace: float = LEFTOVER_GRACE
+) -> list[str]:
+    """End what a dead pass left running and clear the Terraform state locks it left;
+    what was done, one line each, for the log. Call it only while holding the pass lock."""
+    notes = []
+    for left in children.sweep(grace):
+        killed = f", killed pid {', '.join(map(str, left.killed))}" if left.killed else ""
+        notes.append(
+            f"{left.what} of a dead agent (pid {left.owner_pid}) was still running"
+            f" (pid {', '.join(map(str, left.found))}){killed}: ended"
+        )
+    for info in sorted(units_dir.glob("*/.*.lock.info")):
+        state = info.with_name(info.name.removeprefix(".").removesuffix(".lock.info"))
+        if clear_dead_lock(state):
+            notes.append(f"removed the Terraform state lock {info}: its holder is gone")
+    return notes

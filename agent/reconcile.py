@@ -29,7 +29,7 @@ from agent.errors import (
 )
 from agent.fleets import HELD_FILE, FleetReconciler
 from agent.layout import StateLayout
-from agent.passlock import PassLock
+from agent.passlock import PassLock, end_leftovers
 from agent.progress import Event, EventKind, Reporter, silent
 from agent.redact import Redactor
 from agent.secrets import ResolvedSecrets, SecretResolver
@@ -38,6 +38,7 @@ from agent.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitSt
 from providers.errors import GitSourceError, SignatureError
 from providers.git_source import GitSource
 from providers.git_verify import verify_revision
+from providers.proctrack import ChildTracker
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,12 @@ class Reconciler:
             known_hosts=host.repo.known_hosts,
             https_ca_bundle=host.repo.https_ca_bundle,
         )
-        self.stacks = StackReconciler(host, self.layout, self.store, self.report, self.redactor)
+        # Every Terraform process a pass starts is recorded, so the next pass can end
+        # what a killed agent left running (see agent.passlock.end_leftovers).
+        self.children = ChildTracker(self.layout.children)
+        self.stacks = StackReconciler(
+            host, self.layout, self.store, self.report, self.redactor, children=self.children
+        )
         self.fleets = FleetReconciler(
             host, self.layout, self.store, self.report, self.redactor, self.stacks.outputs_of
         )
@@ -162,13 +168,30 @@ class Reconciler:
                 pid=os.getpid(),
             )
             lock.record(run_id)
-            return self._run_steps(PassContext(request=request, run_id=run_id))
+            try:
+                return self._run_steps(PassContext(request=request, run_id=run_id))
+            except Exception as exc:
+                self._close_failed(run_id, exc)
+                raise
 
     def _recover(self) -> None:
-        """Mark the runs of a dead pass interrupted (the caller holds the pass lock)."""
+        """End what a dead pass left running, then mark its runs interrupted (the caller
+        holds the pass lock)."""
+        for note in end_leftovers(self.children, self.layout.root / "units"):
+            log.warning("%s", note)
+            self.report(Event(EventKind.RECOVERED, message=note))
         for run_id in self.store.recover_interrupted():
             self.stacks.finish_cut_logs(run_id)
             self.report(Event(EventKind.RECOVERED, message=f"run {run_id} was interrupted"))
+
+    def _close_failed(self, run_id: str, exc: Exception) -> None:
+        """A pass raised something other than an AgentError (the store locked or the disk
+        full): record the run failed if the store lets us now, so that it does not stay
+        `running`; if it does not, the next pass marks it interrupted."""
+        try:
+            self.store.finish_run(run_id, RunStatus.FAILED, f"the pass failed: {exc}")
+        except Exception:
+            log.warning("run %s could not be marked failed; the next pass marks it", run_id)
 
     def fetch_head(self) -> str:
         """Fetch the branch and return its head: the daemon's poll, which runs a pass only
@@ -224,7 +247,11 @@ class Reconciler:
                     )
                     ctx.outcomes[name] = apply_saved(stack_ctx, name, run_id, held[name])
 
-            return self._run_steps(ctx, [("load-manifest", load), ("apply", apply)])
+            try:
+                return self._run_steps(ctx, [("load-manifest", load), ("apply", apply)])
+            except Exception as exc:
+                self._close_failed(approve_id, exc)
+                raise
 
     def _held_plans(self, run_id: str, unit: str | None) -> tuple[str, dict[str, Path]]:
         """The revision of run `run_id` and the plan files of its held units (or `unit`'s)."""

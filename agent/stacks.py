@@ -26,6 +26,7 @@ from agent.secrets import ResolvedSecrets, terraform_variables
 from agent.store import RunStore, UnitOutcome, UnitStatus
 from agent.unitrun import run_unit
 from providers.errors import ProviderError
+from providers.proctrack import ChildTracker
 from providers.terraform import (
     TerraformRunner,
     UnitWorkspace,
@@ -60,8 +61,11 @@ class StackReconciler:
         store: RunStore,
         reporter: Reporter,
         redactor: Redactor,
+        *,
+        children: ChildTracker | None = None,
     ) -> None:
         self.host = host
+        self.children = children
         self.redactor = redactor
         self.layout = layout
         self.store = store
@@ -98,6 +102,7 @@ class StackReconciler:
                     cli_config=self.layout.cli_config,
                     plugin_cache_dir=cache,
                     lock_timeout=self.host.terraform.lock_timeout,
+                    children=self.children,
                 )
             return self._runner
 

@@ -11,12 +11,21 @@ reach it; the runner sends exactly one SIGINT (Terraform's graceful stop: it fin
 cancels the current operations, writes state and releases the state lock). A second SIGINT
 would make Terraform quit at once and leave the lock behind, so it is never sent; if
 Terraform does not exit within the grace period it is killed (SIGKILL to its process group).
+When Terraform has exited, whatever it started and left running (a local-exec command's
+child) is killed too.
+
+Tied to the agent (see providers.proctrack): Terraform gets SIGTERM from the kernel when the
+agent dies (its graceful stop), every process it starts carries a marker in its environment,
+and each run is recorded under the tracker's directory until it is done, so the next pass
+ends what a killed agent left. `clear_dead_lock` removes the lock-info file of a local state
+whose holder is gone.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -33,6 +42,7 @@ from typing import IO, Any
 
 from providers.atomic import atomic_write
 from providers.errors import TerraformCommandError
+from providers.proctrack import ChildTracker, tie_to_parent
 from providers.terraform.locate import TerraformBinary
 
 FINGERPRINT_FILE = ".gitops-init-fingerprint"
@@ -90,6 +100,7 @@ class TerraformRunner:
         lock_timeout: float = 300.0,
         base_env: Mapping[str, str] | None = None,
         grace_period: float = 60.0,
+        children: ChildTracker | None = None,
     ) -> None:
         self.binary = binary
         self.cli_config = Path(cli_config)
@@ -99,6 +110,7 @@ class TerraformRunner:
         self._base_env = dict(os.environ if base_env is None else base_env)
         self._lock = threading.Lock()
         self._running: dict[subprocess.Popen[bytes], bool] = {}  # process -> SIGINT sent
+        self.children = children or ChildTracker(None)
         self.plugin_cache_dir.mkdir(parents=True, exist_ok=True)
 
     # --- commands ---------------------------------------------------------------------
@@ -283,8 +295,13 @@ class TerraformRunner:
         """Run one command; stream lines to `on_line`, or capture stdout when it is None."""
         argv = self.command_argv(ws, args)
         env = self.command_env(ws, variables)
+        what = f"{self._name(args[0])} in {ws.stack_dir}"
+        token, marker = self.children.begin(what)
+        env.update(marker)
         started = time.monotonic()
         try:
+            # The kernel's SIGTERM reaches Terraform when this thread ends: it is the thread
+            # that waits for the process below, so it lives exactly as long as it must.
             proc = subprocess.Popen(
                 argv,
                 env=env,
@@ -292,11 +309,14 @@ class TerraformRunner:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # terminal signals are not forwarded: we send ours
+                preexec_fn=tie_to_parent(signal.SIGTERM),
             )
         except OSError as exc:
+            self.children.done(token)
             raise TerraformCommandError(
                 f"cannot start {self._name(args[0])}: {exc}", command=args[0]
             ) from exc
+        self.children.started(token, proc.pid, what)
         with self._lock:
             self._running[proc] = False
 
@@ -342,6 +362,8 @@ class TerraformRunner:
             if proc.poll() is None:  # we are being torn down (KeyboardInterrupt...)
                 self._kill(proc)
                 proc.wait()
+            # Before the readers: a grandchild left running would hold the pipes open.
+            self.children.done(token)
             for reader in readers:
                 reader.join(timeout=10)
             with self._lock:
@@ -426,6 +448,42 @@ class TerraformRunner:
 
     def _name(self, command: str) -> str:
         return f"{'tofu' if self.binary.kind == 'tofu' else 'terraform'} {command}"
+
+
+# --- a lock left by a dead Terraform ------------------------------------------------------------
+
+
+def lock_info_file(state_file: Path) -> Path:
+    """Where the local backend writes who holds the lock of `state_file`."""
+    return state_file.with_name(f".{state_file.name}.lock.info")
+
+
+def clear_dead_lock(state_file: Path) -> bool:
+    """Remove the lock-info file of a local state whose holder is gone; True if removed.
+
+    The local backend's lock is an fcntl lock on the state file, which the kernel drops when
+    its holder dies; the `.lock.info` file beside it is only a note and stays behind. If the
+    fcntl lock can be taken now, no process holds the state: the note is stale. A lock held
+    by a live process is left alone.
+    """
+    info = lock_info_file(state_file)
+    if not info.exists():
+        return False
+    try:
+        fd = os.open(state_file, os.O_RDWR)
+    except FileNotFoundError:
+        fd = None  # no state yet: nothing can hold a lock on it
+    if fd is not None:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_UN)
+        except OSError:
+            return False  # a live Terraform holds it
+        finally:
+            os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        info.unlink()
+    return True
 
 
 # --- the init fingerprint -------------------------------------------------------------------
