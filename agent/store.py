@@ -23,6 +23,7 @@ from agent.errors import StoreError
 from agent.fsutil import PRIVATE_FILE_MODE, ensure_private_dir
 
 DB_FILENAME = "agent.db"
+BUSY_TIMEOUT = 30.0  # seconds a write waits for another process's transaction
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -202,7 +203,7 @@ class RunStore:
         ensure_private_dir(state_dir)
         self.path = state_dir / DB_FILENAME
         try:
-            self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False)
+            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, check_same_thread=False)
             self.path.chmod(PRIVATE_FILE_MODE)
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA journal_mode=WAL")

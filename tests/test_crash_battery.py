@@ -5,7 +5,7 @@ left, the store readable with no run left `running`, the managed file right.
 
 Real agent processes, the embedded Terraform, real signals; no mocks. The kill points are
 random (a delay after the launch, the start of the plan or the start of the apply) but
-seeded: the seed is printed, and `CRASH_SEED=N` replays a run. Three labs run side by side
+seeded: the seed is printed, and `CRASH_SEED=N` replays a run. Four labs run side by side
 (each its own repo and state dir) to keep the whole short; the on-demand version with
 hundreds of kills is bench/crash_battery.py.
 """
@@ -21,13 +21,13 @@ from tests.support.crashlab import CrashLab, Episode, plan_episodes
 
 KILLS = 20
 TERMS = 10
-LABS = 3
+LABS = 4
 SPAN = (0.0, 1.5)  # seconds after the anchor (launch, plan started, apply started)
 
 
 def run_battery(root: Path, seed: int, kills: int, terms: int, labs: int) -> list[Episode]:
     plan = plan_episodes(seed, kills, terms, SPAN)
-    made = [CrashLab(root / f"lab{i}", sleep=0.5, provider=False) for i in range(labs)]
+    made = [CrashLab(root / f"lab{i}", sleep=0.5) for i in range(labs)]
     try:
         with ThreadPoolExecutor(labs) as pool:
             list(pool.map(CrashLab.converge, made))

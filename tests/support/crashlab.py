@@ -291,6 +291,11 @@ class CrashLab:
                 proc.kill()  # by PID: only what this lab started
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(10)
+        # What the lab's agents left (a failing check already reported it): by PID, each one
+        # seen inside the lab's directory.
+        for line in self.leftovers():
+            with contextlib.suppress(OSError):
+                os.kill(int(line.split()[0]), signal.SIGKILL)
 
 
 def plan_episodes(
