@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import load_host_config
+from agent.progress import Event, EventKind
 from agent.reconcile import PassRequest, Reconciler
 from agent.store import RunStore
 from providers.proctrack import MARKER
@@ -91,6 +92,7 @@ class Episode:
     exit_seconds: float | None = None
     cut_status: str | None = None  # what the store says of the pass that was cut
     problems: list[str] = field(default_factory=list)
+    swept: list[str] = field(default_factory=list)  # what the next pass found and ended
 
     def describe(self) -> str:
         return f"episode {self.number}: {self.mode} {self.delay:.2f}s after {self.anchor}"
@@ -150,9 +152,15 @@ class CrashLab:
         self.procs.append(proc)
         return proc
 
-    def converge(self) -> None:
-        """One pass in this process (what `agent reconcile --now` runs with no daemon)."""
-        reconciler = Reconciler(load_host_config(self.config))
+    def converge(self, swept: list[str] | None = None) -> None:
+        """One pass in this process (what `agent reconcile --now` runs with no daemon); what
+        its recovery did goes to `swept`."""
+
+        def report(event: Event) -> None:
+            if event.kind is EventKind.RECOVERED and swept is not None:
+                swept.append(event.message)
+
+        reconciler = Reconciler(load_host_config(self.config), reporter=report)
         try:
             result = reconciler.run_pass(PassRequest(trigger="cli"))
         finally:
@@ -222,7 +230,7 @@ class CrashLab:
 
     def _check_after(self, episode: Episode) -> None:
         try:
-            self.converge()
+            self.converge(episode.swept)
         except AssertionError as exc:
             episode.problems.append(str(exc))
         if left := self.leftovers():
