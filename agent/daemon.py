@@ -14,8 +14,13 @@ last reconciled every unit, or failed units are due for a retry.
 
 Stopping (SIGTERM/SIGINT): STOPPING=1; the timers, the HTTP listener and the control
 socket stop taking work; the running pass is interrupted (Terraform gets one SIGINT and is
-waited for, so its state lock is released) for up to `daemon.stop_timeout`; exit 0. The
-next start runs a full pass, which marks the cut run interrupted and converges again.
+waited for, so its state lock is released) for up to `daemon.stop_timeout`; exit 0. Past
+that, whatever the pass still runs is killed, and the exit code is 1. The next start runs a
+full pass, which marks the cut run interrupted and converges again.
+
+A pass that raises something other than an AgentError (the store locked by another
+process, the disk full) never leaves a client waiting: each one waiting on that work gets
+the reason as an error (a StoreError naming the store), and the poll retries the pass.
 """
 
 from __future__ import annotations
