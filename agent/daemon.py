@@ -774,26 +774,27 @@ class Daemon:
                 continue
             if names is not None and state.unit not in names:
                 continue
-            failures, last_failed = 0, None
-            for row in self.store.unit_history(state.unit, limit=32):
-                if row.status in (UnitStatus.BLOCKED, UnitStatus.INTERRUPTED, UnitStatus.RUNNING):
-                    continue
-                if row.status != UnitStatus.FAILED:
-                    break
-                failures += 1
-                last_failed = last_failed or row.finished_at or row.started_at
-            if not failures or last_failed is None:
-                continue
-            if now < last_failed + self._delay(failures):
+            history = [
+                (row.status, row.finished_at or row.started_at)
+                for row in self.store.unit_history(state.unit, limit=32)
+            ]
+            standing = backoff_state(
+                history,
+                now,
+                poll=self.host.intervals.poll,
+                backoff_max=self.service.daemon.backoff_max,
+            )
+            if standing == "waiting":
                 waiting.add(state.unit)
-            else:
+            elif standing == "due":
                 due.add(state.unit)
         return self._with_dependents(waiting), due
 
     def _delay(self, failures: int) -> float:
         """How long a timer waits after the `failures`-th failure in a row."""
-        poll = self.host.intervals.poll
-        return min(poll * 2 ** min(failures, 32), self.service.daemon.backoff_max)
+        return backoff_delay(
+            failures, poll=self.host.intervals.poll, backoff_max=self.service.daemon.backoff_max
+        )
 
     def _with_dependents(self, units: Iterable[str]) -> set[str]:
         result = set(units)
@@ -802,6 +803,36 @@ class Daemon:
                 if self._manifest.get_unit(unit) is not None:
                     result |= self._manifest.dependents(unit)
         return result
+
+
+# --- the backoff policy (pure: tests/cases/backoff.json) ------------------------------------
+
+# Results that neither count as a failure nor reset the count.
+_NEUTRAL = (UnitStatus.BLOCKED, UnitStatus.INTERRUPTED, UnitStatus.RUNNING)
+
+
+def backoff_delay(failures: int, *, poll: float, backoff_max: float) -> float:
+    """How long a timer waits after the `failures`-th failure in a row."""
+    return min(poll * 2 ** min(failures, 32), backoff_max)
+
+
+def backoff_state(
+    history: Iterable[tuple[str, float | None]], now: float, *, poll: float, backoff_max: float
+) -> str | None:
+    """Where a unit stands from its results, newest first, as (status, when): "waiting" (it
+    failed and its backoff has not passed), "due" (it has), or None (not failing)."""
+    failures, last_failed = 0, None
+    for status, when in history:
+        if status in _NEUTRAL:
+            continue
+        if status != UnitStatus.FAILED:
+            break
+        failures += 1
+        last_failed = last_failed or when
+    if not failures or last_failed is None:
+        return None
+    delay = backoff_delay(failures, poll=poll, backoff_max=backoff_max)
+    return "waiting" if now < last_failed + delay else "due"
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
