@@ -1,13 +1,6 @@
 """The `agent` command.
 
-Exit codes (also in the README):
-  0  success
-  1  a unit failed, a revision was rejected, or `validate` found errors
-  2  usage error (bad arguments)
-  3  the host config is invalid or the state directory cannot be used
-  4  another pass is running (with --no-wait)
-  5  the unit or run named does not exist
- 130 interrupted (SIGINT/SIGTERM); the running Terraform was stopped gracefully
+Exit codes: EXIT_CODES below (`agent --help` prints it; the README has the same table).
 
 `agent run` is the daemon (agent.daemon). While it runs, `reconcile`, `approve`,
 `suspend` and `resume` go through its control socket (agent.control) and print exactly
@@ -47,7 +40,10 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 3
 EXIT_BUSY = 4
 EXIT_NOT_FOUND = 5
+EXIT_CHANGES = 2  # reconcile --detailed-exitcode: changes or drift pending or held
+EXIT_USAGE_DETAILED = 64  # a usage error when 2 would mean "changes" (sysexits' EX_USAGE)
 EXIT_INTERRUPTED = 130
+EXIT_PIPE = 141  # 128 + SIGPIPE: what a shell reports for git or terraform in `| head`
 
 _EXIT_BY_ERROR: list[tuple[type[AgentError], int]] = [
     (ConfigError, EXIT_CONFIG),
@@ -57,21 +53,67 @@ _EXIT_BY_ERROR: list[tuple[type[AgentError], int]] = [
 ]
 
 
+EXIT_CODES = """\
+exit codes:
+  0    success; with reconcile --detailed-exitcode: success and nothing left to do
+  1    a unit failed, a revision was rejected, or `validate` found errors
+  2    usage error (bad arguments: the usage is printed and nothing runs);
+       with reconcile --detailed-exitcode: success, but changes or drift are
+       pending or held (a dry run that found some, a plan held for approval,
+       drift only reported), as `terraform plan -detailed-exitcode`
+  3    the host config is invalid or the state directory cannot be used
+  4    another pass is running (with --no-wait)
+  5    the unit or run named does not exist
+  64   usage error of a command line that has --detailed-exitcode (so that 2
+       there can only mean changes)
+  130  interrupted (SIGINT/SIGTERM); the running Terraform was stopped gracefully
+  141  the reader of the output went away (`agent logs app | head`): the
+       command stops quietly, with the status a shell shows for git there"""
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import shtab
+
+    def command(name: str, summary: str, example: str, details: str = "") -> Any:
+        return sub.add_parser(
+            name,
+            help=summary,
+            description=f"{summary[0].upper()}{summary[1:]}." + (f"\n\n{details}" * bool(details)),
+            epilog=("examples:" if "\n" in example else "example:") + f"\n{example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    def json_flag(p: argparse.ArgumentParser, what: str = "the result") -> None:
+        p.add_argument(
+            "--json",
+            action="store_true",
+            help=f"print {what} as JSON (times as RFC 3339 strings, UTC)",
+        )
+
     parser = argparse.ArgumentParser(
         prog="agent",
-        description="gitops-agent: keeps Terraform stacks in line with a Git repository.",
+        description="gitops-agent: keeps Terraform stacks and SSH-managed hosts in line with"
+        " a Git repository.",
+        epilog="examples:\n  agent quickstart /tmp/qs\n  agent reconcile --now --dry-run\n"
+        "  agent status\n  agent COMMAND --help\n\n" + EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
         "--config",
         help="host config file (default: $GITOPS_AGENT_CONFIG, else /etc/gitops-agent/agent.yaml)",
-    )
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    p = sub.add_parser("reconcile", help="run a reconcile pass now")
+    p = command(
+        "reconcile",
+        "run a reconcile pass now: fetch, plan, apply or hold, converge hosts",
+        "  agent reconcile --now\n  agent reconcile --now --unit app --dry-run --detailed-exitcode",
+        "Through the running agent (`agent run`) if there is one, else directly on the\n"
+        "state directory. Prints each unit's result; progress goes to stderr.",
+    )
     p.add_argument("--now", action="store_true", help="run the pass now (the default here)")
-    p.add_argument("--unit", help="reconcile only this unit")
+    p.add_argument("--unit", help="reconcile only this unit (exit 5 if the manifest has none)")
     p.add_argument("--dry-run", action="store_true", help="plan only; apply nothing")
     wait = p.add_mutually_exclusive_group()
     wait.add_argument(
@@ -81,64 +123,152 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-wait", dest="wait", action="store_false", help="fail (exit 4) if a pass runs"
     )
     p.add_argument("-v", "--verbose", action="store_true", help="stream Terraform's output")
-    p.add_argument("--json", action="store_true", help="print the pass result as JSON")
+    p.add_argument(
+        "--detailed-exitcode",
+        action="store_true",
+        help="exit 2 when changes or drift are left pending or held, 0 when nothing is"
+        " (usage errors then exit 64)",
+    )
+    json_flag(p, "the pass result")
 
-    p = sub.add_parser("run", help="run as a service: timers, webhooks, control socket")
+    p = command(
+        "run",
+        "run as a service: timers, webhooks, control socket",
+        "  agent --config /etc/gitops-agent/agent.yaml run",
+        "What the systemd unit starts. Logs go to the journal (stderr).",
+    )
 
-    p = sub.add_parser("approve", help="apply the plan a run held for approval")
+    p = command(
+        "approve",
+        "apply the plan a run held for approval",
+        "  agent approve r-20261123T091502-3f9a --unit db",
+        "Exactly the saved plan is applied, or refused if it went stale.",
+    )
     p.add_argument("run", help="the run that held the plan (see `agent status`, `agent history`)")
     p.add_argument("--unit", help="approve only this unit's plan (default: every plan held)")
-    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    json_flag(p)
 
-    p = sub.add_parser("suspend", help="leave a unit out of every pass until resumed")
-    p.add_argument("unit")
-    p.add_argument("--reason", help="shown in `agent status`")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("resume", help="reconcile a suspended unit again")
-    p.add_argument("unit")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("status", help="each unit: revision, last result, drift, when")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("logs", help="the plan/apply output of a unit, as Terraform printed it")
-    p.add_argument("unit")
-    p.add_argument("--run", help="a run id (default: the unit's latest run with output)")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("history", help="past passes, or one unit's results")
-    p.add_argument("--unit")
-    p.add_argument("--limit", type=int, default=20)
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("validate", help="check a repo's manifest and stacks, offline")
-    p.add_argument("repo_dir", nargs="?", default=".")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("version", help="versions of the agent and of Terraform")
-    p.add_argument("--json", action="store_true")
-
-    p = sub.add_parser("quickstart", help="set up and run the offline quickstart")
-    p.add_argument("dir", nargs="?", help="where to lay it out (default: a new temp dir)")
-
-    p = sub.add_parser(
-        "service",
-        help="install or remove the systemd service on this machine (as root)",
-        description="Put the systemd unit, sysusers and tmpfiles files where systemd reads "
-        "them, create the user and directories, write a starter host config if there is none. "
-        "Idempotent. Example: agent service install --dry-run",
+    p = command(
+        "suspend",
+        "leave a unit out of every pass until resumed",
+        '  agent suspend app --reason "database migration by hand"',
     )
-    p.add_argument("action", choices=["install", "uninstall"])
+    p.add_argument("unit", help="the unit to leave out")
+    p.add_argument("--reason", help="why (shown in `agent status`)")
+    json_flag(p)
+
+    p = command("resume", "reconcile a suspended unit again", "  agent resume app")
+    p.add_argument("unit", help="the suspended unit")
+    json_flag(p)
+
+    p = command(
+        "status",
+        "each unit: revision, last result, drift, when; a fleet's hosts",
+        "  agent status\n  agent status --json",
+    )
+    json_flag(p, "the status")
+
+    p = command(
+        "logs",
+        "the plan/apply output of a unit, as Terraform printed it (a fleet: each host's diff)",
+        "  agent logs app\n  agent logs app --run r-20261123T091502-3f9a",
+    )
+    p.add_argument("unit", help="the unit whose output to show")
+    p.add_argument("--run", help="a run id (default: the unit's latest run with output)")
+    json_flag(p, "the output")
+
+    p = command(
+        "history",
+        "past passes, or one unit's results in them",
+        "  agent history --limit 5\n  agent history --unit app",
+    )
+    p.add_argument("--unit", help="show this unit's results (plan counts, a fleet's hosts)")
+    p.add_argument("--limit", type=int, default=20, help="at most this many (default: 20)")
+    json_flag(p, "the history")
+
+    p = command(
+        "validate",
+        "check a repo's manifest, templates and stacks, offline",
+        "  agent validate ~/src/infra",
+        "What a repository's CI runs before merge; exit 1 if it found errors.",
+    )
+    p.add_argument(
+        "repo_dir", nargs="?", default=".", help="the repository (default: the current directory)"
+    ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+    json_flag(p, "the report")
+
+    p = command("version", "versions of the agent and of Terraform", "  agent version --json")
+    json_flag(p, "the versions")
+
+    p = command(
+        "quickstart",
+        "set up and run the offline quickstart",
+        "  agent quickstart /tmp/qs",
+    )
+    p.add_argument(
+        "dir", nargs="?", help="where to lay it out (default: a new temp dir)"
+    ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+
+    p = command(
+        "service",
+        "install or remove the systemd service on this machine (as root)",
+        "  agent service install --dry-run\n  sudo agent service install",
+        "Put the systemd unit, sysusers and tmpfiles files where systemd reads them, create\n"
+        "the user and directories, write a starter host config if there is none. Idempotent.",
+    )
+    p.add_argument(
+        "action", choices=["install", "uninstall"], help="install, or remove what install put"
+    )
     p.add_argument("--dry-run", action="store_true", help="print what it would do; change nothing")
     p.add_argument(
         "--root", default="/", help="install into this root (packaging); runs no systemd tool"
+    ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+
+    p = command(
+        "completion",
+        "print a shell completion script",
+        "  agent completion bash > ~/.local/share/bash-completion/completions/agent\n"
+        "  source <(agent completion bash)",
     )
+    p.add_argument("shell", choices=["bash", "zsh"], help="the shell to complete for")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(words)
+    except SystemExit as exc:
+        # With --detailed-exitcode, 2 means "changes pending": a usage error must not say so.
+        if exc.code == EXIT_USAGE and _asks_detailed_exitcode(words):
+            return EXIT_USAGE_DETAILED
+        raise
+    try:
+        code = _run(args)
+        sys.stdout.flush()  # a closed pipe shows here for the last lines
+        return code
+    except BrokenPipeError:
+        return _pipe_closed()
+
+
+def _asks_detailed_exitcode(words: Sequence[str]) -> bool:
+    flag = "--detailed-exitcode"
+    # argparse takes unambiguous prefixes too (--detailed).
+    return any(len(w) >= 5 and flag.startswith(w.split("=")[0]) for w in words)
+
+
+def _pipe_closed() -> int:
+    """The reader went away (`agent logs app | head`): stop quietly, as git does.
+
+    What is still buffered goes to /dev/null, so Python's own flush at exit cannot
+    raise again and print a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_PIPE
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
@@ -163,7 +293,9 @@ def _host(args: argparse.Namespace) -> HostConfig:
 
 
 def _print_json(data: Any) -> None:
-    print(json.dumps(data, indent=2, sort_keys=True, default=str))
+    from agent.views import as_json
+
+    print(json.dumps(as_json(data), indent=2, sort_keys=True, default=str))
 
 
 # --- commands -----------------------------------------------------------------------
@@ -295,29 +427,21 @@ def _remote_pass(
 
 def _print_pass(result: Any, args: argparse.Namespace) -> int:
     """Print a pass's result (text or --json); the exit code it deserves."""
-    from agent.stacks import describe_outcome
+    from agent.views import pass_view, pending_changes, render_pass
 
     if args.json:
-        _print_json(
-            {
-                "run": result.run_id,
-                "status": result.status,
-                "revision": result.revision,
-                "head": result.head,
-                "error": result.error,
-                "units": {name: asdict(o) for name, o in result.outcomes.items()},
-            }
-        )
+        _print_json(pass_view(result))
     else:
-        rev = result.revision[:12] if result.revision else "none"
-        print(f"run {result.run_id}: {result.status} at {rev}")
-        for name, outcome in result.outcomes.items():
-            print(f"  {name}: {describe_outcome(outcome)}")
+        print(render_pass(result))
         if result.error:
             print(result.error, file=sys.stderr)
     if result.status is RunStatus.INTERRUPTED:
         return EXIT_INTERRUPTED
-    return EXIT_OK if result.ok else EXIT_FAILED
+    if not result.ok:
+        return EXIT_FAILED
+    if getattr(args, "detailed_exitcode", False) and pending_changes(result):
+        return EXIT_CHANGES
+    return EXIT_OK
 
 
 def _verbose(base: ConsoleReporter) -> Callable[[Any], None]:
@@ -454,8 +578,8 @@ def cmd_service(args: argparse.Namespace) -> int:
 def cmd_history(args: argparse.Namespace) -> int:
     from agent.views import history_view, render_history
 
-    store, _ = _open_store(args)
-    view = history_view(store, args.unit, args.limit)
+    store, layout = _open_store(args)
+    view = history_view(store, args.unit, args.limit, layout)
     _print_json(view) if args.json else print(render_history(view))
     return EXIT_OK
 
@@ -499,6 +623,13 @@ def cmd_version(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    import shtab
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return EXIT_OK
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from agent.quickstart import run_quickstart
 
@@ -518,6 +649,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "version": cmd_version,
     "quickstart": cmd_quickstart,
     "service": cmd_service,
+    "completion": cmd_completion,
 }
 
 

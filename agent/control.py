@@ -125,12 +125,19 @@ def encode_result(result: Any) -> dict[str, Any]:
         "head": result.head,
         "error": result.error,
         "warnings": list(result.warnings),
+        "suspended": list(result.suspended),
         "units": {name: asdict(o) for name, o in result.outcomes.items()},
     }
 
 
 def decode_outcome(data: dict[str, Any]) -> UnitOutcome:
-    return UnitOutcome(**{**data, "status": UnitStatus(data["status"])})
+    fields = {**data, "status": UnitStatus(data["status"])}
+    if "hosts" in fields:  # a fleet unit's outcome, with each host's result
+        from agent.fleets import FleetOutcome, HostResult
+
+        hosts = tuple(HostResult(**h) for h in fields.pop("hosts"))
+        return FleetOutcome(**fields, hosts=hosts)
+    return UnitOutcome(**fields)
 
 
 def decode_result(data: dict[str, Any]) -> Any:
@@ -144,6 +151,7 @@ def decode_result(data: dict[str, Any]) -> Any:
         outcomes={name: decode_outcome(o) for name, o in (data.get("units") or {}).items()},
         error=data.get("error"),
         warnings=tuple(data.get("warnings") or ()),
+        suspended=tuple(data.get("suspended") or ()),
     )
 
 

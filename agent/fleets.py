@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ from providers.transport.ssh import SSHSettings, SSHTarget, SSHTransport
 
 LOCAL_ADDRESS = "local"
 HELD_FILE = "held-removals.json"  # in the run dir: the removals a hold showed, per host
+# Each host's result in a run (beside hosts.txt), read by `agent history`.
+HOST_RESULTS_FILE = "hosts.json"
 
 # A command's string fields rendered with the host's variables (its `env` values too).
 _COMMAND_TEMPLATES = ("command", "creates", "unless", "onlyif", "cwd")
@@ -63,6 +65,35 @@ class FleetError(AgentError):
 
 class CommandLineSecretError(FleetError):
     """A rendered command line holds a secret value (refused before it reaches a host)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostResult:
+    """One host's part of a fleet unit's result (in `reconcile --json` and history)."""
+
+    host: str
+    status: str  # ok | failed
+    changed: int = 0
+    pending: int = 0  # would change (dry run, or drift only reported)
+    failed: int = 0
+    held: int = 0  # removals waiting for approval (policy.destroy: hold)
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetOutcome(UnitOutcome):
+    """A fleet unit's outcome: the store's fields (`plan_change` counts the resources
+    changed or found to change on all hosts) and each host's own result."""
+
+    hosts: tuple[HostResult, ...] = ()
+
+    @property
+    def changed_hosts(self) -> list[str]:
+        return [h.host for h in self.hosts if h.changed or h.pending or h.held]
+
+    @property
+    def failed_hosts(self) -> list[str]:
+        return [h.host for h in self.hosts if h.status != "ok"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +146,7 @@ class FleetReconciler:
             redactor=self.redactor,
             stop=self._stop,
             work=lambda unit, moved, _: self._converge(ctx, unit, _fleet(unit), moved),
-            describe=_describe,
+            describe=describe_fleet,
         )
 
     def apply_saved(
@@ -157,7 +188,9 @@ class FleetReconciler:
             atomic_write(run_dir / "hosts.txt", self.redactor.redact(_render_reports(reports)))
             for plan, report in zip(planned, reports, strict=True):
                 self._remember(unit, plan, report, ctx.revision, applied=True)
-            outcome = _outcome(reports, apply=True, dry_run=False, revision_moved=True)
+            outcome = self._scrub_hosts(
+                _outcome(reports, apply=True, dry_run=False, revision_moved=True)
+            )
         except (AgentError, OSError, ValueError, KeyError) as exc:
             message = exc.message if isinstance(exc, AgentError) else f"held removals: {exc}"
             outcome = UnitOutcome(status=UnitStatus.FAILED, decision=Decision.APPLY, error=message)
@@ -171,7 +204,7 @@ class FleetReconciler:
                 EventKind.UNIT_FINISHED,
                 run_id=ctx.run_id,
                 unit=name,
-                message=_describe(outcome),
+                message=describe_fleet(outcome),
                 seconds=time.monotonic() - started,
                 result=outcome,
             )
@@ -202,7 +235,24 @@ class FleetReconciler:
         if held:
             atomic_write(run_dir / HELD_FILE, json.dumps(held, indent=1))
             self._drop_older_holds(unit.name, ctx.run_id)
-        return _outcome(reports, apply=apply, dry_run=ctx.dry_run, revision_moved=revision_moved)
+        outcome = self._scrub_hosts(
+            _outcome(reports, apply=apply, dry_run=ctx.dry_run, revision_moved=revision_moved)
+        )
+        # Each host's counts in this run, for `agent history` (the store keeps the totals).
+        atomic_write(
+            run_dir / HOST_RESULTS_FILE, json.dumps([asdict(h) for h in outcome.hosts], indent=1)
+        )
+        return outcome
+
+    def _scrub_hosts(self, outcome: UnitOutcome) -> UnitOutcome:
+        """Mask secrets in each host's error (they quote command output and file text)."""
+        if not isinstance(outcome, FleetOutcome):
+            return outcome
+        hosts = tuple(
+            replace(h, error=self.redactor.redact(h.error) if h.error else None)
+            for h in outcome.hosts
+        )
+        return replace(outcome, hosts=hosts)
 
     def _hosts(self, ctx: StackContext, unit: Unit, fleet: Fleet) -> tuple[HostSpec, ...]:
         if not isinstance(fleet.hosts, HostsFromStack):
@@ -703,49 +753,78 @@ def _outcome(
     else:
         decision = Decision.REPORT
     drift = bool(found) and not revision_moved
+    hosts = tuple(
+        HostResult(
+            host=r.host,
+            status="ok" if r.ok else "failed",
+            changed=r.changed,
+            pending=r.pending,
+            failed=r.failed + len(r.handler_errors),
+            held=r.held,
+            error=_host_error(r) or None,
+        )
+        for r in reports
+    )
     if failed:
         names = ", ".join(r.host for r in failed)
         detail = "; ".join(f"{r.host}: {_host_error(r)}" for r in failed)
-        return UnitOutcome(
+        return FleetOutcome(
             status=UnitStatus.FAILED,
             decision=decision,
             drift=drift,
             plan_change=found,
-            error=f"{len(failed)} of {len(reports)} hosts failed ({names}): {detail}",
+            error=f"{len(failed)} of {_plural(len(reports), 'host')} failed ({names}): {detail}",
+            hosts=hosts,
         )
     if held:
-        hosts = ", ".join(r.host for r in reports if r.held)
-        return UnitOutcome(
+        names = ", ".join(r.host for r in reports if r.held)
+        return FleetOutcome(
             status=UnitStatus.HELD,
             decision=Decision.HOLD,
             drift=drift,
             plan_change=changed,
             plan_destroy=held,
             error=(
-                f"{held} removals on {hosts} are held for approval (policy.destroy: hold);"
+                f"{held} removals on {names} are held for approval (policy.destroy: hold);"
                 " the rest was applied"
             ),
+            hosts=hosts,
         )
-    return UnitOutcome(
+    return FleetOutcome(
         status=UnitStatus.OK,
         decision=decision,
         drift=drift,
         plan_change=found,
         converged=apply or not found,
+        hosts=hosts,
     )
 
 
-def _describe(outcome: UnitOutcome) -> str:
-    if outcome.status is UnitStatus.FAILED:
-        return f"failed: {outcome.error}"
+def describe_fleet(outcome: UnitOutcome) -> str:
+    """One line for a person: what a fleet unit's pass did, with its host counts."""
+    if outcome.status in (UnitStatus.FAILED, UnitStatus.BLOCKED, UnitStatus.INTERRUPTED):
+        return f"{outcome.status}: {outcome.error}"
     if outcome.status is UnitStatus.HELD:
         return f"held: {outcome.error}"
-    if outcome.decision == Decision.NOTHING:
-        return "hosts in their desired state"
-    count = outcome.plan_change or 0
+    decision = Decision(outcome.decision) if outcome.decision else Decision.SKIP
+    if decision is Decision.SKIP:
+        return "drift check skipped"
+    hosts = outcome.hosts if isinstance(outcome, FleetOutcome) else ()
+    if decision is Decision.NOTHING:
+        return f"{_plural(len(hosts), 'host')} in the desired state" if hosts else "no changes"
     verb = {
         Decision.APPLY: "changed",
-        Decision.REPORT: "drifted (reported)",
+        Decision.REPORT: "drifted (reported, left as they are)",
         Decision.PLAN_ONLY: "would change",
-    }.get(Decision(outcome.decision) if outcome.decision else Decision.SKIP, str(outcome.decision))
-    return f"{count} resources {verb}" if outcome.decision != Decision.SKIP else "skipped"
+    }.get(decision, str(decision))
+    resources = f"{_plural(outcome.plan_change or 0, 'resource')} {verb}"
+    if not hosts:
+        return resources + (" drift" if outcome.drift else "")
+    touched = outcome.changed_hosts if isinstance(outcome, FleetOutcome) else []
+    names = ", ".join(touched[:5]) + (f", +{len(touched) - 5} more" if len(touched) > 5 else "")
+    where = f" on {len(touched)} of {_plural(len(hosts), 'host')} ({names})"
+    return resources + where + (" drift" if outcome.drift else "")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")

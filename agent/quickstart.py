@@ -19,7 +19,7 @@ from agent.config import load_host_config
 from agent.errors import AgentError
 from agent.progress import ConsoleReporter
 from agent.reconcile import PassRequest, Reconciler
-from agent.stacks import describe_outcome
+from agent.views import describe_result
 from providers.git_setup import create_repo_from_tree
 
 PLACEHOLDER = "@QUICKSTART_DIR@"
@@ -100,7 +100,7 @@ def run_quickstart(directory: Path | None) -> int:
         reconciler.close()
     print(f"\nrun {result.run_id}: {result.status}")
     for name, outcome in result.outcomes.items():
-        print(f"  {name}: {describe_outcome(outcome)}")
+        print(f"  {name}: {describe_result(outcome)}")
     if result.error:
         print(result.error)
     print(NEXT_STEPS.format(root=root))

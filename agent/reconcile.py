@@ -73,6 +73,7 @@ class PassContext:
     outcomes: dict[str, UnitOutcome] = field(default_factory=dict)
     secrets: ResolvedSecrets = field(default_factory=ResolvedSecrets)
     selected: list[str] | None = None  # the units this pass reconciles, once chosen
+    suspended: list[str] = field(default_factory=list)  # units it left out as suspended
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,7 @@ class PassResult:
     outcomes: dict[str, UnitOutcome]
     error: str | None
     warnings: tuple[str, ...]
+    suspended: tuple[str, ...] = ()  # units left out because they are suspended
 
     @property
     def ok(self) -> bool:
@@ -322,6 +324,11 @@ class Reconciler:
                     raise PassFailed(f"interrupted before the {name} step")
                 log.debug("run %s: step %s", ctx.run_id, name)
                 step(ctx)
+        except NotFoundError:
+            # A unit named on the command line that the manifest lacks: nothing was
+            # reconciled, so no run is kept (exit 5, as `agent logs NAME` does).
+            self.store.discard_run(ctx.run_id)
+            raise
         except AgentError as exc:
             error = self.redactor.redact(exc.message)
         status = self._pass_status(ctx, error)
@@ -337,6 +344,7 @@ class Reconciler:
             outcomes=dict(ctx.outcomes),
             error=stored_error,
             warnings=tuple(ctx.warnings),
+            suspended=tuple(ctx.suspended),
         )
         self.report(
             Event(
@@ -478,13 +486,15 @@ class Reconciler:
             return ctx.selected
         names = list(ctx.manifest.order())
         if ctx.request.unit is not None and ctx.manifest.get_unit(ctx.request.unit) is None:
-            raise PassFailed(
+            raise NotFoundError(
                 f"no unit named {ctx.request.unit!r} in {ctx.manifest.path.name}"
-                f" at {ctx.target[:12]}; units: {', '.join(names)}"
+                f" at {ctx.target[:12]}",
+                hint=f"its units: {', '.join(names)}",
             )
         wanted = names if ctx.request.unit is None else [ctx.request.unit]
         suspended = set(self.store.suspended())
         left_out = [n for n in wanted if n in suspended or n in ctx.request.skip]
+        ctx.suspended = [n for n in wanted if n in suspended]
         if left_out:
             log.info("run %s: left out: %s", ctx.run_id, ", ".join(left_out))
         ctx.selected = [n for n in wanted if n not in left_out]

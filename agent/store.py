@@ -253,6 +253,12 @@ class RunStore:
             )
         return run_id
 
+    def discard_run(self, run_id: str) -> None:
+        """Forget a run that reconciled nothing (it named a unit the manifest lacks)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM unit_runs WHERE run_id = ?", (run_id,))
+            db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
     def set_run_revision(self, run_id: str, revision: str | None, head: str | None) -> None:
         with self._tx() as db:
             db.execute(

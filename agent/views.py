@@ -1,21 +1,32 @@
 """What the read commands show: status, history and logs, as text or as JSON.
 
 Each view is built from the run store into plain dicts first (that is the `--json`
-output), then rendered as a table for a person, so both always agree.
+output, once `as_json` has written its times as RFC 3339), then rendered as a table for
+a person, so both always agree. A pass's own result (`reconcile`, `approve`) is shown
+here too, fleets with their hosts beside stacks with their plan counts.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent.decide import Decision
 from agent.errors import NotFoundError
-from agent.fleets import host_states
+from agent.fleets import HOST_RESULTS_FILE, FleetOutcome, describe_fleet, host_states
 from agent.layout import StateLayout
-from agent.store import RunStore, UnitRunRow
+from agent.stacks import describe_outcome
+from agent.store import RunStore, UnitOutcome, UnitRunRow, UnitStatus
+
+# Keys that hold a Unix time in a view: `--json` prints them as RFC 3339 strings.
+TIME_KEYS = frozenset(
+    {"at", "since", "started_at", "finished_at", "converged_at", "updated_at", "approved_at"}
+)
 
 LOG_FILES = ("init.txt", "plan.txt", "apply.txt", "hosts.txt")
 
@@ -27,6 +38,11 @@ def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str,
     last = runs[0] if runs else None
     units = []
     for state in store.unit_states():
+        # The store keeps the drift the last plan found; a clean apply put it back since.
+        reverted = bool(state.drift) and (state.last_status, state.last_decision) == (
+            UnitStatus.OK,
+            Decision.APPLY,
+        )
         units.append(
             {
                 "unit": state.unit,
@@ -34,7 +50,8 @@ def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str,
                 "converged_at": state.converged_at,
                 "last_result": state.last_status,
                 "last_decision": state.last_decision,
-                "drift": state.drift,
+                "drift": bool(state.drift) and not reverted,
+                "drift_reverted": reverted,
                 "last_run": state.last_run_id,
                 "updated_at": state.updated_at,
             }
@@ -43,24 +60,121 @@ def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str,
             units[-1]["hosts"] = hosts
     return {
         "revision": store.current_revision(),
-        "last_run": asdict(last) if last else None,
+        "last_run": _run_entry(asdict(last)) if last else None,
         "units": units,
     }
 
 
-def history_view(store: RunStore, unit: str | None, limit: int) -> dict[str, Any]:
-    """Past passes (newest first), or one unit's results in them."""
+def history_view(
+    store: RunStore, unit: str | None, limit: int, layout: StateLayout | None = None
+) -> dict[str, Any]:
+    """Past passes (newest first), or one unit's results in them (a fleet's with each
+    host's counts, given the layout)."""
     if unit is not None:
         rows = store.unit_history(unit, limit)
         if not rows:
             raise NotFoundError(f"no run has reconciled a unit named {unit!r}")
-        return {"unit": unit, "results": [asdict(r) for r in rows]}
+        results = []
+        for row in rows:
+            entry = asdict(row)
+            if layout is not None and (hosts := _host_results(layout, row.run_id, unit)):
+                entry["hosts"] = hosts
+            results.append(entry)
+        return {"unit": unit, "results": results}
     runs = []
     for run in store.runs(limit=limit):
-        entry = asdict(run)
+        entry = _run_entry(asdict(run))
         entry["units"] = {r.unit: r.status for r in store.unit_runs(run.id)}
         runs.append(entry)
     return {"runs": runs}
+
+
+def _run_entry(run: dict[str, Any]) -> dict[str, Any]:
+    finished = run.get("finished_at")
+    run["duration_s"] = round(finished - run["started_at"], 3) if finished else None
+    return run
+
+
+def _host_results(layout: StateLayout, run_id: str, unit: str) -> list[dict[str, Any]]:
+    """Each host's counts in a fleet unit's run (none for a stack, or an older run)."""
+    try:
+        data = json.loads((layout.unit_run_dir(run_id, unit) / HOST_RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return data if isinstance(data, list) else []
+
+
+def pass_view(result: Any) -> dict[str, Any]:
+    """A pass's result (`reconcile`, `approve`) as `--json` shows it."""
+    return {
+        "run": result.run_id,
+        "status": result.status,
+        "revision": result.revision,
+        "head": result.head,
+        "error": result.error,
+        "units": {name: outcome_view(o) for name, o in result.outcomes.items()},
+        "suspended": list(result.suspended),
+    }
+
+
+def outcome_view(outcome: UnitOutcome) -> dict[str, Any]:
+    """One unit's outcome; a fleet's has its hosts and which of them changed or failed."""
+    data = asdict(outcome)
+    if isinstance(outcome, FleetOutcome):
+        data["changed_hosts"] = outcome.changed_hosts
+        data["failed_hosts"] = outcome.failed_hosts
+    return data
+
+
+def describe_result(outcome: UnitOutcome) -> str:
+    """One line for a person about a unit's outcome, stack or fleet."""
+    if isinstance(outcome, FleetOutcome):
+        return describe_fleet(outcome)
+    return describe_outcome(outcome)
+
+
+def render_pass(result: Any) -> str:
+    rev = result.revision[:12] if result.revision else "none"
+    lines = [f"run {result.run_id}: {result.status} at {rev}"]
+    lines += [f"  {name}: {describe_result(o)}" for name, o in result.outcomes.items()]
+    lines += [f"  {name}: suspended, left out (`agent resume {name}`)" for name in result.suspended]
+    return "\n".join(lines)
+
+
+def pending_changes(result: Any) -> bool:
+    """Whether a pass leaves changes or drift waiting: held, reported, or planned only
+    (`reconcile --detailed-exitcode` exits 2 for it, as `terraform plan` does)."""
+    for outcome in result.outcomes.values():
+        if outcome.status is UnitStatus.HELD or outcome.decision in (
+            Decision.HOLD,
+            Decision.REPORT,
+        ):
+            return True
+        if outcome.decision == Decision.PLAN_ONLY:
+            counts = (outcome.plan_add, outcome.plan_change, outcome.plan_destroy)
+            if outcome.drift or any(counts):
+                return True
+    return False
+
+
+def as_json(data: Any) -> Any:
+    """`data` for `--json`: every Unix time under a key of TIME_KEYS as RFC 3339 (UTC)."""
+    if isinstance(data, dict):
+        return {
+            key: rfc3339(value)
+            if key in TIME_KEYS and isinstance(value, int | float) and not isinstance(value, bool)
+            else as_json(value)
+            for key, value in data.items()
+        }
+    if isinstance(data, list | tuple):
+        return [as_json(item) for item in data]
+    return data
+
+
+def rfc3339(timestamp: float) -> str:
+    """2026-12-07T04:46:23.512Z: RFC 3339, UTC, to the millisecond."""
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def logs_view(
@@ -117,7 +231,7 @@ def render_status(view: dict[str, Any]) -> str:
             u["unit"],
             _short(u["revision"]) or "-",
             _result(u["last_result"], u["last_decision"]),
-            "yes" if u["drift"] else "no",
+            "yes" if u["drift"] else "reverted" if u.get("drift_reverted") else "no",
             _ago(u["updated_at"]),
         ]
         for u in view["units"]
@@ -206,8 +320,14 @@ def _result(status: str | None, decision: str | None) -> str:
 
 
 def _counts(row: dict[str, Any]) -> str:
+    if row.get("hosts"):  # a fleet: resources changed (or to change), on how many hosts
+        hosts = row["hosts"]
+        touched = sum(1 for h in hosts if h.get("changed") or h.get("pending") or h.get("held"))
+        failed = sum(1 for h in hosts if h.get("status") != "ok")
+        text = f"~{row['plan_change'] or 0} on {touched}/{len(hosts)} hosts"
+        return text + (f", {failed} failed" if failed else "")
     if row["plan_add"] is None:
-        return "-"
+        return f"~{row['plan_change']}" if row["plan_change"] is not None else "-"
     return f"+{row['plan_add']} ~{row['plan_change']} -{row['plan_destroy']}"
 
 

@@ -219,7 +219,8 @@ def test_suspend_and_resume_work_on_the_store_without_a_daemon(tmp_path: Path) -
     assert status["suspended"]["app"]["by"]  # who did it
     result = agent(config, "reconcile", "--now")
     assert result.returncode == 0
-    assert "db: no changes" in result.stdout and "app" not in result.stdout
+    assert "db: no changes" in result.stdout
+    assert "  app: suspended, left out (`agent resume app`)" in result.stdout
     refused = agent(config, "reconcile", "--now", "--unit", "app")
     assert (
         refused.returncode == 1 and "error[unit-suspended]: unit app is suspended" in refused.stderr

@@ -444,7 +444,8 @@ def test_reconcile_suspend_and_resume_go_through_the_daemon(
     result = agent.cli("reconcile", "--now")
     assert result.returncode == 0, result.stderr
     assert re.search(rf"run r-\S+: succeeded at {head[:12]}", result.stdout)
-    assert "db: applied (+0 ~1 -0)" in result.stdout and "app:" not in result.stdout
+    assert "db: applied (+0 ~1 -0)" in result.stdout
+    assert "  app: suspended, left out (`agent resume app`)" in result.stdout  # listed, not gone
     run = agent.runs()[0]
     assert run.trigger == "cli"
     assert f"run={run.id}: pass started (trigger cli" in agent.new_log()  # the daemon ran it
@@ -455,6 +456,10 @@ def test_reconcile_suspend_and_resume_go_through_the_daemon(
 
     unknown = agent.cli("suspend", "nope")
     assert unknown.returncode == 5 and "no unit named 'nope'" in unknown.stderr
+    runs = len(agent.runs())
+    unknown = agent.cli("reconcile", "--now", "--unit", "nope")
+    assert unknown.returncode == 5 and "no unit named 'nope'" in unknown.stderr
+    assert len(agent.runs()) == runs  # no run recorded for it
 
     assert agent.cli("resume", "app").returncode == 0
     result = agent.cli("reconcile", "--now", "--unit", "app", "--json")

@@ -175,13 +175,16 @@ def test_a_password_in_the_repo_url_is_refused_as_git_source_md_says(tmp_path: P
 
 
 def test_the_readme_exit_codes(tmp_path: Path) -> None:
-    """The exit codes README.md lists for a usage error, a bad host config, no such run."""
-    readme = (ROOT / "README.md").read_text()
-    table = " ".join(readme[readme.index("Exit codes:") :].split("\n\n")[0].split())
-    documented = dict(re.findall(r"`(\d+)` ([^;`]+)", table))
-    assert documented["2"].startswith("usage error"), table
-    assert documented["3"].startswith("the host config is invalid"), table
-    assert documented["5"].startswith("no such unit or run"), table
+    """README.md's table of exit codes is the one `agent --help` ends with; the codes of a
+    usage error, a bad host config, no such run."""
+    from agent.cli import EXIT_CODES
+
+    documented = block("output", "exit-codes")
+    assert documented.text.strip("\n") == EXIT_CODES, documented.where
+    codes = dict(re.findall(r"^  (\d+) +(.+)$", documented.text, re.M))
+    assert codes["2"].startswith("usage error"), documented.where
+    assert codes["3"].startswith("the host config is invalid"), documented.where
+    assert codes["5"].startswith("the unit or run named does not exist"), documented.where
 
     good = tmp_path / "agent.yaml"
     good.write_text(f"repo: {{url: file:///nonexistent.git}}\nstate_dir: {tmp_path / 'state'}\n")
