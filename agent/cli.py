@@ -75,10 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
     import shtab
 
     def command(name: str, summary: str, example: str, details: str = "") -> Any:
+        """A subcommand whose --help says what it does (`summary`, `details`) and shows
+        `example` (one command per line)."""
+        description = f"{summary[0].upper()}{summary[1:]}."
         return sub.add_parser(
             name,
             help=summary,
-            description=f"{summary[0].upper()}{summary[1:]}." + (f"\n\n{details}" * bool(details)),
+            description=f"{description}\n\n{details}" if details else description,
             epilog=("examples:" if "\n" in example else "example:") + f"\n{example}",
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
