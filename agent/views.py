@@ -23,10 +23,10 @@ from agent.layout import StateLayout
 from agent.stacks import describe_outcome
 from agent.store import RunStore, UnitOutcome, UnitRunRow, UnitStatus
 
-# Keys that hold a Unix time in a view: `--json` prints them as RFC 3339 strings.
-TIME_KEYS = frozenset(
-    {"at", "since", "started_at", "finished_at", "converged_at", "updated_at", "approved_at"}
-)
+# Keys that hold a Unix time in a view (`at`, `since`, any `*_at`: `started_at`,
+# `converged_at`...): `--json` prints them as RFC 3339 strings.
+TIME_KEYS = frozenset({"at", "since"})
+TIME_SUFFIX = "_at"
 
 LOG_FILES = ("init.txt", "plan.txt", "apply.txt", "hosts.txt")
 
@@ -158,17 +158,20 @@ def pending_changes(result: Any) -> bool:
 
 
 def as_json(data: Any) -> Any:
-    """`data` for `--json`: every Unix time under a key of TIME_KEYS as RFC 3339 (UTC)."""
+    """`data` for `--json`: every Unix time under a time key as RFC 3339 (UTC)."""
     if isinstance(data, dict):
         return {
-            key: rfc3339(value)
-            if key in TIME_KEYS and isinstance(value, int | float) and not isinstance(value, bool)
-            else as_json(value)
+            key: rfc3339(value) if _is_time(key, value) else as_json(value)
             for key, value in data.items()
         }
     if isinstance(data, list | tuple):
         return [as_json(item) for item in data]
     return data
+
+
+def _is_time(key: Any, value: Any) -> bool:
+    named = isinstance(key, str) and (key in TIME_KEYS or key.endswith(TIME_SUFFIX))
+    return named and isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def rfc3339(timestamp: float) -> str:

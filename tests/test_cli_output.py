@@ -234,3 +234,20 @@ def test_bash_completion_completes_commands_and_options(tmp_path: Path) -> None:
 
     assert "reconcile" in complete("agent", "rec")
     assert "--detailed-exitcode" in complete("agent", "reconcile", "--det")
+
+
+def test_json_times_are_converted_by_key_and_nothing_else() -> None:
+    from agent.views import as_json
+
+    view = {
+        "started_at": 0,
+        "runs": [{"at": 1.5, "finished_at": None, "duration_s": 2.5, "drift": True}],
+        "hosts": {"web1": {"since": 86400.25, "changed": 3, "preview_at": 60}},
+    }
+    assert as_json(view) == {
+        "started_at": "1970-01-01T00:00:00.000Z",
+        "runs": [{"at": "1970-01-01T00:00:01.500Z", "finished_at": None, "duration_s": 2.5,
+                  "drift": True}],
+        "hosts": {"web1": {"since": "1970-01-02T00:00:00.250Z", "changed": 3,
+                           "preview_at": "1970-01-01T00:01:00.000Z"}},
+    }  # fmt: skip
