@@ -19,7 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from agent.config import HostConfig, Manifest, ManifestLimits, load_manifest
+from agent.config import HostConfig, Manifest, ManifestCache, ManifestLimits
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -138,6 +138,8 @@ class Reconciler:
         self.fleets = FleetReconciler(
             host, self.layout, self.store, self.report, self.redactor, self.stacks.outputs_of
         )
+        # A revision is validated once: later passes at it reuse the manifest.
+        self._manifests = ManifestCache()
         self._stop = threading.Event()
         self.steps: list[tuple[str, Step]] = [
             ("fetch", self._fetch),
@@ -472,7 +474,7 @@ class Reconciler:
             tree = self.source.checkout(revision)
         except GitSourceError as exc:
             raise SourceError(f"cannot check out {revision[:12]}: {exc}") from exc
-        return load_manifest(tree, limits)
+        return self._manifests.load(tree, limits, revision)
 
     def _reject(self, ctx: PassContext, revision: str, reason: str) -> None:
         ctx.rejected = f"revision {revision[:12]} rejected: {reason}"

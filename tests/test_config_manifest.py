@@ -11,6 +11,7 @@ import pytest
 from agent.config import (
     ConfigValidationError,
     DriftPolicy,
+    ManifestCache,
     ManifestLimits,
     StackOutputRef,
     Unit,
@@ -262,6 +263,22 @@ def test_a_missing_manifest_is_an_error(tmp_path: Path) -> None:
     assert str(caught.value) == (
         "gitops.yaml: expected a manifest at the repository root; got no such file"
     )
+
+
+def test_a_revision_is_validated_once_and_anything_else_validates_again(tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, FULL)
+    cache = ManifestCache()
+    first = cache.load(repo, LIMITS, "a" * 40)
+    assert cache.load(repo, LIMITS, "a" * 40) is first  # the same revision: reused
+    assert cache.load(repo, LIMITS, "b" * 40) is not first  # another revision
+    assert cache.load(repo, ManifestLimits(), "a" * 40) is not first  # other limits
+    (repo / "gitops.yaml").write_text(FULL.replace("drift: report", "drift: revert"))
+    changed = cache.load(repo, LIMITS, "a" * 40)  # other bytes, even under the same name
+    assert changed.units[0].drift is DriftPolicy.REVERT
+    (repo / "gitops.yaml").write_text(FULL.replace("timeout: 10m", "timeout: soon"))
+    for _ in range(2):  # an invalid manifest is not kept: it fails every time
+        with pytest.raises(ConfigValidationError, match=r"gitops.yaml:9: units\[0\].timeout"):
+            cache.load(repo, LIMITS, "c" * 40)
 
 
 def test_graph_helpers_directly() -> None:

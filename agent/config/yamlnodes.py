@@ -17,8 +17,10 @@ from types import MappingProxyType
 from typing import Any, TypeVar
 
 import yaml
+from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.resolver import Resolver
 
 from agent.config.durations import EXAMPLES, format_duration, parse_duration
 from agent.errors import ConfigError
@@ -80,11 +82,48 @@ class Problems:
             raise ConfigValidationError([m for _, _, m in sorted(self._found)], hint=hint)
 
 
+if yaml.__with_libyaml__:
+    from yaml._yaml import CParser
+
+    class _FastLoader(CParser, SafeConstructor, Resolver):  # type: ignore[misc]
+        """libyaml's parser (events with line marks) under PyYAML's own composer.
+
+        libyaml's composer recurses in C and crashes the process on deeply nested input;
+        the Python composer raises RecursionError instead, and is a small part of the cost.
+        """
+
+        def __init__(self, stream: str) -> None:
+            CParser.__init__(self, stream)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+            self.anchors: dict[str, Node] = {}
+
+        check_node = Composer.check_node
+        get_node = Composer.get_node
+        get_single_node = Composer.get_single_node
+        compose_document = Composer.compose_document
+        compose_node = Composer.compose_node
+        compose_scalar_node = Composer.compose_scalar_node
+        compose_sequence_node = Composer.compose_sequence_node
+        compose_mapping_node = Composer.compose_mapping_node
+
+    _FAST_LOADER: type | None = _FastLoader
+else:  # pragma: no cover - PyYAML built without libyaml
+    _FAST_LOADER = None
+
+
 def compose(text: str, filename: str) -> Node | None:
     """Parse YAML text into a node tree (None for an empty document).
 
+    libyaml parses when PyYAML has it (7x faster); text it refuses is parsed again by the
+    pure-Python loader, so that every error reads (and is placed) the same either way.
     Raises ConfigValidationError with `<file>:<line>: YAML syntax error: ...`.
     """
+    if _FAST_LOADER is not None:
+        try:
+            return yaml.compose(text, Loader=_FAST_LOADER)
+        except (yaml.YAMLError, RecursionError):
+            pass
     try:
         return yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
