@@ -26,6 +26,7 @@ from providers.errors import (
     TransportError,
 )
 from providers.transport import SSHSettings, SSHTarget, SSHTransport
+from providers.transport.ssh import _KnownHosts
 from tests.support.sshd import (
     SshServer,
     hash_known_hosts,
@@ -268,6 +269,47 @@ def test_any_key_listed_for_the_host_is_accepted_and_bad_lines_are_skipped(
         )
     with make(server, client_key, known_hosts) as ssh:
         assert ssh.run(["echo", "ok"], timeout=10).stdout == b"ok\n"
+
+
+def test_known_hosts_is_read_once_until_it_changes(
+    server: SshServer, client_key: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(f"this line is not a host key\n{server.known_hosts_line()}\n")
+    caplog.set_level(logging.WARNING, logger="providers.transport.ssh")
+    for _ in range(3):  # a pass: many connections, one read (one warning for the bad line)
+        with make(server, client_key, known_hosts) as ssh:
+            assert ssh.run(["true"], timeout=10).exit_code == 0
+    assert caplog.text.count("line 1 is not a host key entry") == 1
+    with SshServer() as impostor:  # the file changes: the next connection sees the change
+        known_hosts.write_text(f"[127.0.0.1]:{server.port} {impostor.host_public_key()}\n")
+        with pytest.raises(HostKeyError, match="CHANGED"):
+            make(server, client_key, known_hosts).connect()
+
+
+def test_a_big_known_hosts_finds_plain_and_hashed_entries_by_host_and_port(
+    server: SshServer, client_key: Path, tmp_path: Path
+) -> None:
+    # 1,000 other hosts, half of them hashed; the server is listed last, hashed.
+    others = tmp_path / "others"
+    others.write_text(
+        "".join(
+            f"[10.0.{i // 250}.{i % 250}]:{2200 + i} {server.host_public_key()}\n"
+            for i in range(1000)
+        )
+    )
+    hashed = hash_known_hosts(others).read_text().splitlines()
+    plain = [line.split(" ", 1)[1] for line in hashed[:500]]
+    lines = [f"[10.0.{i // 250}.{i % 250}]:{2200 + i} {key}" for i, key in enumerate(plain)]
+    known_hosts = hash_known_hosts(server.write_known_hosts(tmp_path / "known_hosts"))
+    known_hosts.write_text("\n".join([*lines, *hashed[500:], known_hosts.read_text()]))
+    with make(server, client_key, known_hosts) as ssh:
+        assert ssh.run(["echo", "ok"], timeout=10).stdout == b"ok\n"
+    index = _KnownHosts.cached(known_hosts, "web-1")
+    assert len(index.keys_for("[10.0.0.7]:2207")) == 1  # plain
+    assert len(index.keys_for("[10.0.3.249]:3199")) == 1  # hashed
+    assert index.keys_for("[10.0.0.7]:2208") == []  # the same address on another port
+    assert index.keys_for("10.0.0.7") == []
 
 
 def test_a_known_rsa_host_key_is_asked_for_when_the_host_has_several(

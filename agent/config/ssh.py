@@ -16,6 +16,7 @@ from agent.config.yamlnodes import Value
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_COMMAND_TIMEOUT = 600.0
 DEFAULT_PARALLELISM = 10
+DEFAULT_HANDSHAKES = 8
 
 PathReader = Callable[[Value, Path], Path | None]
 
@@ -37,6 +38,7 @@ class HostsConfig:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     command_timeout: float = DEFAULT_COMMAND_TIMEOUT
     parallelism: int = DEFAULT_PARALLELISM
+    handshakes: int = DEFAULT_HANDSHAKES
     jump: JumpHost | None = None
     allow_local: bool = False
     python: str = "python3"
@@ -54,6 +56,7 @@ def read_hosts(value: Value | None, base_dir: Path, read_path: PathReader) -> Ho
             "connect_timeout",
             "command_timeout",
             "parallelism",
+            "handshakes",
             "jump",
             "allow_local",
             "python",
@@ -71,6 +74,7 @@ def read_hosts(value: Value | None, base_dir: Path, read_path: PathReader) -> Ho
     connect = fields.get("connect_timeout")
     command = fields.get("command_timeout")
     parallelism = fields.get("parallelism")
+    handshakes = fields.get("handshakes")
     python = fields.get("python")
     jump = _jump(fields.get("jump"))
     return HostsConfig(
@@ -81,6 +85,7 @@ def read_hosts(value: Value | None, base_dir: Path, read_path: PathReader) -> Ho
         command_timeout=(command.duration() if command else None) or DEFAULT_COMMAND_TIMEOUT,
         parallelism=(parallelism.integer(minimum=1) if parallelism else None)
         or DEFAULT_PARALLELISM,
+        handshakes=(handshakes.integer(minimum=1) if handshakes else None) or DEFAULT_HANDSHAKES,
         jump=jump,
         allow_local=bool(local.boolean()) if local else False,
         python=(python.string("an interpreter name or path") if python else None) or "python3",

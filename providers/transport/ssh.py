@@ -10,6 +10,7 @@ pass everything a command needs through its stdin.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hmac
@@ -82,6 +83,10 @@ class SSHSettings:
     connect_timeout: float = 10.0
     #: Reach the target through this host (same key and known_hosts).
     jump: SSHTarget | None = None
+    #: Key exchanges and logins at once in this process (0: no limit): hundreds of hosts
+    #: connecting together take turns for the CPU-bound part; waiting for a turn does not
+    #: count against `connect_timeout`.
+    handshakes: int = 8
 
 
 class SSHTransport(Transport):
@@ -223,12 +228,14 @@ class SSHTransport(Transport):
         """Key exchange, host key check, then login; the connection is closed on failure."""
         wire = paramiko.Transport(sock)
         try:
-            known = _KnownHosts.load(self.settings.known_hosts, self.host)
+            known = _KnownHosts.cached(self.settings.known_hosts, self.host)
             known_keys = known.keys_for(target.known_hosts_name)
             _prefer_key_types(wire, known_keys)
-            self._exchange_keys(wire, target, deadline)
-            self._check_host_key(target, wire.get_remote_server_key(), known, known_keys)
-            self._login(wire, target, key, deadline)
+            with _handshake_turn(self.settings.handshakes) as waited:
+                deadline += waited  # waiting for a turn is not the host being slow
+                self._exchange_keys(wire, target, deadline)
+                self._check_host_key(target, wire.get_remote_server_key(), known, known_keys)
+                self._login(wire, target, key, deadline)
         except BaseException:
             wire.close()
             sock.close()  # Transport.close() leaves the socket open if the handshake never ran
@@ -524,26 +531,61 @@ def _feed(channel: paramiko.Channel, data: bytes) -> None:
 # -- host keys -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class _KnownHosts:
     """A known_hosts file: plain and hashed (`|1|salt|hash`) entries, and `@revoked` keys.
 
+    Read and indexed once per change of the file (`cached`), not once per connection: a
+    plain name is one dict lookup; a hashed entry is one HMAC (its salt is its own, so each
+    is tried), and what a name matched is remembered until the file changes.
     Host patterns with wildcards or negation are not matched (paramiko does not either);
     `@cert-authority` lines are ignored (host certificates are not used).
     """
 
-    entries: tuple[HostKeyEntry, ...]
-    revoked: frozenset[bytes]
-    missing: bool = False  # the file does not exist (yet)
+    def __init__(
+        self,
+        plain: dict[str, list[tuple[int, paramiko.PKey]]],
+        hashed: list[tuple[int, bytes, bytes, paramiko.PKey]],
+        revoked: frozenset[bytes],
+        *,
+        missing: bool = False,
+    ) -> None:
+        self.plain = plain
+        self.hashed = hashed  # (line, salt, HMAC-SHA1 of the name, key)
+        self.revoked = revoked
+        self.missing = missing  # the file does not exist (yet)
+        self._found: dict[str, list[paramiko.PKey]] = {}
+
+    @classmethod
+    def cached(cls, path: Path, host: str) -> _KnownHosts:
+        """The index of `path`, read again only when the file changed (or was replaced)."""
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return cls({}, [], frozenset(), missing=True)
+        except OSError as exc:
+            raise HostKeyError(
+                f"{host}: cannot read known_hosts {path}: {exc.strerror}", host=host
+            ) from exc
+        # Stat before reading: a change after the stat gives a new signature next time.
+        signature = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+        with _INDEX_LOCK:
+            found = _INDEX.get(path)
+            if found is not None and found[0] == signature:
+                return found[1]
+            index = cls.load(path, host)
+            _INDEX[path] = (signature, index)
+            return index
 
     @classmethod
     def load(cls, path: Path, host: str) -> _KnownHosts:
-        entries: list[HostKeyEntry] = []
+        """Read and index `path` now."""
+        plain: dict[str, list[tuple[int, paramiko.PKey]]] = {}
+        hashed: list[tuple[int, bytes, bytes, paramiko.PKey]] = []
         revoked: set[bytes] = set()
         try:
             text = path.read_text()
         except FileNotFoundError:  # nothing is known yet: every key is unknown
-            return cls((), frozenset(), missing=True)
+            return cls({}, [], frozenset(), missing=True)
         except OSError as exc:
             raise HostKeyError(
                 f"{host}: cannot read known_hosts {path}: {exc.strerror}", host=host
@@ -565,26 +607,46 @@ class _KnownHosts:
             elif marker == "@revoked":
                 revoked.add(entry.key.asbytes())
             elif not marker:
-                entries.append(entry)
-        return cls(tuple(entries), frozenset(revoked))
+                for listed in entry.hostnames:
+                    if not listed.startswith("|1|"):
+                        plain.setdefault(listed, []).append((number, entry.key))
+                    elif salted := _salt_and_hash(listed):
+                        hashed.append((number, *salted, entry.key))
+        return cls(plain, hashed, frozenset(revoked))
 
     def keys_for(self, name: str) -> list[paramiko.PKey]:
-        """Every key listed for `name` (a host may have several); empty if none."""
-        return [
-            entry.key
-            for entry in self.entries
-            if any(_name_matches(name, listed) for listed in entry.hostnames)
-        ]
+        """Every key listed for `name` (a host may have several), in file order."""
+        found = self._found.get(name)
+        if found is None:
+            wanted = name.encode()
+            matches = list(self.plain.get(name, ()))
+            matches += [
+                (number, key)
+                for number, salt, digest, key in self.hashed
+                if hmac.compare_digest(hmac.digest(salt, wanted, "sha1"), digest)
+            ]
+            found = [key for _, key in sorted(matches, key=lambda match: match[0])]
+            self._found[name] = found
+        return list(found)
 
 
-def _name_matches(name: str, listed: str) -> bool:
-    """`listed` is `name`, or its hashed form `|1|salt|hmac` (OpenSSH's HashKnownHosts)."""
-    if not listed.startswith("|1|"):
-        return listed == name
+# One index per known_hosts file, with the stat signature it was read at.
+_INDEX: dict[Path, tuple[tuple[int, ...], _KnownHosts]] = {}
+_INDEX_LOCK = threading.Lock()
+
+
+def _salt_and_hash(listed: str) -> tuple[bytes, bytes] | None:
+    """The salt and HMAC of a hashed name `|1|salt|hmac` (OpenSSH's HashKnownHosts)."""
+    parts = listed.split("|")
+    if len(parts) != 4:
+        return None
     try:
-        return hmac.compare_digest(paramiko.HostKeys.hash_host(name, listed), listed)
-    except (ValueError, AssertionError):  # a salt that is not 20 bytes of base64
-        return False
+        salt, digest = base64.b64decode(parts[2]), base64.b64decode(parts[3])
+    except ValueError:
+        return None
+    if len(salt) != 20 or len(digest) != 20:  # what paramiko's hash_host accepts
+        return None
+    return salt, digest
 
 
 def _prefer_key_types(wire: paramiko.Transport, known_keys: list[paramiko.PKey]) -> None:
@@ -601,6 +663,23 @@ def _prefer_key_types(wire: paramiko.Transport, known_keys: list[paramiko.PKey])
 def _describe_key(key: paramiko.PKey) -> str:
     """`ssh-ed25519 SHA256:...`: the type and fingerprint, as `ssh-keygen -l` shows it."""
     return f"{key.get_name()} {key.fingerprint}"
+
+
+@contextlib.contextmanager
+def _handshake_turn(limit: int) -> Iterator[float]:
+    """Hold one of `limit` handshake turns (shared by the process); yields the wait."""
+    if limit <= 0:
+        yield 0.0
+        return
+    with _TURNS_LOCK:
+        turns = _TURNS.setdefault(limit, threading.BoundedSemaphore(limit))
+    started = time.monotonic()
+    with turns:
+        yield time.monotonic() - started
+
+
+_TURNS: dict[int, threading.BoundedSemaphore] = {}
+_TURNS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
