@@ -16,7 +16,6 @@ Two modes, one JSON document out on stdout:
   A failing step ends its operation only; later operations still run.
 """
 
-import base64
 import contextlib
 import errno
 import grp
@@ -24,12 +23,12 @@ import hashlib
 import json
 import os
 import pwd
-import shutil
-import signal
 import stat
-import subprocess
 import sys
 import time
+
+# base64, shutil, signal and subprocess are imported where they are used: a facts round
+# trip over files needs none of them, and importing them costs more than the work.
 
 MAX_CONTENT = 256 * 1024  # largest file whose old text comes back for a diff
 TAIL_LINES = 20
@@ -84,6 +83,9 @@ class Context:
         if env:
             full_env = dict(os.environ)
             full_env.update(env)
+        import signal
+        import subprocess
+
         try:
             proc = subprocess.Popen(
                 argv,
@@ -217,6 +219,8 @@ def content_fact(dfd, name, fact, desired_sha, want_content):
                 kept.extend(block)
     fact["sha256"] = digest.hexdigest()
     if keep and fact["sha256"] != desired_sha:
+        import base64
+
         fact["content_b64"] = base64.b64encode(bytes(kept)).decode("ascii")
     return fact
 
@@ -235,6 +239,8 @@ def os_ids():
 
 
 def package_manager():
+    import shutil
+
     ids = os_ids()
     has = shutil.which
     if ids & {"debian", "ubuntu"} and has("dpkg-query") and has("apt-get"):
@@ -614,6 +620,8 @@ def step_write(step, ctx):
         if regular:
             uid = old.st_uid if uid == -1 else uid
             gid = old.st_gid if gid == -1 else gid
+        import base64
+
         data = base64.b64decode(step["content_b64"])
         atomic_write(dfd, name, data, mode, uid, gid)
     finally:
@@ -685,6 +693,8 @@ def step_rmdir(step, ctx):
             os.unlink(name, dir_fd=dfd)
         elif step.get("recursive"):
             # rmtree never follows links inside; the fd pins the parent we checked
+            import shutil
+
             shutil.rmtree(f"/proc/self/fd/{dfd}/{name}")
         else:
             try:
@@ -769,6 +779,8 @@ def step_authorized_keys(step, ctx):
         entry = pwd.getpwnam(step["user"])
     except KeyError:
         raise StepError(f"no such user {step['user']!r} on the host") from None
+    import base64
+
     data = base64.b64decode(step["content_b64"])
     ssh_dir = open_ssh_dir(entry, create=True)
     try:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import marshal
 import time
+from importlib.util import MAGIC_NUMBER
 from pathlib import Path
 from typing import Any
 
@@ -19,18 +21,26 @@ from providers.transport.base import Transport
 
 log = logging.getLogger(__name__)
 
-# stdin: b"<length of program>\n" + program + JSON spec. A Python < 3.7 says so and stops.
+# stdin: b"<source length> <code length> <magic>\n" + source + code + JSON spec, where code
+# is the source compiled on the bastion (marshal). A host whose Python has the same bytecode
+# magic runs it and skips compiling (10-40 ms of CPU a round trip); any other compiles the
+# source. A Python < 3.7 says so and stops.
 # One line, double quotes only: it passes any login shell's quoting unchanged.
 BOOTSTRAP = (
-    "import sys;"
+    "import sys, marshal;"
     "sys.version_info < (3, 7) and sys.exit("
     '"gitops-agent needs Python >= 3.7 on the target, found " + sys.version.split()[0]);'
     "d = sys.stdin.buffer.read();"
     'n = d.index(b"\\n");'
-    "k = int(d[:n]);"
+    "h = d[:n].split();"
+    "k = int(h[0]);"
+    "m = int(h[1]) if len(h) == 3 else 0;"
+    "e = n + 1 + k;"
+    'x = getattr(sys.modules.get("_frozen_importlib_external"), "MAGIC_NUMBER", b"");'
     'g = {"__name__": "gitops_remote"};'
-    'exec(compile(d[n + 1:n + 1 + k], "gitops-remote", "exec"), g);'
-    'g["main"](d[n + 1 + k:])'
+    "exec(marshal.loads(d[e:e + m]) if m and x and x.hex().encode() == h[2]"
+    ' else compile(d[n + 1:e], "gitops-remote", "exec"), g);'
+    'g["main"](d[e + m:])'
 )
 STDERR_TAIL = 1000  # characters of the host's stderr kept in an error message
 REMOTE_MARGIN = 0.9  # the host's own deadline, as a share of the round trip's timeout
@@ -38,8 +48,17 @@ REMOTE_MARGIN = 0.9  # the host's own deadline, as a share of the round trip's t
 
 @functools.cache
 def program() -> bytes:
-    """The remote program's source, sent on every round trip (about 20 KB)."""
+    """The remote program's source, sent on every round trip (about 35 KB)."""
     return Path(__file__).with_name("remote.py").read_bytes()
+
+
+@functools.cache
+def payload() -> bytes:
+    """What precedes the spec on stdin: the header, the source, and its code compiled once
+    here (the agent's own Python; a host with another bytecode magic ignores it)."""
+    source = program()
+    code = marshal.dumps(compile(source, "gitops-remote", "exec"))
+    return b"%d %d %s\n" % (len(source), len(code), MAGIC_NUMBER.hex().encode()) + source + code
 
 
 def command(python: str) -> list[str]:
@@ -60,9 +79,8 @@ def call(
 
     Raises TransportError (from the transport) or HostEngineError (naming the host).
     """
-    source = program()
     body = json.dumps({**spec, "timeout": timeout * REMOTE_MARGIN}).encode("utf-8")
-    stdin = b"%d\n" % len(source) + source + body
+    stdin = payload() + body
     started = time.monotonic()
     result = transport.run(command(python), stdin=stdin, timeout=timeout, become=become)
     log.debug(
