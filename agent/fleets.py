@@ -221,17 +221,24 @@ class FleetReconciler:
         apply = not ctx.dry_run and (revision_moved or unit.drift.value == "revert")
         hold = apply and self.host.policy.destroy is DestroyPolicy.HOLD
         unit_vars = self._unit_vars(ctx, unit)
-        planned = [self._plan_host(ctx, unit, fleet, spec, unit_vars) for spec in hosts]
+
+        def one(spec: HostSpec) -> tuple[str, HostReport, dict[str, dict[str, Any]]]:
+            # Each host is prepared, converged and recorded by its worker, and only a
+            # summary comes back: a pass holds the facts and diffs of the hosts being
+            # converged, not of the whole fleet.
+            plan = self._plan_host(ctx, unit, fleet, spec, unit_vars)
+            report = self._run_host(ctx, unit, fleet, plan, apply, hold=hold)
+            self._remember(unit, plan, report, ctx.revision, applied=apply)
+            text = self.redactor.redact(_render_reports([report]))
+            return text, _summary(report), _held_removals([plan], [report])
+
         limit = min(fleet.parallelism or self.host.hosts.parallelism, self.host.hosts.parallelism)
         with ThreadPoolExecutor(max_workers=max(1, limit), thread_name_prefix="host") as pool:
-            reports = list(
-                pool.map(lambda p: self._run_host(ctx, unit, fleet, p, apply, hold=hold), planned)
-            )
+            done = list(pool.map(one, hosts))
         run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, unit.name))
-        atomic_write(run_dir / "hosts.txt", self.redactor.redact(_render_reports(reports)))
-        for plan, report in zip(planned, reports, strict=True):
-            self._remember(unit, plan, report, ctx.revision, applied=apply)
-        held = _held_removals(planned, reports)
+        atomic_write(run_dir / "hosts.txt", "".join(text for text, _, _ in done))
+        reports = [report for _, report, _ in done]
+        held = {host: entry for _, _, found in done for host, entry in found.items()}
         if held:
             atomic_write(run_dir / HELD_FILE, json.dumps(held, indent=1))
             self._drop_older_holds(unit.name, ctx.run_id)
@@ -515,6 +522,7 @@ class FleetReconciler:
                 known_hosts=settings.known_hosts,
                 trust_on_first_use=settings.trust_on_first_use,
                 connect_timeout=settings.connect_timeout,
+                handshakes=settings.handshakes,
                 jump=SSHTarget(f"jump {jump.address}", jump.address, jump.port, jump.user)
                 if jump
                 else None,
@@ -690,6 +698,16 @@ def _held_removals(
         if items:
             held[plan.spec.name] = {"address": plan.spec.address, "removals": items}
     return held
+
+
+def _summary(report: HostReport) -> HostReport:
+    """What the unit's outcome needs of a host: its errors and counts, without diffs."""
+    kept = tuple(
+        replace(outcome, changes=(), diff="")
+        for outcome in report.outcomes
+        if outcome.status != "ok"
+    )
+    return replace(report, outcomes=kept)
 
 
 def _host_error(report: HostReport) -> str:
