@@ -500,6 +500,40 @@ def test_a_host_that_never_speaks_ssh_times_out_within_connect_timeout(
     assert caught.value.retryable is True
 
 
+@pytest.mark.parametrize("handshakes", [1, 2])
+def test_a_hung_host_waiting_in_its_handshake_does_not_hold_the_others(
+    server: SshServer, client_key: Path, known_hosts: Path, handshakes: int
+) -> None:
+    # Handshakes take turns (`handshakes` at once); a hung host's turn ends with its own
+    # connect_timeout, and a host waiting for a turn is not timed out by the wait.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        hung_target = SSHTarget("hung", "127.0.0.1", silent.getsockname()[1], server.user)
+        hung_settings = SSHSettings(
+            client_key, known_hosts, connect_timeout=3, handshakes=handshakes
+        )
+        failed: list[Exception] = []
+
+        def hang() -> None:
+            try:
+                SSHTransport(hung_target, hung_settings).connect()
+            except TransportError as exc:
+                failed.append(exc)
+
+        hung = threading.Thread(target=hang)
+        hung.start()
+        time.sleep(0.3)  # let the hung host take its turn first
+        settings = SSHSettings(client_key, known_hosts, connect_timeout=2, handshakes=handshakes)
+        target = SSHTarget("web-1", server.host, server.port, server.user)
+        with SSHTransport(target, settings) as ssh:
+            assert ssh.run(["echo", "ok"], timeout=10).stdout == b"ok\n"
+            # With a second turn free the host did not wait for the hung one at all.
+            assert hung.is_alive() is (handshakes == 2)
+        hung.join(timeout=10)
+    assert len(failed) == 1 and "did not answer within 3s" in str(failed[0])
+
+
 def _tcp_ports_of_this_process() -> set[int]:
     """Local ports of the TCP sockets this process holds (from /proc)."""
     inodes = set()
