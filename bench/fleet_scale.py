@@ -229,6 +229,14 @@ def same_stdin(hosts: Sequence[Host], path: Path) -> Path:
     return path
 
 
+def _spread(values: Sequence[float]) -> str:
+    """`1` or `1-2`: the range of per-host counts, per pass."""
+    if not values:
+        return "-"
+    low, high = f"{values[0]:g}", f"{values[-1]:g}"
+    return low if low == high else f"{low}-{high}"
+
+
 def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.0f}"
 
@@ -240,7 +248,7 @@ def table(rows: Sequence[Row], meta: dict) -> str:
         "",
         "| N | scenario | pass wall (cold) | warm pass | per host (warm) | agent CPU"
         " | host CPU | peak RSS | manifest (cold/warm) | known_hosts (cold/warm)"
-        " | exec/host | conn/host |",
+        " | exec/host/pass | conn/host/pass |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -256,15 +264,15 @@ def table(rows: Sequence[Row], meta: dict) -> str:
             warm_value = statistics.median(p[key] for p in later) if later else None
             return f"{_ms(first[key])} / {_ms(warm_value)} ms"
 
-        execs = sorted(set(row.exec_per_host))
-        conns = sorted(set(row.connections_per_host))
+        runs = max(1, len(row.passes))  # the sshd counts cover every pass of the process
+        execs = sorted({count / runs for count in row.exec_per_host})
+        conns = sorted({count / runs for count in row.connections_per_host})
         lines.append(
             f"| {row.n} | {row.scenario} | {row.cold_s:.2f} s | "
             f"{'-' if warm is None else f'{warm:.2f} s'} | {per_host * 1000:.1f} ms |"
             f" {u.cpu_s:.2f} s | {u.host_cpu_s:.2f} s | {u.peak_rss_kib / 1024:.0f} MiB |"
             f" {share('manifest_s')} | {share('known_hosts_s')} |"
-            f" {'-'.join(map(str, execs[:1] + execs[-1:]))} |"
-            f" {'-'.join(map(str, conns[:1] + conns[-1:]))} |"
+            f" {_spread(execs)} | {_spread(conns)} |"
         )
     by_n: dict[int, dict[str, Row]] = {}
     for row in rows:
