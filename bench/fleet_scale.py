@@ -54,7 +54,7 @@ from bench.hosts_vs_pyinfra_ansible import (  # noqa: E402
     tree_problems,
 )
 
-# Several passes in one process, each timed, with the time spent in manifest loading and
+# Several passes in one process, each timed, with the CPU spent in manifest loading and
 # known_hosts handling summed per pass (wrappers around the two functions, bench only).
 SCALE_DRIVER = textwrap.dedent(
     """
@@ -70,20 +70,26 @@ SCALE_DRIVER = textwrap.dedent(
     lock = threading.Lock()
 
     def timed(name, function):
+        # CPU of the calling thread: with 50 workers, wall time would count GIL waits.
         def wrapper(*args, **kwargs):
-            started = time.perf_counter()
+            started = time.thread_time()
             try:
                 return function(*args, **kwargs)
             finally:
                 with lock:
-                    spent[name] += time.perf_counter() - started
+                    spent[name] += time.thread_time() - started
         return wrapper
 
-    manifest_module.ManifestCache.load = timed("manifest", manifest_module.ManifestCache.load)
-    cached = ssh._KnownHosts.cached.__func__
-    ssh._KnownHosts.cached = classmethod(timed("known_hosts", cached))
-    keys_for = ssh._KnownHosts.keys_for
-    ssh._KnownHosts.keys_for = timed("known_hosts", keys_for)
+    if hasattr(manifest_module, "ManifestCache"):
+        cache = manifest_module.ManifestCache
+        cache.load = timed("manifest", cache.load)
+    else:  # older code (--agent-code): the pass calls load_manifest
+        import agent.reconcile as reconcile_module
+        reconcile_module.load_manifest = timed("manifest", reconcile_module.load_manifest)
+    known = ssh._KnownHosts
+    name = "cached" if hasattr(known, "cached") else "load"
+    setattr(known, name, classmethod(timed("known_hosts", getattr(known, name).__func__)))
+    known.keys_for = timed("known_hosts", known.keys_for)
 
     imported = time.perf_counter() - STARTED
     reconciler = Reconciler(load_host_config(Path(sys.argv[1])))
@@ -175,11 +181,13 @@ class ScaleAgent(AgentTool):
             .replace(f"      parallelism: {n}\n", f"      parallelism: {self.parallelism}\n")
         )
 
+    code_dir = REPO_ROOT  # the agent's code the passes run (--agent-code)
+
     def passes(self, scenario: str, count: int, log: Path) -> Row:
         argv = [sys.executable, "-c", SCALE_DRIVER, str(self.config), str(count)]
         code, usage, logs = run_measured(
             argv,
-            env=tool_env({"PYTHONPATH": str(REPO_ROOT)}),
+            env=tool_env({"PYTHONPATH": str(self.code_dir)}),
             cwd=REPO_ROOT,
             log=log,
             lab=self.lab,
@@ -279,11 +287,13 @@ def table(rows: Sequence[Row], meta: dict) -> str:
         by_n.setdefault(row.n, {})[row.scenario] = row
     lines.append("")
     for n, found in sorted(by_n.items()):
-        if "floor" in found and "no-change" in found:
-            agent, base = found["no-change"], found["floor"]
+        base = found.get("floor")
+        for scenario, agent in found.items():
+            if base is None or not scenario.startswith("no-change"):
+                continue
             warm = agent.warm_s if agent.warm_s is not None else agent.cold_s
             lines.append(
-                f"N={n}: no-change pass / floor = {warm / base.cold_s:.2f}x warm"
+                f"N={n}: {scenario} pass / floor = {warm / base.cold_s:.2f}x warm"
                 f" ({agent.cold_s / base.cold_s:.2f}x cold; floor {base.cold_s:.2f} s,"
                 f" agent CPU/host {agent.usage.cpu_s / n / len(agent.passes) * 1000:.1f} ms"
                 f" per pass)"
@@ -303,6 +313,14 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=3, help="no-change passes per process")
     parser.add_argument("--rounds", type=int, default=1, help="floor/agent interleaved rounds")
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--agent-code",
+        type=Path,
+        action="append",
+        default=[],
+        help="also run the no-change passes with the agent from this checkout (e.g. an"
+        " export of main), interleaved with this one; repeatable",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     ScaleAgent.parallelism = args.parallelism
@@ -334,10 +352,21 @@ def main() -> None:
                     raise SystemExit(f"{host.name} not converged: {problems[0]}")
             rows.append(converge)
             stdin = same_stdin(hosts, work / f"stdin-{n}")
+            others = []
+            for index, code_dir in enumerate(args.agent_code):
+                other = ScaleAgent(where, hosts, work / f"agent-{n}-other-{index}")
+                other.code_dir = code_dir.resolve()
+                other.passes("converge", 1, work / f"other-converge-{n}-{index}.log")
+                others.append((f"no-change ({code_dir.name})", other))
             for k in range(args.rounds):  # interleaved: the load moves between them
                 rows.append(floor(where, hosts, args.parallelism, stdin, work / f"fl-{n}-{k}"))
                 rows.append(agent.passes("no-change", args.passes, work / f"nc-{n}-{k}.log"))
-                print(table(rows[-2:], {**meta, "load_end": uptime()}), file=sys.stderr)
+                for label, other in others:
+                    log = work / f"nc-{n}-{k}-{len(rows)}.log"
+                    rows.append(other.passes(label, args.passes, log))
+                print(
+                    table(rows[-2 - len(others) :], {**meta, "load_end": uptime()}), file=sys.stderr
+                )
             save()
     meta["load_end"] = uptime()
     save()

@@ -269,6 +269,7 @@ class _ManifestReader:
         self.handlers: dict[str, HandlerSpec] = {}
         self.limits = limits
         self.allowed = tuple(posixpath.normpath(path) for path in limits.allowed_paths)
+        self._sources: dict[str, str | tuple[str, str | None]] = {}
         self.drift = DriftPolicy.REVERT
         self.timeout = limits.default_timeout
         try:
@@ -372,25 +373,35 @@ class _ManifestReader:
         text = value.string("a file of the repository")
         if text is None:
             return None
+        # A fleet's hosts name the same few files many times: check each path once.
+        found = self._sources.get(text)
+        if found is None:
+            found = self._sources[text] = self._check_source(text)
+        if isinstance(found, tuple):
+            return value.fail(*found)
+        return found
+
+    def _check_source(self, text: str) -> str | tuple[str, str | None]:
+        """The path relative to the root, or (expected, got) saying why it is refused."""
         if "\x00" in text or self.root is None or text.startswith("/"):
-            return value.fail("a relative path of a file in the repository")
+            return ("a relative path of a file in the repository", None)
         try:
             resolved = (self.root / text).resolve()
         except (OSError, RuntimeError):
-            return value.fail("a path that resolves", f"{quote(text)} (a symlink loop)")
+            return ("a path that resolves", f"{quote(text)} (a symlink loop)")
         if not resolved.is_relative_to(self.root):
-            return value.fail(self._under_message(), quote(text))
+            return (self._under_message(), quote(text))
         relative = resolved.relative_to(self.root).as_posix()
         if not any(_is_under(relative, allowed) for allowed in self.allowed):
-            return value.fail(self._under_message(), quote(text))
+            return (self._under_message(), quote(text))
         if not resolved.is_file():
-            return value.fail("a file of the repository", f"{quote(text)} (no such file)")
+            return ("a file of the repository", f"{quote(text)} (no such file)")
         try:
             size = resolved.stat().st_size
         except OSError as exc:
-            return value.fail("a readable file", f"{quote(text)} ({exc.strerror})")
+            return ("a readable file", f"{quote(text)} ({exc.strerror})")
         if size > MAX_SOURCE_BYTES:
-            return value.fail(
+            return (
                 f"a file of at most {format_size(MAX_SOURCE_BYTES)}",
                 f"{quote(text)} ({size} bytes)",
             )
