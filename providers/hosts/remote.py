@@ -19,13 +19,20 @@ Two modes, one JSON document out on stdout:
 import contextlib
 import errno
 import grp
-import hashlib
 import json
 import os
 import pwd
 import stat
 import sys
 import time
+
+try:  # the interpreter's own SHA-256: hashlib would load OpenSSL first (a few ms)
+    from _sha256 import sha256  # Python < 3.12
+except ImportError:
+    try:
+        from _sha2 import sha256  # Python >= 3.12
+    except ImportError:
+        from hashlib import sha256
 
 # base64, shutil, signal and subprocess are imported where they are used: a facts round
 # trip over files needs none of them, and importing them costs more than the work.
@@ -208,7 +215,7 @@ def stat_fact(st):
 def content_fact(dfd, name, fact, desired_sha, want_content):
     """Add sha256 (and the old bytes, when they differ and are small) to a file fact; the
     file `name` in directory `dfd` is opened without following a link."""
-    digest = hashlib.sha256()
+    digest = sha256()
     kept = bytearray()
     keep = want_content and fact["size"] <= MAX_CONTENT
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
