@@ -101,3 +101,40 @@ def test_command_guards_and_cwd_are_templates_like_the_command(world: dict) -> N
         assert outcomes["app"].status is UnitStatus.OK, outcomes["app"].error
     for name in ("app.log", "unless.txt", "onlyif.txt"):
         assert (app_dir / name).read_text() == "ran\n", name
+
+
+def test_each_host_is_recorded_as_soon_as_it_is_converged(tmp_path: Path) -> None:
+    # One worker: host a, then host b. b's command looks for a's records: a pass keeps no
+    # host's result in memory until the whole fleet is done.
+    state = tmp_path / "state"
+    repo = InfraRepo(tmp_path / "git")
+    seen = f"test -f {state}/units/app/hosts/a.json && test -f {state}/hosts/a.json"
+    repo.write(
+        "gitops.yaml",
+        f"""\
+version: 1
+units:
+  - name: app
+    fleet:
+      parallelism: 1
+      hosts:
+        static:
+          - {{name: a, address: local}}
+          - {{name: b, address: local, roles: [late]}}
+roles:
+  late:
+    - command: a-was-recorded
+      run: "touch {tmp_path}/b-ran"
+      onlyif: "{seen}"
+""",
+    )
+    repo.push("two hosts")
+    config = write_host_config(
+        tmp_path / "agent.yaml",
+        repo.url,
+        state,
+        f"hosts: {{allow_local: true, python: {sys.executable}}}\n",
+    )
+    outcomes = run({"config": config})
+    assert outcomes["app"].status is UnitStatus.OK, outcomes["app"].error
+    assert (tmp_path / "b-ran").exists()
