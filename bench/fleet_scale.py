@@ -191,7 +191,7 @@ class ScaleAgent(AgentTool):
         code, usage, logs = run_measured(
             argv,
             env=tool_env({"PYTHONPATH": str(self.code_dir)}),
-            cwd=REPO_ROOT,
+            cwd=self.code_dir,  # `-c` puts the working directory first on sys.path
             log=log,
             lab=self.lab,
             hosts=self.hosts,
