@@ -112,7 +112,7 @@ SCALE_DRIVER = textwrap.dedent(
 )
 
 # N connections with the given parallelism; each: connect (host key checked against the
-# same known_hosts, the same client key), one exec of `python3 -I -S` fed `stdin`.
+# same known_hosts, read once; the same client key), one exec of `python3 -I -S` fed `stdin`.
 FLOOR_DRIVER = textwrap.dedent(
     """
     import json, socket, sys, time
@@ -122,19 +122,22 @@ FLOOR_DRIVER = textwrap.dedent(
     key_file, known_hosts, user, stdin_file, parallelism, *ports = sys.argv[1:]
     stdin = open(stdin_file, "rb").read()
     key = paramiko.PKey.from_path(key_file)
+    known = paramiko.HostKeys(known_hosts)  # read once: the floor has no per-host parsing
     command = 'python3 -I -S -c "import sys; sys.stdin.buffer.read()"'
 
     def one(port):
-        client = paramiko.SSHClient()
-        client.load_host_keys(known_hosts)
-        client.set_missing_host_key_policy(paramiko.RejectPolicy())
         # TCP_NODELAY, as the agent sets it: without it Nagle costs ~40 ms an exchange.
         sock = socket.create_connection(("127.0.0.1", int(port)), timeout=30)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client.connect("127.0.0.1", int(port), user, pkey=key, allow_agent=False,
-                       look_for_keys=False, timeout=30, sock=sock)
+        wire = paramiko.Transport(sock)
         try:
-            chan = client.get_transport().open_session()
+            wire.start_client(timeout=30)
+            offered = wire.get_remote_server_key()
+            listed = known.lookup(f"[127.0.0.1]:{port}") or {}
+            if listed.get(offered.get_name()) != offered:
+                raise SystemExit(f"host key of port {port} not known")
+            wire.auth_publickey(user, key)
+            chan = wire.open_session()
             chan.exec_command(command)
             chan.sendall(stdin)
             chan.shutdown_write()
@@ -142,7 +145,7 @@ FLOOR_DRIVER = textwrap.dedent(
                 pass
             return chan.recv_exit_status()
         finally:
-            client.close()
+            wire.close()
 
     started = time.perf_counter()
     with ThreadPoolExecutor(int(parallelism)) as pool:
