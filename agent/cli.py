@@ -118,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--now", action="store_true", help="run the pass now (the default here)")
     p.add_argument("--unit", help="reconcile only this unit (exit 5 if the manifest has none)")
     p.add_argument("--dry-run", action="store_true", help="plan only; apply nothing")
+    p.add_argument(
+        "--override-window",
+        action="store_true",
+        help="apply even outside the change window (needs --reason; recorded with who asked)",
+    )
+    p.add_argument("--reason", help="why the change window is overridden (recorded)")
     wait = p.add_mutually_exclusive_group()
     wait.add_argument(
         "--wait", dest="wait", action="store_true", default=True, help="wait for a running pass"
@@ -305,7 +311,8 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from agent.control import check_not_suspended
+    from agent.control import check_not_suspended, user_name
+    from agent.policy.windows import override_record
     from agent.reconcile import PassRequest, Reconciler
     from agent.redact import install_logging_redaction
 
@@ -313,8 +320,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     reporter = ConsoleReporter(sys.stderr)
     if args.verbose:
         reporter = _verbose(reporter)
+    reason = _override_reason(args)
     if (client := _daemon(host)) is not None:
         options = {"unit": args.unit, "dry_run": args.dry_run, "wait": args.wait}
+        if reason is not None:
+            options["override_window"] = reason  # the daemon records who asked (SO_PEERCRED)
         result = _remote_pass(client, host, "reconcile", reporter, lines=args.verbose, **options)
         return _print_pass(result, args)
     reconciler = Reconciler(host, reporter=reporter)
@@ -324,12 +334,28 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
             check_not_suspended(reconciler.store, args.unit)
             if args.wait:
                 _say_if_busy(reconciler)
-            result = reconciler.run_pass(
-                PassRequest(trigger="cli", dry_run=args.dry_run, unit=args.unit), wait=args.wait
+            override = override_record(user_name(os.getuid()), reason)
+            request = PassRequest(
+                trigger="cli", dry_run=args.dry_run, unit=args.unit, override_window=override
             )
+            result = reconciler.run_pass(request, wait=args.wait)
         finally:
             reconciler.close()
     return _print_pass(result, args)
+
+
+def _override_reason(args: argparse.Namespace) -> str | None:
+    """The reason given with --override-window (None without it); refused without one."""
+    if not args.override_window:
+        if args.reason is not None:
+            raise AgentError("--reason is for --override-window", hint="add --override-window")
+        return None
+    if not args.reason or not args.reason.strip() or not args.reason.isprintable():
+        raise AgentError(
+            "--override-window needs --reason TEXT (one printable line)",
+            hint="say why the change window is overridden: it is recorded with who asked",
+        )
+    return args.reason
 
 
 def cmd_approve(args: argparse.Namespace) -> int:

@@ -66,6 +66,7 @@ from agent.logfmt import EventLog, RunContext
 from agent.metrics import AgentMetrics, record_run
 from agent.notify import Event as Notification
 from agent.notify import NotificationSink, Notifier, unit_events
+from agent.policy.windows import override_record
 from agent.progress import Event, EventKind
 from agent.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
 from agent.redact import install_logging_redaction
@@ -139,6 +140,7 @@ class Batch:
     poll: bool = False  # the poll timer fired
     waiters: list[Waiter] = field(default_factory=list)
     count: int = 0
+    override_window: str | None = None  # "by USER: REASON" (`--override-window`)
 
     @property
     def explicit(self) -> bool:
@@ -181,6 +183,7 @@ class TriggerQueue:
         unit_drift: str | None = None,
         poll: bool = False,
         waiter: Waiter | None = None,
+        override_window: str | None = None,
     ) -> bool:
         """Queue a trigger; False when the daemon is stopping."""
         with self._cond:
@@ -201,6 +204,7 @@ class TriggerQueue:
                 batch.unit_drifts.add(unit_drift)
             if waiter is not None:
                 batch.waiters.append(waiter)
+            batch.override_window = override_window or batch.override_window
             self._cond.notify_all()
             return True
 
@@ -496,16 +500,22 @@ class Daemon:
                 f"the agent is busy ({self._running or 'a pass is queued'})",
                 hint="wait for it (`agent reconcile --now`), or follow it with `agent status`",
             )
+        try:
+            override = override_record(_who(peer, args), args.get("override_window"))
+        except ValueError as exc:
+            raise AgentError(str(exc), hint="say why, for the record") from None
         waiter = Waiter(lines=bool(args.get("lines")))
         if self._running:
             waiter.info(f"waiting: {self._running} is running; your pass follows it")
         log.info(
-            "reconcile%s%s asked by %s",
+            "reconcile%s%s asked by %s%s",
             f" --unit {unit}" if unit else "",
             " --dry-run" if dry_run else "",
             peer.name,
+            f" (change window override {override})" if override else "",
         )
-        if not self.queue.add("cli", full=unit is None, unit=unit, dry_run=dry_run, waiter=waiter):
+        options = {"unit": unit, "dry_run": dry_run, "waiter": waiter, "override_window": override}
+        if not self.queue.add("cli", full=unit is None, **options):
             raise AgentError("the agent is stopping: no new pass")
         waiter.relay(reply)
 
@@ -706,9 +716,11 @@ class Daemon:
             unit = next(iter(batch.units)) if len(batch.units) == 1 and not batch.full else None
             return PassRequest(trigger=trigger, dry_run=True, unit=unit), False
         if batch.explicit:
+            override = batch.override_window
             if batch.full or batch.drift or len(wanted) > 1:
-                return PassRequest(trigger=trigger), True
-            return PassRequest(trigger=trigger, unit=next(iter(wanted))), False
+                return PassRequest(trigger=trigger, override_window=override), True
+            unit = next(iter(wanted))
+            return PassRequest(trigger=trigger, unit=unit, override_window=override), False
 
         # Timers only: units backing off are left out. Look at the branch first. (Units
         # left out for backoff come back through `due`, so a pass that leaves out only

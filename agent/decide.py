@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from agent.config import DestroyPolicy, DriftPolicy
+from agent.policy.gate import Gate
 
 
 class Decision(StrEnum):
@@ -20,6 +21,7 @@ class Decision(StrEnum):
     NOTHING = "nothing"  # the plan is empty
     SKIP = "skip"  # drift check skipped (drift: ignore)
     PLAN_ONLY = "plan-only"  # a dry run: planned, never applied
+    DENY = "deny"  # a policy rule denied the plan: the unit fails, nothing applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +46,15 @@ def needs_plan(revision_moved: bool, drift: DriftPolicy) -> bool:
 
 
 def decide(
-    facts: PlanFacts, *, drift: DriftPolicy, destroy: DestroyPolicy, dry_run: bool = False
+    facts: PlanFacts,
+    *,
+    drift: DriftPolicy,
+    destroy: DestroyPolicy,
+    dry_run: bool = False,
+    gate: Gate | None = None,
 ) -> Verdict:
-    """The decision for one unit's plan."""
+    """The decision for one unit's plan; `gate` adds the apply mode, policy rules and
+    change windows (agent/policy) to a plan that would otherwise apply."""
     is_drift = facts.has_changes and not facts.revision_moved
     if not facts.has_changes:
         return Verdict(Decision.NOTHING, False, "no changes")
@@ -56,6 +64,12 @@ def decide(
         return Verdict(Decision.REPORT, True, "drift found; the unit's policy is to report it")
     if is_drift and drift is DriftPolicy.IGNORE:
         return Verdict(Decision.SKIP, True, "drift ignored by the unit's policy")
+    if gate is not None:
+        if denied := gate.denial():
+            return Verdict(Decision.DENY, is_drift, denied)
+        holds = gate.holds(destroys_anything=facts.destroys_anything, is_drift=is_drift)
+        if holds:
+            return Verdict(Decision.HOLD, is_drift, "; ".join(holds))
     if facts.destroys_anything and destroy is DestroyPolicy.HOLD:
         return Verdict(
             Decision.HOLD,

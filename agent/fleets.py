@@ -32,6 +32,7 @@ from agent.decide import Decision
 from agent.errors import AgentError
 from agent.fsutil import atomic_write, ensure_private_dir
 from agent.layout import StateLayout
+from agent.policy.check import fleet_hold, now_utc
 from agent.progress import Event, EventKind, Reporter
 from agent.redact import Redactor
 from agent.stacks import StackContext
@@ -219,6 +220,15 @@ class FleetReconciler:
         hosts = self._hosts(ctx, unit, fleet)
         # Drift with `report` looks without touching; a dry run never touches.
         apply = not ctx.dry_run and (revision_moved or unit.drift.value == "revert")
+        # Outside a change window (or under a host ceiling of `approve`) nothing is applied.
+        wait, note = (
+            fleet_hold(
+                self.host, is_drift=not revision_moved, override=ctx.override_window, now=now_utc()
+            )
+            if apply
+            else (None, None)
+        )
+        apply = apply and wait is None
         hold = apply and self.host.policy.destroy is DestroyPolicy.HOLD
         unit_vars = self._unit_vars(ctx, unit)
 
@@ -249,6 +259,12 @@ class FleetReconciler:
         atomic_write(
             run_dir / HOST_RESULTS_FILE, json.dumps([asdict(h) for h in outcome.hosts], indent=1)
         )
+        if wait and outcome.status is UnitStatus.OK and outcome.plan_change:
+            return replace(
+                outcome, status=UnitStatus.HELD, decision=Decision.HOLD, converged=False, error=wait
+            )
+        if note and outcome.status is UnitStatus.OK and outcome.plan_change:
+            return replace(outcome, error=note)  # the override lifted the window for these
         return outcome
 
     def _scrub_hosts(self, outcome: UnitOutcome) -> UnitOutcome:

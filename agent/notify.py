@@ -623,7 +623,8 @@ def unit_events(
     elif outcome.drift and outcome.decision == "report":
         events.append(make("drift", f"drift found, left as it is (drift: report){counts}"))
     if outcome.decision == "apply":
-        events.append(make("apply", f"applied{counts}"))
+        # An applied plan's error field holds its policy warnings (or a window override).
+        events.append(make("apply", f"applied{counts}", outcome.error or ""))
     return events
 
 

@@ -56,6 +56,8 @@ class PassRequest:
     # Units this pass leaves out (the daemon's backoff: a unit failing again and again, and
     # its dependents; or units on a drift schedule of their own). Suspended units are always.
     skip: frozenset[str] = frozenset()
+    # `--override-window --reason`: "by USER: REASON"; plans apply outside the change window.
+    override_window: str | None = None
 
 
 @dataclass
@@ -172,8 +174,13 @@ class Reconciler:
                 pid=os.getpid(),
             )
             lock.record(run_id)
+            ctx = PassContext(request=request, run_id=run_id)
+            if request.override_window:
+                # Kept with the run (`agent history`): who lifted the change window, and why.
+                ctx.warnings.append(f"change window override asked {request.override_window}")
+                log.warning("run %s: change window override %s", run_id, request.override_window)
             try:
-                return self._run_steps(PassContext(request=request, run_id=run_id))
+                return self._run_steps(ctx)
             except Exception as exc:
                 self._close_failed(run_id, exc)
                 raise
@@ -530,6 +537,7 @@ class Reconciler:
             manifest=manifest,
             dry_run=ctx.request.dry_run,
             secrets=ctx.secrets,
+            override_window=ctx.request.override_window,
         )
         selected = set(names)
         pending = set(names)

@@ -20,6 +20,7 @@ from agent.decide import Decision, PlanFacts, decide
 from agent.errors import AgentError, TerraformError
 from agent.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
 from agent.layout import StateLayout
+from agent.policy.check import now_utc, stack_policy
 from agent.progress import Event, EventKind, Reporter
 from agent.redact import LineRedactor, Redactor
 from agent.secrets import ResolvedSecrets, terraform_variables
@@ -49,6 +50,8 @@ class StackContext:
     manifest: Manifest
     dry_run: bool
     secrets: ResolvedSecrets = field(default_factory=ResolvedSecrets)
+    # Set by `agent reconcile --now --override-window --reason TEXT`: "by USER: TEXT".
+    override_window: str | None = None
 
 
 class StackReconciler:
@@ -185,8 +188,19 @@ class StackReconciler:
                 atomic_write(run_dir / "plan.json", json.dumps(redacted, indent=1))
             else:
                 # An empty plan needs no reading (and `show` costs as much as a plan).
-                plan_json = {}
+                plan_json = redacted = {}
             summary = summarize_plan(plan_json)
+            # Rules read the redacted plan only; their report follows the plan in `agent logs`.
+            policy = stack_policy(
+                self.host,
+                ctx.manifest,
+                unit,
+                redacted,
+                override=ctx.override_window,
+                now=now_utc(),
+            )
+            if policy.report:
+                atomic_write(run_dir / "policy.txt", self.redactor.redact(policy.report))
             verdict = decide(
                 PlanFacts(
                     revision_moved=revision_moved,
@@ -196,7 +210,9 @@ class StackReconciler:
                 drift=unit.drift,
                 destroy=self.host.policy.destroy,
                 dry_run=ctx.dry_run,
+                gate=policy.gate,
             )
+            notes = "; ".join(policy.notes) or None
             counts = {
                 "plan_add": summary.add,
                 "plan_change": summary.change,
@@ -218,14 +234,17 @@ class StackReconciler:
                     decision=verdict.decision,
                     drift=drift,
                     converged=True,
+                    error=notes,
                     **counts,
                 )
+            denied = verdict.decision is Decision.DENY
+            stopped = held or denied
             return UnitOutcome(
-                status=UnitStatus.HELD if held else UnitStatus.OK,
+                status=UnitStatus.HELD if held else UnitStatus.FAILED if denied else UnitStatus.OK,
                 decision=verdict.decision,
                 drift=drift and verdict.decision is not Decision.NOTHING,
                 converged=verdict.decision is Decision.NOTHING,
-                error=verdict.reason if held else None,
+                error="; ".join([verdict.reason, *policy.notes]) if stopped else notes,
                 **counts,
             )
         finally:
@@ -411,6 +430,8 @@ def describe_outcome(outcome: UnitOutcome) -> str:
     drift = " drift" if outcome.drift else ""
     if outcome.status in (UnitStatus.FAILED, UnitStatus.BLOCKED, UnitStatus.INTERRUPTED):
         return f"{outcome.status}: {outcome.error}"
+    # The policy warnings (or a window override) of a plan that went ahead.
+    notes = f"; {outcome.error}" if outcome.error and outcome.status is UnitStatus.OK else ""
     labels = {
         Decision.APPLY: "applied",
         Decision.HOLD: "held for approval",
@@ -422,7 +443,7 @@ def describe_outcome(outcome: UnitOutcome) -> str:
     label = (
         labels.get(Decision(outcome.decision), str(outcome.decision)) if outcome.decision else ""
     )
-    return f"{label}{counts}{drift}"
+    return f"{label}{counts}{drift}{notes}"
 
 
 def _hcl(value: Any) -> str:

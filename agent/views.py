@@ -28,7 +28,7 @@ from agent.store import RunStore, UnitOutcome, UnitRunRow, UnitStatus
 TIME_KEYS = frozenset({"at", "since"})
 TIME_SUFFIX = "_at"
 
-LOG_FILES = ("init.txt", "plan.txt", "apply.txt", "hosts.txt")
+LOG_FILES = ("init.txt", "plan.txt", "policy.txt", "apply.txt", "hosts.txt")
 
 
 def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 
+from agent.config.policy import read_repo_rules_path, read_rules, read_windows
 from agent.config.secrets import SecretsConfig, read_secrets
 from agent.config.service import (
     SERVICE_KEYS,
@@ -27,6 +28,9 @@ from agent.config.service import (
 from agent.config.ssh import HostsConfig, read_hosts
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
+from agent.policy.apply import ApplyMode
+from agent.policy.rules import Rule
+from agent.policy.windows import Windows
 from providers.errors import RepoFileError
 from providers.git_verify import SigningPolicy
 from providers.repofiles import MAX_HOST_CONFIG_BYTES, format_size, read_bounded
@@ -102,6 +106,10 @@ class Policy:
 
     destroy: DestroyPolicy = DestroyPolicy.HOLD
     max_unit_timeout: float = DEFAULT_MAX_UNIT_TIMEOUT
+    # The loosest apply mode a unit may have (agent/policy/apply.py), and its default.
+    apply: ApplyMode = ApplyMode.APPROVE_DESTROY
+    rules: tuple[Rule, ...] = ()  # evaluated on every plan; the repository cannot remove them
+    repo_rules: str | None = None  # a file of the repository with more rules
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +126,7 @@ class HostConfig:
     secrets: SecretsConfig = field(default_factory=SecretsConfig)
     hosts: HostsConfig = field(default_factory=HostsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)  # what `agent run` needs
+    windows: Windows | None = None  # None: applies are allowed at any time
 
 
 def resolve_host_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
@@ -180,6 +189,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
             "policy",
             "secrets",
             "hosts",
+            "windows",
             *SERVICE_KEYS,
         ]
     )
@@ -193,7 +203,8 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
         state_dir = _path(found, base_dir) or state_dir
 
     intervals = _intervals(fields.get("intervals"))
-    policy = _policy(fields.get("policy"))
+    policy = _policy(fields.get("policy"), Path(filename).name)
+    windows = read_windows(fields.get("windows"))
     terraform = _terraform(fields.get("terraform"), base_dir, state_dir, policy)
     allowed = _allowed_paths(fields.get("allowed_paths"))
     secrets = read_secrets(fields.get("secrets"), base_dir, _path)
@@ -212,6 +223,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
         secrets=secrets,
         hosts=hosts,
         service=service,
+        windows=windows,
     )
 
 
@@ -348,15 +360,30 @@ def _intervals(value: Value | None) -> Intervals:
     )
 
 
-def _policy(value: Value | None) -> Policy:
-    fields = value.mapping(["destroy", "max_unit_timeout"]) if value else None
+def _policy(value: Value | None, source_name: str) -> Policy:
+    keys = ["destroy", "max_unit_timeout", "apply", "rules", "repo_rules"]
+    fields = value.mapping(keys) if value else None
     if fields is None:
         return Policy()
-    destroy = fields.get("destroy")
+    destroy_value = fields.get("destroy")
     limit = fields.get("max_unit_timeout")
+    destroy = (destroy_value.choice(DestroyPolicy) if destroy_value else None) or DestroyPolicy.HOLD
+    apply_value = fields.get("apply")
+    apply = apply_value.choice(ApplyMode) if apply_value else None
+    if apply is None:
+        # Today's behaviour: `destroy: hold` is approve-destroy, `destroy: allow` is auto.
+        apply = ApplyMode.AUTO if destroy is DestroyPolicy.ALLOW else ApplyMode.APPROVE_DESTROY
+    elif destroy_value is None:
+        destroy = DestroyPolicy.ALLOW if apply is ApplyMode.AUTO else DestroyPolicy.HOLD
+    elif apply is ApplyMode.AUTO and destroy is DestroyPolicy.HOLD:
+        assert apply_value is not None
+        apply_value.fail("approve-destroy or approve (policy.destroy is hold)", "'auto'")
     return Policy(
-        destroy=(destroy.choice(DestroyPolicy) if destroy else None) or DestroyPolicy.HOLD,
+        destroy=destroy,
         max_unit_timeout=(limit.duration() if limit else None) or DEFAULT_MAX_UNIT_TIMEOUT,
+        apply=apply,
+        rules=read_rules(fields.get("rules"), source_name),
+        repo_rules=read_repo_rules_path(fields.get("repo_rules")),
     )
 
 

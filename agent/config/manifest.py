@@ -8,6 +8,7 @@ a timeout above the host's maximum, nor set policy, binaries or credentials at a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import posixpath
@@ -24,9 +25,12 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from yaml.nodes import MappingNode, ScalarNode
 
 from agent.config import graph
+from agent.config.policy import load_repo_rules
 from agent.config.fleet import Fleet, FleetReader, HandlerSpec, HostsFromStack, ResourceSpec
 from agent.config.yamlnodes import INVALID, Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
+from agent.policy.apply import ApplyMode, within
+from agent.policy.rules import Rule
 from providers.errors import RepoFileError
 from providers.repofiles import MAX_MANIFEST_BYTES, MAX_SOURCE_BYTES, format_size, read_repo_file
 from providers.secrets.refs import SecretRef, SecretRefError, parse_ref, ref_allowed
@@ -49,6 +53,7 @@ UNIT_KEYS = (
     "vars",
     "secrets",
     "labels",
+    "apply",
 )
 _HINT = "see docs/manifest.md for every key of gitops.yaml"
 _TERRAFORM_READS = (".tf", ".tf.json", ".tfvars", ".tfvars.json", ".terraform.lock.hcl")
@@ -99,6 +104,8 @@ class Unit:
     # Terraform variable name -> where its value is fetched (never the value itself).
     secrets: Mapping[str, SecretRef] = field(hash=False, default_factory=lambda: _NO_SECRETS)
     fleet: Fleet | None = None
+    # Which plans wait for `agent approve` (stacks; never looser than the host's policy.apply).
+    apply: ApplyMode = ApplyMode.APPROVE_DESTROY
 
     @property
     def kind(self) -> str:
@@ -115,6 +122,9 @@ class ManifestLimits:
     default_timeout: float = 1800.0
     secret_prefixes: tuple[str, ...] = ()  # references the repo may read
     secret_backends: frozenset[str] = frozenset()  # schemes with a configured backend
+    apply_ceiling: ApplyMode = ApplyMode.APPROVE_DESTROY  # the loosest `apply` allowed
+    host_rules: tuple[Rule, ...] = ()  # the repository's rules cannot reuse their names
+    repo_rules: str | None = None  # the repository's rules file, read with the manifest
 
     @classmethod
     def from_host(cls, host: HostConfig) -> ManifestLimits:
@@ -125,6 +135,9 @@ class ManifestLimits:
             default_timeout=host.terraform.timeout,
             secret_prefixes=host.secrets.allowed,
             secret_backends=host.secrets.backends(),
+            apply_ceiling=host.policy.apply,
+            host_rules=host.policy.rules,
+            repo_rules=host.policy.repo_rules,
         )
 
 
@@ -139,6 +152,7 @@ class Manifest:
         default_factory=lambda: MappingProxyType({})
     )
     handlers: Mapping[str, HandlerSpec] = field(default_factory=lambda: MappingProxyType({}))
+    rules: tuple[Rule, ...] = ()  # the repository's policy rules (`policy.repo_rules`)
 
     def get_unit(self, name: str) -> Unit | None:
         """The unit called `name`, or None."""
@@ -163,7 +177,17 @@ class Manifest:
 def load_manifest(repo_dir: Path, limits: ManifestLimits) -> Manifest:
     """Read and validate `repo_dir/gitops.yaml`. Raises ConfigError."""
     data = _read_manifest(repo_dir)
-    return parse_manifest(decode(data, MANIFEST_FILENAME), MANIFEST_FILENAME, repo_dir, limits)
+    manifest = parse_manifest(decode(data, MANIFEST_FILENAME), MANIFEST_FILENAME, repo_dir, limits)
+    return _with_repo_rules(manifest, repo_dir, limits)
+
+
+def _with_repo_rules(manifest: Manifest, repo_dir: Path, limits: ManifestLimits) -> Manifest:
+    """The manifest with the repository's policy rules (`policy.repo_rules`), read with it:
+    an invalid rules file rejects the revision like an invalid manifest does."""
+    if limits.repo_rules is None:
+        return manifest
+    rules = load_repo_rules(repo_dir, limits.repo_rules, limits.host_rules)
+    return dataclasses.replace(manifest, rules=rules)
 
 
 class ManifestCache:
@@ -191,6 +215,8 @@ class ManifestCache:
         manifest = parse_manifest(
             decode(data, MANIFEST_FILENAME), MANIFEST_FILENAME, repo_dir, limits
         )
+        # The rules file is part of the revision (the key): read with the manifest.
+        manifest = _with_repo_rules(manifest, repo_dir, limits)
         with self._lock:
             self._found[key] = manifest
             while len(self._found) > self._size:
@@ -252,6 +278,7 @@ class _Draft:
     refs: list[tuple[str, Value]]  # (unit, where) for each from_stack var
     drift: DriftPolicy | None
     timeout: float | None
+    apply: ApplyMode
     vars: dict[str, object]
     labels: dict[str, str]
     secrets: dict[str, SecretRef] = field(default_factory=dict)
@@ -272,6 +299,7 @@ class _ManifestReader:
         self._sources: dict[str, str | tuple[str, str | None]] = {}
         self.drift = DriftPolicy.REVERT
         self.timeout = limits.default_timeout
+        self.apply = limits.apply_ceiling
         try:
             self.root: Path | None = repo_dir.resolve()
         except (OSError, RuntimeError):
@@ -305,13 +333,24 @@ class _ManifestReader:
         return tuple(self._freeze(draft) for draft in drafts)
 
     def _defaults(self, value: Value) -> None:
-        fields = value.mapping(["drift", "timeout"])
+        fields = value.mapping(["drift", "timeout", "apply"])
         if fields is None:
             return
+        if found := fields.get("apply"):
+            self.apply = self._apply(found) or self.apply
         if found := fields.get("drift"):
             self.drift = found.choice(DriftPolicy) or self.drift
         if found := fields.get("timeout"):
             self.timeout = self._timeout(found) or self.timeout
+
+    def _apply(self, value: Value) -> ApplyMode | None:
+        mode = value.choice(ApplyMode)
+        ceiling = self.limits.apply_ceiling
+        if mode is not None and not ceiling.allows(mode):
+            allowed = ", ".join(within(ceiling))
+            why = f"the host config's policy.apply is {ceiling}: a unit may only be stricter"
+            return value.fail(f"one of {allowed} ({why})", quote(str(mode)))
+        return mode
 
     def _timeout(self, value: Value) -> float | None:
         return value.duration(maximum=self.limits.max_unit_timeout, why_maximum="host policy")
@@ -342,6 +381,7 @@ class _ManifestReader:
             refs=[],
             drift=self.drift,
             timeout=self.timeout,
+            apply=self.apply,
             vars={},
             labels={},
         )
@@ -353,6 +393,10 @@ class _ManifestReader:
             draft.drift = found.choice(DriftPolicy)
         if found := fields.get("timeout"):
             draft.timeout = self._timeout(found)
+        if found := fields.get("apply"):
+            if fleet_value is not None:
+                found.fail("no apply key on a fleet unit (apply modes are for stacks)", "apply")
+            draft.apply = self._apply(found) or draft.apply
         if (found := fields.get("vars")) and (var_fields := found.mapping()):
             self._vars(var_fields, draft)
         if (found := fields.get("labels")) and (label_fields := found.mapping()):
@@ -554,6 +598,7 @@ class _ManifestReader:
             line=draft.value.line,
             secrets=MappingProxyType(dict(draft.secrets)),
             fleet=draft.fleet,
+            apply=draft.apply,
         )
 
 

@@ -1,0 +1,175 @@
+"""Apply modes, policy rules and change windows end to end, as a user runs them: the CLI in
+direct mode (no daemon), a real repo pushed to a bare remote, the embedded Terraform."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from agent.policy.windows import WEEKDAYS
+from tests.support.infra import InfraRepo, write_host_config
+
+DENY_PROTECTED = """\
+policy:
+  rules:
+    - name: keep-protected
+      expression: changes.exists(c, "delete" in c.actions && c.address.matches("\\\\.protected_"))
+      message: protected resources are never destroyed
+      effect: deny
+    - name: count-changes
+      expression: size(changes) > 0
+      message: this plan changes something
+      effect: warn
+"""
+
+
+def data_stack(names: list[str], value: str = "v") -> str:
+    return "".join(
+        f'resource "terraform_data" "{name}" {{\n  input = "{value}"\n}}\n' for name in names
+    )
+
+
+class World:
+    def __init__(self, tmp: Path, extra: str = "") -> None:
+        self.tmp = tmp
+        self.repo = InfraRepo(tmp / "git")
+        self.state = tmp / "state"
+        self.config = self.host_config(extra)
+
+    def host_config(self, extra: str, name: str = "agent.yaml") -> Path:
+        return write_host_config(
+            self.tmp / name,
+            self.repo.url,
+            self.state,
+            f"control_socket: {self.tmp}/no.sock\n" + extra,
+        )
+
+    def push(self, names: list[str], unit: str = "", files: dict[str, str] | None = None) -> str:
+        self.repo.write("stacks/data/main.tf", data_stack(names))
+        self.repo.write(
+            "gitops.yaml", f"version: 1\nunits:\n  - {{name: data, stack: stacks/data{unit}}}\n"
+        )
+        for path, text in (files or {}).items():
+            self.repo.write(path, text)
+        return self.repo.push(f"data: {', '.join(names)}")
+
+    def agent(self, *args: str, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent.cli", "--config", str(config or self.config), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={k: v for k, v in os.environ.items() if k != "GITOPS_AGENT_CONFIG"},
+        )
+
+    def run_id(self, result: subprocess.CompletedProcess[str]) -> str:
+        match = re.search(r"^run (r-\S+): ", result.stdout, re.M)
+        assert match, result.stdout + result.stderr
+        return match.group(1)
+
+
+def test_a_deny_rule_fails_the_unit_and_applies_nothing(tmp_path: Path) -> None:
+    world = World(tmp_path, DENY_PROTECTED + "  destroy: allow\n")
+    world.push(["protected_db", "web"])
+    first = world.agent("reconcile", "--now")
+    assert first.returncode == 0, first.stdout + first.stderr
+    # A warning rule is recorded in the unit's outcome line, and does not stop the apply.
+    assert (
+        "data: applied (+2 ~0 -0); policy rule count-changes (agent.yaml:"
+        in first.stdout
+    ), first.stdout
+
+    world.push(["web"])
+    denied = world.agent("reconcile", "--now")
+
+    assert denied.returncode != 0
+    assert "data: failed: denied by policy rule keep-protected (agent.yaml:" in denied.stdout
+    assert "protected resources are never destroyed" in denied.stdout
+    logs = world.agent("logs", "data").stdout
+    # The rules' results follow the plan in `agent logs`.
+    assert logs.index("==> plan.txt <==") < logs.index("==> policy.txt <==")
+    assert "  deny  keep-protected (agent.yaml:" in logs
+    assert "  warn  count-changes (agent.yaml:" in logs
+    assert "apply.txt" not in logs
+    status = world.agent("status").stdout
+    assert "failed/deny" in status
+    # Nothing was destroyed: the next pass (the rule gone from the host config) finds it.
+    allow = world.host_config("policy: {destroy: allow}\n", "allow.yaml")
+    applied = world.agent("reconcile", "--now", config=allow)
+    assert "data: applied (+0 ~0 -1)" in applied.stdout, applied.stdout
+
+
+def test_apply_approve_holds_every_plan_and_approve_applies_it(tmp_path: Path) -> None:
+    world = World(tmp_path)
+    world.push(["a"], unit=", apply: approve")
+    held = world.agent("reconcile", "--now")
+    assert held.returncode == 0, held.stderr
+    assert "data: held for approval (+1 ~0 -0)" in held.stdout
+    run = world.run_id(held)
+    status = world.agent("logs", "data").stdout
+    assert "# the unit's apply policy is approve: every plan waits for `agent approve`" in status
+
+    approved = world.agent("approve", run, "--unit", "data")
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    assert "data: applied (+1 ~0 -0)" in approved.stdout
+    assert "data: no changes" in world.agent("reconcile", "--now").stdout
+
+
+def test_a_manifest_cannot_loosen_the_host_ceiling(tmp_path: Path) -> None:
+    world = World(tmp_path, "policy: {apply: approve-destroy}\n")
+    world.push(["a"], unit=", apply: auto")
+    refused = world.agent("reconcile", "--now")
+    assert refused.returncode != 0
+    assert (
+        "gitops.yaml:3: units[0].apply: expected one of approve-destroy, approve (the host"
+        " config's policy.apply is approve-destroy: a unit may only be stricter); got 'auto'"
+    ) in refused.stdout + refused.stderr
+
+
+def test_outside_the_window_plans_wait_and_an_override_is_recorded(tmp_path: Path) -> None:
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    day = WEEKDAYS[tomorrow.weekday()]
+    world = World(tmp_path, f"windows:\n  allow:\n    - days: [{day}]\n")
+    world.push(["a"])
+    held = world.agent("reconcile", "--now")
+    assert held.returncode == 0, held.stderr
+    opens = f"{tomorrow:%a %Y-%m-%d} 00:00 UTC"
+    assert f"data: held for approval (+1 ~0 -0)" in held.stdout
+    assert f"outside change window (opens {opens})" in world.agent("logs", "data").stdout
+
+    no_reason = world.agent("reconcile", "--now", "--override-window")
+    assert no_reason.returncode != 0
+    assert "--override-window needs --reason TEXT" in no_reason.stderr
+
+    forced = world.agent("reconcile", "--now", "--override-window", "--reason", "INC-42 hotfix")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "data: applied (+1 ~0 -0); outside change window" in forced.stdout
+    assert "overridden by " in forced.stdout and ": INC-42 hotfix" in forced.stdout
+    history = world.agent("history", "--json").stdout
+    assert "change window override asked by " in history and "INC-42 hotfix" in history
+
+
+def test_repository_rules_add_to_the_host_rules(tmp_path: Path) -> None:
+    world = World(tmp_path, "policy:\n  repo_rules: policy/rules.yaml\n")
+    rules = (
+        "rules:\n"
+        "  - name: small-passes\n"
+        "    expression: size(changes) > 2\n"
+        "    message: more than 2 changes\n"
+        "    effect: hold\n"
+    )
+    world.push(["a", "b", "c"], files={"policy/rules.yaml": rules})
+    held = world.agent("reconcile", "--now")
+    assert "data: held for approval (+3 ~0 -0)" in held.stdout, held.stdout + held.stderr
+
+    # An invalid rules file rejects the revision, as an invalid manifest does.
+    world.push(["a"], files={"policy/rules.yaml": rules.replace("size(changes) > 2", "size(")})
+    rejected = world.agent("reconcile", "--now")
+    assert "policy/rules.yaml:3: rules[0].expression: expected a CEL expression" in (
+        rejected.stdout + rejected.stderr
+    )

@@ -1,0 +1,65 @@
+"""The policy part of the decision as a table (tests/cases/policy_decide.json): apply modes,
+rule effects, change windows, drift during a freeze. Real compiled CEL rules; no plan."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from agent.config import DestroyPolicy, DriftPolicy
+from agent.decide import Decision, PlanFacts, decide
+from agent.policy.apply import ApplyMode, within
+from agent.policy.gate import Gate
+from agent.policy.rules import Effect, RuleResult, compile_rule
+from agent.policy.windows import FreezeDrift
+
+CASES = json.loads((Path(__file__).parent / "cases" / "policy_decide.json").read_text())
+
+
+def _results(spec: list[list[object]]) -> tuple[RuleResult, ...]:
+    results = []
+    for index, (effect, outcome) in enumerate(spec):
+        rule = compile_rule(f"r{index}", "true", f"message of r{index}", Effect(effect), "test:1")
+        if outcome == "error":
+            results.append(RuleResult(rule, True, "boom"))
+        else:
+            results.append(RuleResult(rule, bool(outcome)))
+    return tuple(results)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["case"] for c in CASES])
+def test_policy_decision_table(case: dict) -> None:
+    gate = Gate(
+        apply=ApplyMode(case["apply"]),
+        rules=_results(case.get("rules", [])),
+        window=case.get("window"),
+        window_drift=FreezeDrift(case.get("window_drift", "hold")),
+    )
+    verdict = decide(
+        PlanFacts(
+            revision_moved=case["moved"],
+            has_changes=case["changes"],
+            destroys_anything=case["destroys"],
+        ),
+        drift=DriftPolicy(case["drift"]),
+        destroy=DestroyPolicy(case["destroy"]),
+        dry_run=case.get("dry_run", False),
+        gate=gate,
+    )
+    assert verdict.decision is Decision(case["decision"])
+    assert case["reason"] in verdict.reason
+    assert verdict.drift is case.get("is_drift", False)
+
+
+def test_a_ceiling_allows_only_stricter_modes() -> None:
+    assert within(ApplyMode.AUTO) == tuple(ApplyMode)
+    assert within(ApplyMode.APPROVE_DESTROY) == (ApplyMode.APPROVE_DESTROY, ApplyMode.APPROVE)
+    assert within(ApplyMode.APPROVE) == (ApplyMode.APPROVE,)
+
+
+def test_warnings_are_listed_apart() -> None:
+    gate = Gate(rules=_results([["warn", True], ["warn", False], ["deny", False]]))
+    assert gate.warnings() == ("policy rule r0 (test:1): message of r0",)
+    assert gate.denial() is None
