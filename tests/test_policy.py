@@ -79,10 +79,9 @@ def test_a_deny_rule_fails_the_unit_and_applies_nothing(tmp_path: Path) -> None:
     first = world.agent("reconcile", "--now")
     assert first.returncode == 0, first.stdout + first.stderr
     # A warning rule is recorded in the unit's outcome line, and does not stop the apply.
-    assert (
-        "data: applied (+2 ~0 -0); policy rule count-changes (agent.yaml:"
-        in first.stdout
-    ), first.stdout
+    assert "data: applied (+2 ~0 -0); policy rule count-changes (agent.yaml:" in first.stdout, (
+        first.stdout
+    )
 
     world.push(["web"])
     denied = world.agent("reconcile", "--now")
@@ -139,7 +138,7 @@ def test_outside_the_window_plans_wait_and_an_override_is_recorded(tmp_path: Pat
     held = world.agent("reconcile", "--now")
     assert held.returncode == 0, held.stderr
     opens = f"{tomorrow:%a %Y-%m-%d} 00:00 UTC"
-    assert f"data: held for approval (+1 ~0 -0)" in held.stdout
+    assert "data: held for approval (+1 ~0 -0)" in held.stdout
     assert f"outside change window (opens {opens})" in world.agent("logs", "data").stdout
 
     no_reason = world.agent("reconcile", "--now", "--override-window")

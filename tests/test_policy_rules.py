@@ -58,8 +58,7 @@ def _plan_json(tmp_path: Path, before: str | None, after: str) -> dict:
 def _data(names: list[str], value: str = "v") -> str:
     # A new `triggers_replace` replaces the resource (delete and create).
     return "".join(
-        f'resource "terraform_data" "{n}" {{\n  triggers_replace = "{value}"\n}}\n'
-        for n in names
+        f'resource "terraform_data" "{n}" {{\n  triggers_replace = "{value}"\n}}\n' for n in names
     )
 
 
@@ -166,9 +165,7 @@ def test_evaluation_is_bounded_in_time_and_size() -> None:
     assert results[1].effect is Effect.DENY
     assert "not evaluated within 0.3 s" in (results[1].error or "")
 
-    huge = {
-        "resource_changes": [{"address": "t.r", "type": "t"} for _ in range(MAX_CHANGES + 1)]
-    }
+    huge = {"resource_changes": [{"address": "t.r", "type": "t"} for _ in range(MAX_CHANGES + 1)]}
     (result,) = evaluate([fast], plan_input(huge, "u"))
     assert result.effect is Effect.DENY
     assert f"the plan has {MAX_CHANGES + 1} resource changes" in (result.error or "")
@@ -218,7 +215,9 @@ def test_bad_host_rules_name_file_line_and_key(tmp_path: Path, rules: str, error
 
 def test_repo_rules_cannot_replace_a_host_rule(tmp_path: Path) -> None:
     host = parse_host_config(
-        _host_rules(tmp_path, "- {name: keep-protected, expression: 'false', message: m, effect: warn}\n"),
+        _host_rules(
+            tmp_path, "- {name: keep-protected, expression: 'false', message: m, effect: warn}\n"
+        ),
         "agent.yaml",
         tmp_path,
     )

@@ -32,12 +32,34 @@ def test_window_table(case: dict, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("windows", "error"),
     [
-        ("{timezone: Mars/Olympus, allow: [{hours: '09:00-17:00'}]}", "windows.timezone: expected a time zone name like Europe/Paris (IANA); got 'Mars/Olympus'"),
-        ("{allow: [{hours: '9-17'}]}", "windows.allow[0].hours: expected a time range like 09:00-17:00 (24-hour HH:MM-HH:MM); got '9-17'"),
-        ("{allow: [{days: [mon, funday]}]}", "windows.allow[0].days[1]: expected a weekday (mon, tue, wed, thu, fri, sat, sun) or a range like mon-fri; got 'funday'"),
-        ("{deny: [{cron: '* * *'}]}", "windows.deny[0].cron: expected a five-field cron expression like '* 9-16 * * 1-5'; got '* * *'"),
-        ("{allow: [{cron: '* 9 * * *', days: [mon]}]}", "windows.allow[0]: expected either cron, or days and hours; got both"),
-        ("{drift: always, allow: [{days: [mon]}]}", "windows.drift: expected one of hold, revert; got 'always'"),
+        (
+            "{timezone: Mars/Olympus, allow: [{hours: '09:00-17:00'}]}",
+            "windows.timezone: expected a time zone name like Europe/Paris (IANA);"
+            " got 'Mars/Olympus'",
+        ),
+        (
+            "{allow: [{hours: '9-17'}]}",
+            "windows.allow[0].hours: expected a time range like 09:00-17:00"
+            " (24-hour HH:MM-HH:MM); got '9-17'",
+        ),
+        (
+            "{allow: [{days: [mon, funday]}]}",
+            "windows.allow[0].days[1]: expected a weekday (mon, tue, wed, thu, fri, sat, sun)"
+            " or a range like mon-fri; got 'funday'",
+        ),
+        (
+            "{deny: [{cron: '* * *'}]}",
+            "windows.deny[0].cron: expected a five-field cron expression like"
+            " '* 9-16 * * 1-5'; got '* * *'",
+        ),
+        (
+            "{allow: [{cron: '* 9 * * *', days: [mon]}]}",
+            "windows.allow[0]: expected either cron, or days and hours; got both",
+        ),
+        (
+            "{drift: always, allow: [{days: [mon]}]}",
+            "windows.drift: expected one of hold, revert; got 'always'",
+        ),
         ("{timezone: UTC}", "windows: expected windows with allow, deny or both; got neither"),
     ],
 )
@@ -58,7 +80,14 @@ def test_an_override_needs_a_reason_and_names_who_asked() -> None:
 
 @pytest.mark.parametrize(
     "expression",
-    ["* 9-16 * * 1-5", "*/15 * * * sun,sat", "0 0 1,15 * 5", "30 2 * 2 *", "* * L * *", "0 0 * * 5#2"],
+    [
+        "* 9-16 * * 1-5",
+        "*/15 * * * sun,sat",
+        "0 0 1,15 * 5",
+        "30 2 * 2 *",
+        "* * L * *",
+        "0 0 * * 5#2",
+    ],
 )
 def test_the_fast_cron_match_agrees_with_croniter(expression: str) -> None:
     from croniter import croniter

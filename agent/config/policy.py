@@ -29,7 +29,9 @@ MAX_RULES_FILE_BYTES = 256 * 1024
 _REPO_HINT = "see docs/policy.md for the rules file"
 
 
-def read_rules(value: Value | None, source_name: str, taken: frozenset[str] = frozenset()) -> tuple[Rule, ...]:
+def read_rules(
+    value: Value | None, source_name: str, taken: frozenset[str] = frozenset()
+) -> tuple[Rule, ...]:
     """A list of rules; `source_name` names the file in each rule's `source`; a name in
     `taken` (the host's rules, for the repository's) is an error."""
     if value is None:
@@ -56,7 +58,9 @@ def read_rules(value: Value | None, source_name: str, taken: frozenset[str] = fr
                 found["name"].fail("a name no host config rule has (host rules cannot be replaced)")
                 name = None
             elif name in seen:
-                found["name"].fail("each rule name once", f"{quote(name)} again (first on line {seen[name]})")
+                found["name"].fail(
+                    "each rule name once", f"{quote(name)} again (first on line {seen[name]})"
+                )
                 name = None
             else:
                 seen[name] = found["name"].line
@@ -66,9 +70,13 @@ def read_rules(value: Value | None, source_name: str, taken: frozenset[str] = fr
         if name is None or expression is None or message is None or effect is None:
             continue
         try:
-            rules.append(compile_rule(name, expression, message, effect, f"{source_name}:{item.line}"))
+            rules.append(
+                compile_rule(name, expression, message, effect, f"{source_name}:{item.line}")
+            )
         except RuleSyntaxError as exc:
-            where = f" at line {exc.line}, column {exc.column} of the expression" if exc.line else ""
+            where = (
+                f" at line {exc.line}, column {exc.column} of the expression" if exc.line else ""
+            )
             assert found["expression"] is not None
             found["expression"].fail("a CEL expression", f"a syntax error{where}: {exc}")
     return tuple(rules)

@@ -26,7 +26,9 @@ def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def window_reason(host: HostConfig, override: str | None, now: dt.datetime) -> tuple[str | None, str | None]:
+def window_reason(
+    host: HostConfig, override: str | None, now: dt.datetime
+) -> tuple[str | None, str | None]:
     """(why the change window holds plans, a note when an override lifted it)."""
     if host.windows is None:
         return None, None

@@ -69,9 +69,7 @@ class RuleSyntaxError(ValueError):
         self.line, self.column = line, column
 
 
-def compile_rule(
-    name: str, expression: str, message: str, effect: Effect, source: str
-) -> Rule:
+def compile_rule(name: str, expression: str, message: str, effect: Effect, source: str) -> Rule:
     """A rule with its expression compiled; raises RuleSyntaxError."""
     if len(expression) > MAX_EXPRESSION_CHARS:
         raise RuleSyntaxError(
@@ -82,8 +80,9 @@ def compile_rule(
             program = _ENV.program(_ENV.compile(expression))
     except celpy.CELParseError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "syntax error"
-        raise RuleSyntaxError(first, getattr(exc, "line", None), getattr(exc, "column", None))
-    except Exception as exc:  # noqa: BLE001 - the library raises lark's errors too
+        line, column = getattr(exc, "line", None), getattr(exc, "column", None)
+        raise RuleSyntaxError(first, line, column) from None
+    except Exception as exc:
         raise RuleSyntaxError(type(exc).__name__, None, None) from None
     return Rule(name, expression, message, effect, source, program)
 
@@ -194,7 +193,7 @@ def _too_big(data: Mapping[str, Any]) -> str | None:
 def _evaluate_one(rule: Rule, activation: Mapping[str, Any]) -> RuleResult:
     try:
         value = rule.program.evaluate(dict(activation))
-    except Exception as exc:  # noqa: BLE001 - any failure of a rule fails closed
+    except Exception as exc:
         return RuleResult(rule, True, _error_text(exc))
     if isinstance(value, celtypes.BoolType):
         return RuleResult(rule, bool(value))
