@@ -106,10 +106,18 @@ class Policy:
 
     destroy: DestroyPolicy = DestroyPolicy.HOLD
     max_unit_timeout: float = DEFAULT_MAX_UNIT_TIMEOUT
-    # The loosest apply mode a unit may have (agent/policy/apply.py), and its default.
-    apply: ApplyMode = ApplyMode.APPROVE_DESTROY
+    # `policy.apply` as written; `ceiling` is the mode in force (agent/policy/apply.py).
+    apply: ApplyMode | None = None
     rules: tuple[Rule, ...] = ()  # evaluated on every plan; the repository cannot remove them
     repo_rules: str | None = None  # a file of the repository with more rules
+
+    @property
+    def ceiling(self) -> ApplyMode:
+        """The loosest apply mode a unit may have, and the default: `policy.apply`, else
+        today's behaviour (`destroy: hold` is approve-destroy, `destroy: allow` is auto)."""
+        if self.apply is not None:
+            return self.apply
+        return ApplyMode.AUTO if self.destroy is DestroyPolicy.ALLOW else ApplyMode.APPROVE_DESTROY
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,10 +378,7 @@ def _policy(value: Value | None, source_name: str) -> Policy:
     destroy = (destroy_value.choice(DestroyPolicy) if destroy_value else None) or DestroyPolicy.HOLD
     apply_value = fields.get("apply")
     apply = apply_value.choice(ApplyMode) if apply_value else None
-    if apply is None:
-        # Today's behaviour: `destroy: hold` is approve-destroy, `destroy: allow` is auto.
-        apply = ApplyMode.AUTO if destroy is DestroyPolicy.ALLOW else ApplyMode.APPROVE_DESTROY
-    elif destroy_value is None:
+    if apply is not None and destroy_value is None:
         destroy = DestroyPolicy.ALLOW if apply is ApplyMode.AUTO else DestroyPolicy.HOLD
     elif apply is ApplyMode.AUTO and destroy is DestroyPolicy.HOLD:
         assert apply_value is not None

@@ -135,7 +135,7 @@ class ManifestLimits:
             default_timeout=host.terraform.timeout,
             secret_prefixes=host.secrets.allowed,
             secret_backends=host.secrets.backends(),
-            apply_ceiling=host.policy.apply,
+            apply_ceiling=host.policy.ceiling,
             host_rules=host.policy.rules,
             repo_rules=host.policy.repo_rules,
         )

@@ -72,7 +72,7 @@ def fleet_hold(
 
     A fleet has no saved plan to approve: what waits is simply not applied, and reported,
     until the window opens (or, under a host ceiling of `approve`, always)."""
-    if host.policy.apply is ApplyMode.APPROVE:
+    if host.policy.ceiling is ApplyMode.APPROVE:
         return (
             "the host config's policy.apply is approve and a fleet's changes cannot be held"
             " for `agent approve`: they are reported, not applied",
