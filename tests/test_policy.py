@@ -172,3 +172,72 @@ def test_repository_rules_add_to_the_host_rules(tmp_path: Path) -> None:
     assert "policy/rules.yaml:3: rules[0].expression: expected a CEL expression" in (
         rejected.stdout + rejected.stderr
     )
+
+
+def test_a_window_override_through_the_daemon_names_the_peer(tmp_path: Path) -> None:
+    import pwd
+
+    from tests.test_daemon import AgentProcess
+
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    windows = f"windows:\n  allow:\n    - days: [{WEEKDAYS[tomorrow.weekday()]}]\n"
+    agent = AgentProcess(tmp_path, extra=windows)
+    agent.repo.write("stacks/data/main.tf", data_stack(["a"]))
+    agent.repo.write("gitops.yaml", "version: 1\nunits:\n  - {name: data, stack: stacks/data}\n")
+    agent.repo.push("seed")
+    try:
+        agent.start()  # its first pass holds the plan: the window is closed
+        assert "held/hold" in agent.cli("status").stdout
+
+        forced = agent.cli("reconcile", "--now", "--override-window", "--reason", "INC-7")
+
+        assert forced.returncode == 0, forced.stdout + forced.stderr
+        assert "data: applied (+1 ~0 -0); outside change window" in forced.stdout
+        me = pwd.getpwuid(os.getuid()).pw_name
+        (run,) = agent.finished_runs("cli")
+        # Who asked is the kernel's word for the socket's peer, not a name the client sent.
+        assert run.error == f"change window override asked by {me}: INC-7"
+        assert f"(change window override by {me}: INC-7)" in agent.new_log()
+    finally:
+        agent.kill()
+
+
+def test_a_fleet_outside_the_window_changes_nothing_until_overridden(tmp_path: Path) -> None:
+    from agent.config import load_host_config
+    from agent.reconcile import PassRequest, Reconciler
+    from agent.store import UnitStatus
+
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    target = tmp_path / "made-by-the-fleet"
+    repo = InfraRepo(tmp_path / "git")
+    repo.write(
+        "gitops.yaml",
+        "version: 1\nunits:\n  - name: app\n    fleet:\n"
+        "      hosts: {static: [{name: bastion, address: local}]}\n"
+        f"      resources:\n        - directory: {target}\n",
+    )
+    repo.push("a fleet")
+    config = write_host_config(
+        tmp_path / "agent.yaml",
+        repo.url,
+        tmp_path / "state",
+        f"hosts: {{allow_local: true, python: {sys.executable}}}\n"
+        f"windows:\n  allow:\n    - days: [{WEEKDAYS[tomorrow.weekday()]}]\n",
+    )
+
+    def run(request: PassRequest) -> object:
+        reconciler = Reconciler(load_host_config(config))
+        try:
+            return reconciler.run_pass(request).outcomes["app"]
+        finally:
+            reconciler.close()
+
+    held = run(PassRequest(trigger="test"))
+    assert held.status is UnitStatus.HELD  # type: ignore[attr-defined]
+    assert f"outside change window (opens {tomorrow:%a %Y-%m-%d} 00:00 UTC)" == held.error  # type: ignore[attr-defined]
+    assert not target.exists()
+
+    forced = run(PassRequest(trigger="test", override_window="by tester: INC-9"))
+    assert forced.status is UnitStatus.OK, forced.error  # type: ignore[attr-defined]
+    assert target.is_dir()
+    assert "overridden by tester: INC-9" in forced.error  # type: ignore[attr-defined]

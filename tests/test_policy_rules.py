@@ -261,3 +261,24 @@ def test_the_ceiling_error_docs_policy_md_quotes(tmp_path: Path) -> None:
     with pytest.raises(ConfigValidationError) as caught:
         parse_manifest(text, "gitops.yaml", tmp_path, ManifestLimits())
     assert caught.value.errors == [documented]
+
+
+def test_agent_validate_compiles_the_repository_rules(tmp_path: Path) -> None:
+    from agent.validate import validate_repo
+
+    repo = tmp_path / "repo"
+    (repo / "stacks" / "web").mkdir(parents=True)
+    (repo / "stacks" / "web" / "main.tf").write_text("")
+    (repo / "gitops.yaml").write_text("version: 1\nunits:\n  - {name: web, stack: stacks/web}\n")
+    (repo / "rules.yaml").write_text(
+        "rules:\n  - {name: bad, expression: 'size(changes) >', message: m, effect: hold}\n"
+    )
+    config = tmp_path / "agent.yaml"
+    config.write_text(f"repo: {{url: {repo}}}\npolicy: {{repo_rules: rules.yaml}}\n")
+
+    report = validate_repo(repo, config_path=str(config))
+
+    assert not report.ok
+    assert report.errors[0].startswith(
+        "rules.yaml:2: rules[0].expression: expected a CEL expression; got a syntax error"
+    )

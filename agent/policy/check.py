@@ -52,6 +52,8 @@ def stack_policy(
     rules = (*host.policy.rules, *manifest.rules)
     results = evaluate(rules, plan_input(redacted_plan, unit.name)) if redacted_plan else ()
     window, override_note = window_reason(host, override, now)
+    if not redacted_plan:
+        override_note = None  # nothing to apply: the override lifted nothing
     gate = Gate(
         apply=unit.apply,
         rules=results,
