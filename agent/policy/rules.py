@@ -30,7 +30,7 @@ MAX_RULES = 200
 MAX_EXPRESSION_CHARS = 4000
 MAX_CHANGES = 5000
 MAX_INPUT_BYTES = 8 * 1024 * 1024
-DEFAULT_TIMEOUT = 5.0
+DEFAULT_TIMEOUT = 30.0  # cel-python needs ~1 ms per change per rule: 5000 changes x 4 rules ~ 10 s
 SENSITIVE = "(sensitive)"
 # The CEL variables a rule can read (`plan_input` builds them).
 VARIABLES = ("resource_changes", "changes", "unit")
