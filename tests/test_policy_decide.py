@@ -63,3 +63,30 @@ def test_warnings_are_listed_apart() -> None:
     gate = Gate(rules=_results([["warn", True], ["warn", False], ["deny", False]]))
     assert gate.warnings() == ("policy rule r0 (test:1): message of r0",)
     assert gate.denial() is None
+
+
+def test_notifications_carry_the_policy_line() -> None:
+    from agent.notify import unit_events
+    from agent.store import UnitOutcome, UnitStatus
+
+    warned = UnitOutcome(
+        status=UnitStatus.OK,
+        decision="apply",
+        plan_add=1,
+        plan_change=0,
+        plan_destroy=0,
+        error="policy rule count-changes (agent.yaml:7): this plan changes something",
+        converged=True,
+    )
+    (applied,) = unit_events("data", warned, run_id="r-1", revision="abc")
+    assert applied.kind == "apply"
+    assert applied.detail == "policy rule count-changes (agent.yaml:7): this plan changes something"
+
+    denied = UnitOutcome(
+        status=UnitStatus.FAILED,
+        decision="deny",
+        error="denied by policy rule keep-protected (agent.yaml:4): never",
+    )
+    (failure,) = unit_events("data", denied, run_id="r-2", revision="abc")
+    assert failure.kind == "failure"
+    assert failure.summary == "denied by policy rule keep-protected (agent.yaml:4): never"
