@@ -241,3 +241,39 @@ def test_a_fleet_outside_the_window_changes_nothing_until_overridden(tmp_path: P
     assert forced.status is UnitStatus.OK, forced.error  # type: ignore[attr-defined]
     assert target.is_dir()
     assert "overridden by tester: INC-9" in forced.error  # type: ignore[attr-defined]
+
+
+def test_rules_never_see_a_secret_value(tmp_path: Path) -> None:
+    secrets_dir = tmp_path / "secrets"
+    secrets_dir.mkdir()
+    (secrets_dir / "token").write_text("s3cr3t-4eb30b69-zebra\n")
+    (secrets_dir / "token").chmod(0o600)
+    # A rule written to catch the value: it would deny if rules saw the plan unredacted.
+    probe = (
+        "policy:\n  destroy: allow\n  rules:\n"
+        "    - name: probe\n"
+        '      expression: changes.exists(c, string(c.after.input).contains("4eb30b69"))\n'
+        "      message: the rule saw the secret\n"
+        "      effect: deny\n"
+        f"secrets:\n  allowed: [file:{secrets_dir}/]\n"
+    )
+    world = World(tmp_path, probe)
+    world.repo.write(
+        "stacks/data/main.tf",
+        'variable "token" {\n  type = string\n}\n'
+        'resource "terraform_data" "t" {\n  input = var.token\n}\n',
+    )
+    world.repo.write(
+        "gitops.yaml",
+        "version: 1\nunits:\n  - name: data\n    stack: stacks/data\n"
+        f"    secrets: {{token: 'file:{secrets_dir}/token'}}\n",
+    )
+    world.repo.push("a secret input")
+
+    result = world.agent("reconcile", "--now")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "data: applied (+1 ~0 -0)" in result.stdout
+    logs = world.agent("logs", "data").stdout
+    assert "pass  probe" in logs
+    assert "4eb30b69" not in logs
