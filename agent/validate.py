@@ -75,7 +75,8 @@ class ValidationReport:
 
 
 def validate_repo(repo_dir: Path, *, config_path: str | None = None) -> ValidationReport:
-    """Validate `repo_dir`'s gitops.yaml, then each stack with `terraform validate`."""
+    """Validate `repo_dir`'s gitops.yaml, render each fleet's templates for its hosts, then
+    validate each stack with `terraform validate`."""
     report = ValidationReport(repo=repo_dir)
     limits = ManifestLimits()
     binary_name = None
