@@ -841,7 +841,8 @@ def _outcome(
             plan_change=changed,
             plan_destroy=held,
             error=(
-                f"{held} removals on {names} are held for approval (policy.destroy: hold);"
+                f"{plural(held, 'removal')} on {names} {'is' if held == 1 else 'are'} held for"
+                " approval (policy.destroy: hold);"
                 " the rest was applied"
             ),
             hosts=hosts,
