@@ -634,21 +634,34 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_version(args: argparse.Namespace) -> int:
+    from agent.config.host import DEFAULT_HOST_CONFIG_PATH
     from providers.errors import ProviderError
     from providers.terraform import find_terraform
 
     info: dict[str, Any] = {"agent": __version__, "python": sys.version.split()[0]}
+    # The Terraform a pass would run: the host config's terraform.binary when there is a
+    # host config (a missing default one is fine: version works before the set-up).
+    path = resolve_host_config_path(args.config, os.environ)
+    configured = None
+    if args.config or os.environ.get("GITOPS_AGENT_CONFIG") or DEFAULT_HOST_CONFIG_PATH.exists():
+        configured = load_host_config(path).terraform.binary
+        info["host_config"] = str(path)
     try:
-        binary = find_terraform(None)
-        info["terraform"] = {"kind": binary.kind, "version": binary.version}
+        binary = find_terraform(configured)
+        info["terraform"] = {
+            "kind": binary.kind,
+            "version": binary.version,
+            "path": binary.argv[0] if binary.kind != "embedded" else None,
+            "origin": binary.origin,
+        }
+        tf_text = binary.describe()
     except ProviderError as exc:
         info["terraform"] = {"error": str(exc)}
+        tf_text = f"none: {exc}"
     if args.json:
         _print_json(info)
     else:
-        tf = info["terraform"]
-        tf_text = tf.get("error") or f"{tf['version']} ({tf['kind']})"
-        print(f"gitops-agent {info['agent']}\npython {info['python']}\nterraform {tf_text}")
+        print(f"gitops-agent {info['agent']}\npython {info['python']}\nterraform: {tf_text}")
     return EXIT_OK
 
 

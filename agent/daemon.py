@@ -72,6 +72,7 @@ from agent.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
 from agent.redact import install_logging_redaction
 from agent.store import RunStatus, UnitStatus
 from agent.webhooks import PushEvent, WebhookSource
+from providers.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -703,7 +704,8 @@ class Daemon:
         converged = sum(
             1 for o in last.outcomes.values() if o.status is UnitStatus.OK and o.converged
         )
-        return f"{last.status} at {revision} (run {last.run_id}, {converged} units converged)"
+        units = plural(converged, "unit")
+        return f"{last.status} at {revision} (run {last.run_id}, {units} converged)"
 
     # --- what a batch of triggers asks for -------------------------------------------------
 

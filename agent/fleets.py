@@ -44,6 +44,7 @@ from providers.hosts.engine import converge
 from providers.hosts.model import Handler, HostReport, Resource
 from providers.hosts.templates import render_string, render_template
 from providers.repofiles import MAX_SOURCE_BYTES, read_repo_file
+from providers.text import plural
 from providers.transport import LocalTransport, Transport
 from providers.transport.ssh import SSHSettings, SSHTarget, SSHTransport
 
@@ -53,7 +54,7 @@ HELD_FILE = "held-removals.json"  # in the run dir: the removals a hold showed, 
 HOST_RESULTS_FILE = "hosts.json"
 
 # A command's string fields rendered with the host's variables (its `env` values too).
-_COMMAND_TEMPLATES = ("command", "creates", "unless", "onlyif", "cwd")
+COMMAND_TEMPLATES = ("command", "creates", "unless", "onlyif", "cwd")
 
 StackOutputs = Callable[[StackContext, Unit, str], Mapping[str, Any]]
 
@@ -320,16 +321,13 @@ class FleetReconciler:
         unit_vars: Mapping[str, Any],
     ) -> PlannedHost:
         """The engine's resources for one host (templates rendered), or why not."""
-        roles = ctx.manifest.roles
-        specs = [r for name in (*fleet.roles, *spec.roles) for r in roles.get(name, ())]
-        specs += fleet.resources
         variables = self._variables(ctx, unit, fleet, spec, unit_vars)
         resources: list[Resource] = []
         try:
-            for item in _last_wins(specs):
+            for item in host_resources(ctx.manifest.roles, fleet, spec):
                 resources.append(self._resource(ctx, item, variables))
         except (ProviderError, CommandLineSecretError, OSError) as exc:
-            return PlannedHost(spec, (), {}, error=f"{spec.name}: {exc}")
+            return PlannedHost(spec, (), {}, error=str(exc))  # the report names the host
         record = self._record(unit.name, spec.name)
         elsewhere = self._owned_elsewhere(ctx, unit.name, spec, record)
         removals, released = ledger.implied_removals(record, unit.name, resources, elsewhere)
@@ -390,14 +388,7 @@ class FleetReconciler:
         secrets = {
             name: secret.reveal() for name, secret in ctx.secrets.values.get(unit.name, {}).items()
         }
-        user = spec.user or fleet.user or "root"
-        return {
-            **plain_value(fleet.vars),
-            **plain_value(unit_vars),
-            **plain_value(spec.vars),
-            "host": {"name": spec.name, "address": spec.address, "user": user},
-            "secrets": secrets,
-        }
+        return host_variables(fleet, spec, unit_vars, secrets)
 
     def _resource(
         self, ctx: StackContext, item: ResourceSpec, variables: dict[str, Any]
@@ -427,7 +418,7 @@ class FleetReconciler:
         if item.kind == "command":
             # Every string field is a template, guards and cwd as much as the command itself:
             # `creates: "{{ app_dir }}/log"` must name the path the command makes.
-            for key in _COMMAND_TEMPLATES:
+            for key in COMMAND_TEMPLATES:
                 if attrs.get(key) is not None:
                     name = where if key == "command" else f"{where}.{key}"
                     attrs[key] = render_string(attrs[key], variables, display_name=name)
@@ -689,6 +680,29 @@ def hosts_from_output(unit: str, ref: HostsFromStack, value: Any) -> tuple[HostS
     return tuple(hosts)
 
 
+def host_resources(
+    roles: Mapping[str, Sequence[ResourceSpec]], fleet: Fleet, spec: HostSpec
+) -> list[ResourceSpec]:
+    """What a host must have, as the manifest writes it: the fleet's roles, the host's own
+    roles, then the fleet's inline resources (a later definition of a resource wins)."""
+    specs = [r for name in (*fleet.roles, *spec.roles) for r in roles.get(name, ())]
+    return _last_wins([*specs, *fleet.resources])
+
+
+def host_variables(
+    fleet: Fleet, spec: HostSpec, unit_vars: Mapping[str, Any], secrets: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The variables a host's templates (and command lines) are rendered with."""
+    user = spec.user or fleet.user or "root"
+    return {
+        **plain_value(fleet.vars),
+        **plain_value(unit_vars),
+        **plain_value(spec.vars),
+        "host": {"name": spec.name, "address": spec.address, "user": user},
+        "secrets": dict(secrets),
+    }
+
+
 def _last_wins(specs: Sequence[ResourceSpec]) -> list[ResourceSpec]:
     """One resource per id: a later definition (the host's roles, the fleet's own list)
     replaces an earlier one and keeps its first place (a user defined early stays before
@@ -727,27 +741,35 @@ def _summary(report: HostReport) -> HostReport:
 
 
 def _host_error(report: HostReport) -> str:
-    errors = [report.error] if report.error else []
+    """What went wrong on a host, without its name: every message that shows it names the
+    host once, up front (transport errors start with `host: ` as raised)."""
+    errors = [_unnamed(report)] if report.error else []
     # An outcome's error starts with its resource id already (`package:x: E: ...`).
     errors += [o.error for o in report.outcomes if o.error]
     errors += list(report.handler_errors)
     return "; ".join(e for e in errors if e)
 
 
+def _unnamed(report: HostReport) -> str:
+    """The host-level error without the `host: ` it was raised with."""
+    return (report.error or "").removeprefix(f"{report.host}: ")
+
+
 def _host_line(report: HostReport) -> str:
     if report.error:
-        return f"{report.host}: failed: {report.error}"
+        return f"{report.host}: failed: {_unnamed(report)}"
     parts = []
     if report.changed:
         parts.append(f"{report.changed} changed")
     if report.pending:
         parts.append(f"{report.pending} would change")
     if report.held:
-        parts.append(f"{report.held} removals held for approval")
+        parts.append(f"{plural(report.held, 'removal')} held for approval")
     if report.failed or report.handler_errors:
         parts.append(f"{report.failed + len(report.handler_errors)} failed")
     summary = ", ".join(parts) or "in its desired state"
-    return f"{report.host}: {summary} ({report.round_trips} round trips, {report.duration_s:.2f} s)"
+    trips = plural(report.round_trips, "round trip")
+    return f"{report.host}: {summary} ({trips}, {report.duration_s:.2f} s)"
 
 
 def _render_reports(reports: Sequence[HostReport]) -> str:
@@ -800,14 +822,14 @@ def _outcome(
         for r in reports
     )
     if failed:
-        names = ", ".join(r.host for r in failed)
+        # Each failed host named once, with its error.
         detail = "; ".join(f"{r.host}: {_host_error(r)}" for r in failed)
         return FleetOutcome(
             status=UnitStatus.FAILED,
             decision=decision,
             drift=drift,
             plan_change=found,
-            error=f"{len(failed)} of {_plural(len(reports), 'host')} failed ({names}): {detail}",
+            error=f"{len(failed)} of {plural(len(reports), 'host')} failed: {detail}",
             hosts=hosts,
         )
     if held:
@@ -819,7 +841,8 @@ def _outcome(
             plan_change=changed,
             plan_destroy=held,
             error=(
-                f"{held} removals on {names} are held for approval (policy.destroy: hold);"
+                f"{plural(held, 'removal')} on {names} {'is' if held == 1 else 'are'} held for"
+                " approval (policy.destroy: hold);"
                 " the rest was applied"
             ),
             hosts=hosts,
@@ -845,20 +868,16 @@ def describe_fleet(outcome: UnitOutcome) -> str:
         return "drift check skipped"
     hosts = outcome.hosts if isinstance(outcome, FleetOutcome) else ()
     if decision is Decision.NOTHING:
-        return f"{_plural(len(hosts), 'host')} in the desired state" if hosts else "no changes"
+        return f"{plural(len(hosts), 'host')} in the desired state" if hosts else "no changes"
     verb = {
         Decision.APPLY: "changed",
         Decision.REPORT: "drifted (reported, left as they are)",
         Decision.PLAN_ONLY: "would change",
     }.get(decision, str(decision))
-    resources = f"{_plural(outcome.plan_change or 0, 'resource')} {verb}"
+    resources = f"{plural(outcome.plan_change or 0, 'resource')} {verb}"
     if not hosts:
         return resources + (" drift" if outcome.drift else "")
     touched = outcome.changed_hosts if isinstance(outcome, FleetOutcome) else []
     names = ", ".join(touched[:5]) + (f", +{len(touched) - 5} more" if len(touched) > 5 else "")
-    where = f" on {len(touched)} of {_plural(len(hosts), 'host')} ({names})"
+    where = f" on {len(touched)} of {plural(len(hosts), 'host')} ({names})"
     return resources + where + (" drift" if outcome.drift else "")
-
-
-def _plural(count: int, noun: str) -> str:
-    return f"{count} {noun}" + ("" if count == 1 else "s")

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from agent.progress import Event, EventKind
 from agent.stacks import describe_outcome
 from agent.store import RunStatus, UnitStatus
+from providers.text import plural
 
 # sd-daemon(3) priority prefixes.
 _PRIORITY = {
@@ -117,9 +118,30 @@ def setup_logging(level: int, stream: TextIO = sys.stderr) -> RunContext:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
-    # Libraries' chatter (APScheduler says "Added job", "Running job" at INFO).
-    logging.getLogger("apscheduler").setLevel(max(level, logging.WARNING))
+    quiet_libraries(level)
     return context
+
+
+# Libraries that speak at INFO about routine work: paramiko logs "Connected (version 2.0,
+# client OpenSSH...)" and "Authentication (publickey) successful!" for every host of every
+# pass; APScheduler "Added job", "Running job"; botocore and urllib3 their connections.
+LIBRARY_LOGGERS = (
+    "paramiko",
+    "apscheduler",
+    "urllib3",
+    "botocore",
+    "boto3",
+    "s3transfer",
+    "git",
+    "hvac",
+)
+
+
+def quiet_libraries(level: int) -> None:
+    """Keep the libraries' loggers at WARNING, unless debug logs are asked for (`--debug`):
+    then they say everything, as the agent's own loggers do."""
+    for name in LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(level if level <= logging.DEBUG else logging.WARNING)
 
 
 class EventLog:
@@ -156,7 +178,7 @@ class EventLog:
                 self.context.run_id = None
         elif kind is EventKind.MANIFEST_LOADED:
             units = getattr(event.result, "units", ())
-            self._say(logging.DEBUG, run, None, f"manifest: {len(units)} unit(s)")
+            self._say(logging.DEBUG, run, None, f"manifest: {plural(len(units), 'unit')}")
 
     def _say(self, level: int, run: str | None, unit: str | None, message: str) -> None:
         self.log.log(level, "%s", message, extra={"run": run, "unit": unit})

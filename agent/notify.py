@@ -40,6 +40,7 @@ from agent import __version__
 from agent.errors import ConfigError
 from agent.redact import Redactor
 from agent.store import UnitOutcome, UnitStatus
+from providers.text import plural
 
 log = logging.getLogger(__name__)
 
@@ -397,8 +398,8 @@ class _SinkWorker:
                 self._count("dropped")
         if left:
             log.warning(
-                "%d notification(s) to %s not delivered: the agent is stopping",
-                left,
+                "%s to %s not delivered: the agent is stopping",
+                plural(left, "notification"),
                 self.sink.label,
             )
 
@@ -481,13 +482,12 @@ class _SinkWorker:
                 why = self._why_not_retried(result, give_up_at)
             self._count("failed")
             log.warning(
-                "notification %s for unit %s (run %s) not delivered to %s after %d attempt(s)"
-                " in %.1fs: %s",
+                "notification %s for unit %s (run %s) not delivered to %s after %s in %.1fs: %s",
                 item.event.kind,
                 redact(item.event.unit),
                 redact(str(item.event.run_id)),
                 self.sink.label,
-                attempts,
+                plural(attempts, "attempt"),
                 time.monotonic() - started,
                 self._scrub(why),
             )

@@ -9,6 +9,7 @@ what to try next.
 from __future__ import annotations
 
 import contextlib
+import functools
 import shutil
 import sys
 import tempfile
@@ -89,12 +90,16 @@ def run_quickstart(directory: Path | None) -> int:
         if directory
         else Path(tempfile.mkdtemp(prefix="gitops-quickstart-")).resolve()
     )
-    print(f"Laying out the quickstart in {root}")
+    # Progress to stderr, results (the run, what to try next) to stdout, as every command.
+    say = functools.partial(print, file=sys.stderr, flush=True)
+    say(f"Laying out the quickstart in {root}")
     config = lay_out(root)
     host = load_host_config(config)
-    reconciler = Reconciler(host, reporter=ConsoleReporter(sys.stdout, live=True))
+    reconciler = Reconciler(host, reporter=ConsoleReporter(sys.stderr))
     try:
-        print("Running the first reconcile pass (the embedded Terraform, offline)...")
+        # The engine the pass runs: a terraform or tofu on PATH comes before the embedded one.
+        engine = reconciler.stacks.runner().binary.describe()
+        say(f"Running the first reconcile pass with {engine}, offline...")
         result = reconciler.run_pass(PassRequest(trigger="quickstart"))
     finally:
         reconciler.close()

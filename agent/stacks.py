@@ -125,6 +125,7 @@ class StackReconciler:
             stack_dir=ctx.tree / unit.stack,
             data_dir=self.layout.unit_data_dir(unit.name),
             state_file=self.layout.unit_state_file(unit.name),
+            root=ctx.tree,  # Terraform runs in a shadow of the stack: see terraform/workdir.py
         )
 
     # --- one unit -----------------------------------------------------------------

@@ -22,6 +22,7 @@ from agent.fleets import HOST_RESULTS_FILE, FleetOutcome, describe_fleet, host_s
 from agent.layout import StateLayout
 from agent.stacks import describe_outcome
 from agent.store import RunStore, UnitOutcome, UnitRunRow, UnitStatus
+from providers.text import plural
 
 # Keys that hold a Unix time in a view (`at`, `since`, any `*_at`: `started_at`,
 # `converged_at`...): `--json` prints them as RFC 3339 strings.
@@ -263,7 +264,7 @@ def _host_result(host: dict[str, Any]) -> str:
     if host.get("status") != "ok":
         return f"failed: {_first_line(host.get('error') or '')}"[:80]
     if host.get("held"):
-        return f"ok, {host['held']} removals held for approval"
+        return f"ok, {plural(host['held'], 'removal')} held for approval"
     if host.get("changed"):
         return f"ok, {host['changed']} changed"
     if host.get("pending"):

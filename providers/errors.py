@@ -130,13 +130,17 @@ SIGNATURE_ERROR_KINDS = ("unsigned", "untrusted", "bad", "expired", "revoked", "
 class TemplateRenderError(ProviderError):
     """A template could not be rendered: a syntax error, an undefined variable, a failing
     filter. The message names the template file (repo-relative) and line:
-    `templates/nginx.conf.j2:7: 'workers' is undefined`.
+    `templates/nginx.conf.j2:7: 'workers' is undefined`. `syntax` is True when the
+    template itself (or one it includes) cannot be parsed, whatever the variables.
     """
 
-    def __init__(self, message: str, *, template: str = "", line: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, template: str = "", line: int | None = None, syntax: bool = False
+    ) -> None:
         super().__init__(message)
         self.template = template
         self.line = line
+        self.syntax = syntax
 
 
 class HostEngineError(ProviderError):

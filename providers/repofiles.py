@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 
 from providers.errors import RepoFileError
+from providers.text import plural
 
 MIB = 1024 * 1024
 MAX_MANIFEST_BYTES = 4 * MIB  # gitops.yaml
@@ -31,7 +32,7 @@ def format_size(size: int) -> str:
     for unit, factor in (("MiB", MIB), ("KiB", 1024)):
         if size >= factor and size % factor == 0:
             return f"{size // factor} {unit}"
-    return f"{size} bytes"
+    return plural(size, "byte")
 
 
 def confine(root: Path, path: Path | str) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.infra import InfraRepo, write_host_config
+from providers.terraform import find_terraform
+from tests.support.infra import InfraRepo, embedded_terraform, write_host_config
 
 SLOW_APPLY_TF = """
 resource "terraform_data" "slow" {
@@ -94,7 +96,12 @@ def test_quickstart_runs_offline_and_the_tour_works(tmp_path: Path) -> None:
     result = agent("quickstart", str(root), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "base: applied" in result.stdout and "app: applied" in result.stdout
-    assert "host: 5 resources changed" in result.stdout
+    assert "host: " in result.stdout
+    # Progress on stderr, naming the engine that really ran (the quickstart's host config
+    # sets no terraform.binary: a terraform on PATH comes before the embedded one).
+    engine = find_terraform(None).describe()
+    assert f"Running the first reconcile pass with {engine}, offline..." in result.stderr
+    assert "Laying out" not in result.stdout and "Running" not in result.stdout
     assert "GITOPS_AGENT_CONFIG" in result.stdout
     config = root / "agent.yaml"
     app_conf = root / "host" / "etc" / "app.conf"
@@ -187,6 +194,25 @@ def test_version(tmp_path: Path) -> None:
     assert result.returncode == 0
     info = json.loads(result.stdout)
     assert info["agent"] and info["terraform"]["version"]
+
+
+def test_version_shows_the_terraform_the_host_config_would_use(tmp_path: Path) -> None:
+    config = write_host_config(tmp_path / "agent.yaml", "file:///nowhere", tmp_path / "state")
+    result = agent("version", "--json", config=config)
+    assert result.returncode == 0, result.stderr
+    tf = json.loads(result.stdout)["terraform"]
+    assert (tf["origin"], tf["path"]) == ("configured", str(embedded_terraform()))
+    text = agent("version", config=config).stdout
+    assert f"({embedded_terraform()}, configured: terraform.binary)" in text
+
+
+def test_version_without_a_host_config_says_where_terraform_was_found() -> None:
+    result = agent("version", "--json")
+    tf = json.loads(result.stdout)["terraform"]
+    # This machine has a terraform on PATH (toolchain.md); else the embedded engine.
+    on_path = shutil.which("terraform") or shutil.which("tofu")
+    assert tf["origin"] == ("PATH" if on_path else "embedded")
+    assert tf["path"] == on_path
 
 
 def test_a_second_pass_does_not_run_beside_the_first(tmp_path: Path) -> None:

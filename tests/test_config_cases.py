@@ -30,6 +30,7 @@ from agent.errors import ConfigError
 CASES_DIR = Path(__file__).parent / "cases" / "config"
 LIMITS = ManifestLimits(allowed_paths=("stacks",), max_unit_timeout=7200.0)
 HOST_BASE_DIR = Path("/etc/gitops-agent")
+CASE_VARIABLES = ("region", "loop", "script", "ids", "vpc_id")
 
 
 def _cases(kind: str) -> list[Path]:
@@ -41,7 +42,10 @@ def build_case_repo(root: Path) -> Path:
     repo = root / "repo"
     for stack in ("base", "web", "network"):
         (repo / "stacks" / stack).mkdir(parents=True)
-        (repo / "stacks" / stack / "main.tf").write_text("# a stack\n")
+        (repo / "stacks" / stack / "main.tf").write_text(
+            "# a stack, with the variables the cases give it\n"
+            + "".join(f'variable "{name}" {{}}\n' for name in CASE_VARIABLES)
+        )
     (repo / "stacks" / "empty").mkdir()
     (repo / "stacks" / "empty" / "README.md").write_text("no terraform here\n")
     (repo / "other" / "outside").mkdir(parents=True)

@@ -27,12 +27,28 @@ STACKS = ("stacks/base", "stacks/network", "stacks/web", "stacks/db")
 LIMITS = ManifestLimits(allowed_paths=("stacks",), max_unit_timeout=7200.0)
 
 
+# The variables the tests' stacks declare (a var a stack does not declare is an error).
+STACK_VARIABLES = (
+    "region",
+    "enabled",
+    "host",
+    "nothing",
+    "ratio",
+    "replicas",
+    "subnet",
+    "tags",
+    "zones",
+)
+
+
 def make_repo(root: Path, manifest: str | None = None, stacks: tuple[str, ...] = STACKS) -> Path:
     """A checkout with a `main.tf` in each stack directory and, optionally, gitops.yaml."""
     repo = root / "repo"
     for stack in stacks:
         (repo / stack).mkdir(parents=True)
-        (repo / stack / "main.tf").write_text('variable "region" {}\n')
+        (repo / stack / "main.tf").write_text(
+            "".join(f'variable "{name}" {{}}\n' for name in STACK_VARIABLES)
+        )
     if manifest is not None:
         (repo / "gitops.yaml").write_text(manifest)
     return repo

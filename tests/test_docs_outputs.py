@@ -135,7 +135,7 @@ def test_healthz_and_an_unknown_unit_under_intervals(tmp_path: Path) -> None:
     finally:
         agent.kill()
     assert status == 200
-    wildcards = {"6113728f27ae": head[:12], "r-20261123T091502-3f9a": RUN_ID, "2 units": "1 units"}
+    wildcards = {"6113728f27ae": head[:12], "r-20261123T091502-3f9a": RUN_ID, "2 units": "1 unit"}
     expected = [pattern(line, wildcards) for line in lines(health_doc)]
     got = health.splitlines()
     assert len(got) == len(expected) and all(map(re.fullmatch, expected, got)), (

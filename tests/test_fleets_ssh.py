@@ -253,6 +253,12 @@ def test_an_unknown_host_key_is_refused_and_names_the_host(world: dict) -> None:
 
     error = result.outcomes["web"].error or ""
     assert "web2" in error and "SHA256:" in error
+    # The host named once, up front (it was `(web2): web2: web2: the host key ...`).
+    assert error.startswith("1 of 2 hosts failed: web2: the host key of 127.0.0.1:"), error
+    assert error.count("web2") == 1, error
+    assert host_state(world, "web2")["error"].startswith("the host key of "), host_state(
+        world, "web2"
+    )
     assert not (world["root"] / "web2" / "etc").exists()
     assert (world["root"] / "web1" / "etc" / "motd").exists()
 

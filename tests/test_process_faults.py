@@ -330,7 +330,7 @@ def test_an_interrupted_apply_leaves_no_local_exec_grandchild(tmp_path: Path) ->
 
     worker = threading.Thread(target=apply)
     worker.start()
-    wait_for(lambda: inside(ws.stack_dir) and "Provisioning with" in "\n".join(lines), 60, "sleep")
+    wait_for(lambda: inside(ws.run_dir) and "Provisioning with" in "\n".join(lines), 60, "sleep")
     runner.interrupt()  # what a SIGTERM to the agent does: one SIGINT to Terraform
     worker.join(60)
     assert not worker.is_alive() and failure, "the apply was not interrupted"

@@ -3,8 +3,9 @@
 shows as it does for a person), against a quickstart in a temp directory. Each command
 must succeed, and the output the README quotes under a command must be what it printed.
 
-How quoted output is compared: durations (`(1.9s)`, `0.49 s`, `17s ago`), run ids and
-12-digit revisions (and sha256 prefixes) are wildcards, `/tmp/qs` is the temp directory.
+How quoted output is compared: durations (`(1.9s)`, `0.49 s`, `17s ago`), run ids,
+12-digit revisions (and sha256 prefixes) and the Terraform engine the quickstart names are
+wildcards, `/tmp/qs` is the temp directory.
 Without a `...` line the quoted lines are exactly the command's output (in any order: units
 run in parallel); with one, the quoted lines are among those printed. No mocks: the real
 `agent`, Git and the embedded Terraform.
@@ -33,6 +34,8 @@ _VOLATILE = [
     (re.compile(r"\b[0-9a-f]{12}\b"), "REVISION"),
     (re.compile(r"\b\d+(\.\d+)? s\b"), "N s"),  # a host's time in a report
     (re.compile(r"\b\d+[smhd] ago\b"), "N ago"),
+    # The engine the quickstart ran: the embedded one, or a terraform/tofu found on PATH.
+    (re.compile(r"with (Terraform|OpenTofu) \S+ \([^)]*\), offline"), "with ENGINE, offline"),
 ]
 
 

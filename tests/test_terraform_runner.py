@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -13,12 +15,14 @@ import pytest
 from providers.errors import TerraformCommandError, TerraformNotFoundError
 from providers.terraform import (
     PlanOutcome,
+    UnitWorkspace,
     find_terraform,
     summarize_plan,
     write_cli_config,
 )
 from providers.terraform.locate import EMBEDDED_SCRIPT
 from providers.terraform.runner import FINGERPRINT_FILE, hcl_top_level_blocks, init_inputs
+from providers.terraform.workdir import OVERRIDE_FILE, keeps_agent_state
 from tests.tfhelpers import (
     Lines,
     deadline_in,
@@ -121,7 +125,9 @@ def test_environment_and_argv(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="variable name"):
         runner.command_env(ws, {"TF_VAR_a b": "x"})
     argv = runner.command_argv(ws, ["plan", "-no-color"])
-    assert argv == [*embedded_binary().argv, f"-chdir={ws.stack_dir}", "plan", "-no-color"]
+    # Terraform runs in the shadow of the stack, outside the checkout (terraform/workdir.py).
+    assert ws.run_dir == tmp_path / "state" / "units" / "stack" / "workdir" / "stack"
+    assert argv == [*embedded_binary().argv, f"-chdir={ws.run_dir}", "plan", "-no-color"]
 
 
 def test_cli_config_is_written_atomically(tmp_path: Path) -> None:
@@ -267,6 +273,10 @@ def test_plan_apply_outputs_with_state_outside_the_checkout(tmp_path: Path) -> N
     lines = Lines()
     assert runner.plan(ws, plan_file, variables, lines, deadline) is PlanOutcome.CHANGES
     assert "Plan: 1 to add, 0 to change, 0 to destroy." in lines
+    # The log starts with the plan: no `Warning: Deprecated flag: -state` (issue 15.6).
+    first = next(line for line in lines if line.strip())
+    assert first.startswith("Terraform used the selected"), lines.text
+    assert "Warning" not in lines.text
     assert secret not in lines.text
     summary = summarize_plan(runner.show_json(ws, plan_file, deadline))
     assert (summary.add, summary.change, summary.destroy, summary.has_changes) == (1, 0, 0, True)
@@ -275,6 +285,7 @@ def test_plan_apply_outputs_with_state_outside_the_checkout(tmp_path: Path) -> N
     lines = Lines()
     runner.apply(ws, plan_file, variables, lines, deadline)
     assert "Apply complete! Resources: 1 added, 0 changed, 0 destroyed." in lines
+    assert "Warning" not in lines.text
     assert secret not in lines.text
     assert runner.outputs(ws, deadline) == {"region": "eu-west-1"}
     assert ws.state_file.is_file()
@@ -310,13 +321,84 @@ def test_a_declared_backend_keeps_its_own_state(tmp_path: Path) -> None:
         },
     )
     plan_file = tmp_path / "tfplan"
+    assert not keeps_agent_state(ws.stack_dir)
     runner.init_if_needed(ws, Lines(), None)
-    assert not runner.uses_agent_state(ws)
+    assert not (ws.run_dir / OVERRIDE_FILE).exists()
     runner.plan(ws, plan_file, {}, Lines(), None)
     runner.apply(ws, plan_file, {}, Lines(), None)
     assert elsewhere.is_file()
     assert not ws.state_file.exists()
     assert runner.outputs(ws, None) == {}
+
+
+def test_state_kept_with_the_deprecated_flag_is_taken_over_with_no_change(
+    tmp_path: Path,
+) -> None:
+    """A unit set up by an agent that still passed `-state` (data dir initialized without a
+    backend, state in units/<unit>/terraform.tfstate) plans no change afterwards: the state
+    stays where it was and nothing is lost."""
+    runner = make_runner(tmp_path)
+    ws = make_workspace(
+        tmp_path,
+        {
+            "main.tf": 'resource "terraform_data" "a" {\n  input = "x"\n}\n',
+            "mod/main.tf": 'output "v" {\n  value = 1\n}\n',
+            "more.tf": 'module "m" {\n  source = "./mod"\n}\n',
+        },
+    )
+    ws.state_file.parent.mkdir(parents=True)
+    env = runner.command_env(ws, {})
+    old = [*embedded_binary().argv, f"-chdir={ws.stack_dir}"]  # as the agent ran it before
+    for args in (["init", "-input=false"], ["apply", "-auto-approve", f"-state={ws.state_file}"]):
+        done = subprocess.run([*old, *args], env=env, capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+    (ws.data_dir / FINGERPRINT_FILE).write_text(runner.init_fingerprint(ws.stack_dir))
+    before = json.loads(ws.state_file.read_text())["resources"]
+    assert "Deprecated flag: -state" in done.stdout + done.stderr  # what the old way printed
+
+    plan_file = tmp_path / "tfplan"
+    lines = Lines()
+    assert runner.init_if_needed(ws, lines, deadline_in(60))  # the backend moved: init
+    assert runner.plan(ws, plan_file, {}, lines, deadline_in(60)) is PlanOutcome.NO_CHANGES
+    assert "Warning" not in lines.text
+    assert json.loads(ws.state_file.read_text())["resources"] == before
+    assert sorted(p.name for p in ws.stack_dir.iterdir()) == ["main.tf", "mod", "more.tf"]
+
+
+def test_the_shadow_follows_the_checkout_and_reaches_modules_above_the_stack(
+    tmp_path: Path,
+) -> None:
+    runner = make_runner(tmp_path)
+    checkout = tmp_path / "checkout"
+    write_files(checkout, {"modules/m/main.tf": 'output "v" {\n  value = "up"\n}\n'})
+    ws = make_workspace(
+        tmp_path,
+        {
+            "main.tf": 'module "m" {\n  source = "../../modules/m"\n}\n',
+            "out.tf": 'output "v" {\n  value = module.m.v\n}\n',
+        },
+        name="stacks/app",
+    )
+    ws = UnitWorkspace(ws.stack_dir, ws.data_dir, ws.state_file, root=checkout)
+    plan_file = tmp_path / "tfplan"
+    runner.init_if_needed(ws, Lines(), deadline_in(60))
+    runner.plan(ws, plan_file, {}, Lines(), deadline_in(60))
+    runner.apply(ws, plan_file, {}, Lines(), deadline_in(60))
+    assert runner.outputs(ws, deadline_in(60)) == {"v": "up"}
+    assert ws.state_file.is_file()
+
+    # A file removed from the checkout leaves the shadow; a new one appears.
+    (ws.stack_dir / "out.tf").unlink()
+    write_files(ws.stack_dir, {"out2.tf": 'output "w" {\n  value = module.m.v\n}\n'})
+    runner.init_if_needed(ws, Lines(), deadline_in(60))
+    assert sorted(p.name for p in ws.run_dir.iterdir()) == ["main.tf", "out2.tf", OVERRIDE_FILE]
+    assert sorted(p.name for p in ws.stack_dir.iterdir()) == ["main.tf", "out2.tf"]
+    assert not (checkout / ".terraform.lock.hcl").exists()
+
+    # The agent's file name is reserved: a stack cannot set the state path through it.
+    write_files(ws.stack_dir, {OVERRIDE_FILE: "# mine\n"})
+    with pytest.raises(TerraformCommandError, match="reserves this file name"):
+        runner.init_if_needed(ws, Lines(), deadline_in(60))
 
 
 def test_a_syntax_error_carries_terraforms_message(tmp_path: Path) -> None:

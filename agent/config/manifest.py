@@ -27,13 +27,23 @@ from yaml.nodes import MappingNode, ScalarNode
 from agent.config import graph
 from agent.config.fleet import Fleet, FleetReader, HandlerSpec, HostsFromStack, ResourceSpec
 from agent.config.policy import load_repo_rules
-from agent.config.yamlnodes import INVALID, Fields, Problems, Value, compose, decode, quote
+from agent.config.yamlnodes import (
+    INVALID,
+    Fields,
+    Problems,
+    Value,
+    child_path,
+    compose,
+    decode,
+    quote,
+)
 from agent.errors import ConfigError
 from agent.policy.apply import ApplyMode, within
 from agent.policy.rules import Rule
 from providers.errors import RepoFileError
 from providers.repofiles import MAX_MANIFEST_BYTES, MAX_SOURCE_BYTES, format_size, read_repo_file
 from providers.secrets.refs import SecretRef, SecretRefError, parse_ref, ref_allowed
+from providers.terraform.variables import declared_variables
 
 if TYPE_CHECKING:
     from agent.config.host import HostConfig
@@ -397,12 +407,17 @@ class _ManifestReader:
             if fleet_value is not None:
                 found.fail("no apply key on a fleet unit (apply modes are for stacks)", "apply")
             draft.apply = self._apply(found) or draft.apply
+        var_fields = secret_fields = None
         if (found := fields.get("vars")) and (var_fields := found.mapping()):
             self._vars(var_fields, draft)
         if (found := fields.get("labels")) and (label_fields := found.mapping()):
             self._labels(label_fields, draft)
         if (found := fields.get("secrets")) and (secret_fields := found.mapping()):
             self._secrets(secret_fields, draft)
+        if draft.stack:
+            self._check_declared(
+                draft.stack, [(var_fields, draft.vars), (secret_fields, draft.secrets)]
+            )
         if fleet_value is not None:
             fleet, from_stack, where = self.fleets.fleet(fleet_value)
             if fleet is None:
@@ -548,6 +563,28 @@ class _ManifestReader:
                 item.fail(f"a reference the host config allows ({allowed})")
             else:
                 draft.secrets[key] = ref
+
+    def _check_declared(
+        self, stack: str, given: list[tuple[Fields | None, Mapping[str, object]]]
+    ) -> None:
+        """Each `vars`/`secrets` name must be a variable the stack declares: Terraform would
+        drop an undeclared TF_VAR_ without a word."""
+        if self.root is None or not any(names for _, names in given):
+            return
+        declared = declared_variables(self.root / stack)
+        if declared is None:
+            return  # a file Terraform cannot read either: `terraform validate` says so
+        listed = ", ".join(sorted(declared)) or "none"
+        for fields, names in given:
+            for name in names if fields is not None else ():
+                # A name already refused (not a variable name) is not reported twice.
+                valid = VAR_NAME_RE.fullmatch(name) and not name.startswith("TF_")
+                if valid and name not in declared:
+                    fields.value.problems.note(
+                        fields.key_lines[name],
+                        child_path(fields.value.path, name),
+                        f"stack {stack} declares no variable {name!r}; declared: {listed}",
+                    )
 
     def _labels(self, fields: Fields, draft: _Draft) -> None:
         for key, item in fields:

@@ -26,6 +26,7 @@ from providers.hosts.model import (
     Status,
 )
 from providers.hosts.textdiff import cap
+from providers.text import plural
 from providers.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -306,12 +307,12 @@ def converge(
         duration_s=time.monotonic() - started,
     )
     log.info(
-        "%s: %d changed, %d would change, %d failed, %d round trips, %.2fs%s",
+        "%s: %d changed, %d would change, %d failed, %s, %.2fs%s",
         report.host,
         report.changed,
         report.pending,
         report.failed,
-        report.round_trips,
+        plural(report.round_trips, "round trip"),
         report.duration_s,
         f", error: {error}" if error else "",
     )

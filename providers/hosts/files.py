@@ -15,6 +15,7 @@ from providers.errors import ResourceConflictError
 from providers.hosts.common import attr_changes, attr_steps, b64, norm_mode, type_word
 from providers.hosts.model import Change, Resource
 from providers.hosts.textdiff import content_diff, sha256, short
+from providers.text import plural
 
 Facts = Mapping[str, Any]
 Op = dict[str, Any]
@@ -54,7 +55,7 @@ def file_diff(resource: Resource, facts: Facts) -> list[Change]:
     if _state(resource) == "absent":
         if not exists:
             return []
-        size = f", {facts['size']} bytes" if kind == "file" else ""
+        size = f", {plural(facts['size'], 'byte')}" if kind == "file" else ""
         return [Change("state", kind, "absent", f"remove {type_word(facts)}{size}")]
     content = _content(resource)
     if not exists or kind != "file":
@@ -65,7 +66,7 @@ def file_diff(resource: Resource, facts: Facts) -> list[Change]:
         shown = content_diff(
             path, None, content, old_sha=None, existed=False, sensitive=resource.sensitive
         )
-        text = f"{verb} ({len(content)} bytes, sha256 {short(new_sha)})"
+        text = f"{verb} ({plural(len(content), 'byte')}, sha256 {short(new_sha)})"
         first = Change("state", kind if exists else None, "file", text, shown)
         return [first, *attr_changes(resource.attrs, facts, exists=False)]
     changes: list[Change] = []

@@ -149,7 +149,10 @@ def render_template(
         template = environment.get_template(path.name)
     except jinja2.TemplateSyntaxError as exc:
         raise TemplateRenderError(
-            f"{display_name}:{exc.lineno}: {exc.message}", template=display_name, line=exc.lineno
+            f"{display_name}:{exc.lineno}: {exc.message}",
+            template=display_name,
+            line=exc.lineno,
+            syntax=True,
         ) from None
     except jinja2.TemplateNotFound:
         raise TemplateRenderError(
@@ -164,7 +167,7 @@ def render_template(
     except jinja2.TemplateSyntaxError as exc:  # in an included template
         where = _display(exc.filename, path, display_name)
         raise TemplateRenderError(
-            f"{where}:{exc.lineno}: {exc.message}", template=where, line=exc.lineno
+            f"{where}:{exc.lineno}: {exc.message}", template=where, line=exc.lineno, syntax=True
         ) from None
     except Exception as exc:  # template code may raise anything: it is the user's code
         frames = _template_frames(exc, path)
@@ -199,7 +202,11 @@ def render_string(text: str, variables: Mapping[str, Any], *, display_name: str)
     try:
         return environment.from_string(text).render(**variables)
     except jinja2.TemplateError as exc:
-        raise TemplateRenderError(f"{display_name}: {exc.message}", template=display_name) from None
+        raise TemplateRenderError(
+            f"{display_name}: {exc.message}",
+            template=display_name,
+            syntax=isinstance(exc, jinja2.TemplateSyntaxError),
+        ) from None
     except Exception as exc:  # the user's template code may raise anything
         raise TemplateRenderError(
             f"{display_name}: {type(exc).__name__}: {exc}", template=display_name

@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 
+from providers.text import plural
+
 MAX_DIFF_CHARS = 20_000  # one resource's diff in a report; the rest is cut with a note
 HASH_CHARS = 12
 
@@ -65,7 +67,7 @@ def content_diff(
     old_text = "" if not existed else (_text(old) if old is not None else None)
     new_text = _text(new)
     if new_text is None or (existed and old is not None and old_text is None):
-        return f"{path}: binary content not shown ({hashes}, {len(new)} bytes)\n"
+        return f"{path}: binary content not shown ({hashes}, {plural(len(new), 'byte')})\n"
     if old_text is None:
         return f"{path}: old content not shown, larger than the diff limit ({hashes})\n"
     lines = difflib.unified_diff(

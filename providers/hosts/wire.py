@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from providers.errors import HostEngineError
+from providers.text import plural
 from providers.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -84,10 +85,10 @@ def call(
     started = time.monotonic()
     result = transport.run(command(python), stdin=stdin, timeout=timeout, become=become)
     log.debug(
-        "%s: %s round trip, %d bytes in, %d out, exit %d, %.3fs",
+        "%s: %s round trip, %s in, %d out, exit %d, %.3fs",
         transport.host,
         spec.get("mode"),
-        len(stdin),
+        plural(len(stdin), "byte"),
         len(result.stdout),
         result.exit_code,
         time.monotonic() - started,

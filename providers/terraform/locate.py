@@ -33,6 +33,23 @@ class TerraformBinary:
     def __str__(self) -> str:
         return f"{self.kind} Terraform {self.version} ({' '.join(self.argv)})"
 
+    @property
+    def origin(self) -> Literal["configured", "PATH", "embedded"]:
+        """Where it came from: the host config's `terraform.binary`, a search of $PATH, or
+        the engine bundled with the agent."""
+        if self.kind in ("terraform", "tofu"):
+            return "PATH"
+        return self.kind  # type: ignore[return-value]
+
+    def describe(self) -> str:
+        """`Terraform 1.15.0 (embedded)`, `OpenTofu 1.8.2 (/usr/bin/tofu, from PATH)`: which
+        engine runs, for people (the quickstart, `agent version`)."""
+        name = "OpenTofu" if self.kind == "tofu" else "Terraform"
+        if self.kind == "embedded":
+            return f"{name} {self.version} (embedded)"
+        where = "from PATH" if self.origin == "PATH" else "configured: terraform.binary"
+        return f"{name} {self.version} ({self.argv[0]}, {where})"
+
 
 def find_terraform(
     configured: str | None, path_env: str | None = None, *, version_cache: Path | None = None

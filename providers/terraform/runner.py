@@ -44,6 +44,7 @@ from providers.atomic import atomic_write
 from providers.errors import TerraformCommandError
 from providers.proctrack import ChildTracker, tie_to_parent
 from providers.terraform.locate import TerraformBinary
+from providers.terraform.workdir import shadow_dir, sync_shadow
 
 FINGERPRINT_FILE = ".gitops-init-fingerprint"
 LOCK_FILE = ".terraform.lock.hcl"
@@ -63,11 +64,33 @@ class UnitWorkspace:
     """Where one unit's stack is, and where Terraform keeps its files for it.
 
     `data_dir` and `state_file` live in the agent's state directory, never in the checkout.
+    Terraform runs in a shadow of the stack (providers/terraform/workdir.py) under
+    `work_dir` (default: `workdir` beside `data_dir`), laid out from `root`, the checkout
+    the stack is in (default: the stack's parent directory).
     """
 
     stack_dir: Path
     data_dir: Path
     state_file: Path
+    root: Path | None = None
+    work_dir: Path | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        """The directory Terraform runs in (`-chdir`)."""
+        return shadow_dir(self._root, self.stack_dir, self._work_dir)
+
+    def sync(self) -> Path:
+        """Bring the shadow up to date with the checkout; the directory to run in."""
+        return sync_shadow(self._root, self.stack_dir, self._work_dir, self.state_file)
+
+    @property
+    def _root(self) -> Path:
+        return self.root if self.root is not None else self.stack_dir.parent
+
+    @property
+    def _work_dir(self) -> Path:
+        return self.work_dir if self.work_dir is not None else self.data_dir.parent / "workdir"
 
 
 class PlanOutcome(Enum):
@@ -121,7 +144,8 @@ class TerraformRunner:
         Returns True if init ran. The fingerprint (see `init_fingerprint`) is written only
         after a successful init, and removed before one starts.
         """
-        fingerprint = self.init_fingerprint(ws.stack_dir)
+        self.state_dir_ready(ws)
+        fingerprint = self.init_fingerprint(ws.sync())
         marker = ws.data_dir / FINGERPRINT_FILE
         with contextlib.suppress(OSError):
             if marker.read_text() == fingerprint:
@@ -132,7 +156,7 @@ class TerraformRunner:
         result = self._run(ws, ["init", "-no-color", "-input=false"], {}, on_line, deadline)
         self._check("init", result)
         # Taken again after init: init may have written the lock file it depends on.
-        atomic_write(marker, self.init_fingerprint(ws.stack_dir))
+        atomic_write(marker, self.init_fingerprint(ws.run_dir))
         return True
 
     def plan(
@@ -154,7 +178,6 @@ class TerraformRunner:
             "-detailed-exitcode",
             f"-lock-timeout={self._lock_timeout_arg()}",
             f"-out={plan_file}",
-            *self._state_args(ws),
         ]
         if refresh_only:
             args.append("-refresh-only")
@@ -185,12 +208,13 @@ class TerraformRunner:
         deadline: float | None,
     ) -> None:
         """`apply PLAN_FILE`: only ever a saved plan, which needs no approval flag."""
+        self.state_dir_ready(ws)
+        ws.sync()  # an approval applies a plan saved by an earlier pass: no init before it
         args = [
             "apply",
             "-no-color",
             "-input=false",
             f"-lock-timeout={self._lock_timeout_arg()}",
-            *self._state_args(ws),
             str(plan_file),
         ]
         self._check("apply", self._run(ws, args, variables, on_line, deadline))
@@ -198,7 +222,7 @@ class TerraformRunner:
     def outputs(self, ws: UnitWorkspace, deadline: float | None) -> dict[str, Any]:
         """The stack's root outputs from its state: {name: value} (`output -json`)."""
         self.init_if_needed(ws, lambda line: None, deadline)
-        args = ["output", "-no-color", "-json", *self._state_args(ws)]
+        args = ["output", "-no-color", "-json"]
         result = self._run(ws, args, {}, None, deadline)
         self._check("output", result)
         raw = _parse_json("output", result.stdout)
@@ -219,7 +243,7 @@ class TerraformRunner:
 
     def command_argv(self, ws: UnitWorkspace, args: Iterable[str]) -> list[str]:
         """The full command line: no variable values, ever (they go in the environment)."""
-        return [*self.binary.argv, f"-chdir={ws.stack_dir}", *args]
+        return [*self.binary.argv, f"-chdir={ws.run_dir}", *args]
 
     def command_env(self, ws: UnitWorkspace, variables: Mapping[str, str]) -> dict[str, str]:
         env = {
@@ -256,28 +280,10 @@ class TerraformRunner:
             digest.update(b"\0")
         return digest.hexdigest()
 
-    def uses_agent_state(self, ws: UnitWorkspace) -> bool:
-        """True if the stack keeps its state where the agent puts it (`-state=ws.state_file`).
-
-        That is when, after init, TF_DATA_DIR/terraform.tfstate records no backend, or a
-        `local` backend without a `path` (whose default would be the checkout).
-        """
-        try:
-            recorded = json.loads((ws.data_dir / "terraform.tfstate").read_text())
-        except FileNotFoundError:
-            return True
-        except (OSError, ValueError):
-            return True
-        backend = recorded.get("backend") or {}
-        if not backend.get("type"):
-            return True
-        return backend["type"] == "local" and not (backend.get("config") or {}).get("path")
-
-    def _state_args(self, ws: UnitWorkspace) -> list[str]:
-        if not self.uses_agent_state(ws):
-            return []
+    @staticmethod
+    def state_dir_ready(ws: UnitWorkspace) -> None:
+        """The directory of the unit's state file exists (private) before Terraform writes."""
         ws.state_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        return [f"-state={ws.state_file}"]
 
     def _lock_timeout_arg(self) -> str:
         return f"{max(0, round(self.lock_timeout))}s"

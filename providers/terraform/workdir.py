@@ -1,0 +1,150 @@
+"""The directory Terraform runs in for a stack: a shadow of the stack outside the checkout.
+
+Terraform keeps a stack's local state where it runs (`terraform.tfstate`), and the agent
+keeps it in its state directory instead (`units/<unit>/terraform.tfstate`). The `-state`
+flag that did so is deprecated (every plan and apply began with `Warning: Deprecated flag:
+-state`); its replacement is the `path` of a `local` backend, which only a file of the root
+module can set (`-backend-config` is ignored when the stack declares no backend, measured
+with Terraform 1.15), and the checkout's files are the repository's. So Terraform runs in
+a shadow of the stack in the unit's own directory:
+
+    units/<unit>/workdir/              symlinks to the checkout's top-level entries...
+      stacks/                          ...a real directory on the way to the stack...
+        app/                           ...the stack's place: a symlink per entry, plus
+          zz_gitops_agent_state_override.tf    terraform { backend "local" { path = ... } }
+
+Relative module sources (`../../modules/x`) and `path.module` files resolve as in the
+checkout (`..` of a real directory is its real parent). The override is only written for a
+stack that declares no backend, or a `local` one without a `path`: a stack with its own
+backend keeps it. The same state file as before, so no state moves. Init writes the lock
+file here when the repository has none, never into the checkout.
+
+The shadow is synced (not rebuilt) before each command sequence: missing or stale symlinks
+are replaced atomically, entries gone from the checkout removed, so two syncs at once (two
+units reading one stack's outputs) end in the same tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import threading
+from pathlib import Path
+
+from providers.atomic import atomic_write
+from providers.errors import TerraformCommandError
+
+OVERRIDE_FILE = "zz_gitops_agent_state_override.tf"
+_SKIP = (".git",)  # never needed by Terraform
+_BACKEND = re.compile(r'^\s*backend\s+"([^"]+)"\s*\{', re.MULTILINE)
+_CLOUD = re.compile(r"^\s*cloud\s*\{", re.MULTILINE)
+_PATH = re.compile(r"^\s*path\s*=", re.MULTILINE)
+
+
+def shadow_dir(root: Path, stack_dir: Path, work_dir: Path) -> Path:
+    """Where Terraform runs for `stack_dir` (a directory inside `root`)."""
+    return work_dir / stack_dir.relative_to(root)
+
+
+def sync_shadow(root: Path, stack_dir: Path, work_dir: Path, state_file: Path) -> Path:
+    """Lay out (or bring up to date) the shadow of `stack_dir` under `work_dir`; return the
+    directory to run Terraform in. Raises TerraformCommandError if the stack holds a file of
+    the agent's reserved name."""
+    if (stack_dir / OVERRIDE_FILE).exists():
+        raise TerraformCommandError(
+            f"{stack_dir.relative_to(root) / OVERRIDE_FILE}: the agent reserves this file name"
+            " for the state path it sets; rename the file"
+        )
+    work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    source, shadow = root, work_dir
+    for part in stack_dir.relative_to(root).parts:
+        _sync_links(source, shadow, keep=part)
+        source, shadow = source / part, shadow / part
+        if shadow.is_symlink():  # it was a sibling's link before the stack moved here
+            shadow.unlink()
+        shadow.mkdir(exist_ok=True, mode=0o700)
+    _sync_links(source, shadow, keep=OVERRIDE_FILE)
+    override = shadow / OVERRIDE_FILE
+    if keeps_agent_state(stack_dir):
+        text = _override_text(state_file)
+        with contextlib.suppress(FileNotFoundError):
+            if override.read_text() == text:
+                return shadow
+        atomic_write(override, text)
+    else:
+        override.unlink(missing_ok=True)
+    return shadow
+
+
+def _override_text(state_file: Path) -> str:
+    return (
+        "# Written by gitops-agent: this unit's state file, outside the checkout.\n"
+        f'terraform {{\n  backend "local" {{\n    path = {json.dumps(str(state_file))}\n  }}\n}}\n'
+    )
+
+
+def _sync_links(source: Path, shadow: Path, *, keep: str) -> None:
+    """Make `shadow` hold a symlink to each entry of `source` (but `keep`, a real entry)."""
+    wanted = {
+        entry.name: entry.path
+        for entry in os.scandir(source)
+        if entry.name != keep and entry.name not in _SKIP
+    }
+    for name, target in wanted.items():
+        link = shadow / name
+        with contextlib.suppress(OSError):
+            if os.readlink(link) == target:
+                continue
+        if link.is_dir() and not link.is_symlink():
+            continue  # a real directory of ours (never replaced by a link)
+        temporary = shadow / f".{name}.{os.getpid()}.{threading.get_ident()}.link"
+        temporary.unlink(missing_ok=True)
+        os.symlink(target, temporary)
+        os.replace(temporary, link)  # atomic: a running Terraform sees the old or the new
+    for entry in os.scandir(shadow):
+        # Only links are removed: a file Terraform wrote here (the lock file of a stack
+        # whose repository has none) stays.
+        if entry.name not in wanted and entry.name != keep and entry.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+
+
+def keeps_agent_state(stack_dir: Path) -> bool:
+    """True when the stack declares no backend (or a `local` one without `path`): its
+    state is the agent's to place. A file that cannot be followed counts as declaring a
+    backend: better a state in the shadow than a remote backend overridden by a local one."""
+    from providers.terraform.runner import hcl_top_level_blocks  # the runner imports us
+
+    for path in sorted(stack_dir.glob("*.tf")):
+        try:
+            blocks = hcl_top_level_blocks(path.read_text(errors="replace"))
+        except OSError:
+            return False
+        if blocks is None:
+            return False
+        for block_type, _labels, body in blocks:
+            if block_type != "terraform":
+                continue
+            if _CLOUD.search(body):
+                return False
+            for backend in _BACKEND.finditer(body):
+                if backend.group(1) != "local" or _PATH.search(body, backend.end()):
+                    return False
+    for path in sorted(stack_dir.glob("*.tf.json")):
+        try:
+            document = json.loads(path.read_text(errors="replace"))
+        except (OSError, ValueError):
+            return False
+        settings = document.get("terraform") if isinstance(document, dict) else None
+        for block in settings if isinstance(settings, list) else [settings or {}]:
+            if not isinstance(block, dict) or "cloud" in block:
+                return False
+            backend = block.get("backend") or {}
+            if not isinstance(backend, dict) or any(
+                kind != "local" or (isinstance(config, dict) and "path" in config)
+                for kind, config in backend.items()
+            ):
+                return False
+    return True
