@@ -61,6 +61,7 @@ from agent.control import (
     suspend_unit,
 )
 from agent.errors import AgentError, PassBusyError, StoreError
+from agent.fsutil import private_umask
 from agent.http_server import AgentHTTPServer
 from agent.logfmt import EventLog, RunContext
 from agent.metrics import AgentMetrics, record_run
@@ -881,4 +882,5 @@ def _pass_failure(result: PassResult) -> str:
 
 def run_daemon(host: HostConfig, run_context: RunContext | None = None) -> int:
     """`agent run`: serve until stopped; the exit code."""
+    private_umask()  # also when started without the CLI: no mode depends on the umask
     return Daemon(host, run_context=run_context).run()

@@ -199,7 +199,10 @@ def mark_created(state_dir: Path) -> None:
 
 
 def open_reader(state_dir: Path) -> sqlite3.Connection:
-    """Open the store read-only: no schema write, no migration, no wait on a writer."""
+    """Open the store read-only: no schema write, no migration, no wait on a writer.
+
+    Checked like a writer's open: a reading command on a damaged store says so.
+    """
     path = state_dir / DB_FILENAME
     if check_file(state_dir):
         raise StoreError(
@@ -214,9 +217,16 @@ def open_reader(state_dir: Path) -> sqlite3.Connection:
             check_same_thread=False,
         )
         db.row_factory = sqlite3.Row
-        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        # Reads every page once (milliseconds for a store of a few MB): a damaged page
+        # the query at hand would not touch is still reported, not shown as "no rows".
+        problems = _quick_check(db)
     except sqlite3.Error as exc:
         raise sqlite_error(path, exc, "read the run store") from exc
+    if problems:
+        db.close()
+        raise StoreDamaged(
+            f"the run store {path} is damaged: {'; '.join(problems[:3])}", hint=RECOVERY_HINT
+        )
     return db
 
 
