@@ -29,9 +29,12 @@ from agent.errors import StoreError
 from agent.fsutil import ensure_private_dir
 from agent.storefile import (
     DB_FILENAME,
+    StoreFull,
+    keep_reserve,
     mark_created,
     open_reader,
     open_writer,
+    release_reserve,
     sqlite_error,
     write_backup,
 )
@@ -248,6 +251,7 @@ class RunStore:
         except BaseException:
             self._db.close()
             raise
+        keep_reserve(state_dir)
         if new:
             self.backup()
 
@@ -352,11 +356,32 @@ class RunStore:
             )
 
     def finish_run(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-                (status, self._clean(error), time.time(), run_id),
-            )
+        """Record the pass's end. A unit still `running` in it is one whose result could
+        not be recorded (the store failed mid-unit, e.g. a full disk): it ends `failed`
+        (or `interrupted`) with the run, never stays `running`."""
+        now = time.time()
+        unit_status = (
+            UnitStatus.INTERRUPTED if status is RunStatus.INTERRUPTED else UnitStatus.FAILED
+        )
+
+        def record() -> None:
+            with self._tx() as db:
+                db.execute(
+                    "UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                    (status, self._clean(error), now, run_id),
+                )
+                self._end_running_units(
+                    db, run_id, unit_status, "the result of this unit could not be recorded", now
+                )
+
+        try:
+            record()
+        except StoreFull:
+            # The disk filled up during the pass: spend the reserve to record its end.
+            if not release_reserve(self.state_dir):
+                raise
+            log.warning("the disk of %s is full: the store's reserve was used", self.path)
+            record()
         # A finished pass is the natural point to refresh the backup recovery uses.
         self.backup()
 
@@ -563,23 +588,32 @@ class RunStore:
                     " error = COALESCE(error, 'the agent stopped during this pass') WHERE id = ?",
                     (RunStatus.INTERRUPTED, now, run_id),
                 )
-                units = db.execute(
-                    "SELECT unit FROM unit_runs WHERE run_id = ? AND status = ?",
-                    (run_id, UnitStatus.RUNNING),
-                ).fetchall()
-                db.execute(
-                    "UPDATE unit_runs SET status = ?, finished_at = ?,"
-                    " error = 'the agent stopped while this unit ran'"
-                    " WHERE run_id = ? AND status = ?",
-                    (UnitStatus.INTERRUPTED, now, run_id, UnitStatus.RUNNING),
+                self._end_running_units(
+                    db, run_id, UnitStatus.INTERRUPTED, "the agent stopped while this unit ran", now
                 )
-                for unit in units:
-                    db.execute(
-                        "UPDATE unit_state SET last_status = ?, last_run_id = ?, updated_at = ?"
-                        " WHERE unit = ?",
-                        (UnitStatus.INTERRUPTED, run_id, now, unit["unit"]),
-                    )
         return ids
+
+    @staticmethod
+    def _end_running_units(
+        db: sqlite3.Connection, run_id: str, status: UnitStatus, error: str, now: float
+    ) -> None:
+        """Give every unit of `run_id` still `running` its end `status` (in `db`'s
+        transaction), and move its `unit_state` with it."""
+        units = db.execute(
+            "SELECT unit FROM unit_runs WHERE run_id = ? AND status = ?",
+            (run_id, UnitStatus.RUNNING),
+        ).fetchall()
+        db.execute(
+            "UPDATE unit_runs SET status = ?, finished_at = ?, error = COALESCE(error, ?)"
+            " WHERE run_id = ? AND status = ?",
+            (status, now, error, run_id, UnitStatus.RUNNING),
+        )
+        for unit in units:
+            db.execute(
+                "UPDATE unit_state SET last_status = ?, last_run_id = ?, updated_at = ?"
+                " WHERE unit = ?",
+                (status, run_id, now, unit["unit"]),
+            )
 
 
 def _run_row(row: sqlite3.Row) -> RunRow:

@@ -34,6 +34,8 @@ from agent.fsutil import PRIVATE_FILE_MODE, atomic_write, fsync_dir
 DB_FILENAME = "agent.db"
 MARKER_FILENAME = "agent.db.created"
 BACKUP_FILENAME = "agent.db.backup"
+RESERVE_FILENAME = "agent.db.reserve"
+RESERVE_BYTES = 256 * 1024  # room to record a pass's end when the disk has filled up
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 READ_BUSY_TIMEOUT = 2.0  # WAL readers do not wait on writers; this only covers a checkpoint
@@ -50,13 +52,22 @@ class StoreDamaged(StoreError):
     reference = "store-damaged"
 
 
+class StoreFull(StoreError):
+    """The filesystem holding the run store has no space left."""
+
+    reference = "store-disk-full"
+
+
 def sqlite_error(path: Path, exc: sqlite3.Error, doing: str) -> StoreError:
     """The StoreError for `exc`, raised while `doing` something with the store at `path`."""
     name = getattr(exc, "sqlite_errorname", "") or ""
     text = str(exc)
     low = text.lower()
-    if name.startswith("SQLITE_FULL") or "disk is full" in low:
-        return StoreError(
+    # A full disk shows as SQLITE_FULL, or as an I/O error when SQLite cannot even
+    # size its shared-memory file: ask the filesystem.
+    full = name.startswith("SQLITE_FULL") or "disk is full" in low
+    if full or (name.startswith(("SQLITE_IOERR", "SQLITE_CANTOPEN")) and _nearly_full(path)):
+        return StoreFull(
             f"cannot {doing}: the disk holding the run store {path} is full",
             hint=f"free space on that filesystem (`df -h {path.parent}`); nothing is lost,"
             " the next pass records again once it can write",
@@ -81,6 +92,15 @@ def sqlite_error(path: Path, exc: sqlite3.Error, doing: str) -> StoreError:
             hint="check the disk (`dmesg`, `df -h`); then `agent store check`",
         )
     return StoreError(f"cannot {doing}: the run store {path} failed ({text})", hint=RECOVERY_HINT)
+
+
+def _nearly_full(path: Path) -> bool:
+    """Whether the filesystem holding `path` has (almost) no space left for SQLite."""
+    try:
+        fs = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < 64 * 1024
 
 
 # --- opening --------------------------------------------------------------------------
@@ -235,6 +255,40 @@ def _quick_check(db: sqlite3.Connection, *, full: bool = False) -> list[str]:
     pragma = "integrity_check" if full else "quick_check"
     rows = [r[0] for r in db.execute(f"PRAGMA {pragma}").fetchall()]
     return [] if rows == ["ok"] else rows
+
+
+# --- the reserve: room to finish a pass on a full disk ---------------------------------
+
+
+def keep_reserve(state_dir: Path) -> None:
+    """Make sure the reserve file exists (best effort: not on an already full disk).
+
+    When the disk fills up mid-pass, releasing it leaves room to record the pass's end,
+    so no run stays `running` (see `RunStore.finish_run`).
+    """
+    reserve = state_dir / RESERVE_FILENAME
+    if reserve.exists():
+        return
+    tmp = state_dir / f".{RESERVE_FILENAME}.tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE_MODE)
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)  # real blocks, not a sparse file
+        finally:
+            os.close(fd)
+        os.replace(tmp, reserve)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def release_reserve(state_dir: Path) -> bool:
+    """Free the reserve's space; True if there was one to free."""
+    try:
+        (state_dir / RESERVE_FILENAME).unlink()
+    except FileNotFoundError:
+        return False
+    return True
 
 
 # --- backup ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ real second process holding a write transaction.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -190,7 +191,7 @@ def test_the_backup_is_private_checked_and_never_replaced_by_a_damaged_store(
         handle.seek(8192)
         handle.write(b"\x00\xff" * 2048)
     damaged = sqlite3.connect(tmp_path / "agent.db")
-    with pytest.raises(StoreDamaged, match="the last good backup .* was kept"):
+    with pytest.raises(StoreDamaged, match=r"the last good backup .* was kept"):
         storefile.write_backup(damaged, tmp_path)
     damaged.close()
     assert backup.read_bytes() == good
@@ -221,13 +222,12 @@ def test_restore_without_a_backup_says_what_to_do(tmp_path: Path) -> None:
 # --- item 11: disk full, for real ---------------------------------------------------------
 
 
-@pytest.fixture
-def small_fs(tmp_path: Path) -> Iterator[Path]:
-    """A real 600 KB tmpfs, unmounted afterwards."""
-    mount = tmp_path / "small"
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` at `mount`, unmounted afterwards."""
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=600k,mode=0700", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mount)],
         capture_output=True,
         text=True,
         check=False,
@@ -240,37 +240,60 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def fill(directory: Path) -> Path:
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 600 KB filesystem: room for a store, not for much more."""
+    with tmpfs(tmp_path / "small", "600k") as mount:
+        yield mount
+
+
+def fill(directory: Path, name: str = "filler") -> Path:
     """Fill the filesystem of `directory` to the last byte."""
-    filler = directory / "filler"
-    with open(filler, "wb") as handle:
-        chunk = b"\0" * 4096
+    filler = directory / name
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
         for _ in range(100_000):  # bounded: 400 MB, far more than the tmpfs holds
             try:
-                handle.write(chunk)
-                handle.flush()
+                os.write(fd, b"\0" * 4096)
             except OSError:
                 break
+        for _ in range(4096):  # the last partial block, byte by byte
+            try:
+                os.write(fd, b"\0")
+            except OSError:
+                break
+    finally:
+        os.close(fd)
     return filler
+
+
+def assert_disk_full(error: StoreError, state: Path) -> None:
+    assert f"the disk holding the run store {state / 'agent.db'} is full" in error.message
+    assert error.hint and "df -h" in error.hint
 
 
 def test_a_full_disk_is_a_clear_error_and_the_store_goes_on_afterwards(small_fs: Path) -> None:
     state = small_fs / "state"
-    store = RunStore(state, scrub=str)
+    store = RunStore(state)  # open, as the daemon keeps it, when the disk fills up
     store.suspend("app")
-    store.close()
     filler = fill(small_fs)
-
-    store = RunStore(state)
     with pytest.raises(StoreError) as caught:
         for _ in range(1000):  # bounded: the WAL runs into the full disk long before
-            run = store.start_run(trigger="test", unit_filter="z" * 4000)
-    assert "disk holding the run store" in caught.value.message
-    assert str(state / "agent.db") in caught.value.message
-    assert caught.value.hint and "df -h" in caught.value.hint
-    store.close()
+            store.start_run(trigger="test", unit_filter="z" * 4000)
+    assert_disk_full(caught.value, state)
+    store.close()  # (closing checkpoints the WAL and frees its space)
+
+    more = fill(small_fs, "more")
+    with pytest.raises(StoreError) as caught:  # a new opener: at open, or at its first write
+        again = RunStore(state)
+        try:
+            again.start_run(trigger="test", unit_filter="z" * 4000)
+        finally:
+            again.close()
+    assert_disk_full(caught.value, state)
 
     filler.unlink()
+    more.unlink()
     reopened = RunStore(state)  # nothing was damaged: it opens and takes writes again
     assert "app" in reopened.suspended()
     run = reopened.start_run(trigger="test")
@@ -281,16 +304,54 @@ def test_a_full_disk_is_a_clear_error_and_the_store_goes_on_afterwards(small_fs:
 def test_a_pass_on_a_full_disk_exits_with_the_reason_not_a_traceback(
     tmp_path: Path, small_fs: Path
 ) -> None:
-    # The checkout and Terraform's files are far bigger than the tmpfs: the store alone
-    # lives there (a symlinked agent.db is not supported, so the whole state dir is used
-    # through a pass that only needs the store to fail first).
-    _, config, _ = app_world(tmp_path, state=small_fs / "state")
-    RunStore(small_fs / "state").close()
+    _, config, state = app_world(tmp_path, state=small_fs / "state")
+    RunStore(state).close()
     fill(small_fs)
     result = agent("reconcile", "--now", config=config)
     no_traceback(result)
-    assert result.returncode in (1, 3), result.stdout + result.stderr
-    assert "full" in result.stderr or "No space left" in result.stderr + result.stdout
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"the disk holding the run store {state / 'agent.db'} is full" in result.stderr
+    assert not (state / "units" / "app" / "terraform.tfstate").exists()  # nothing applied
+
+
+FILL_TF = """
+resource "terraform_data" "fill" {
+  provisioner "local-exec" {
+    command = "[ -e %(once)s ] || { touch %(once)s; head -c 100M /dev/zero > %(filler)s; }; true"
+  }
+}
+"""
+
+
+def test_a_disk_that_fills_up_mid_pass_leaves_no_run_or_unit_running(tmp_path: Path) -> None:
+    """A unit's apply fills the state dir's filesystem; its result cannot be recorded."""
+    with tmpfs(tmp_path / "fs", "4m") as fs:
+        repo, config, state = app_world(tmp_path, state=fs / "state")
+        assert agent("reconcile", "--now", config=config).returncode == 0
+        repo.write(
+            "stacks/filler/main.tf",
+            FILL_TF % {"once": tmp_path / "filled-once", "filler": fs / "filler"},
+        )
+        repo.write(
+            "gitops.yaml",
+            "version: 1\nunits:\n  - {name: filler, stack: stacks/filler}\n"
+            "  - {name: app, stack: stacks/app, depends_on: [filler]}\n",
+        )
+        bump_generation(repo, "2")
+
+        full = agent("reconcile", "--now", config=config)
+        no_traceback(full)
+        assert full.returncode in (1, 3), full.stdout + full.stderr
+        assert f"the disk holding the run store {state / 'agent.db'} is full" in full.stderr
+        assert applied_generation(state) == "1"
+
+        (fs / "filler").unlink()
+        history = json.loads(agent("history", "--json", config=config).stdout)
+        last = history["runs"][0]
+        assert last["status"] == "failed"
+        assert "running" not in last["units"].values(), last
+        assert agent("reconcile", "--now", config=config).returncode == 0
+        assert applied_generation(state) == "2"
 
 
 # --- item 12: readers never wait on a writer ----------------------------------------------
@@ -400,11 +461,15 @@ resource "terraform_data" "slow" {
 """
 
 FAILING_TF = """
+variable "size" {
+  type    = number
+  default = 1
+}
 resource "terraform_data" "bad" {
-  input = "x"
+  input = var.size
   lifecycle {
     precondition {
-      condition     = length("x") > 5
+      condition     = var.size > 5
       error_message = "the plan of this stack fails on purpose"
     }
   }
