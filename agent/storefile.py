@@ -347,7 +347,7 @@ class StoreReport:
     last_run: str | None = None
     last_run_at: str | None = None
     suspended: list[str] = field(default_factory=list)
-    taken_at: str | None = None  # the file's modification time (for the backup: when taken)
+    written_at: str | None = None  # the file's modification time (for the backup: when taken)
 
 
 def inspect(path: Path, *, immutable: bool = False) -> StoreReport:
@@ -357,7 +357,7 @@ def inspect(path: Path, *, immutable: bool = False) -> StoreReport:
     if state in ("absent", "empty"):
         report.state = "missing" if state == "absent" else "empty"
         return report
-    report.taken_at = _when(path.stat().st_mtime)
+    report.written_at = _when(path.stat().st_mtime)
     if state == "not-sqlite":
         report.state = "damaged"
         report.problems = ["not an SQLite database (truncated or overwritten)"]
