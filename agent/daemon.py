@@ -71,6 +71,7 @@ from agent.progress import Event, EventKind
 from agent.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
 from agent.redact import install_logging_redaction
 from agent.store import RunStatus, UnitStatus
+from agent.storefile import StoreDamaged, StoreFull
 from agent.webhooks import PushEvent, WebhookSource
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,9 @@ _MAIN_TICK = 5.0  # the main thread's longest sleep between looks at the stop fl
 _TRIGGER_RANK = ("cli", "approve", "webhook", "start", "drift", "poll")
 
 register_error_type(ApprovalRefused)
+# (so that a damaged or full store exits 3 through the daemon as it does directly)
+register_error_type(StoreDamaged)
+register_error_type(StoreFull)
 
 
 # --- what waits for a pass --------------------------------------------------------------------

@@ -526,3 +526,62 @@ def test_nothing_in_the_state_dir_is_readable_by_others_whatever_the_umask(
     assert list(state.glob("runs/*/slow/apply.txt.partial")), "the pass was not killed mid-apply"
 
     assert loose_paths(state) == []
+
+
+# --- the daemon ------------------------------------------------------------------------------
+
+
+def test_the_daemon_refuses_a_damaged_store_and_restore_refuses_a_running_daemon(
+    tmp_path: Path,
+) -> None:
+    from tests.test_daemon import AgentProcess
+
+    daemon = AgentProcess(tmp_path)
+    daemon.repo.write("stacks/app/main.tf", APP_TF)
+    daemon.repo.write("gitops.yaml", "version: 1\nunits:\n  - {name: app, stack: stacks/app}\n")
+    daemon.repo.push("seed")
+    try:
+        daemon.start()
+        refused = daemon.cli("store", "restore")
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        assert "the agent service" in refused.stderr and "is running" in refused.stderr
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+
+    (daemon.state / "agent.db").write_bytes(b"")
+    run = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--config", str(daemon.config), "run"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert run.returncode == 3, run.stdout + run.stderr
+    assert "error[store-damaged]" in run.stderr and "agent store restore" in run.stderr
+    no_traceback(run)
+    assert (daemon.state / "agent.db").stat().st_size == 0
+
+
+def test_check_says_what_it_found_and_a_damaged_backup_is_not_restored(tmp_path: Path) -> None:
+    store = RunStore(tmp_path)
+    store.suspend("app")
+    store.close()
+    live, backup, created = storefile.check_store(tmp_path)
+    assert (live.state, backup.state) == ("ok", "ok")
+    assert live.suspended == backup.suspended == ["app"] and created
+
+    (tmp_path / "agent.db").write_bytes(b"")
+    (tmp_path / BACKUP_FILENAME).write_bytes(b"SQLite format 3\x00" + b"\xff" * 5000)
+    live, backup, _ = storefile.check_store(tmp_path)
+    assert (live.state, backup.state) == ("empty", "damaged")
+    with pytest.raises(StoreDamaged, match=r"the backup .* is damaged too"):
+        storefile.restore_backup(tmp_path)
+    assert (tmp_path / "agent.db").stat().st_size == 0  # nothing was put in its place
+
+
+def test_a_new_state_dir_gets_a_new_store(tmp_path: Path) -> None:
+    live, backup, created = storefile.check_store(tmp_path / "state")
+    assert (live.state, backup.state, created) == ("new", "missing", None)
+    RunStore(tmp_path / "state").close()
+    assert (tmp_path / "state" / MARKER_FILENAME).exists()
