@@ -403,7 +403,7 @@ def check_store(state_dir: Path) -> tuple[StoreReport, StoreReport, str | None]:
 
 def restore_backup(state_dir: Path) -> tuple[StoreReport, Path | None]:
     """Put the backup in place of `agent.db`; return the backup's report and where the
-    damaged store was kept (None if there was nothing to keep).
+    store it replaced was kept (None if there was nothing to keep).
 
     The caller makes sure no agent process uses the store (pass lock, no daemon).
     """
@@ -424,8 +424,8 @@ def restore_backup(state_dir: Path) -> tuple[StoreReport, Path | None]:
     db = state_dir / DB_FILENAME
     kept: Path | None = None
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    # The damaged file and its -wal/-shm are kept (renamed), never deleted: a stale WAL
-    # beside the restored file would be replayed onto it.
+    # The file it replaces and its -wal/-shm are kept (renamed), never deleted: a stale
+    # WAL beside the restored file would be replayed onto it.
     for suffix in ("", "-wal", "-shm"):
         old = state_dir / f"{DB_FILENAME}{suffix}"
         if not old.exists():
@@ -433,7 +433,7 @@ def restore_backup(state_dir: Path) -> tuple[StoreReport, Path | None]:
         if old.stat().st_size == 0:
             old.unlink()
             continue
-        moved = state_dir / f"{DB_FILENAME}.damaged-{stamp}{suffix}"
+        moved = state_dir / f"{DB_FILENAME}.replaced-{stamp}{suffix}"
         os.replace(old, moved)
         if suffix == "":
             kept = moved

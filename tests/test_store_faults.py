@@ -170,6 +170,13 @@ def test_garbage_in_the_store_is_reported_by_every_command(tmp_path: Path) -> No
         output = result.stdout + result.stderr
         assert "damaged" in output or "malformed" in output, (command, output)
 
+    restored = agent("store", "restore", config=config)
+    assert restored.returncode == 0, restored.stderr
+    (kept,) = state.glob("agent.db.replaced-*[0-9]")  # the damaged file, kept for a look
+    assert "kept as" in restored.stdout and str(kept) in restored.stdout
+    assert agent("reconcile", "--now", config=config).returncode == 0
+    assert agent("history", "--json", config=config).returncode == 0
+
 
 def test_the_backup_is_private_checked_and_never_replaced_by_a_damaged_store(
     tmp_path: Path,
