@@ -91,6 +91,11 @@ def sqlite_error(path: Path, exc: sqlite3.Error, doing: str) -> StoreError:
             f"cannot {doing}: an I/O error on the run store {path} ({text})",
             hint="check the disk (`dmesg`, `df -h`); then `agent store check`",
         )
+    if isinstance(exc, sqlite3.IntegrityError):  # a bug of ours, not a damaged file
+        return StoreError(
+            f"cannot {doing}: the run store {path} refused the change ({text})",
+            hint="the store itself is fine; please report this with the output of `agent --debug`",
+        )
     return StoreError(f"cannot {doing}: the run store {path} failed ({text})", hint=RECOVERY_HINT)
 
 

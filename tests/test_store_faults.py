@@ -24,7 +24,7 @@ import pytest
 from agent import storefile
 from agent.errors import StoreError
 from agent.passlock import PassLock
-from agent.store import RunStatus, RunStore
+from agent.store import RevisionStatus, RunStatus, RunStore
 from agent.storefile import BACKUP_FILENAME, MARKER_FILENAME, StoreDamaged
 from tests.support.infra import InfraRepo, write_host_config
 
@@ -126,8 +126,8 @@ def test_a_truncated_store_stops_the_agent_and_restore_brings_the_suspension_bac
 def test_a_store_that_existed_is_never_silently_recreated(tmp_path: Path, damage: str) -> None:
     store = RunStore(tmp_path)
     for n in range(40):  # a few pages of rows, so offset 8192 lands inside the tables
-        run = store.start_run(trigger="test", unit_filter="x" * 200)
-        store.finish_run(run, RunStatus.SUCCEEDED, "done " * 50 + str(n))
+        store.record_revision(f"{n:040x}", RevisionStatus.REJECTED, "bad " * 60)
+    store.finish_run(store.start_run(trigger="test"), RunStatus.SUCCEEDED)
     store.suspend("app", reason="held")
     store.close()
     db = tmp_path / "agent.db"
@@ -185,11 +185,11 @@ def test_the_backup_is_private_checked_and_never_replaced_by_a_damaged_store(
     backup = tmp_path / BACKUP_FILENAME
     assert stat.S_IMODE(backup.stat().st_mode) == 0o600
     assert stat.S_IMODE((tmp_path / MARKER_FILENAME).stat().st_mode) == 0o600
-    for _ in range(40):
-        run = store.start_run(trigger="test", unit_filter="y" * 300)
-        store.finish_run(run, RunStatus.SUCCEEDED)
+    for n in range(40):
+        store.record_revision(f"{n:040x}", RevisionStatus.REJECTED, "bad " * 80)
+    store.finish_run(store.start_run(trigger="test"), RunStatus.SUCCEEDED)  # refreshes it
     good = backup.read_bytes()
-    assert sqlite3.connect(backup).execute("SELECT count(*) FROM runs").fetchone()[0] == 40
+    assert sqlite3.connect(backup).execute("SELECT count(*) FROM revisions").fetchone()[0] == 40
 
     store.close()
 
@@ -285,8 +285,8 @@ def test_a_full_disk_is_a_clear_error_and_the_store_goes_on_afterwards(small_fs:
     store.suspend("app")
     filler = fill(small_fs)
     with pytest.raises(StoreError) as caught:
-        for _ in range(1000):  # bounded: the WAL runs into the full disk long before
-            store.start_run(trigger="test", unit_filter="z" * 4000)
+        for n in range(1000):  # bounded: the WAL runs into the full disk long before
+            store.record_revision(f"{n:040x}", RevisionStatus.REJECTED, "z" * 4000)
     assert_disk_full(caught.value, state)
     store.close()  # (closing checkpoints the WAL and frees its space)
 
@@ -294,7 +294,7 @@ def test_a_full_disk_is_a_clear_error_and_the_store_goes_on_afterwards(small_fs:
     with pytest.raises(StoreError) as caught:  # a new opener: at open, or at its first write
         again = RunStore(state)
         try:
-            again.start_run(trigger="test", unit_filter="z" * 4000)
+            again.record_revision("f" * 40, RevisionStatus.REJECTED, "z" * 4000)
         finally:
             again.close()
     assert_disk_full(caught.value, state)
