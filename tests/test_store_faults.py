@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from agent import store as store_module
 from agent import storefile
 from agent.errors import StoreError
 from agent.passlock import PassLock
@@ -408,7 +409,7 @@ def test_read_commands_answer_while_another_process_writes(
 def test_a_locked_store_names_the_lock_not_permissions(
     writer_holding_lock: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(storefile, "WRITE_BUSY_TIMEOUT", 0.2)
+    monkeypatch.setattr(store_module, "BUSY_TIMEOUT", 0.2)
     state = writer_holding_lock.parent / "state"
     store = RunStore(state)
     with pytest.raises(StoreError) as caught:
