@@ -78,7 +78,8 @@ def sqlite_error(path: Path, exc: sqlite3.Error, doing: str) -> StoreError:
         )
     if name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in low:
         return StoreError(
-            f"cannot {doing}: another agent process holds a write transaction on {path}",
+            f"cannot {doing}: the run store is locked: another agent process holds a write"
+            f" transaction on {path}",
             hint=f"wait for it to finish and retry; `fuser -v {path}` shows which process holds it",
         )
     if name.startswith(("SQLITE_READONLY", "SQLITE_PERM", "SQLITE_CANTOPEN")) or "readonly" in low:
