@@ -237,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  agent store check\n  agent store restore",
         "After a damaged or lost agent.db (exit 3): see docs/recovery.md.",
     )
-    store_sub = p.add_subparsers(dest="store_command", metavar="ACTION", required=True)
+    store_sub = p.add_subparsers(
+        dest="store_command", metavar="ACTION", required=True, help="check, or restore"
+    )
     q = store_sub.add_parser("check", help="integrity check of the run store and its backup")
     json_flag(q, "the report")
     q = store_sub.add_parser(
