@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import HostConfig, load_host_config, resolve_host_config_path
@@ -30,9 +30,13 @@ from agent.errors import (
     PassBusyError,
     StoreError,
 )
+from agent.fsutil import private_umask
 from agent.layout import StateLayout
 from agent.progress import ConsoleReporter
 from agent.store import RunStatus, RunStore
+
+if TYPE_CHECKING:
+    from agent.storefile import StoreReport
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -234,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
 
     p = command(
+        "store",
+        "check the run store, or restore it from its backup",
+        "  agent store check\n  agent store restore",
+        "After a damaged or lost agent.db (exit 3): see docs/recovery.md.",
+    )
+    store_sub = p.add_subparsers(
+        dest="store_command", metavar="ACTION", required=True, help="check, or restore"
+    )
+    q = store_sub.add_parser("check", help="integrity check of the run store and its backup")
+    json_flag(q, "the report")
+    q = store_sub.add_parser(
+        "restore", help="put the backup in place of a damaged run store (agent stopped)"
+    )
+    json_flag(q, "what was restored")
+
+    p = command(
         "completion",
         "print a shell completion script",
         "  agent completion bash > ~/.local/share/bash-completion/completions/agent\n"
@@ -252,6 +272,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.code == EXIT_USAGE and _asks_detailed_exitcode(words):
             return EXIT_USAGE_DETAILED
         raise
+    # Before anything is created: no mode in the state directory may depend on the
+    # caller's umask. Not for `service`: it installs system files meant to be readable.
+    if args.command != "service":
+        private_umask()
     try:
         code = _run(args)
         sys.stdout.flush()  # a closed pipe shows here for the last lines
@@ -532,13 +556,9 @@ class _interrupt_on_signals:
 
 
 def _open_store(args: argparse.Namespace) -> tuple[RunStore, StateLayout]:
+    """The store, read-only: reading commands never write it nor wait on a writer."""
     host = _host(args)
-    if not (host.state_dir / "agent.db").exists():
-        raise StoreError(
-            f"no run store in {host.state_dir}: the agent has not run yet",
-            hint="run `agent reconcile --now` first",
-        )
-    return RunStore(host.state_dir), StateLayout(host.state_dir)
+    return RunStore(host.state_dir, read_only=True), StateLayout(host.state_dir)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -622,6 +642,61 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_store(args: argparse.Namespace) -> int:
+    from agent.storefile import check_store, restore_backup
+
+    host = _host(args)
+    if args.store_command == "check":
+        live, backup, created = check_store(host.state_dir)
+        if args.json:
+            _print_json({"store": asdict(live), "backup": asdict(backup), "created": created})
+        else:
+            print(_render_store_report("run store", live))
+            if created:
+                print(f"  created: {created}")
+            print(_render_store_report("backup", backup))
+            if live.state in ("damaged", "missing", "empty"):
+                what = "`agent store restore`" if backup.state == "ok" else "see docs/recovery.md"
+                print(f"the run store is {live.state}: {what}", file=sys.stderr)
+        return EXIT_OK if live.state in ("ok", "new") else EXIT_CONFIG
+
+    from agent.passlock import PassLock
+
+    if _daemon(host) is not None:
+        raise PassBusyError(
+            f"the agent service of {host.state_dir} is running: it has the run store open",
+            hint="stop it first (`systemctl stop gitops-agent`), restore, then start it again",
+        )
+    lock = PassLock(host.state_dir)
+    lock.acquire(wait=False)  # PassBusyError (exit 4) while a pass runs
+    with lock:
+        restored, kept = restore_backup(host.state_dir)
+    if args.json:
+        _print_json({"restored": asdict(restored), "replaced_kept_as": kept and str(kept)})
+        return EXIT_OK
+    print(f"restored {host.state_dir / 'agent.db'} from the backup taken {restored.written_at}")
+    print(_render_store_report("backup", restored))
+    if kept:
+        print(f"the store it replaced was kept as {kept}")
+    print("anything recorded after the backup (runs, suspensions since then) is not in it")
+    return EXIT_OK
+
+
+def _render_store_report(title: str, report: StoreReport) -> str:
+    lines = [f"{title}: {report.path}: {report.state}"]
+    if report.written_at:
+        lines.append(f"  written: {report.written_at}")
+    if report.schema is not None:
+        lines.append(f"  schema: {report.schema}")
+    if report.runs is not None:
+        last = f" (last {report.last_run}, {report.last_run_at})" if report.last_run else ""
+        lines.append(f"  runs: {report.runs}{last}")
+    if report.state == "ok" or report.suspended:
+        lines.append(f"  suspended units: {', '.join(report.suspended) or 'none'}")
+    lines.extend(f"  problem: {problem}" for problem in report.problems[:20])
+    return "\n".join(lines)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from agent.validate import validate_repo
 
@@ -691,6 +766,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "version": cmd_version,
     "quickstart": cmd_quickstart,
     "service": cmd_service,
+    "store": cmd_store,
     "completion": cmd_completion,
 }
 

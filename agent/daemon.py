@@ -61,6 +61,7 @@ from agent.control import (
     suspend_unit,
 )
 from agent.errors import AgentError, PassBusyError, StoreError
+from agent.fsutil import private_umask
 from agent.http_server import AgentHTTPServer
 from agent.logfmt import EventLog, RunContext
 from agent.metrics import AgentMetrics, record_run
@@ -71,6 +72,7 @@ from agent.progress import Event, EventKind
 from agent.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
 from agent.redact import install_logging_redaction
 from agent.store import RunStatus, UnitStatus
+from agent.storefile import StoreDamaged, StoreFull
 from agent.webhooks import PushEvent, WebhookSource
 from providers.text import plural
 
@@ -83,6 +85,9 @@ _MAIN_TICK = 5.0  # the main thread's longest sleep between looks at the stop fl
 _TRIGGER_RANK = ("cli", "approve", "webhook", "start", "drift", "poll")
 
 register_error_type(ApprovalRefused)
+# (so that a damaged or full store exits 3 through the daemon as it does directly)
+register_error_type(StoreDamaged)
+register_error_type(StoreFull)
 
 
 # --- what waits for a pass --------------------------------------------------------------------
@@ -895,4 +900,5 @@ def _pass_failure(result: PassResult) -> str:
 
 def run_daemon(host: HostConfig, run_context: RunContext | None = None) -> int:
     """`agent run`: serve until stopped; the exit code."""
+    private_umask()  # also when started without the CLI: no mode depends on the umask
     return Daemon(host, run_context=run_context).run()

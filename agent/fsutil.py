@@ -7,22 +7,56 @@ the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from providers.atomic import atomic_write
 
-__all__ = ["StreamedFile", "atomic_write", "ensure_private_dir", "finish_partial"]
+__all__ = [
+    "StreamedFile",
+    "atomic_write",
+    "ensure_private_dir",
+    "finish_partial",
+    "fsync_dir",
+    "private_umask",
+]
 
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
+PRIVATE_UMASK = 0o077
+
+
+def private_umask() -> None:
+    """Make every file this process (and its children: git, Terraform) creates private.
+
+    Set at start (CLI and daemon), so no mode depends on the caller's umask; the
+    agent's own files also get explicit modes.
+    """
+    os.umask(PRIVATE_UMASK)
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and parents) if needed and make it 0700."""
-    path.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR_MODE)
+    """Create `path` (and any missing parents, each 0700) if needed and make it 0700."""
+    missing: list[Path] = []
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, PRIVATE_DIR_MODE)
     os.chmod(path, PRIVATE_DIR_MODE)
     return path
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class StreamedFile:
@@ -36,7 +70,7 @@ class StreamedFile:
     def __init__(self, path: Path, mode: int = PRIVATE_FILE_MODE) -> None:
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_private_dir(path.parent)
         fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
         self._handle = os.fdopen(fd, "w", encoding="utf-8", buffering=1)
 

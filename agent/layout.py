@@ -2,6 +2,9 @@
 
 <state_dir>/              0700
   agent.db                the run store (SQLite, WAL)
+  agent.db.created        the store existed: losing agent.db is an error (agent.storefile)
+  agent.db.backup         its backup, refreshed after each pass and suspend/resume
+  agent.db.reserve        room to record a pass's end when the disk fills up
   pass.lock               one pass at a time
   children/<token>.json   a Terraform process a pass runs, until it is done (see passlock)
   checkout/               the agent's clone of the infra repo

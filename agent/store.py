@@ -5,28 +5,47 @@ revision seen and whether it was accepted (`revisions`), and per unit where it s
 (`unit_state`: the revision it last converged at, its drift, its last result). Every
 change is one transaction, so a pass killed at any point leaves rows that are either
 there or not; `recover_interrupted` turns the rows of a dead pass into `interrupted`.
+
+The file itself (never silently recreated, checked on open, read-only for readers,
+backed up after each pass and each suspend/resume) is `agent.storefile`'s job; every
+SQLite error leaves this module as a `StoreError` naming the file and what to do.
 """
 
 from __future__ import annotations
 
+import logging
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from agent.errors import StoreError
-from agent.fsutil import PRIVATE_FILE_MODE, ensure_private_dir
+from agent.fsutil import ensure_private_dir
+from agent.storefile import (
+    DB_FILENAME,
+    StoreFull,
+    keep_reserve,
+    mark_created,
+    open_reader,
+    open_writer,
+    release_reserve,
+    sqlite_error,
+    write_backup,
+)
 
-DB_FILENAME = "agent.db"
+log = logging.getLogger(__name__)
+
 BUSY_TIMEOUT = 30.0  # seconds a write waits for another process's transaction
-SCHEMA_VERSION = 1
 
-_SCHEMA = """
+__all__ = ["DB_FILENAME", "SCHEMA_VERSION", "RunStore"]
+
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY,
     started_at REAL NOT NULL,
@@ -92,6 +111,11 @@ CREATE TABLE IF NOT EXISTS approvals (
     PRIMARY KEY (run_id, unit)
 );
 """
+
+# The schema's history: step i takes a store from `user_version` i to i + 1 (in one
+# transaction). Add a step at the end to change the schema; never edit a shipped one.
+MIGRATIONS: list[str] = [_SCHEMA_V1]
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 class RunStatus(StrEnum):
@@ -197,25 +221,39 @@ def new_run_id(now: float | None = None) -> str:
 class RunStore:
     """The SQLite run store of one state directory. Safe to share between threads."""
 
-    def __init__(self, state_dir: Path, *, scrub: Callable[[str], str] | None = None) -> None:
-        """Open (or create) the store; `scrub` redacts every message before it is stored."""
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        scrub: Callable[[str], str] | None = None,
+        read_only: bool = False,
+    ) -> None:
+        """Open (or create) the store; `scrub` redacts every message before it is stored.
+
+        `read_only` (the reading commands): open without writing anything, without
+        migrating, and without waiting on a writer; a store that does not exist yet, or
+        whose schema is older than this code's, is a StoreError that says so.
+        """
         self._scrub = scrub or (lambda text: text)
-        ensure_private_dir(state_dir)
+        self.state_dir = state_dir
         self.path = state_dir / DB_FILENAME
-        try:
-            self._db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT, check_same_thread=False)
-            self.path.chmod(PRIVATE_FILE_MODE)
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(
-                f"cannot open the run store {self.path}: {exc}",
-                hint="check the state directory's permissions and free space",
-            ) from exc
+        self.read_only = read_only
         self._lock = threading.Lock()
+        if read_only:
+            self._db = open_reader(state_dir)
+            self._check_schema(self._user_version(), read_only=True)
+            return
+        ensure_private_dir(state_dir)
+        self._db, new = open_writer(state_dir, busy_timeout=BUSY_TIMEOUT)
+        try:
+            self._migrate()
+            mark_created(state_dir)
+        except BaseException:
+            self._db.close()
+            raise
+        keep_reserve(state_dir)
+        if new:
+            self.backup()
 
     def close(self) -> None:
         self._db.close()
@@ -223,21 +261,72 @@ class RunStore:
     def _clean(self, text: str | None) -> str | None:
         return None if text is None else self._scrub(text)
 
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+    def _user_version(self) -> int:
+        row = self._one("PRAGMA user_version")
+        return int(row[0]) if row else 0
+
+    def _check_schema(self, version: int, *, read_only: bool) -> None:
         if version > SCHEMA_VERSION:
             raise StoreError(
                 f"the run store {self.path} was written by a newer gitops-agent "
-                f"(schema {version}, this one knows {SCHEMA_VERSION})"
+                f"(schema {version}, this one knows {SCHEMA_VERSION})",
+                hint="run the gitops-agent version that wrote it, or `agent store restore`"
+                " an older backup",
             )
-        with self._db:
-            self._db.executescript(_SCHEMA)
-            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if read_only and version < SCHEMA_VERSION:
+            raise StoreError(
+                f"the run store {self.path} has schema {version}, older than this"
+                f" gitops-agent's {SCHEMA_VERSION}: reading commands do not upgrade it",
+                hint="the next pass upgrades it (`agent reconcile --now`, or wait for the service)",
+            )
+
+    def _migrate(self) -> None:
+        """Run the migration steps this store has not had, each in one transaction."""
+        version = self._user_version()
+        self._check_schema(version, read_only=False)
+        for number in range(version, SCHEMA_VERSION):
+            step = MIGRATIONS[number]
+            script = f"BEGIN IMMEDIATE;\n{step}\nPRAGMA user_version={number + 1};\nCOMMIT;"
+            try:
+                self._db.executescript(script)
+            except sqlite3.Error as exc:
+                if self._db.in_transaction:
+                    self._db.rollback()
+                raise sqlite_error(
+                    self.path, exc, f"upgrade the run store to schema {number + 1}"
+                ) from exc
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock, self._db:
-            yield self._db
+        if self.read_only:
+            raise StoreError(f"the run store {self.path} was opened read-only")
+        try:
+            with self._lock, self._db:
+                yield self._db
+        except sqlite3.Error as exc:
+            raise sqlite_error(self.path, exc, "write to the run store") from exc
+
+    def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        try:
+            return self._db.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise sqlite_error(self.path, exc, "read the run store") from exc
+
+    def _one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
+        rows = self._all(sql, params)
+        return rows[0] if rows else None
+
+    def backup(self) -> None:
+        """Refresh `agent.db.backup` from this store. Best effort: a failed backup (disk
+        full, store damaged) is logged and the previous backup kept; it never fails the
+        change it follows."""
+        if self.read_only:
+            return
+        try:
+            with self._lock:
+                write_backup(self._db, self.state_dir)
+        except (StoreError, OSError) as exc:
+            log.warning("the run store backup was not refreshed: %s", exc)
 
     # --- runs -----------------------------------------------------------------
 
@@ -267,29 +356,52 @@ class RunStore:
             )
 
     def finish_run(self, run_id: str, status: RunStatus, error: str | None = None) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
-                (status, self._clean(error), time.time(), run_id),
-            )
+        """Record the pass's end. A unit still `running` in it is one whose result could
+        not be recorded (the store failed mid-unit, e.g. a full disk): it ends `failed`
+        (or `interrupted`) with the run, never stays `running`."""
+        now = time.time()
+        unit_status = (
+            UnitStatus.INTERRUPTED if status is RunStatus.INTERRUPTED else UnitStatus.FAILED
+        )
+
+        def record() -> None:
+            with self._tx() as db:
+                db.execute(
+                    "UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
+                    (status, self._clean(error), now, run_id),
+                )
+                self._end_running_units(
+                    db, run_id, unit_status, "the result of this unit could not be recorded", now
+                )
+
+        try:
+            record()
+        except StoreFull:
+            # The disk filled up during the pass: spend the reserve to record its end.
+            if not release_reserve(self.state_dir):
+                raise
+            log.warning("the disk of %s is full: the store's reserve was used", self.path)
+            record()
+        # A finished pass is the natural point to refresh the backup recovery uses.
+        self.backup()
 
     def get_run(self, run_id: str) -> RunRow | None:
-        row = self._db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = self._one("SELECT * FROM runs WHERE id = ?", (run_id,))
         return _run_row(row) if row else None
 
     def runs(self, *, unit: str | None = None, limit: int = 50) -> list[RunRow]:
         """Newest first; with `unit`, only passes in which that unit took part."""
         if unit is None:
-            rows = self._db.execute(
+            rows = self._all(
                 "SELECT * FROM runs ORDER BY started_at DESC, id DESC LIMIT ?", (limit,)
             )
         else:
-            rows = self._db.execute(
+            rows = self._all(
                 "SELECT runs.* FROM runs JOIN unit_runs ON unit_runs.run_id = runs.id"
                 " WHERE unit_runs.unit = ? ORDER BY runs.started_at DESC, runs.id DESC LIMIT ?",
                 (unit, limit),
             )
-        return [_run_row(r) for r in rows.fetchall()]
+        return [_run_row(r) for r in rows]
 
     # --- units ----------------------------------------------------------------
 
@@ -352,24 +464,24 @@ class RunStore:
             )
 
     def unit_runs(self, run_id: str) -> list[UnitRunRow]:
-        rows = self._db.execute(
+        rows = self._all(
             "SELECT * FROM unit_runs WHERE run_id = ? ORDER BY started_at, unit", (run_id,)
         )
-        return [_unit_run_row(r) for r in rows.fetchall()]
+        return [_unit_run_row(r) for r in rows]
 
     def unit_history(self, unit: str, limit: int = 50) -> list[UnitRunRow]:
-        rows = self._db.execute(
+        rows = self._all(
             "SELECT * FROM unit_runs WHERE unit = ? ORDER BY started_at DESC LIMIT ?",
             (unit, limit),
         )
-        return [_unit_run_row(r) for r in rows.fetchall()]
+        return [_unit_run_row(r) for r in rows]
 
     def unit_states(self) -> list[UnitStateRow]:
-        rows = self._db.execute("SELECT * FROM unit_state ORDER BY unit")
-        return [_unit_state_row(r) for r in rows.fetchall()]
+        rows = self._all("SELECT * FROM unit_state ORDER BY unit")
+        return [_unit_state_row(r) for r in rows]
 
     def unit_state(self, unit: str) -> UnitStateRow | None:
-        row = self._db.execute("SELECT * FROM unit_state WHERE unit = ?", (unit,)).fetchone()
+        row = self._one("SELECT * FROM unit_state WHERE unit = ?", (unit,))
         return _unit_state_row(row) if row else None
 
     def last_unit_run(self, unit: str) -> UnitRunRow | None:
@@ -395,16 +507,12 @@ class RunStore:
                 )
 
     def revision_status(self, sha: str) -> tuple[RevisionStatus, str | None] | None:
-        row = self._db.execute(
-            "SELECT status, error FROM revisions WHERE sha = ?", (sha,)
-        ).fetchone()
+        row = self._one("SELECT status, error FROM revisions WHERE sha = ?", (sha,))
         return (RevisionStatus(row["status"]), row["error"]) if row else None
 
     def current_revision(self) -> str | None:
         """The last revision accepted (validated and taken into force)."""
-        row = self._db.execute(
-            "SELECT value FROM agent_state WHERE key = 'current_revision'"
-        ).fetchone()
+        row = self._one("SELECT value FROM agent_state WHERE key = 'current_revision'")
         return row["value"] if row else None
 
     # --- suspensions and approvals ----------------------------------------------
@@ -417,16 +525,25 @@ class RunStore:
                 " ON CONFLICT (unit) DO NOTHING",
                 (unit, time.time(), by, self._clean(reason)),
             )
-            return cursor.rowcount == 1
+            changed = cursor.rowcount == 1
+        # Suspensions must survive a damaged store: back up right away, not after a pass.
+        if changed:
+            self.backup()
+        return changed
 
     def resume(self, unit: str) -> bool:
         """Lift a suspension; False if `unit` was not suspended."""
         with self._tx() as db:
-            return db.execute("DELETE FROM suspended_units WHERE unit = ?", (unit,)).rowcount == 1
+            changed = (
+                db.execute("DELETE FROM suspended_units WHERE unit = ?", (unit,)).rowcount == 1
+            )
+        if changed:
+            self.backup()
+        return changed
 
     def suspended(self) -> dict[str, SuspensionRow]:
         """The suspended units, by name."""
-        rows = self._db.execute("SELECT * FROM suspended_units ORDER BY unit").fetchall()
+        rows = self._all("SELECT * FROM suspended_units ORDER BY unit")
         return {r["unit"]: SuspensionRow(r["unit"], r["since"], r["by"], r["reason"]) for r in rows}
 
     def record_approval(
@@ -443,9 +560,9 @@ class RunStore:
 
     def approvals(self, held_run_id: str) -> list[ApprovalRow]:
         """The approvals of the plans `held_run_id` held, oldest first."""
-        rows = self._db.execute(
+        rows = self._all(
             "SELECT * FROM approvals WHERE held_run_id = ? ORDER BY approved_at", (held_run_id,)
-        ).fetchall()
+        )
         return [
             ApprovalRow(r["run_id"], r["held_run_id"], r["unit"], r["approved_at"], r["by"])
             for r in rows
@@ -471,23 +588,32 @@ class RunStore:
                     " error = COALESCE(error, 'the agent stopped during this pass') WHERE id = ?",
                     (RunStatus.INTERRUPTED, now, run_id),
                 )
-                units = db.execute(
-                    "SELECT unit FROM unit_runs WHERE run_id = ? AND status = ?",
-                    (run_id, UnitStatus.RUNNING),
-                ).fetchall()
-                db.execute(
-                    "UPDATE unit_runs SET status = ?, finished_at = ?,"
-                    " error = 'the agent stopped while this unit ran'"
-                    " WHERE run_id = ? AND status = ?",
-                    (UnitStatus.INTERRUPTED, now, run_id, UnitStatus.RUNNING),
+                self._end_running_units(
+                    db, run_id, UnitStatus.INTERRUPTED, "the agent stopped while this unit ran", now
                 )
-                for unit in units:
-                    db.execute(
-                        "UPDATE unit_state SET last_status = ?, last_run_id = ?, updated_at = ?"
-                        " WHERE unit = ?",
-                        (UnitStatus.INTERRUPTED, run_id, now, unit["unit"]),
-                    )
         return ids
+
+    @staticmethod
+    def _end_running_units(
+        db: sqlite3.Connection, run_id: str, status: UnitStatus, error: str, now: float
+    ) -> None:
+        """Give every unit of `run_id` still `running` its end `status` (in `db`'s
+        transaction), and move its `unit_state` with it."""
+        units = db.execute(
+            "SELECT unit FROM unit_runs WHERE run_id = ? AND status = ?",
+            (run_id, UnitStatus.RUNNING),
+        ).fetchall()
+        db.execute(
+            "UPDATE unit_runs SET status = ?, finished_at = ?, error = COALESCE(error, ?)"
+            " WHERE run_id = ? AND status = ?",
+            (status, now, error, run_id, UnitStatus.RUNNING),
+        )
+        for unit in units:
+            db.execute(
+                "UPDATE unit_state SET last_status = ?, last_run_id = ?, updated_at = ?"
+                " WHERE unit = ?",
+                (status, run_id, now, unit["unit"]),
+            )
 
 
 def _run_row(row: sqlite3.Row) -> RunRow:

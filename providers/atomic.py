@@ -15,7 +15,7 @@ from pathlib import Path
 def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> Path:
     """Write `data` to `path` atomically, with permission bits `mode`; return `path`."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)

@@ -277,10 +277,15 @@ def test_a_push_plus_a_webhook_is_applied_notified_and_counted(
     assert status == 413 and "limit" in text
     assert SECRET not in agent.log_path.read_text()
 
-    # Scraped over real HTTP, as Prometheus would.
-    status, metrics = agent.request("GET", "/metrics")
-    assert status == 200
-    assert 'gitops_agent_passes_total{outcome="succeeded",trigger="webhook"} 1.0' in metrics
+    # Scraped over real HTTP, as Prometheus would. The pass is counted once it has returned,
+    # a moment after its run is recorded as finished (the store's backup comes in between).
+    counted = 'gitops_agent_passes_total{outcome="succeeded",trigger="webhook"} 1.0'
+
+    def scrape() -> str | None:
+        status, metrics = agent.request("GET", "/metrics")
+        return metrics if status == 200 and counted in metrics else None
+
+    metrics = wait_for(scrape, what="the webhook's pass counted")
     assert 'gitops_agent_passes_total{outcome="succeeded",trigger="start"} 1.0' in metrics
     assert 'gitops_agent_unit_results_total{kind="stack",outcome="apply",unit="app"} 2.0' in metrics
     assert 'gitops_agent_apply_failures_total{unit="app"} 0.0' in metrics

@@ -75,7 +75,7 @@ def write_cli_config(
         mirror_dir=mirror_dir,
         mirrored=mirrored,
     )
-    return atomic_write(path, text, mode=0o644)
+    return atomic_write(path, text, mode=0o600)  # the state dir is private, all of it
 
 
 def install_builtin_providers(mirror_dir: Path) -> list[str]:

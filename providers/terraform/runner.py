@@ -134,7 +134,7 @@ class TerraformRunner:
         self._lock = threading.Lock()
         self._running: dict[subprocess.Popen[bytes], bool] = {}  # process -> SIGINT sent
         self.children = children or ChildTracker(None)
-        self.plugin_cache_dir.mkdir(parents=True, exist_ok=True)
+        self.plugin_cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     # --- commands ---------------------------------------------------------------------
 
@@ -170,7 +170,7 @@ class TerraformRunner:
         refresh_only: bool = False,
     ) -> PlanOutcome:
         """`plan -out=PLAN_FILE -detailed-exitcode`; the caller runs `init_if_needed` first."""
-        plan_file.parent.mkdir(parents=True, exist_ok=True)
+        plan_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         args = [
             "plan",
             "-no-color",
