@@ -2,7 +2,8 @@
 
 What is kept: every pass (`runs`), each unit's result in it (`unit_runs`), each
 revision seen and whether it was accepted (`revisions`), and per unit where it stands
-(`unit_state`: the revision it last converged at, its drift, its last result). Every
+(`unit_state`: the revision and input fingerprint it last converged at, its drift, its
+last real result, and apart from those its last preview). Every
 change is one transaction, so a pass killed at any point leaves rows that are either
 there or not; `recover_interrupted` turns the rows of a dead pass into `interrupted`.
 """
@@ -93,6 +94,22 @@ CREATE TABLE IF NOT EXISTS approvals (
 );
 """
 
+# Columns added after the first release: (table, column, declaration). Added when missing,
+# so a store written by an older agent is upgraded in place.
+_ADDED_COLUMNS = (
+    # A dry run's result: recorded beside the real ones, never read as one.
+    ("unit_runs", "preview", "INTEGER NOT NULL DEFAULT 0"),
+    # The kinds of input that moved since the unit last converged (comma-separated).
+    ("unit_runs", "moved", "TEXT"),
+    # Drift the plan showed, applied over because the unit's inputs moved too.
+    ("unit_runs", "drift_overwritten", "INTEGER NOT NULL DEFAULT 0"),
+    ("unit_state", "fingerprint", "TEXT"),  # the input fingerprint at the last converge
+    ("unit_state", "preview_run_id", "TEXT"),
+    ("unit_state", "preview_status", "TEXT"),
+    ("unit_state", "preview_decision", "TEXT"),
+    ("unit_state", "preview_at", "REAL"),
+)
+
 
 class RunStatus(StrEnum):
     RUNNING = "running"
@@ -143,6 +160,9 @@ class UnitRunRow:
     started_at: float
     finished_at: float | None
     error: str | None
+    preview: bool = False
+    moved: str | None = None
+    drift_overwritten: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +175,11 @@ class UnitStateRow:
     last_decision: str | None
     drift: bool
     updated_at: float
+    fingerprint: str | None = None
+    preview_run_id: str | None = None
+    preview_status: str | None = None
+    preview_decision: str | None = None
+    preview_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +211,11 @@ class UnitOutcome:
     plan_destroy: int | None = None
     error: str | None = None
     converged: bool = False  # the unit now matches `revision` (update unit_state.revision)
+    # A dry run: recorded as a preview; the unit's converged state and last real result
+    # are left as they were.
+    preview: bool = False
+    moved: tuple[str, ...] = ()  # the kinds of input that moved (see agent.fingerprint)
+    drift_overwritten: bool = False  # drift applied over by a change from Git
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -232,6 +262,7 @@ class RunStore:
             )
         with self._db:
             self._db.executescript(_SCHEMA)
+            _add_missing_columns(self._db)
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @contextmanager
@@ -302,9 +333,20 @@ class RunStore:
             )
 
     def finish_unit(
-        self, run_id: str, unit: str, revision: str | None, outcome: UnitOutcome
+        self,
+        run_id: str,
+        unit: str,
+        revision: str | None,
+        outcome: UnitOutcome,
+        fingerprint: str | None = None,
     ) -> None:
-        """Record a unit's result and move its `unit_state`, in one transaction."""
+        """Record a unit's result and move its `unit_state`, in one transaction.
+
+        A preview (dry run) sets only the preview columns. A real result sets the last
+        result; the converged revision and `fingerprint` move only when the outcome says
+        it converged; the drift flag changes only when a plan looked (a skipped, failed
+        or blocked unit keeps the drift last seen).
+        """
         now = time.time()
         with self._tx() as db:
             db.execute(
@@ -314,8 +356,8 @@ class RunStore:
             )
             db.execute(
                 "UPDATE unit_runs SET status = ?, decision = ?, drift = ?, plan_add = ?,"
-                " plan_change = ?, plan_destroy = ?, error = ?, finished_at = ?"
-                " WHERE run_id = ? AND unit = ?",
+                " plan_change = ?, plan_destroy = ?, error = ?, finished_at = ?, preview = ?,"
+                " moved = ?, drift_overwritten = ? WHERE run_id = ? AND unit = ?",
                 (
                     outcome.status,
                     outcome.decision,
@@ -325,20 +367,45 @@ class RunStore:
                     outcome.plan_destroy,
                     self._clean(outcome.error),
                     now,
+                    int(outcome.preview),
+                    ",".join(outcome.moved) or None,
+                    int(outcome.drift_overwritten),
                     run_id,
                     unit,
                 ),
             )
+            if outcome.preview:
+                db.execute(
+                    "INSERT INTO unit_state (unit, updated_at, preview_run_id, preview_status,"
+                    " preview_decision, preview_at) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (unit) DO UPDATE SET preview_run_id = excluded.preview_run_id,"
+                    " preview_status = excluded.preview_status,"
+                    " preview_decision = excluded.preview_decision,"
+                    " preview_at = excluded.preview_at",
+                    (unit, now, run_id, outcome.status, outcome.decision, now),
+                )
+                return
             previous = db.execute(
-                "SELECT revision, converged_at FROM unit_state WHERE unit = ?", (unit,)
+                "SELECT revision, converged_at, fingerprint, drift FROM unit_state WHERE unit = ?",
+                (unit,),
             ).fetchone()
             state_revision = previous["revision"] if previous else None
             converged_at = previous["converged_at"] if previous else None
+            state_fingerprint = previous["fingerprint"] if previous else None
+            drift = bool(previous["drift"]) if previous else False
             if outcome.converged:
                 state_revision, converged_at = revision, now
+                state_fingerprint = fingerprint or state_fingerprint
+            if outcome.drift or _plan_looked(outcome):
+                drift = outcome.drift
             db.execute(
-                "INSERT OR REPLACE INTO unit_state (unit, revision, converged_at, last_run_id,"
-                " last_status, last_decision, drift, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO unit_state (unit, revision, converged_at, last_run_id,"
+                " last_status, last_decision, drift, updated_at, fingerprint)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (unit) DO UPDATE SET"
+                " revision = excluded.revision, converged_at = excluded.converged_at,"
+                " last_run_id = excluded.last_run_id, last_status = excluded.last_status,"
+                " last_decision = excluded.last_decision, drift = excluded.drift,"
+                " updated_at = excluded.updated_at, fingerprint = excluded.fingerprint",
                 (
                     unit,
                     state_revision,
@@ -346,8 +413,9 @@ class RunStore:
                     run_id,
                     outcome.status,
                     outcome.decision,
-                    int(outcome.drift),
+                    int(drift),
                     now,
+                    state_fingerprint,
                 ),
             )
 
@@ -466,6 +534,7 @@ class RunStore:
                 for r in db.execute("SELECT id FROM runs WHERE status = ?", (RunStatus.RUNNING,))
             ]
             for run_id in ids:
+                dry = db.execute("SELECT dry_run FROM runs WHERE id = ?", (run_id,)).fetchone()
                 db.execute(
                     "UPDATE runs SET status = ?, finished_at = ?,"
                     " error = COALESCE(error, 'the agent stopped during this pass') WHERE id = ?",
@@ -481,13 +550,30 @@ class RunStore:
                     " WHERE run_id = ? AND status = ?",
                     (UnitStatus.INTERRUPTED, now, run_id, UnitStatus.RUNNING),
                 )
-                for unit in units:
+                # A dry run's units keep their last real result (nothing was applied).
+                for unit in [] if dry and dry["dry_run"] else units:
                     db.execute(
                         "UPDATE unit_state SET last_status = ?, last_run_id = ?, updated_at = ?"
                         " WHERE unit = ?",
                         (UnitStatus.INTERRUPTED, run_id, now, unit["unit"]),
                     )
         return ids
+
+
+def _plan_looked(outcome: UnitOutcome) -> bool:
+    """Whether the outcome comes from a plan (or host facts) that looked at the resources:
+    only such a result can say that drift is gone."""
+    return outcome.status in (UnitStatus.OK, UnitStatus.HELD) and outcome.decision not in (
+        None,
+        "skip",
+    )
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if column not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 def _run_row(row: sqlite3.Row) -> RunRow:
@@ -519,6 +605,9 @@ def _unit_run_row(row: sqlite3.Row) -> UnitRunRow:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         error=row["error"],
+        preview=bool(row["preview"]),
+        moved=row["moved"],
+        drift_overwritten=bool(row["drift_overwritten"]),
     )
 
 
@@ -532,4 +621,9 @@ def _unit_state_row(row: sqlite3.Row) -> UnitStateRow:
         last_decision=row["last_decision"],
         drift=bool(row["drift"]),
         updated_at=row["updated_at"],
+        fingerprint=row["fingerprint"],
+        preview_run_id=row["preview_run_id"],
+        preview_status=row["preview_status"],
+        preview_decision=row["preview_decision"],
+        preview_at=row["preview_at"],
     )
