@@ -82,7 +82,7 @@ NOTIFY_STOP_TIMEOUT = 5.0
 _BUSY_RETRY = 0.5  # seconds between tries while another process holds the pass lock
 _MAIN_TICK = 5.0  # the main thread's longest sleep between looks at the stop flag
 # Which trigger names a pass when several were coalesced: the most deliberate one.
-_TRIGGER_RANK = ("cli", "approve", "webhook", "start", "drift", "poll")
+_TRIGGER_RANK = ("cli", "approve", "resume", "webhook", "start", "drift", "poll")
 
 register_error_type(ApprovalRefused)
 # (so that a damaged or full store exits 3 through the daemon as it does directly)
@@ -487,7 +487,11 @@ class Daemon:
             reply.result(result)
         elif op == "resume":
             unit = _text(args, "unit")
-            reply.result(resume_unit(self.store, unit, self._known(), by=_who(peer, args)))
+            result = resume_unit(self.store, unit, self._known(), by=_who(peer, args))
+            if result["changed"]:
+                # A push it missed while suspended is applied now, not at the next timer.
+                self.queue.add("resume", unit=unit)
+            reply.result(result)
         else:
             raise AgentError(f"unknown control request {op!r}")
 
@@ -737,7 +741,9 @@ class Daemon:
         if (head is not None and head != self._seen_head) or (batch.drift and head is None):
             return PassRequest(trigger=trigger, skip=frozenset(backoff)), True
         if batch.drift:
-            own = set(self.host.intervals.units)  # units on drift timers of their own
+            # Units on drift timers of their own are left to those, unless their own timer
+            # fired too: a due unit timer is never cancelled by coalescing with this one.
+            own = set(self.host.intervals.units) - batch.unit_drifts
             return PassRequest(trigger=trigger, skip=frozenset(backoff | own)), False
         if self._pass_failures and time.time() >= self._pass_failed_at + self._delay(
             self._pass_failures
@@ -796,6 +802,7 @@ class Daemon:
             history = [
                 (row.status, row.finished_at or row.started_at)
                 for row in self.store.unit_history(state.unit, limit=32)
+                if not row.preview  # a dry run says nothing about whether a retry can help
             ]
             standing = backoff_state(
                 history,

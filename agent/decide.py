@@ -1,8 +1,12 @@
 """What to do with a unit's plan: a pure function, tested as a table.
 
-A change is *drift* when the revision did not move for this unit (it already
-converged at this revision) but the plan is not empty. A moved revision is a
-change someone pushed: it is applied, unless the host policy holds it.
+A change is *drift* when the unit's inputs did not move (its input fingerprint,
+see agent.fingerprint, is the one it last converged at) but the plan is not empty.
+Moved inputs are a change from the source of truth (a push that touches the unit, a
+rotated secret, a new output it reads): applied, unless the host policy holds it. A
+commit elsewhere in the repository moves nothing. When the inputs moved and the
+resources drifted too, the apply puts the drift back with the change (Terraform
+cannot apply half a plan): the verdict says so, for the record.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ class Decision(StrEnum):
 class PlanFacts:
     """The facts about one unit's plan that the decision depends on."""
 
-    revision_moved: bool
+    revision_moved: bool  # the unit's inputs moved since it last converged
     has_changes: bool
     destroys_anything: bool
+    resources_drifted: bool = False  # the plan found resources changed outside of it
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +43,7 @@ class Verdict:
     decision: Decision
     drift: bool
     reason: str
+    overwrites_drift: bool = False  # an apply of moved inputs that also puts drift back
 
 
 def needs_plan(revision_moved: bool, drift: DriftPolicy) -> bool:
@@ -78,4 +84,11 @@ def decide(
         )
     if is_drift:
         return Verdict(Decision.APPLY, True, "drift found; the unit's policy is to revert it")
-    return Verdict(Decision.APPLY, False, "a new revision")
+    if facts.resources_drifted:
+        return Verdict(
+            Decision.APPLY,
+            True,
+            "the unit's inputs moved; the apply overwrites drift found in its resources",
+            overwrites_drift=True,
+        )
+    return Verdict(Decision.APPLY, False, "the unit's inputs moved")

@@ -30,6 +30,7 @@ from agent.config.fleet import HOST_NAME_RE, Fleet, HostsFromStack, HostSpec, Re
 from agent.config.manifest import plain_value
 from agent.decide import Decision
 from agent.errors import AgentError
+from agent.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
 from agent.fsutil import atomic_write, ensure_private_dir
 from agent.layout import StateLayout
 from agent.policy.check import fleet_hold, now_utc
@@ -133,6 +134,7 @@ class FleetReconciler:
         self._stop = threading.Event()
         # Units run in parallel and several may share a host: one writer of the records.
         self._records = threading.Lock()
+        self.hasher = Hasher(load_key(layout.root))
 
     def interrupt(self) -> None:
         """Start no new host; the hosts converging now finish their round trip."""
@@ -149,6 +151,23 @@ class FleetReconciler:
             stop=self._stop,
             work=lambda unit, moved, _: self._converge(ctx, unit, _fleet(unit), moved),
             describe=describe_fleet,
+            inputs=lambda unit: self.fingerprint(ctx, unit),
+        )
+
+    def fingerprint(self, ctx: StackContext, unit: Unit) -> Fingerprint:
+        """The fleet unit's inputs in this pass (its hosts read from a stack, if so)."""
+        return fleet_fingerprint(
+            self.hasher,
+            ctx.tree,
+            unit,
+            ctx.manifest,
+            hosts=self._hosts(ctx, unit, _fleet(unit)),
+            upstream={
+                name: value
+                for name, value in self._unit_vars(ctx, unit).items()
+                if isinstance(unit.vars[name], StackOutputRef)
+            },
+            secrets=ctx.secrets.values.get(unit.name, {}),
         )
 
     def apply_saved(
@@ -233,29 +252,38 @@ class FleetReconciler:
         hold = apply and self.host.policy.destroy is DestroyPolicy.HOLD
         unit_vars = self._unit_vars(ctx, unit)
 
-        def one(spec: HostSpec) -> tuple[str, HostReport, dict[str, dict[str, Any]]]:
+        def one(spec: HostSpec) -> tuple[str, HostReport, dict[str, dict[str, Any]], int]:
             # Each host is prepared, converged and recorded by its worker, and only a
             # summary comes back: a pass holds the facts and diffs of the hosts being
             # converged, not of the whole fleet.
             plan = self._plan_host(ctx, unit, fleet, spec, unit_vars)
             report = self._run_host(ctx, unit, fleet, plan, apply, hold=hold)
+            # Drift put back by a change from Git: counted before the new desired state
+            # replaces the one recorded at the last converge.
+            overwritten = (
+                self._drift_overwritten(unit.name, plan, report) if revision_moved and apply else 0
+            )
             self._remember(unit, plan, report, ctx.revision, applied=apply)
+            self._remember_desired(unit.name, plan, report, applied=apply)
             text = self.redactor.redact(_render_reports([report]))
-            return text, _summary(report), _held_removals([plan], [report])
+            return text, _summary(report), _held_removals([plan], [report]), overwritten
 
         limit = min(fleet.parallelism or self.host.hosts.parallelism, self.host.hosts.parallelism)
         with ThreadPoolExecutor(max_workers=max(1, limit), thread_name_prefix="host") as pool:
             done = list(pool.map(one, hosts))
         run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, unit.name))
-        atomic_write(run_dir / "hosts.txt", "".join(text for text, _, _ in done))
-        reports = [report for _, report, _ in done]
-        held = {host: entry for _, _, found in done for host, entry in found.items()}
+        atomic_write(run_dir / "hosts.txt", "".join(text for text, _, _, _ in done))
+        reports = [report for _, report, _, _ in done]
+        held = {host: entry for _, _, found, _ in done for host, entry in found.items()}
+        overwritten = sum(count for _, _, _, count in done)
         if held:
             atomic_write(run_dir / HELD_FILE, json.dumps(held, indent=1))
             self._drop_older_holds(unit.name, ctx.run_id)
         outcome = self._scrub_hosts(
             _outcome(reports, apply=apply, dry_run=ctx.dry_run, revision_moved=revision_moved)
         )
+        if overwritten:
+            outcome = replace(outcome, drift=True, drift_overwritten=True)
         # Each host's counts in this run, for `agent history` (the store keeps the totals).
         atomic_write(
             run_dir / HOST_RESULTS_FILE, json.dumps([asdict(h) for h in outcome.hosts], indent=1)
@@ -617,6 +645,39 @@ class FleetReconciler:
             if held.parent.parent.name != run_id:
                 held.unlink(missing_ok=True)
 
+    # --- what each host was last converged to (to tell drift from a change) ------------
+
+    def _desired_file(self, unit: str, host: str) -> Path:
+        return self.layout.unit_dir(unit) / "desired" / f"{host}.json"
+
+    def _drift_overwritten(self, unit: str, plan: PlannedHost, report: HostReport) -> int:
+        """How many resources this apply changed although what the repo wants of them is
+        what it was at the last converge: hand-made drift, put back by a change from Git."""
+        try:
+            before = json.loads(self._desired_file(unit, plan.spec.name).read_text())
+        except (OSError, ValueError):
+            return 0
+        now = self._desired(plan)
+        return sum(
+            1
+            for outcome in report.outcomes
+            if outcome.status == "changed"
+            and outcome.resource_id in before
+            and before[outcome.resource_id] == now.get(outcome.resource_id)
+        )
+
+    def _desired(self, plan: PlannedHost) -> dict[str, str]:
+        return {r.id: self.hasher.value(r.attrs) for r in plan.resources}
+
+    def _remember_desired(
+        self, unit: str, plan: PlannedHost, report: HostReport, *, applied: bool
+    ) -> None:
+        # Keyed hashes only: a template holding a secret must not be kept in clear.
+        if applied and report.ok and plan.error is None:
+            path = self._desired_file(unit, plan.spec.name)
+            ensure_private_dir(path.parent)
+            atomic_write(path, json.dumps(self._desired(plan), indent=1))
+
 
 def host_states(layout: StateLayout, unit: str) -> list[dict[str, Any]]:
     """The last recorded result of every host of fleet `unit` (for `agent status`), with
@@ -876,8 +937,14 @@ def describe_fleet(outcome: UnitOutcome) -> str:
     }.get(decision, str(decision))
     resources = f"{plural(outcome.plan_change or 0, 'resource')} {verb}"
     if not hosts:
-        return resources + (" drift" if outcome.drift else "")
+        return resources + _drift_note(outcome)
     touched = outcome.changed_hosts if isinstance(outcome, FleetOutcome) else []
     names = ", ".join(touched[:5]) + (f", +{len(touched) - 5} more" if len(touched) > 5 else "")
     where = f" on {len(touched)} of {plural(len(hosts), 'host')} ({names})"
-    return resources + where + (" drift" if outcome.drift else "")
+    return resources + where + _drift_note(outcome)
+
+
+def _drift_note(outcome: UnitOutcome) -> str:
+    if outcome.drift_overwritten:
+        return "; drift overwritten by a change from Git"
+    return " drift" if outcome.drift else ""

@@ -618,7 +618,10 @@ def unit_events(
     if outcome.status is not UnitStatus.OK:
         return []
     events = []
-    if outcome.drift and outcome.decision == "apply":
+    if outcome.drift_overwritten:
+        # The unit's inputs moved: its drift policy did not decide, the change did.
+        events.append(make("drift", f"drift overwritten by a change from Git{counts}"))
+    elif outcome.drift and outcome.decision == "apply":
         events.append(make("drift", f"drift found and reverted{counts}"))
     elif outcome.drift and outcome.decision == "report":
         events.append(make("drift", f"drift found, left as it is (drift: report){counts}"))

@@ -472,7 +472,8 @@ class Reconciler:
             ctx.manifest = self._manifest_at(current, limits)
             self.report(Event(EventKind.MANIFEST_LOADED, run_id=ctx.run_id, result=ctx.manifest))
             return
-        if ctx.target != current:
+        # Only a real pass takes a revision into force: a dry run previews it.
+        if ctx.target != current and not ctx.request.dry_run:
             self.store.record_revision(ctx.target, RevisionStatus.ACCEPTED, run_id=ctx.run_id)
         self.report(Event(EventKind.MANIFEST_LOADED, run_id=ctx.run_id, result=ctx.manifest))
 
@@ -538,6 +539,7 @@ class Reconciler:
             dry_run=ctx.request.dry_run,
             secrets=ctx.secrets,
             override_window=ctx.request.override_window,
+            outcomes=ctx.outcomes,
         )
         selected = set(names)
         pending = set(names)
@@ -569,23 +571,32 @@ class Reconciler:
         outcomes: dict[str, UnitOutcome],
         selected: set[str],
     ) -> None:
-        """Block pending units whose dependency finished without converging (transitively)."""
+        """Block pending units whose dependency finished without converging (transitively).
+        A dependency this pass leaves out (`--unit`, backoff) counts by its last real
+        result: held or failed, it blocks its dependents here as in a full pass."""
         manifest = stack_ctx.manifest
         changed = True
         while changed:
             changed = False
             for name in sorted(pending):
-                failed = [
-                    d
-                    for d in manifest.get_unit(name).depends_on
-                    if d in selected and d in outcomes and outcomes[d].status not in _CONVERGED
-                ]
+                failed: list[tuple[str, UnitOutcome]] = []
+                for d in manifest.get_unit(name).depends_on:
+                    if d in selected and d in outcomes and outcomes[d].status not in _CONVERGED:
+                        failed.append((d, outcomes[d]))
+                    elif d not in selected and (last := self._last_real(d)) is not None:
+                        failed.append((d, last))
                 if failed:
                     pending.discard(name)
-                    outcomes[name] = self.stacks.block(
-                        stack_ctx, name, failed[0], outcomes[failed[0]]
-                    )
+                    outcomes[name] = self.stacks.block(stack_ctx, name, *failed[0])
                     changed = True
+
+    def _last_real(self, unit: str) -> UnitOutcome | None:
+        """The last real result of a unit left out of this pass, if it did not converge."""
+        state = self.store.unit_state(unit)
+        blocking = (UnitStatus.HELD, UnitStatus.FAILED, UnitStatus.BLOCKED)
+        if state is None or state.last_status not in blocking:
+            return None
+        return UnitOutcome(status=UnitStatus(state.last_status))
 
 
 def _held_file(unit_run_dir: Path) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from agent.config import HostConfig, Manifest, StackOutputRef, Unit
 from agent.config.manifest import plain_value
 from agent.decide import Decision, PlanFacts, decide
 from agent.errors import AgentError, TerraformError
+from agent.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint
 from agent.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
 from agent.layout import StateLayout
 from agent.policy.check import now_utc, stack_policy
@@ -52,6 +54,17 @@ class StackContext:
     secrets: ResolvedSecrets = field(default_factory=ResolvedSecrets)
     # Set by `agent reconcile --now --override-window --reason TEXT`: "by USER: TEXT".
     override_window: str | None = None
+    # The results of this pass so far (the pass fills it; a unit reads its dependencies').
+    outcomes: Mapping[str, UnitOutcome] = field(default_factory=dict)
+    # Stack outputs read in this pass, by unit: a unit's outputs do not change once it
+    # has finished, and its dependents start only after that.
+    outputs: dict[str, dict[str, StackOutput]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StackOutput:
+    value: Any
+    sensitive: bool
 
 
 class StackReconciler:
@@ -76,6 +89,7 @@ class StackReconciler:
         self._runner: TerraformRunner | None = None
         self._runner_lock = threading.Lock()
         self._stop = threading.Event()
+        self.hasher = Hasher(load_key(layout.root))
 
     # --- Terraform, set up once -------------------------------------------------
 
@@ -137,6 +151,7 @@ class StackReconciler:
         outcome = UnitOutcome(
             status=UnitStatus.BLOCKED,
             error=f"not run: it depends on {dependency!r}, which is {dep_outcome.status}",
+            preview=ctx.dry_run,  # a dry run's block says nothing about the last real result
         )
         self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
         self._finished(ctx, name, outcome, None)
@@ -153,6 +168,24 @@ class StackReconciler:
             stop=self._stop,
             work=lambda unit, moved, started: self._plan_and_apply(ctx, unit, moved, started),
             describe=describe_outcome,
+            inputs=lambda unit: self.fingerprint(ctx, unit),
+        )
+
+    def fingerprint(self, ctx: StackContext, unit: Unit) -> Fingerprint:
+        """The stack unit's inputs in this pass (reads the outputs it takes from others)."""
+        deadline = time.monotonic() + unit.timeout
+        upstream = {
+            name: self._stack_output(ctx, unit, name, value, deadline).value
+            for name, value in unit.vars.items()
+            if isinstance(value, StackOutputRef)
+        }
+        return stack_fingerprint(
+            self.hasher,
+            ctx.tree,
+            unit,
+            upstream=upstream,
+            secrets=ctx.secrets.values.get(unit.name, {}),
+            terraform=str(self.runner().binary),
         )
 
     def _plan_and_apply(
@@ -207,6 +240,7 @@ class StackReconciler:
                     revision_moved=revision_moved,
                     has_changes=summary.has_changes,
                     destroys_anything=summary.destroys_anything,
+                    resources_drifted=bool(summary.drift),
                 ),
                 drift=unit.drift,
                 destroy=self.host.policy.destroy,
@@ -236,6 +270,7 @@ class StackReconciler:
                     drift=drift,
                     converged=True,
                     error=notes,
+                    drift_overwritten=verdict.overwrites_drift,
                     **counts,
                 )
             denied = verdict.decision is Decision.DENY
@@ -323,7 +358,7 @@ class StackReconciler:
         variables: dict[str, str] = {}
         for name, value in unit.vars.items():
             if isinstance(value, StackOutputRef):
-                value = self._stack_output(ctx, unit, name, value, deadline)
+                value = self._stack_output(ctx, unit, name, value, deadline).value
             if value is None:
                 continue  # null: the variable keeps its default
             variables[f"TF_VAR_{name}"] = value if isinstance(value, str) else _hcl(value)
@@ -332,12 +367,8 @@ class StackReconciler:
 
     def _stack_output(
         self, ctx: StackContext, unit: Unit, var: str, ref: StackOutputRef, deadline: float
-    ) -> Any:
-        upstream = ctx.manifest.get_unit(ref.unit)
-        assert upstream is not None
-        outputs = self._terraform(
-            "output", unit, lambda: self.runner().outputs(self.workspace(ctx, upstream), deadline)
-        )
+    ) -> StackOutput:
+        outputs = self._read_outputs(ctx, unit, ref.unit, deadline)
         if ref.output not in outputs:
             known = ", ".join(sorted(outputs)) or "none"
             raise TerraformError(
@@ -349,12 +380,34 @@ class StackReconciler:
 
     def outputs_of(self, ctx: StackContext, requester: Unit, upstream: str) -> dict[str, Any]:
         """The outputs of stack unit `upstream` (a fleet reads its hosts from them)."""
+        deadline = time.monotonic() + requester.timeout
+        outputs = self._read_outputs(ctx, requester, upstream, deadline)
+        return {name: output.value for name, output in outputs.items()}
+
+    def _read_outputs(
+        self, ctx: StackContext, requester: Unit, upstream: str, deadline: float
+    ) -> dict[str, StackOutput]:
+        """Stack unit `upstream`'s outputs, read once per pass. A sensitive output's value
+        is registered with the redactor: the unit that receives it gets it as a plain
+        TF_VAR_ value, which Terraform would print unless the variable is declared
+        `sensitive = true` (something only the stack's author can do)."""
+        if upstream in ctx.outputs:
+            return ctx.outputs[upstream]
         unit = ctx.manifest.get_unit(upstream)
         assert unit is not None
-        deadline = time.monotonic() + requester.timeout
-        return self._terraform(
-            "output", requester, lambda: self.runner().outputs(self.workspace(ctx, unit), deadline)
+        entries = self._terraform(
+            "output",
+            requester,
+            lambda: self.runner().output_entries(self.workspace(ctx, unit), deadline),
         )
+        outputs = {}
+        for name, (value, sensitive) in entries.items():
+            if sensitive:
+                for text in _strings(value):
+                    self.redactor.register(text)
+            outputs[name] = StackOutput(value, sensitive)
+        ctx.outputs[upstream] = outputs
+        return outputs
 
     def _terraform(self, command: str, unit: Unit, call: Any) -> Any:
         try:
@@ -429,6 +482,8 @@ def describe_outcome(outcome: UnitOutcome) -> str:
     if outcome.plan_add is not None:
         counts = f" (+{outcome.plan_add} ~{outcome.plan_change} -{outcome.plan_destroy})"
     drift = " drift" if outcome.drift else ""
+    if outcome.drift_overwritten:
+        drift = " drift overwritten by a change from Git"
     if outcome.status in (UnitStatus.FAILED, UnitStatus.BLOCKED, UnitStatus.INTERRUPTED):
         return f"{outcome.status}: {outcome.error}"
     # The policy warnings (or a window override) of a plan that went ahead.
@@ -445,6 +500,21 @@ def describe_outcome(outcome: UnitOutcome) -> str:
         labels.get(Decision(outcome.decision), str(outcome.decision)) if outcome.decision else ""
     )
     return f"{label}{counts}{drift}{notes}"
+
+
+def _strings(value: Any) -> list[str]:
+    """The value as Terraform passes it on (string or JSON), and every string in it."""
+    if isinstance(value, str):
+        return [value] if value else []
+    # Numbers and booleans are not registered: masking every "1" would hide everything.
+    found = [json.dumps(value)] if isinstance(value, dict | list) else []
+    if isinstance(value, dict):
+        for item in value.values():
+            found += _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            found += _strings(item)
+    return [text for text in found if text.strip()]
 
 
 def _hcl(value: Any) -> str:

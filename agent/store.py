@@ -2,7 +2,8 @@
 
 What is kept: every pass (`runs`), each unit's result in it (`unit_runs`), each
 revision seen and whether it was accepted (`revisions`), and per unit where it stands
-(`unit_state`: the revision it last converged at, its drift, its last result). Every
+(`unit_state`: the revision and input fingerprint it last converged at, its drift, its
+last real result, and apart from those its last preview). Every
 change is one transaction, so a pass killed at any point leaves rows that are either
 there or not; `recover_interrupted` turns the rows of a dead pass into `interrupted`.
 
@@ -112,9 +113,22 @@ CREATE TABLE IF NOT EXISTS approvals (
 );
 """
 
+# Columns of the per-unit input fingerprint and of previews (issue 11, 13): a dry run's
+# result is recorded beside the real ones, never read as one.
+_SCHEMA_V2 = """
+ALTER TABLE unit_runs ADD COLUMN preview INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE unit_runs ADD COLUMN moved TEXT;  -- the kinds of input that moved (comma-separated)
+ALTER TABLE unit_runs ADD COLUMN drift_overwritten INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE unit_state ADD COLUMN fingerprint TEXT;  -- the input fingerprint at the last converge
+ALTER TABLE unit_state ADD COLUMN preview_run_id TEXT;
+ALTER TABLE unit_state ADD COLUMN preview_status TEXT;
+ALTER TABLE unit_state ADD COLUMN preview_decision TEXT;
+ALTER TABLE unit_state ADD COLUMN preview_at REAL;
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
-MIGRATIONS: list[str] = [_SCHEMA_V1]
+MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_V2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -167,6 +181,9 @@ class UnitRunRow:
     started_at: float
     finished_at: float | None
     error: str | None
+    preview: bool = False
+    moved: str | None = None
+    drift_overwritten: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,6 +196,11 @@ class UnitStateRow:
     last_decision: str | None
     drift: bool
     updated_at: float
+    fingerprint: str | None = None
+    preview_run_id: str | None = None
+    preview_status: str | None = None
+    preview_decision: str | None = None
+    preview_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +232,11 @@ class UnitOutcome:
     plan_destroy: int | None = None
     error: str | None = None
     converged: bool = False  # the unit now matches `revision` (update unit_state.revision)
+    # A dry run: recorded as a preview; the unit's converged state and last real result
+    # are left as they were.
+    preview: bool = False
+    moved: tuple[str, ...] = ()  # the kinds of input that moved (see agent.fingerprint)
+    drift_overwritten: bool = False  # drift applied over by a change from Git
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -414,9 +441,20 @@ class RunStore:
             )
 
     def finish_unit(
-        self, run_id: str, unit: str, revision: str | None, outcome: UnitOutcome
+        self,
+        run_id: str,
+        unit: str,
+        revision: str | None,
+        outcome: UnitOutcome,
+        fingerprint: str | None = None,
     ) -> None:
-        """Record a unit's result and move its `unit_state`, in one transaction."""
+        """Record a unit's result and move its `unit_state`, in one transaction.
+
+        A preview (dry run) sets only the preview columns. A real result sets the last
+        result; the converged revision and `fingerprint` move only when the outcome says
+        it converged; the drift flag changes only when a plan looked (a skipped, failed
+        or blocked unit keeps the drift last seen).
+        """
         now = time.time()
         with self._tx() as db:
             db.execute(
@@ -426,8 +464,8 @@ class RunStore:
             )
             db.execute(
                 "UPDATE unit_runs SET status = ?, decision = ?, drift = ?, plan_add = ?,"
-                " plan_change = ?, plan_destroy = ?, error = ?, finished_at = ?"
-                " WHERE run_id = ? AND unit = ?",
+                " plan_change = ?, plan_destroy = ?, error = ?, finished_at = ?, preview = ?,"
+                " moved = ?, drift_overwritten = ? WHERE run_id = ? AND unit = ?",
                 (
                     outcome.status,
                     outcome.decision,
@@ -437,20 +475,45 @@ class RunStore:
                     outcome.plan_destroy,
                     self._clean(outcome.error),
                     now,
+                    int(outcome.preview),
+                    ",".join(outcome.moved) or None,
+                    int(outcome.drift_overwritten),
                     run_id,
                     unit,
                 ),
             )
+            if outcome.preview:
+                db.execute(
+                    "INSERT INTO unit_state (unit, updated_at, preview_run_id, preview_status,"
+                    " preview_decision, preview_at) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (unit) DO UPDATE SET preview_run_id = excluded.preview_run_id,"
+                    " preview_status = excluded.preview_status,"
+                    " preview_decision = excluded.preview_decision,"
+                    " preview_at = excluded.preview_at",
+                    (unit, now, run_id, outcome.status, outcome.decision, now),
+                )
+                return
             previous = db.execute(
-                "SELECT revision, converged_at FROM unit_state WHERE unit = ?", (unit,)
+                "SELECT revision, converged_at, fingerprint, drift FROM unit_state WHERE unit = ?",
+                (unit,),
             ).fetchone()
             state_revision = previous["revision"] if previous else None
             converged_at = previous["converged_at"] if previous else None
+            state_fingerprint = previous["fingerprint"] if previous else None
+            drift = bool(previous["drift"]) if previous else False
             if outcome.converged:
                 state_revision, converged_at = revision, now
+                state_fingerprint = fingerprint or state_fingerprint
+            if outcome.drift or _plan_looked(outcome):
+                drift = outcome.drift
             db.execute(
-                "INSERT OR REPLACE INTO unit_state (unit, revision, converged_at, last_run_id,"
-                " last_status, last_decision, drift, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO unit_state (unit, revision, converged_at, last_run_id,"
+                " last_status, last_decision, drift, updated_at, fingerprint)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (unit) DO UPDATE SET"
+                " revision = excluded.revision, converged_at = excluded.converged_at,"
+                " last_run_id = excluded.last_run_id, last_status = excluded.last_status,"
+                " last_decision = excluded.last_decision, drift = excluded.drift,"
+                " updated_at = excluded.updated_at, fingerprint = excluded.fingerprint",
                 (
                     unit,
                     state_revision,
@@ -458,8 +521,9 @@ class RunStore:
                     run_id,
                     outcome.status,
                     outcome.decision,
-                    int(outcome.drift),
+                    int(drift),
                     now,
+                    state_fingerprint,
                 ),
             )
 
@@ -598,7 +662,9 @@ class RunStore:
         db: sqlite3.Connection, run_id: str, status: UnitStatus, error: str, now: float
     ) -> None:
         """Give every unit of `run_id` still `running` its end `status` (in `db`'s
-        transaction), and move its `unit_state` with it."""
+        transaction), and move its `unit_state` with it, unless the run was a dry run (its
+        units keep their last real result: nothing was applied)."""
+        dry = db.execute("SELECT dry_run FROM runs WHERE id = ?", (run_id,)).fetchone()
         units = db.execute(
             "SELECT unit FROM unit_runs WHERE run_id = ? AND status = ?",
             (run_id, UnitStatus.RUNNING),
@@ -608,12 +674,21 @@ class RunStore:
             " WHERE run_id = ? AND status = ?",
             (status, now, error, run_id, UnitStatus.RUNNING),
         )
-        for unit in units:
+        for unit in [] if dry and dry["dry_run"] else units:
             db.execute(
                 "UPDATE unit_state SET last_status = ?, last_run_id = ?, updated_at = ?"
                 " WHERE unit = ?",
                 (status, run_id, now, unit["unit"]),
             )
+
+
+def _plan_looked(outcome: UnitOutcome) -> bool:
+    """Whether the outcome comes from a plan (or host facts) that looked at the resources:
+    only such a result can say that drift is gone."""
+    return outcome.status in (UnitStatus.OK, UnitStatus.HELD) and outcome.decision not in (
+        None,
+        "skip",
+    )
 
 
 def _run_row(row: sqlite3.Row) -> RunRow:
@@ -645,6 +720,9 @@ def _unit_run_row(row: sqlite3.Row) -> UnitRunRow:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         error=row["error"],
+        preview=bool(row["preview"]),
+        moved=row["moved"],
+        drift_overwritten=bool(row["drift_overwritten"]),
     )
 
 
@@ -658,4 +736,9 @@ def _unit_state_row(row: sqlite3.Row) -> UnitStateRow:
         last_decision=row["last_decision"],
         drift=bool(row["drift"]),
         updated_at=row["updated_at"],
+        fingerprint=row["fingerprint"],
+        preview_run_id=row["preview_run_id"],
+        preview_status=row["preview_status"],
+        preview_decision=row["preview_decision"],
+        preview_at=row["preview_at"],
     )

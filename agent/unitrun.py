@@ -1,8 +1,14 @@
 """What reconciling any unit shares, stack or fleet: the record around the work.
 
-A unit is started in the store, skipped when its secrets could not be read or its drift
-policy says no check is needed, worked on, and finished in the store with one event
-each side. The work itself (Terraform, or hosts) is the caller's.
+A unit is started in the store, its input fingerprint taken (see agent.fingerprint),
+skipped when its secrets could not be read or its drift policy says no check is needed,
+worked on, and finished in the store with one event each side. The work itself
+(Terraform, or hosts) is the caller's.
+
+What the record may claim: a dry run records a preview and nothing else; a real
+result moves the unit's converged revision and fingerprint only when the unit
+converged and every unit it depends on ran in this pass and converged too (else the
+inputs it read may not be the ones its dependencies will have).
 """
 
 from __future__ import annotations
@@ -16,15 +22,18 @@ from typing import TYPE_CHECKING
 from agent.config import Unit
 from agent.decide import Decision, needs_plan
 from agent.errors import AgentError
+from agent.fingerprint import Fingerprint
 from agent.progress import Event, EventKind, Reporter
 from agent.redact import Redactor
-from agent.store import RunStore, UnitOutcome, UnitStatus
+from agent.store import RunStore, UnitOutcome, UnitStateRow, UnitStatus
 
 if TYPE_CHECKING:
     from agent.stacks import StackContext
 
-# (the unit, whether its revision moved since it last converged, when it started)
+# (the unit, whether its inputs moved since it last converged, when it started)
 Work = Callable[[Unit, bool, float], UnitOutcome]
+# The unit's input fingerprint for this pass (may raise AgentError: the unit fails).
+Inputs = Callable[[Unit], Fingerprint]
 
 
 def run_unit(
@@ -37,22 +46,27 @@ def run_unit(
     stop: threading.Event,
     work: Work,
     describe: Callable[[UnitOutcome], str],
+    inputs: Inputs,
 ) -> UnitOutcome:
     """Record, check and run one unit's `work`; never raises for the unit's own failure."""
     unit = ctx.manifest.get_unit(name)
     assert unit is not None
     started = time.monotonic()
     state = store.unit_state(name)
-    revision_moved = state is None or state.revision != ctx.revision
     store.start_unit(ctx.run_id, name, ctx.revision)
     report(Event(EventKind.UNIT_STARTED, run_id=ctx.run_id, unit=name))
+    fingerprint: Fingerprint | None = None
+    moved: tuple[str, ...] = ()
     if name in ctx.secrets.errors:
         outcome = UnitOutcome(status=UnitStatus.FAILED, error=ctx.secrets.errors[name])
-    elif not needs_plan(revision_moved, unit.drift):
-        outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.SKIP)
     else:
         try:
-            outcome = work(unit, revision_moved, started)
+            fingerprint = inputs(unit)
+            moved = moved_inputs(fingerprint, state, ctx.revision)
+            if not needs_plan(bool(moved), unit.drift):
+                outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.SKIP)
+            else:
+                outcome = work(unit, bool(moved), started)
         except AgentError as exc:
             outcome = UnitOutcome(status=UnitStatus.FAILED, error=exc.message)
         # Errors quote Terraform's output, command output and file text: mask secrets here.
@@ -60,7 +74,18 @@ def run_unit(
             outcome = replace(outcome, error=redactor.redact(outcome.error))
         if stop.is_set() and outcome.status is UnitStatus.FAILED:
             outcome = replace(outcome, status=UnitStatus.INTERRUPTED)
-    store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
+    outcome = replace(outcome, moved=moved)
+    if ctx.dry_run:
+        outcome = replace(outcome, preview=True, converged=False)
+    elif outcome.converged and not dependencies_converged(ctx, unit):
+        outcome = replace(outcome, converged=False)
+    store.finish_unit(
+        ctx.run_id,
+        name,
+        ctx.revision,
+        outcome,
+        fingerprint=fingerprint.encode() if fingerprint else None,
+    )
     report(
         Event(
             EventKind.UNIT_FINISHED,
@@ -72,3 +97,23 @@ def run_unit(
         )
     )
     return outcome
+
+
+def moved_inputs(
+    fingerprint: Fingerprint, state: UnitStateRow | None, revision: str
+) -> tuple[str, ...]:
+    """The kinds of input that moved since the unit last converged."""
+    if state is not None and state.fingerprint is None and state.revision == revision:
+        # Converged by an agent that kept no fingerprint, at this very revision: nothing
+        # can have moved but secrets and outputs, which that agent did not track either.
+        return ()
+    return fingerprint.moved_from(Fingerprint.decode(state.fingerprint if state else None))
+
+
+def dependencies_converged(ctx: StackContext, unit: Unit) -> bool:
+    """Whether every unit `unit` depends on ran in this pass for real and converged."""
+    for dependency in unit.depends_on:
+        outcome = ctx.outcomes.get(dependency)
+        if outcome is None or outcome.preview or outcome.status is not UnitStatus.OK:
+            return False
+    return True

@@ -57,6 +57,14 @@ def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str,
                 "updated_at": state.updated_at,
             }
         )
+        if state.preview_run_id:
+            # A dry run's result, apart: it never stands for what the unit last did.
+            units[-1]["last_preview"] = {
+                "run": state.preview_run_id,
+                "result": state.preview_status,
+                "decision": state.preview_decision,
+                "at": state.preview_at,
+            }
         if layout is not None and (hosts := host_states(layout, state.unit)):
             units[-1]["hosts"] = hosts
     return {

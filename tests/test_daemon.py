@@ -467,10 +467,15 @@ def test_reconcile_suspend_and_resume_go_through_the_daemon(
     assert len(agent.runs()) == runs  # no run recorded for it
 
     assert agent.cli("resume", "app").returncode == 0
+    # Resuming queues a pass of the unit: the push it missed is applied now.
+    resumed = wait_for(lambda: agent.finished_runs("resume"), what="the pass resume queued")
+    assert resumed[0].unit_filter == "app" and resumed[0].revision == head
+    rows = {r.unit: r.decision for r in RunStore(agent.state).unit_runs(resumed[0].id)}
+    assert rows == {"app": "apply"}
     result = agent.cli("reconcile", "--now", "--unit", "app", "--json")
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
-    assert answer["units"]["app"]["decision"] == "apply" and answer["revision"] == head
+    assert answer["units"]["app"]["decision"] == "nothing" and answer["revision"] == head
     assert agent.stop() == 0
 
 

@@ -20,6 +20,7 @@ def test_decision_table(case: dict) -> None:
             revision_moved=case["moved"],
             has_changes=case["changes"],
             destroys_anything=case["destroys"],
+            resources_drifted=case.get("drifted", False),
         ),
         drift=DriftPolicy(case["drift"]),
         destroy=DestroyPolicy(case["destroy"]),
@@ -27,6 +28,7 @@ def test_decision_table(case: dict) -> None:
     )
     assert verdict.decision is Decision(case["decision"])
     assert verdict.drift is case["is_drift"]
+    assert verdict.overwrites_drift is case.get("overwrites_drift", False)
     assert verdict.reason
 
 

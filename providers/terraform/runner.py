@@ -221,12 +221,20 @@ class TerraformRunner:
 
     def outputs(self, ws: UnitWorkspace, deadline: float | None) -> dict[str, Any]:
         """The stack's root outputs from its state: {name: value} (`output -json`)."""
+        return {name: value for name, (value, _) in self.output_entries(ws, deadline).items()}
+
+    def output_entries(
+        self, ws: UnitWorkspace, deadline: float | None
+    ) -> dict[str, tuple[Any, bool]]:
+        """The stack's root outputs: {name: (value, declared sensitive)}."""
         self.init_if_needed(ws, lambda line: None, deadline)
         args = ["output", "-no-color", "-json"]
         result = self._run(ws, args, {}, None, deadline)
         self._check("output", result)
         raw = _parse_json("output", result.stdout)
-        return {name: entry.get("value") for name, entry in raw.items()}
+        return {
+            name: (entry.get("value"), bool(entry.get("sensitive"))) for name, entry in raw.items()
+        }
 
     def interrupt(self) -> None:
         """Send one SIGINT to every running Terraform process of this runner.

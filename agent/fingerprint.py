@@ -1,0 +1,299 @@
+"""A unit's input fingerprint: what its converged state was computed from.
+
+A unit "moved" when one of its own inputs changed since it last converged, never
+because of a commit elsewhere in the repository. The inputs, each hashed apart (so a
+change can be named):
+
+    stack      the stack directory's files, and every local module it references
+               (`source = "./..."` / `"../..."`), transitively
+    manifest   the unit's entry: vars, policies, dependencies, secret references, and
+               for a fleet its settings, roles, inline resources and handlers
+    files      a fleet's template and source files
+    hosts      a fleet's hosts (the static list, or as read from a stack output)
+    upstream   the outputs of other units that the unit reads (`from_stack`)
+    secrets    the resolved values of the unit's secrets
+    terraform  the Terraform binary and its version (stacks)
+
+Every part is an HMAC with a key kept in the state directory (0600), so a recorded
+fingerprint cannot be used to confirm a guessed secret or output value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets as random
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent.config import StackOutputRef, Unit
+from agent.config.fleet import Fleet, HostsFromStack
+from agent.config.manifest import Manifest, plain_value
+from agent.fsutil import atomic_write
+from agent.redact import Secret
+
+KEY_FILE = "fingerprint.key"
+PARTS = ("stack", "manifest", "files", "hosts", "upstream", "secrets", "terraform")
+
+# `source = "./x"` or `"../x"` anywhere in a .tf file: module sources (and provisioner
+# sources, which are inputs too). Registry and Git sources do not start with a dot.
+_LOCAL_SOURCE = re.compile(r'\bsource\s*=\s*"(\.\.?/[^"]*)"')
+
+
+# `terraform init` writes the lock file into the checkout when the repo has none (the
+# checkout keeps untracked files), so its presence says nothing about Git: left out. The
+# providers it pins follow from the `required_providers` blocks, which are hashed.
+_WRITTEN_BY_INIT = frozenset({".terraform.lock.hcl"})
+
+
+@dataclass(frozen=True, slots=True)
+class Fingerprint:
+    """The HMAC of each kind of input (see PARTS); `digest` covers them all."""
+
+    parts: Mapping[str, str]
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.encode().encode()).hexdigest()
+
+    def encode(self) -> str:
+        """The form kept in the store."""
+        return json.dumps(dict(sorted(self.parts.items())), separators=(",", ":"))
+
+    @classmethod
+    def decode(cls, text: str | None) -> Fingerprint | None:
+        if not text:
+            return None
+        try:
+            parts = json.loads(text)
+        except ValueError:
+            return None  # unreadable: treated as never converged (the unit counts as moved)
+        if not isinstance(parts, dict):
+            return None
+        return cls({str(k): str(v) for k, v in parts.items()})
+
+    def moved_from(self, previous: Fingerprint | None) -> tuple[str, ...]:
+        """The kinds of input that differ from `previous` (all, if there is none)."""
+        if previous is None:
+            return tuple(sorted(self.parts))
+        kinds = set(self.parts) | set(previous.parts)
+        return tuple(sorted(k for k in kinds if self.parts.get(k) != previous.parts.get(k)))
+
+
+def load_key(state_dir: Path) -> bytes:
+    """The state directory's fingerprint key, made on first use (32 random bytes, 0600)."""
+    path = state_dir / KEY_FILE
+    try:
+        key = path.read_bytes()
+    except FileNotFoundError:
+        key = b""
+    if len(key) < 32:
+        atomic_write(path, random.token_hex(32))
+        key = path.read_bytes()
+    return key
+
+
+class Hasher:
+    """Keyed hashes of inputs; one per agent (the key never changes while it runs)."""
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def value(self, value: Any) -> str:
+        """The HMAC of a JSON-able value (secrets revealed only into the hash)."""
+        text = json.dumps(_jsonable(value), sort_keys=True, separators=(",", ":"))
+        return hmac.new(self._key, text.encode(), hashlib.sha256).hexdigest()
+
+    def files(self, tree: Path, paths: Iterable[str]) -> str:
+        """The HMAC of files and directories under `tree` (names and contents); a path
+        that leaves the tree is hashed by name only, never read."""
+        mac = hmac.new(self._key, digestmod=hashlib.sha256)
+        root = tree.resolve()
+        for rel in sorted(set(paths)):
+            for name, path in _walk(root, rel):
+                mac.update(name.encode() + b"\0")
+                try:
+                    data = path.read_bytes() if path is not None else b"<outside the repo>"
+                except OSError as exc:
+                    data = f"<unreadable: {exc.strerror}>".encode()
+                mac.update(hashlib.sha256(data).digest())
+        return mac.hexdigest()
+
+
+def stack_fingerprint(
+    hasher: Hasher,
+    tree: Path,
+    unit: Unit,
+    *,
+    upstream: Mapping[str, Any],
+    secrets: Mapping[str, Secret],
+    terraform: str,
+) -> Fingerprint:
+    """A stack unit's fingerprint; `upstream` holds the `from_stack` values it reads, by
+    variable name; `terraform` names the binary and its version."""
+    return Fingerprint(
+        {
+            "stack": hasher.files(tree, stack_paths(tree, unit.stack)),
+            "manifest": hasher.value(_unit_entry(unit)),
+            "upstream": hasher.value(upstream),
+            "secrets": hasher.value(secrets),
+            "terraform": hasher.value(terraform),
+        }
+    )
+
+
+def fleet_fingerprint(
+    hasher: Hasher,
+    tree: Path,
+    unit: Unit,
+    manifest: Manifest,
+    *,
+    hosts: Any,
+    upstream: Mapping[str, Any],
+    secrets: Mapping[str, Secret],
+) -> Fingerprint:
+    """A fleet unit's fingerprint; `hosts` is the host list as resolved for this pass."""
+    assert unit.fleet is not None
+    fleet = unit.fleet
+    role_names = list(fleet.roles)
+    for host in hosts if isinstance(hosts, tuple | list) else ():
+        role_names += list(getattr(host, "roles", ()))
+    roles = {name: manifest.roles.get(name, ()) for name in dict.fromkeys(role_names)}
+    specs = [spec for specs in roles.values() for spec in specs] + list(fleet.resources)
+    sources = [
+        str(spec.attrs["source"])
+        for spec in specs
+        if spec.kind in ("template", "file") and isinstance(spec.attrs.get("source"), str)
+    ]
+    entry = {
+        "unit": _unit_entry(unit),
+        "fleet": _fleet_entry(fleet),
+        "roles": {name: [_spec(s) for s in items] for name, items in roles.items()},
+        "handlers": {name: [h.service, h.action] for name, h in sorted(manifest.handlers.items())},
+    }
+    return Fingerprint(
+        {
+            "manifest": hasher.value(entry),
+            "files": hasher.files(tree, sources),
+            "hosts": hasher.value(hosts),
+            "upstream": hasher.value(upstream),
+            "secrets": hasher.value(secrets),
+        }
+    )
+
+
+def stack_paths(tree: Path, stack: str) -> list[str]:
+    """The stack directory and every local module it references, transitively (paths
+    relative to `tree`; a reference leaving the tree is kept by name, never followed)."""
+    root = tree.resolve()
+    seen: list[str] = []
+    todo = [stack]
+    while todo:
+        rel = todo.pop()
+        if rel in seen:
+            continue
+        seen.append(rel)
+        directory = (root / rel).resolve()
+        if not directory.is_relative_to(root) or not directory.is_dir():
+            continue
+        for tf in sorted(directory.glob("*.tf")):
+            try:
+                text = tf.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            for source in _LOCAL_SOURCE.findall(text):
+                target = os.path.normpath(os.path.join(rel, source))
+                todo.append(target)
+    return seen
+
+
+def _walk(root: Path, rel: str) -> Iterable[tuple[str, Path | None]]:
+    """(name, path) of every file at or under `rel`, sorted; path None when `rel` leaves
+    the tree (a symlink out of the repo is never read)."""
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root):
+        yield rel, None
+        return
+    if target.is_file():
+        yield rel, target
+        return
+    if not target.is_dir():
+        yield rel, None
+        return
+    for dirpath, dirnames, filenames in os.walk(target):
+        dirnames[:] = sorted(d for d in dirnames if d not in (".terraform", ".git"))
+        for name in sorted(filenames):
+            if name in _WRITTEN_BY_INIT:
+                continue
+            path = Path(dirpath) / name
+            resolved = path.resolve()
+            shown = f"{rel}/{path.relative_to(target).as_posix()}"
+            yield shown, resolved if resolved.is_relative_to(root) else None
+
+
+def _unit_entry(unit: Unit) -> dict[str, Any]:
+    # The line number is left out: a unit added above this one moves it, not its inputs.
+    return {
+        "name": unit.name,
+        "stack": unit.stack,
+        "depends_on": sorted(unit.depends_on),
+        "drift": str(unit.drift),
+        "timeout": unit.timeout,
+        "vars": {
+            name: (
+                {"from_stack": [value.unit, value.output]}
+                if isinstance(value, StackOutputRef)
+                else plain_value(value)
+            )
+            for name, value in sorted(unit.vars.items())
+        },
+        "secrets": {name: ref.raw for name, ref in sorted(unit.secrets.items())},
+    }
+
+
+def _fleet_entry(fleet: Fleet) -> dict[str, Any]:
+    hosts: Any
+    if isinstance(fleet.hosts, HostsFromStack):
+        hosts = {"from_stack": [fleet.hosts.unit, fleet.hosts.output]}
+    else:
+        hosts = "static"  # the list itself is the `hosts` part
+    return {
+        "hosts": hosts,
+        "user": fleet.user,
+        "port": fleet.port,
+        "become": fleet.become,
+        "roles": list(fleet.roles),
+        "resources": [_spec(s) for s in fleet.resources],
+        "vars": plain_value(fleet.vars),
+    }
+
+
+def _spec(spec: Any) -> dict[str, Any]:
+    # `where` names a line: left out for the same reason as a unit's line.
+    return {
+        "kind": spec.kind,
+        "name": spec.name,
+        "attrs": plain_value(spec.attrs),
+        "notify": list(spec.notify),
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return value.reveal()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, bytes):
+        return hashlib.sha256(value).hexdigest()
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _jsonable(getattr(value, k)) for k in value.__dataclass_fields__}
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
