@@ -59,6 +59,8 @@ RECIPE: dict[str, object] = {
         "sudo",
         "python3",
         "iproute2",
+        # The bastion test installs the agent itself into a host: it runs git.
+        "git",
     ],
     # Timers that would start apt or fs jobs in the middle of a test.
     "mask": [
