@@ -561,7 +561,12 @@ def test_a_preview_before_the_pass_never_turns_a_pushed_change_into_drift(
     assert state is not None and state.revision == head
 
 
-BROKEN_APP_TF = 'resource "terraform_data" "v" {\n  input = var.nowhere\n}\n'
+# Declares what the manifest passes (else the revision is refused before any plan) and
+# fails at plan time on an undeclared reference.
+BROKEN_APP_TF = (
+    'variable "dir" { type = string }\nvariable "greeting" { type = string }\n'
+    'resource "terraform_data" "v" {\n  input = var.nowhere\n}\n'
+)
 
 
 def test_a_dry_run_never_overwrites_the_last_real_outcome(tmp_path: Path) -> None:
