@@ -133,6 +133,8 @@ def encode_result(result: Any) -> dict[str, Any]:
 
 def decode_outcome(data: dict[str, Any]) -> UnitOutcome:
     fields = {**data, "status": UnitStatus(data["status"])}
+    if "moved" in fields:  # a tuple in the outcome, a list on the wire
+        fields["moved"] = tuple(fields["moved"] or ())
     if "hosts" in fields:  # a fleet unit's outcome, with each host's result
         from agent.fleets import FleetOutcome, HostResult
 

@@ -113,7 +113,7 @@ REFUSED = [
         "- file: /etc/motd\n  content: hi\n  package: nginx\n",
         "gitops.yaml:13: roles.base[0].package: unknown key for a file (package is a kind:"
         " start a new list item); expected one of file, content, source, sensitive, mode,"
-        " owner, group, notify, state",
+        " owner, group, on_drop, notify, state",
     ),
     # "got a mapping" said nothing: each names the key missing or extra.
     (

@@ -22,7 +22,7 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 def test_the_documented_complete_example_parses() -> None:
     text = (DOCS / "host-config.md").read_text()
-    example = re.search(r"## A complete example\n\n```yaml\n(.*?)```", text, re.S)
+    example = re.search(r"## A complete example\n\n(?:<!--.*?-->\n)?```yaml\n(.*?)```", text, re.S)
     assert example, "docs/host-config.md has no complete example"
     host = parse_host_config(example.group(1), "agent.yaml", Path("/etc/gitops-agent"))
 
