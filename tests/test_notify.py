@@ -380,7 +380,7 @@ def test_stop_gives_up_at_its_timeout(caplog: pytest.LogCaptureFixture) -> None:
         took = time.monotonic() - began
     finally:
         r.close()
-    assert took < 0.5 + 0.4
+    assert took < 0.5 + 2.0  # bounded by its timeout, not by the 60 s of retries (slack for load)
     [stats] = notifier.stats()
     assert (stats.failed, stats.dropped, stats.queued) == (1, 2, 0)
     lines = warnings_from(caplog)
