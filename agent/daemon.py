@@ -70,7 +70,7 @@ from agent.notify import NotificationSink, Notifier, unit_events
 from agent.policy.windows import override_record
 from agent.progress import Event, EventKind
 from agent.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
-from agent.redact import install_logging_redaction
+from agent.redact import install_logging_redaction, remove_logging_redaction
 from agent.store import RunStatus, UnitStatus
 from agent.storefile import StoreDamaged, StoreFull
 from agent.webhooks import PushEvent, WebhookSource
@@ -441,6 +441,9 @@ class Daemon:
             return 1
         self.reconciler.close()
         log.info("stopped")
+        # Nothing of this daemon stays in the process's logging (an embedding, or the
+        # tests, may start another one).
+        remove_logging_redaction(self.redactor)
         return 0
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:

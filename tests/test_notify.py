@@ -374,7 +374,8 @@ def test_stop_gives_up_at_its_timeout(caplog: pytest.LogCaptureFixture) -> None:
         notifier.start()
         for _ in range(3):
             notifier.send(event())
-        r.wait_for(1)
+        # The first delivery is under way (retried), the other two queued behind it.
+        assert r.wait_for(1, timeout=30.0), "the notifier never tried the first event"
         began = time.monotonic()
         notifier.stop(0.5)
         took = time.monotonic() - began

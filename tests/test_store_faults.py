@@ -25,7 +25,7 @@ from agent import store as store_module
 from agent import storefile
 from agent.errors import StoreError
 from agent.passlock import PassLock
-from agent.store import RevisionStatus, RunStatus, RunStore
+from agent.store import SCHEMA_VERSION, RevisionStatus, RunStatus, RunStore
 from agent.storefile import BACKUP_FILENAME, MARKER_FILENAME, StoreDamaged
 from tests.support.infra import InfraRepo, write_host_config
 
@@ -433,7 +433,7 @@ def test_a_reader_neither_upgrades_nor_writes_the_store(tmp_path: Path) -> None:
     set_schema(tmp_path, 0)
     with pytest.raises(StoreError, match="older than this gitops-agent's"):
         RunStore(tmp_path, read_only=True)
-    set_schema(tmp_path, 1)
+    set_schema(tmp_path, SCHEMA_VERSION)
     reader = RunStore(tmp_path, read_only=True)
     with pytest.raises(StoreError, match="read-only"):
         reader.suspend("app")
