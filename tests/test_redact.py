@@ -468,6 +468,7 @@ def test_install_adds_a_filter_to_root_handlers_once() -> None:
     handler = logging.StreamHandler(io.StringIO())
     root.addHandler(handler)
     redactor = Redactor()
+    factory_before = logging.getLogRecordFactory()
     try:
         install_logging_redaction(redactor)
         install_logging_redaction(redactor)
@@ -477,7 +478,8 @@ def test_install_adds_a_filter_to_root_handlers_once() -> None:
         remove_logging_redaction(redactor)
         root.removeHandler(handler)
     assert handler.filters == []
-    assert logging.getLogRecordFactory() is logging.LogRecord
+    # Back to what it was (logging.LogRecord, unless another redactor is still installed).
+    assert logging.getLogRecordFactory() is factory_before
 
 
 def test_filter_survives_bad_format_arguments() -> None:
