@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.config import HostConfig, load_host_config, resolve_host_config_path
+from agent.core.fsutil import private_umask
+from agent.core.progress import ConsoleReporter
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -30,9 +32,7 @@ from agent.errors import (
     PassBusyError,
     StoreError,
 )
-from agent.fsutil import private_umask
 from agent.layout import StateLayout
-from agent.progress import ConsoleReporter
 from agent.store import RunStatus, RunStore
 
 if TYPE_CHECKING:
@@ -336,9 +336,9 @@ def _print_json(data: Any) -> None:
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from agent.control import check_not_suspended, user_name
+    from agent.core.redact import install_logging_redaction
     from agent.policy.windows import override_record
     from agent.reconcile import PassRequest, Reconciler
-    from agent.redact import install_logging_redaction
 
     host = _host(args)
     reporter = ConsoleReporter(sys.stderr)
@@ -384,8 +384,8 @@ def _override_reason(args: argparse.Namespace) -> str | None:
 
 def cmd_approve(args: argparse.Namespace) -> int:
     from agent.control import user_name
+    from agent.core.redact import install_logging_redaction
     from agent.reconcile import Reconciler
-    from agent.redact import install_logging_redaction
 
     host = _host(args)
     reporter = ConsoleReporter(sys.stderr)
@@ -498,7 +498,7 @@ def _print_pass(result: Any, args: argparse.Namespace) -> int:
 
 
 def _verbose(base: ConsoleReporter) -> Callable[[Any], None]:
-    from agent.progress import EventKind
+    from agent.core.progress import EventKind
 
     def report(event: Any) -> None:
         if event.kind is EventKind.UNIT_LINE:

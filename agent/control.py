@@ -40,8 +40,8 @@ from typing import IO, Any, Protocol
 
 import yaml
 
+from agent.core.progress import Event, EventKind
 from agent.errors import AgentError, ConfigError, NotFoundError, PassBusyError, StoreError
-from agent.progress import Event, EventKind
 from agent.store import RunStatus, RunStore, UnitOutcome, UnitStatus
 
 log = logging.getLogger(__name__)

@@ -60,17 +60,17 @@ from agent.control import (
     resume_unit,
     suspend_unit,
 )
+from agent.core.fsutil import private_umask
+from agent.core.progress import Event, EventKind
+from agent.core.redact import install_logging_redaction, remove_logging_redaction
 from agent.errors import AgentError, PassBusyError, StoreError
-from agent.fsutil import private_umask
 from agent.http_server import AgentHTTPServer
 from agent.logfmt import EventLog, RunContext
 from agent.metrics import AgentMetrics, record_run
 from agent.notify import Event as Notification
 from agent.notify import NotificationSink, Notifier, unit_events
 from agent.policy.windows import override_record
-from agent.progress import Event, EventKind
 from agent.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
-from agent.redact import install_logging_redaction, remove_logging_redaction
 from agent.store import RunStatus, UnitStatus
 from agent.storefile import StoreDamaged, StoreFull
 from agent.webhooks import PushEvent, WebhookSource

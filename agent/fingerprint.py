@@ -34,8 +34,8 @@ from typing import Any
 from agent.config import StackOutputRef, Unit
 from agent.config.fleet import Fleet, HostsFromStack
 from agent.config.manifest import Manifest, plain_value
-from agent.fsutil import atomic_write
-from agent.redact import Secret
+from agent.core.fsutil import atomic_write
+from agent.core.redact import Secret
 
 KEY_FILE = "fingerprint.key"
 PARTS = ("stack", "manifest", "files", "hosts", "upstream", "secrets", "terraform")

@@ -28,14 +28,14 @@ from typing import Any
 from agent.config import DestroyPolicy, HostConfig, StackOutputRef, Unit
 from agent.config.fleet import HOST_NAME_RE, Fleet, HostsFromStack, HostSpec, ResourceSpec
 from agent.config.manifest import plain_value
+from agent.core.fsutil import atomic_write, ensure_private_dir
+from agent.core.progress import Event, EventKind, Reporter
+from agent.core.redact import Redactor
 from agent.decide import Decision
 from agent.errors import AgentError
 from agent.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
-from agent.fsutil import atomic_write, ensure_private_dir
 from agent.layout import StateLayout
 from agent.policy.check import fleet_hold, now_utc
-from agent.progress import Event, EventKind, Reporter
-from agent.redact import Redactor
 from agent.stacks import StackContext
 from agent.store import RunStore, UnitOutcome, UnitStatus
 from agent.unitrun import run_unit

@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.fsutil import ensure_private_dir
+from agent.core.fsutil import ensure_private_dir
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,7 +11,7 @@ to the journal, `$JOURNAL_STREAM`) each line is prefixed with its syslog priorit
 so that `journalctl -p warning` works, and no timestamp is written (the journal has one);
 elsewhere lines start with a UTC timestamp.
 
-`EventLog` turns the progress events of a pass (agent.progress) into such lines.
+`EventLog` turns the progress events of a pass (agent.core.progress) into such lines.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Any, TextIO
 
-from agent.progress import Event, EventKind
+from agent.core.progress import Event, EventKind
 from agent.stacks import describe_outcome
 from agent.store import RunStatus, UnitStatus
 from providers.text import plural

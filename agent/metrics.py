@@ -26,7 +26,7 @@ except ImportError:  # prometheus-client < 0.22: CONTENT_TYPE_LATEST was this sa
     from prometheus_client import CONTENT_TYPE_LATEST as _CONTENT_TYPE
 
 from agent import __version__
-from agent.redact import Redactor
+from agent.core.redact import Redactor
 from agent.store import RunStatus, RunStore, UnitOutcome, UnitStatus
 
 PREFIX: Final = "gitops_agent"

@@ -37,8 +37,8 @@ from typing import Any, Final
 from urllib.parse import urlsplit
 
 from agent import __version__
+from agent.core.redact import Redactor
 from agent.errors import ConfigError
-from agent.redact import Redactor
 from agent.store import UnitOutcome, UnitStatus
 from providers.text import plural
 

@@ -17,8 +17,8 @@ from importlib import resources
 from pathlib import Path
 
 from agent.config import load_host_config
+from agent.core.progress import ConsoleReporter
 from agent.errors import AgentError
-from agent.progress import ConsoleReporter
 from agent.reconcile import PassRequest, Reconciler
 from agent.views import describe_result
 from providers.git_setup import create_repo_from_tree

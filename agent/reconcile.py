@@ -20,6 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from agent.config import HostConfig, Manifest, ManifestCache, ManifestLimits
+from agent.core.progress import Event, EventKind, Reporter, silent
+from agent.core.redact import Redactor
 from agent.errors import (
     AgentError,
     ConfigError,
@@ -30,8 +32,6 @@ from agent.errors import (
 from agent.fleets import HELD_FILE, FleetReconciler
 from agent.layout import StateLayout
 from agent.passlock import PassLock, end_leftovers
-from agent.progress import Event, EventKind, Reporter, silent
-from agent.redact import Redactor
 from agent.secrets import ResolvedSecrets, SecretResolver
 from agent.stacks import PLAN_FILE, StackContext, StackReconciler
 from agent.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitStatus
@@ -116,7 +116,7 @@ class Reconciler:
         self.host = host
         self.layout = StateLayout(host.state_dir)
         self.layout.prepare()
-        # One redactor for everything this agent writes or shows (see agent.redact).
+        # One redactor for everything this agent writes or shows (see agent.core.redact).
         self.redactor = Redactor()
         self.store = RunStore(host.state_dir, scrub=self.redactor.redact)
         self.report: Reporter = lambda event: reporter(

@@ -7,7 +7,7 @@ process's environment is built. A reference that cannot be read fails its unit (
 so its dependents) with a message naming the reference, never the value; it never
 becomes an empty string.
 
-A value too short or too common to be masked safely (`agent.redact.weak_value`) fails its
+A value too short or too common to be masked safely (`agent.core.redact.weak_value`) fails its
 units the same way, and is not registered with the redactor (so that printing candidates
 and seeing which one is masked tells nothing), unless the host config has
 `secrets.allow_weak_values: true`: then it is used, registered, and a warning names the
@@ -26,8 +26,8 @@ from typing import Protocol
 
 from agent.config import Unit
 from agent.config.secrets import SecretsConfig
+from agent.core.redact import MIN_SECRET_LENGTH, Redactor, Secret, weak_value
 from agent.errors import SecretsError
-from agent.redact import MIN_SECRET_LENGTH, Redactor, Secret, weak_value
 from providers.errors import SecretBackendError
 from providers.secrets.refs import SecretRef
 from providers.secrets.resolve import resolve_all

@@ -17,14 +17,14 @@ from typing import Any
 
 from agent.config import HostConfig, Manifest, StackOutputRef, Unit
 from agent.config.manifest import plain_value
+from agent.core.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
+from agent.core.progress import Event, EventKind, Reporter
+from agent.core.redact import LineRedactor, Redactor
 from agent.decide import Decision, PlanFacts, decide
 from agent.errors import AgentError, TerraformError
 from agent.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint
-from agent.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
 from agent.layout import StateLayout
 from agent.policy.check import now_utc, stack_policy
-from agent.progress import Event, EventKind, Reporter
-from agent.redact import LineRedactor, Redactor
 from agent.secrets import ResolvedSecrets, terraform_variables
 from agent.store import RunStore, UnitOutcome, UnitStatus
 from agent.unitrun import run_unit

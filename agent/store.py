@@ -26,8 +26,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from agent.core.fsutil import ensure_private_dir
 from agent.errors import StoreError
-from agent.fsutil import ensure_private_dir
 from agent.storefile import (
     DB_FILENAME,
     StoreFull,

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
+from agent.core.fsutil import PRIVATE_FILE_MODE, atomic_write, fsync_dir
 from agent.errors import StoreError
-from agent.fsutil import PRIVATE_FILE_MODE, atomic_write, fsync_dir
 
 DB_FILENAME = "agent.db"
 MARKER_FILENAME = "agent.db.created"

@@ -20,11 +20,11 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from agent.config import Unit
+from agent.core.progress import Event, EventKind, Reporter
+from agent.core.redact import Redactor
 from agent.decide import Decision, needs_plan
 from agent.errors import AgentError
 from agent.fingerprint import Fingerprint
-from agent.progress import Event, EventKind, Reporter
-from agent.redact import Redactor
 from agent.store import RunStore, UnitOutcome, UnitStateRow, UnitStatus
 
 if TYPE_CHECKING:

@@ -27,8 +27,8 @@ from agent.control import (
     Reply,
     run_remote,
 )
+from agent.core.progress import Event, EventKind
 from agent.errors import AgentError, NotFoundError
-from agent.progress import Event, EventKind
 from agent.store import UnitOutcome, UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
 

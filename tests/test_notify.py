@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from agent import __version__
+from agent.core.redact import Redactor
 from agent.errors import ConfigError
 from agent.metrics import AgentMetrics
 from agent.notify import Event, NotificationSink, Notifier, unit_events
-from agent.redact import Redactor
 from agent.store import UnitOutcome, UnitStatus
 
 SECRET = "pa55-w0rd-Very-Secret"

@@ -16,7 +16,7 @@ from urllib.parse import quote, quote_plus
 
 import pytest
 
-from agent.redact import (
+from agent.core.redact import (
     MASK,
     MIN_LENGTH,
     RedactingFilter,
@@ -247,7 +247,7 @@ def test_overlapping_secrets_leave_no_fragment() -> None:
 
 def test_short_value_is_masked_as_a_whole_word(caplog) -> None:
     redactor = Redactor()
-    with caplog.at_level(logging.WARNING, logger="agent.redact"):
+    with caplog.at_level(logging.WARNING, logger="agent.core.redact"):
         redactor.register("q7Z")
     assert len(redactor) == 1
     assert redactor.forms("q7Z") == {"q7Z"}
@@ -284,7 +284,7 @@ def test_strings_of_a_json_document_are_registered() -> None:
 @pytest.mark.parametrize("value", ["", " ", "\n\t  "])
 def test_empty_or_blank_values_are_not_registered(value: str, caplog) -> None:
     redactor = Redactor()
-    with caplog.at_level(logging.WARNING, logger="agent.redact"):
+    with caplog.at_level(logging.WARNING, logger="agent.core.redact"):
         redactor.register(value)
     assert len(redactor) == 0 and "nothing to mask" in caplog.text
     assert redactor.redact("a  b\n") == "a  b\n"

@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_host_config
-from agent.progress import EventKind
+from agent.core.progress import EventKind
+from agent.core.redact import MASK, LineRedactor, Redactor
 from agent.reconcile import PassRequest, Reconciler
-from agent.redact import MASK, LineRedactor, Redactor
 from agent.store import UnitStatus
 from tests.support.infra import InfraRepo, embedded_terraform, write_host_config
 

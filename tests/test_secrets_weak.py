@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_host_config
+from agent.core.redact import MASK, MIN_SECRET_LENGTH, weak_value
 from agent.errors import ConfigError
 from agent.reconcile import PassRequest, Reconciler
-from agent.redact import MASK, MIN_SECRET_LENGTH, weak_value
 from agent.store import UnitStatus
 from tests.support.docblocks import block
 from tests.support.infra import InfraRepo, write_host_config

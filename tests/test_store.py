@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.core.fsutil import INTERRUPTED_MARKER, StreamedFile, atomic_write, finish_partial
 from agent.errors import PassBusyError, StoreError
-from agent.fsutil import INTERRUPTED_MARKER, StreamedFile, atomic_write, finish_partial
 from agent.passlock import PassLock
 from agent.store import (
     RevisionStatus,

@@ -56,7 +56,7 @@ class SecretsConfig:
     retry_for: float = DEFAULT_RETRY_FOR
     vault: VaultConfig | None = None
     aws: AwsConfig | None = None
-    # Values too short or common to mask safely (agent.redact.weak_value): a warning
+    # Values too short or common to mask safely (agent.core.redact.weak_value): a warning
     # instead of failing the unit.
     allow_weak_values: bool = False
 

@@ -10,11 +10,11 @@ reached a file, a directory of files, or a string:
     ...
     assert find_leaks([state_dir, captured_stdout], canaries) == []
 
-The forms searched (`every_form`) are computed here, independently of `agent.redact`,
+The forms searched (`every_form`) are computed here, independently of `agent.core.redact`,
 from the list the design asks for: the value; its standard and URL-safe base64 with and
 without padding; `quote(value, safe="")` and `quote_plus`; the JSON-escaped forms
 (`ensure_ascii` true and false); each line stripped of whitespace, if it has at least
-`agent.redact.MIN_PART_LENGTH` characters.
+`agent.core.redact.MIN_PART_LENGTH` characters.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
-from agent.redact import MIN_PART_LENGTH
+from agent.core.redact import MIN_PART_LENGTH
 
 CANARIES_FILE = Path(__file__).resolve().parent.parent / "cases" / "canaries.json"
 

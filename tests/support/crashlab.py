@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.config import load_host_config
-from agent.progress import Event, EventKind
+from agent.core.progress import Event, EventKind
 from agent.reconcile import PassRequest, Reconciler
 from agent.store import RunStore
 from providers.proctrack import MARKER
