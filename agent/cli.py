@@ -32,11 +32,11 @@ from agent.errors import (
     PassBusyError,
     StoreError,
 )
-from agent.layout import StateLayout
-from agent.store import RunStatus, RunStore
+from agent.state.layout import StateLayout
+from agent.state.store import RunStatus, RunStore
 
 if TYPE_CHECKING:
-    from agent.storefile import StoreReport
+    from agent.state.storefile import StoreReport
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -431,8 +431,8 @@ def _unit_switch(
 ) -> int:
     """suspend/resume: through the daemon, or on the store under the pass lock."""
     from agent.control import known_units, run_remote, user_name
-    from agent.passlock import PassLock
     from agent.reconcile import Reconciler
+    from agent.state.passlock import PassLock
 
     host = _host(args)
     if (client := _daemon(host)) is not None:
@@ -510,7 +510,7 @@ def _verbose(base: ConsoleReporter) -> Callable[[Any], None]:
 
 
 def _say_if_busy(reconciler: Any) -> None:
-    from agent.passlock import PassLock
+    from agent.state.passlock import PassLock
 
     lock = PassLock(reconciler.layout.root)
     try:
@@ -643,7 +643,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_store(args: argparse.Namespace) -> int:
-    from agent.storefile import check_store, restore_backup
+    from agent.state.storefile import check_store, restore_backup
 
     host = _host(args)
     if args.store_command == "check":
@@ -660,7 +660,7 @@ def cmd_store(args: argparse.Namespace) -> int:
                 print(f"the run store is {live.state}: {what}", file=sys.stderr)
         return EXIT_OK if live.state in ("ok", "new") else EXIT_CONFIG
 
-    from agent.passlock import PassLock
+    from agent.state.passlock import PassLock
 
     if _daemon(host) is not None:
         raise PassBusyError(

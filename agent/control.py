@@ -42,7 +42,7 @@ import yaml
 
 from agent.core.progress import Event, EventKind
 from agent.errors import AgentError, ConfigError, NotFoundError, PassBusyError, StoreError
-from agent.store import RunStatus, RunStore, UnitOutcome, UnitStatus
+from agent.state.store import RunStatus, RunStore, UnitOutcome, UnitStatus
 
 log = logging.getLogger(__name__)
 

@@ -71,8 +71,8 @@ from agent.notify import Event as Notification
 from agent.notify import NotificationSink, Notifier, unit_events
 from agent.policy.windows import override_record
 from agent.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
-from agent.store import RunStatus, UnitStatus
-from agent.storefile import StoreDamaged, StoreFull
+from agent.state.store import RunStatus, UnitStatus
+from agent.state.storefile import StoreDamaged, StoreFull
 from agent.webhooks import PushEvent, WebhookSource
 from providers.text import plural
 

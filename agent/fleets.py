@@ -34,10 +34,10 @@ from agent.core.redact import Redactor
 from agent.decide import Decision
 from agent.errors import AgentError
 from agent.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
-from agent.layout import StateLayout
 from agent.policy.check import fleet_hold, now_utc
 from agent.stacks import StackContext
-from agent.store import RunStore, UnitOutcome, UnitStatus
+from agent.state.layout import StateLayout
+from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.unitrun import run_unit
 from providers.errors import ProviderError, RepoFileError
 from providers.hosts import ledger

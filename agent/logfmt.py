@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from agent.core.progress import Event, EventKind
 from agent.stacks import describe_outcome
-from agent.store import RunStatus, UnitStatus
+from agent.state.store import RunStatus, UnitStatus
 from providers.text import plural
 
 # sd-daemon(3) priority prefixes.

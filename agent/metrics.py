@@ -27,7 +27,7 @@ except ImportError:  # prometheus-client < 0.22: CONTENT_TYPE_LATEST was this sa
 
 from agent import __version__
 from agent.core.redact import Redactor
-from agent.store import RunStatus, RunStore, UnitOutcome, UnitStatus
+from agent.state.store import RunStatus, RunStore, UnitOutcome, UnitStatus
 
 PREFIX: Final = "gitops_agent"
 

@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from agent import __version__
 from agent.core.redact import Redactor
 from agent.errors import ConfigError
-from agent.store import UnitOutcome, UnitStatus
+from agent.state.store import UnitOutcome, UnitStatus
 from providers.text import plural
 
 log = logging.getLogger(__name__)

@@ -30,11 +30,11 @@ from agent.errors import (
     VerificationError,
 )
 from agent.fleets import HELD_FILE, FleetReconciler
-from agent.layout import StateLayout
-from agent.passlock import PassLock, end_leftovers
 from agent.secrets import ResolvedSecrets, SecretResolver
 from agent.stacks import PLAN_FILE, StackContext, StackReconciler
-from agent.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitStatus
+from agent.state.layout import StateLayout
+from agent.state.passlock import PassLock, end_leftovers
+from agent.state.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitStatus
 from providers.errors import GitSourceError, SignatureError
 from providers.git_source import GitSource
 from providers.git_verify import verify_revision
@@ -132,7 +132,7 @@ class Reconciler:
             https_ca_bundle=host.repo.https_ca_bundle,
         )
         # Every Terraform process a pass starts is recorded, so the next pass can end
-        # what a killed agent left running (see agent.passlock.end_leftovers).
+        # what a killed agent left running (see agent.state.passlock.end_leftovers).
         self.children = ChildTracker(self.layout.children)
         self.stacks = StackReconciler(
             host, self.layout, self.store, self.report, self.redactor, children=self.children

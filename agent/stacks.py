@@ -23,10 +23,10 @@ from agent.core.redact import LineRedactor, Redactor
 from agent.decide import Decision, PlanFacts, decide
 from agent.errors import AgentError, TerraformError
 from agent.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint
-from agent.layout import StateLayout
 from agent.policy.check import now_utc, stack_policy
 from agent.secrets import ResolvedSecrets, terraform_variables
-from agent.store import RunStore, UnitOutcome, UnitStatus
+from agent.state.layout import StateLayout
+from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.unitrun import run_unit
 from providers.errors import ProviderError
 from providers.proctrack import ChildTracker

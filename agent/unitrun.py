@@ -25,7 +25,7 @@ from agent.core.redact import Redactor
 from agent.decide import Decision, needs_plan
 from agent.errors import AgentError
 from agent.fingerprint import Fingerprint
-from agent.store import RunStore, UnitOutcome, UnitStateRow, UnitStatus
+from agent.state.store import RunStore, UnitOutcome, UnitStateRow, UnitStatus
 
 if TYPE_CHECKING:
     from agent.stacks import StackContext

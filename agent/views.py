@@ -19,9 +19,9 @@ from typing import Any
 from agent.decide import Decision
 from agent.errors import NotFoundError
 from agent.fleets import HOST_RESULTS_FILE, FleetOutcome, describe_fleet, host_states
-from agent.layout import StateLayout
 from agent.stacks import describe_outcome
-from agent.store import RunStore, UnitOutcome, UnitRunRow, UnitStatus
+from agent.state.layout import StateLayout
+from agent.state.store import RunStore, UnitOutcome, UnitRunRow, UnitStatus
 from providers.text import plural
 
 # Keys that hold a Unix time in a view (`at`, `since`, any `*_at`: `started_at`,

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.store import RunStore
+from agent.state.store import RunStore
 
 
 def fill(state: Path, runs: int) -> int:

@@ -36,7 +36,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from agent.store import RunStore  # noqa: E402
+from agent.state.store import RunStore  # noqa: E402
 from tests.support.infra import InfraRepo, write_host_config  # noqa: E402
 
 SECRET = "bench-webhook-secret"

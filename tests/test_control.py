@@ -29,7 +29,7 @@ from agent.control import (
 )
 from agent.core.progress import Event, EventKind
 from agent.errors import AgentError, NotFoundError
-from agent.store import UnitOutcome, UnitStatus
+from agent.state.store import UnitOutcome, UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
 
 

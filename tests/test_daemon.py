@@ -29,7 +29,7 @@ from typing import Any
 
 import pytest
 
-from agent.store import RunRow, RunStore
+from agent.state.store import RunRow, RunStore
 from tests.support.infra import InfraRepo, write_host_config
 
 SECRET = "test-webhook-secret-3f9a"

@@ -19,9 +19,9 @@ import pytest
 
 from agent.config import load_host_config
 from agent.fleets import host_states
-from agent.layout import StateLayout
 from agent.reconcile import PassRequest, PassResult, Reconciler
-from agent.store import UnitStatus
+from agent.state.layout import StateLayout
+from agent.state.store import UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
 
 

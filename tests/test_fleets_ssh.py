@@ -18,7 +18,7 @@ import pytest
 
 from agent.config import load_host_config
 from agent.reconcile import PassRequest, Reconciler
-from agent.store import UnitStatus
+from agent.state.store import UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
 from tests.support.sshd import (
     SshServer,

@@ -23,10 +23,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import store as store_module
 from agent.config import load_host_config
 from agent.daemon import Daemon
-from agent.store import RunStore
+from agent.state import store as store_module
+from agent.state.store import RunStore
 from providers.proctrack import MARKER, ChildTracker, marked, proc_stat
 from providers.terraform.runner import clear_dead_lock, lock_info_file
 from tests.support.infra import InfraRepo, write_host_config

@@ -15,7 +15,7 @@ import pytest
 
 from agent.config import load_host_config
 from agent.reconcile import PassRequest, Reconciler
-from agent.store import RunStatus, UnitStatus
+from agent.state.store import RunStatus, UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
 
 PROVIDER = """
@@ -97,7 +97,7 @@ class World:
             reconciler.close()
 
     def store(self):
-        from agent.store import RunStore
+        from agent.state.store import RunStore
 
         return RunStore(self.state)
 

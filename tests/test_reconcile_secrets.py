@@ -10,7 +10,7 @@ import pytest
 
 from agent.config import load_host_config
 from agent.reconcile import PassRequest, Reconciler
-from agent.store import RunStore, UnitStatus
+from agent.state.store import RunStore, UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
 from tests.support.vault_standin import VaultStandin
 

@@ -10,7 +10,7 @@ import pytest
 
 from agent.config import load_host_config
 from agent.reconcile import PassRequest, Reconciler
-from agent.store import RevisionStatus, RunStore
+from agent.state.store import RevisionStatus, RunStore
 from tests.support.infra import InfraRepo, git, write_host_config
 
 TF = 'resource "terraform_data" "v" {\n  input = "%s"\n}\n'

@@ -19,7 +19,7 @@ from agent.config import load_host_config
 from agent.daemon import Batch, Daemon
 from agent.quickstart import lay_out
 from agent.reconcile import PassRequest, PassResult, Reconciler
-from agent.store import RunStore, UnitStatus
+from agent.state.store import RunStore, UnitStatus
 from tests.support.infra import InfraRepo, embedded_terraform, git, write_host_config
 
 PROVIDER = """

@@ -23,7 +23,7 @@ from agent.config import load_host_config
 from agent.core.progress import EventKind
 from agent.core.redact import MASK, LineRedactor, Redactor
 from agent.reconcile import PassRequest, Reconciler
-from agent.store import UnitStatus
+from agent.state.store import UnitStatus
 from tests.support.infra import InfraRepo, embedded_terraform, write_host_config
 
 # The secret, and one long enough to span three wrapped lines.

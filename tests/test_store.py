@@ -14,8 +14,8 @@ import pytest
 
 from agent.core.fsutil import INTERRUPTED_MARKER, StreamedFile, atomic_write, finish_partial
 from agent.errors import PassBusyError, StoreError
-from agent.passlock import PassLock
-from agent.store import (
+from agent.state.passlock import PassLock
+from agent.state.store import (
     RevisionStatus,
     RunStatus,
     RunStore,
@@ -104,7 +104,7 @@ def test_pass_lock_excludes_a_second_holder_and_names_the_first(tmp_path: Path) 
 
 def test_pass_lock_is_freed_when_its_holder_is_killed(tmp_path: Path) -> None:
     code = (
-        "import sys, time; from pathlib import Path; from agent.passlock import PassLock\n"
+        "import sys, time; from pathlib import Path; from agent.state.passlock import PassLock\n"
         "lock = PassLock(Path(sys.argv[1])); lock.acquire(wait=False); print('held', flush=True)\n"
         "time.sleep(60)\n"
     )

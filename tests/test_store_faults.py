@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import store as store_module
-from agent import storefile
 from agent.errors import StoreError
-from agent.passlock import PassLock
-from agent.store import SCHEMA_VERSION, RevisionStatus, RunStatus, RunStore
-from agent.storefile import BACKUP_FILENAME, MARKER_FILENAME, StoreDamaged
+from agent.state import store as store_module
+from agent.state import storefile
+from agent.state.passlock import PassLock
+from agent.state.store import SCHEMA_VERSION, RevisionStatus, RunStatus, RunStore
+from agent.state.storefile import BACKUP_FILENAME, MARKER_FILENAME, StoreDamaged
 from tests.support.infra import InfraRepo, write_host_config
 
 APP_TF = """

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import RunStore, UnitOutcome, UnitStatus
+from agent.state.store import RunStore, UnitOutcome, UnitStatus
 
 CASES = json.loads((Path(__file__).parent / "cases" / "records.json").read_text())
 

@@ -2,7 +2,7 @@
 
 <state_dir>/              0700
   agent.db                the run store (SQLite, WAL)
-  agent.db.created        the store existed: losing agent.db is an error (agent.storefile)
+  agent.db.created        the store existed: losing agent.db is an error (agent.state.storefile)
   agent.db.backup         its backup, refreshed after each pass and suspend/resume
   agent.db.reserve        room to record a pass's end when the disk fills up
   pass.lock               one pass at a time

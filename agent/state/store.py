@@ -8,7 +8,7 @@ change is one transaction, so a pass killed at any point leaves rows that are ei
 there or not; `recover_interrupted` turns the rows of a dead pass into `interrupted`.
 
 The file itself (never silently recreated, checked on open, read-only for readers,
-backed up after each pass and each suspend/resume) is `agent.storefile`'s job; every
+backed up after each pass and each suspend/resume) is `agent.state.storefile`'s job; every
 SQLite error leaves this module as a `StoreError` naming the file and what to do.
 """
 
@@ -28,7 +28,7 @@ from typing import Any
 
 from agent.core.fsutil import ensure_private_dir
 from agent.errors import StoreError
-from agent.storefile import (
+from agent.state.storefile import (
     DB_FILENAME,
     StoreFull,
     keep_reserve,

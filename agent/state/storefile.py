@@ -1,6 +1,6 @@
 """The run store's file on disk: opening it safely, its backup, checking and restoring it.
 
-`agent.store` keeps the rows; this module keeps the file they live in honest:
+`agent.state.store` keeps the rows; this module keeps the file they live in honest:
 
 - A store that existed is never silently recreated. The first open writes a marker
   (`agent.db.created`) beside it; a missing, empty or non-SQLite `agent.db` with the
