@@ -24,8 +24,8 @@ import time
 from typing import Any, TextIO
 
 from agent.core.progress import Event, EventKind
-from agent.stacks import describe_outcome
 from agent.state.store import RunStatus, UnitStatus
+from agent.units.stacks import describe_outcome
 from providers.text import plural
 
 # sd-daemon(3) priority prefixes.

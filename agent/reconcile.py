@@ -29,12 +29,12 @@ from agent.errors import (
     SourceError,
     VerificationError,
 )
-from agent.fleets import HELD_FILE, FleetReconciler
-from agent.secrets import ResolvedSecrets, SecretResolver
-from agent.stacks import PLAN_FILE, StackContext, StackReconciler
 from agent.state.layout import StateLayout
 from agent.state.passlock import PassLock, end_leftovers
 from agent.state.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitStatus
+from agent.units.fleets import HELD_FILE, FleetReconciler
+from agent.units.secrets import ResolvedSecrets, SecretResolver
+from agent.units.stacks import PLAN_FILE, StackContext, StackReconciler
 from providers.errors import GitSourceError, SignatureError
 from providers.git_source import GitSource
 from providers.git_verify import verify_revision

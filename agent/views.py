@@ -16,12 +16,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.decide import Decision
 from agent.errors import NotFoundError
-from agent.fleets import HOST_RESULTS_FILE, FleetOutcome, describe_fleet, host_states
-from agent.stacks import describe_outcome
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitRunRow, UnitStatus
+from agent.units.decide import Decision
+from agent.units.fleets import HOST_RESULTS_FILE, FleetOutcome, describe_fleet, host_states
+from agent.units.stacks import describe_outcome
 from providers.text import plural
 
 # Keys that hold a Unix time in a view (`at`, `since`, any `*_at`: `started_at`,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import DestroyPolicy, DriftPolicy
-from agent.decide import Decision, PlanFacts, decide, needs_plan
+from agent.units.decide import Decision, PlanFacts, decide, needs_plan
 
 CASES = json.loads((Path(__file__).parent / "cases" / "decide.json").read_text())
 

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 
 from agent.config import DestroyPolicy, DriftPolicy
-from agent.decide import Decision, PlanFacts, decide
 from agent.policy.apply import ApplyMode, within
 from agent.policy.gate import Gate
 from agent.policy.rules import Effect, RuleResult, compile_rule
 from agent.policy.windows import FreezeDrift
+from agent.units.decide import Decision, PlanFacts, decide
 
 CASES = json.loads((Path(__file__).parent / "cases" / "policy_decide.json").read_text())
 

@@ -3,7 +3,7 @@
 Real Git repos, the embedded Terraform with our `localfile` provider (whose resources
 drift when a file is edited by hand), a local fleet, file secrets, the real run store.
 No mocks. A unit "moved" when one of its own inputs changed since it last converged
-(agent.fingerprint); a commit elsewhere in the repository moves nothing.
+(agent.units.fingerprint); a commit elsewhere in the repository moves nothing.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ repository author could confirm a guessed value by printing candidates and seein
 masked. `weak_value` says whether a value is too short (fewer than `MIN_SECRET_LENGTH`
 characters, surrounding whitespace aside), one character repeated, or one of a small list
 of common values (`COMMON_VALUES`, compared case-insensitively); the secrets resolver
-refuses such a value (agent.secrets) unless the host config allows it.
+refuses such a value (agent.units.secrets) unless the host config allows it.
 
 Derived parts (lines, strings of a JSON document, base64 inside a blob) shorter than
 `MIN_PART_LENGTH` are not registered: masking `}` or `-----` everywhere would destroy

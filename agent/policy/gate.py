@@ -1,5 +1,5 @@
 """What the policy layer adds to a plan's decision: pure, tested as a table
-(tests/cases/policy_decide.json through `agent.decide.decide(gate=...)`).
+(tests/cases/policy_decide.json through `agent.units.decide.decide(gate=...)`).
 
 Order: a denying rule wins over everything (the unit fails, nothing applied); then
 every reason to hold is collected (the apply mode, holding rules, a closed change

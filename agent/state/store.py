@@ -235,7 +235,7 @@ class UnitOutcome:
     # A dry run: recorded as a preview; the unit's converged state and last real result
     # are left as they were.
     preview: bool = False
-    moved: tuple[str, ...] = ()  # the kinds of input that moved (see agent.fingerprint)
+    moved: tuple[str, ...] = ()  # the kinds of input that moved (see agent.units.fingerprint)
     drift_overwritten: bool = False  # drift applied over by a change from Git
 
 

@@ -20,7 +20,7 @@ Rules (docs/resources.md, "What the agent removes"):
 - removals run in reverse dependency order: deeper paths first, then users, then
   groups, then packages.
 
-Pure functions over plain JSON values: the agent stores the record (agent/fleets.py).
+Pure functions over plain JSON values: the agent stores the record (agent/units/fleets.py).
 """
 
 from __future__ import annotations

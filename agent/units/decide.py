@@ -1,7 +1,7 @@
 """What to do with a unit's plan: a pure function, tested as a table.
 
 A change is *drift* when the unit's inputs did not move (its input fingerprint,
-see agent.fingerprint, is the one it last converged at) but the plan is not empty.
+see agent.units.fingerprint, is the one it last converged at) but the plan is not empty.
 Moved inputs are a change from the source of truth (a push that touches the unit, a
 rotated secret, a new output it reads): applied, unless the host policy holds it. A
 commit elsewhere in the repository moves nothing. When the inputs moved and the

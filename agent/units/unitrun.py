@@ -1,6 +1,6 @@
 """What reconciling any unit shares, stack or fleet: the record around the work.
 
-A unit is started in the store, its input fingerprint taken (see agent.fingerprint),
+A unit is started in the store, its input fingerprint taken (see agent.units.fingerprint),
 skipped when its secrets could not be read or its drift policy says no check is needed,
 worked on, and finished in the store with one event each side. The work itself
 (Terraform, or hosts) is the caller's.
@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING
 from agent.config import Unit
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import Redactor
-from agent.decide import Decision, needs_plan
 from agent.errors import AgentError
-from agent.fingerprint import Fingerprint
 from agent.state.store import RunStore, UnitOutcome, UnitStateRow, UnitStatus
+from agent.units.decide import Decision, needs_plan
+from agent.units.fingerprint import Fingerprint
 
 if TYPE_CHECKING:
-    from agent.stacks import StackContext
+    from agent.units.stacks import StackContext
 
 # (the unit, whether its inputs moved since it last converged, when it started)
 Work = Callable[[Unit, bool, float], UnitOutcome]

@@ -20,14 +20,14 @@ from agent.config.manifest import plain_value
 from agent.core.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import LineRedactor, Redactor
-from agent.decide import Decision, PlanFacts, decide
 from agent.errors import AgentError, TerraformError
-from agent.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint
-from agent.policy.check import now_utc, stack_policy
-from agent.secrets import ResolvedSecrets, terraform_variables
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
-from agent.unitrun import run_unit
+from agent.units.decide import Decision, PlanFacts, decide
+from agent.units.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint
+from agent.units.policy_check import now_utc, stack_policy
+from agent.units.secrets import ResolvedSecrets, terraform_variables
+from agent.units.unitrun import run_unit
 from providers.errors import ProviderError
 from providers.proctrack import ChildTracker
 from providers.terraform import (

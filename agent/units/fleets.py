@@ -31,14 +31,14 @@ from agent.config.manifest import plain_value
 from agent.core.fsutil import atomic_write, ensure_private_dir
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import Redactor
-from agent.decide import Decision
 from agent.errors import AgentError
-from agent.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
-from agent.policy.check import fleet_hold, now_utc
-from agent.stacks import StackContext
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
-from agent.unitrun import run_unit
+from agent.units.decide import Decision
+from agent.units.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
+from agent.units.policy_check import fleet_hold, now_utc
+from agent.units.stacks import StackContext
+from agent.units.unitrun import run_unit
 from providers.errors import ProviderError, RepoFileError
 from providers.hosts import ledger
 from providers.hosts.engine import converge

@@ -1,0 +1,1 @@
+"""The units of a pass: how a stack or a fleet is planned, decided, applied and recorded."""
