@@ -337,8 +337,8 @@ def _print_json(data: Any) -> None:
 def cmd_reconcile(args: argparse.Namespace) -> int:
     from agent.control import check_not_suspended, user_name
     from agent.core.redact import install_logging_redaction
+    from agent.engine.reconcile import PassRequest, Reconciler
     from agent.policy.windows import override_record
-    from agent.reconcile import PassRequest, Reconciler
 
     host = _host(args)
     reporter = ConsoleReporter(sys.stderr)
@@ -385,7 +385,7 @@ def _override_reason(args: argparse.Namespace) -> str | None:
 def cmd_approve(args: argparse.Namespace) -> int:
     from agent.control import user_name
     from agent.core.redact import install_logging_redaction
-    from agent.reconcile import Reconciler
+    from agent.engine.reconcile import Reconciler
 
     host = _host(args)
     reporter = ConsoleReporter(sys.stderr)
@@ -431,7 +431,7 @@ def _unit_switch(
 ) -> int:
     """suspend/resume: through the daemon, or on the store under the pass lock."""
     from agent.control import known_units, run_remote, user_name
-    from agent.reconcile import Reconciler
+    from agent.engine.reconcile import Reconciler
     from agent.state.passlock import PassLock
 
     host = _host(args)
@@ -698,7 +698,7 @@ def _render_store_report(title: str, report: StoreReport) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from agent.validate import validate_repo
+    from agent.engine.validate import validate_repo
 
     report = validate_repo(Path(args.repo_dir), config_path=args.config)
     if args.json:

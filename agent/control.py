@@ -144,7 +144,7 @@ def decode_outcome(data: dict[str, Any]) -> UnitOutcome:
 
 
 def decode_result(data: dict[str, Any]) -> Any:
-    from agent.reconcile import PassResult
+    from agent.engine.reconcile import PassResult
 
     return PassResult(
         run_id=data["run"],

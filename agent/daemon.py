@@ -63,6 +63,7 @@ from agent.control import (
 from agent.core.fsutil import private_umask
 from agent.core.progress import Event, EventKind
 from agent.core.redact import install_logging_redaction, remove_logging_redaction
+from agent.engine.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
 from agent.errors import AgentError, PassBusyError, StoreError
 from agent.http_server import AgentHTTPServer
 from agent.logfmt import EventLog, RunContext
@@ -70,7 +71,6 @@ from agent.metrics import AgentMetrics, record_run
 from agent.notify import Event as Notification
 from agent.notify import NotificationSink, Notifier, unit_events
 from agent.policy.windows import override_record
-from agent.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
 from agent.state.store import RunStatus, UnitStatus
 from agent.state.storefile import StoreDamaged, StoreFull
 from agent.webhooks import PushEvent, WebhookSource

@@ -18,8 +18,8 @@ from pathlib import Path
 
 from agent.config import load_host_config
 from agent.core.progress import ConsoleReporter
+from agent.engine.reconcile import PassRequest, Reconciler
 from agent.errors import AgentError
-from agent.reconcile import PassRequest, Reconciler
 from agent.views import describe_result
 from providers.git_setup import create_repo_from_tree
 

@@ -63,7 +63,7 @@ SCALE_DRIVER = textwrap.dedent(
     import json, sys, threading
     from pathlib import Path
     from agent.config import load_host_config, manifest as manifest_module
-    from agent.reconcile import PassRequest, Reconciler
+    from agent.engine.reconcile import PassRequest, Reconciler
     from providers.transport import ssh
 
     spent = {"manifest": 0.0, "known_hosts": 0.0}
@@ -84,7 +84,7 @@ SCALE_DRIVER = textwrap.dedent(
         cache = manifest_module.ManifestCache
         cache.load = timed("manifest", cache.load)
     else:  # older code (--agent-code): the pass calls load_manifest
-        import agent.reconcile as reconcile_module
+        import agent.engine.reconcile as reconcile_module
         reconcile_module.load_manifest = timed("manifest", reconcile_module.load_manifest)
     known = ssh._KnownHosts
     name = "cached" if hasattr(known, "cached") else "load"

@@ -583,7 +583,7 @@ AGENT_DRIVER = textwrap.dedent(
     import cProfile, json, pstats, sys, threading
     from pathlib import Path
     from agent.config import load_host_config
-    from agent.reconcile import PassRequest, Reconciler
+    from agent.engine.reconcile import PassRequest, Reconciler
 
     times = {"import": time.perf_counter() - STARTED}
     started = time.perf_counter()

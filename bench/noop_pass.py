@@ -28,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from agent.config import load_host_config  # noqa: E402
-from agent.reconcile import PassRequest, Reconciler  # noqa: E402
+from agent.engine.reconcile import PassRequest, Reconciler  # noqa: E402
 from agent.state.layout import StateLayout  # noqa: E402
 from tests.support.infra import InfraRepo, embedded_terraform, write_host_config  # noqa: E402
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.validate import validate_repo
+from agent.engine.validate import validate_repo
 from providers.hosts.templates import reads_variable
 from providers.terraform.localexec import scan
 from tests.support.infra import InfraRepo, write_host_config

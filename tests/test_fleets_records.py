@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_host_config
-from agent.reconcile import PassRequest, PassResult, Reconciler
+from agent.engine.reconcile import PassRequest, PassResult, Reconciler
 from agent.state.layout import StateLayout
 from agent.state.store import UnitStatus
 from agent.units.fleets import host_states

@@ -31,7 +31,7 @@ import pytest
 
 from agent.config import load_host_config
 from agent.core.redact import install_logging_redaction, remove_logging_redaction
-from agent.reconcile import PassRequest, Reconciler
+from agent.engine.reconcile import PassRequest, Reconciler
 from agent.state.store import UnitStatus
 from tests.support.canaries import Canary, find_leaks, load_canaries, named_forms
 from tests.support.infra import InfraRepo, write_host_config

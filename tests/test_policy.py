@@ -204,7 +204,7 @@ def test_a_window_override_through_the_daemon_names_the_peer(tmp_path: Path) -> 
 
 def test_a_fleet_outside_the_window_changes_nothing_until_overridden(tmp_path: Path) -> None:
     from agent.config import load_host_config
-    from agent.reconcile import PassRequest, Reconciler
+    from agent.engine.reconcile import PassRequest, Reconciler
     from agent.state.store import UnitStatus
 
     tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)

@@ -264,7 +264,7 @@ def test_the_ceiling_error_docs_policy_md_quotes(tmp_path: Path) -> None:
 
 
 def test_agent_validate_compiles_the_repository_rules(tmp_path: Path) -> None:
-    from agent.validate import validate_repo
+    from agent.engine.validate import validate_repo
 
     repo = tmp_path / "repo"
     (repo / "stacks" / "web").mkdir(parents=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_host_config
-from agent.reconcile import PassRequest, Reconciler
+from agent.engine.reconcile import PassRequest, Reconciler
 from agent.state.store import RunStatus, UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
 

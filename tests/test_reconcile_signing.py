@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_host_config
-from agent.reconcile import PassRequest, Reconciler
+from agent.engine.reconcile import PassRequest, Reconciler
 from agent.state.store import RevisionStatus, RunStore
 from tests.support.infra import InfraRepo, git, write_host_config
 

@@ -17,8 +17,8 @@ import pytest
 
 from agent.config import load_host_config
 from agent.daemon import Batch, Daemon
+from agent.engine.reconcile import PassRequest, PassResult, Reconciler
 from agent.quickstart import lay_out
-from agent.reconcile import PassRequest, PassResult, Reconciler
 from agent.state.store import RunStore, UnitStatus
 from tests.support.infra import InfraRepo, embedded_terraform, git, write_host_config
 

@@ -22,7 +22,7 @@ import pytest
 from agent.config import load_host_config
 from agent.core.progress import EventKind
 from agent.core.redact import MASK, LineRedactor, Redactor
-from agent.reconcile import PassRequest, Reconciler
+from agent.engine.reconcile import PassRequest, Reconciler
 from agent.state.store import UnitStatus
 from tests.support.infra import InfraRepo, embedded_terraform, write_host_config
 

@@ -16,8 +16,8 @@ import pytest
 
 from agent.config import load_host_config
 from agent.core.redact import MASK, MIN_SECRET_LENGTH, weak_value
+from agent.engine.reconcile import PassRequest, Reconciler
 from agent.errors import ConfigError
-from agent.reconcile import PassRequest, Reconciler
 from agent.state.store import UnitStatus
 from tests.support.docblocks import block
 from tests.support.infra import InfraRepo, write_host_config

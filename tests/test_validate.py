@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import ConfigValidationError, ManifestLimits, load_manifest
-from agent.validate import validate_repo
+from agent.engine.validate import validate_repo
 from providers.terraform.variables import declared_variables
 from tests.support.infra import write_host_config
 

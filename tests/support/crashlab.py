@@ -36,7 +36,7 @@ from pathlib import Path
 
 from agent.config import load_host_config
 from agent.core.progress import Event, EventKind
-from agent.reconcile import PassRequest, Reconciler
+from agent.engine.reconcile import PassRequest, Reconciler
 from agent.state.store import RunStore
 from providers.proctrack import MARKER
 from tests.support.infra import InfraRepo, write_host_config
