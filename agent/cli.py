@@ -2,8 +2,8 @@
 
 Exit codes: EXIT_CODES below (`agent --help` prints it; the README has the same table).
 
-`agent run` is the daemon (agent.daemon). While it runs, `reconcile`, `approve`,
-`suspend` and `resume` go through its control socket (agent.control) and print exactly
+`agent run` is the daemon (agent.service.daemon). While it runs, `reconcile`, `approve`,
+`suspend` and `resume` go through its control socket (agent.service.control) and print exactly
 what they print without it; without a daemon they work directly on the state directory.
 """
 
@@ -335,10 +335,10 @@ def _print_json(data: Any) -> None:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
-    from agent.control import check_not_suspended, user_name
     from agent.core.redact import install_logging_redaction
     from agent.engine.reconcile import PassRequest, Reconciler
     from agent.policy.windows import override_record
+    from agent.service.control import check_not_suspended, user_name
 
     host = _host(args)
     reporter = ConsoleReporter(sys.stderr)
@@ -383,9 +383,9 @@ def _override_reason(args: argparse.Namespace) -> str | None:
 
 
 def cmd_approve(args: argparse.Namespace) -> int:
-    from agent.control import user_name
     from agent.core.redact import install_logging_redaction
     from agent.engine.reconcile import Reconciler
+    from agent.service.control import user_name
 
     host = _host(args)
     reporter = ConsoleReporter(sys.stderr)
@@ -408,7 +408,7 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_suspend(args: argparse.Namespace) -> int:
-    from agent.control import suspend_unit
+    from agent.service.control import suspend_unit
 
     return _unit_switch(
         args,
@@ -419,7 +419,7 @@ def cmd_suspend(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    from agent.control import resume_unit
+    from agent.service.control import resume_unit
 
     return _unit_switch(
         args, "resume", lambda store, known, by: resume_unit(store, args.unit, known, by=by)
@@ -430,8 +430,8 @@ def _unit_switch(
     args: argparse.Namespace, op: str, direct: Callable[..., Any], **extra: Any
 ) -> int:
     """suspend/resume: through the daemon, or on the store under the pass lock."""
-    from agent.control import known_units, run_remote, user_name
     from agent.engine.reconcile import Reconciler
+    from agent.service.control import known_units, run_remote, user_name
     from agent.state.passlock import PassLock
 
     host = _host(args)
@@ -456,7 +456,7 @@ def _unit_switch(
 
 def _daemon(host: HostConfig) -> Any:
     """A connection to the running daemon of this host config, or None (direct mode)."""
-    from agent.control import ControlClient
+    from agent.service.control import ControlClient
 
     return ControlClient.connect(host.service.control_socket)
 
@@ -465,7 +465,7 @@ def _remote_pass(
     client: Any, host: HostConfig, op: str, reporter: Callable[[Any], None], **options: Any
 ) -> Any:
     """Run a pass (or an approval) in the daemon, showing its progress as direct mode does."""
-    from agent.control import decode_result, run_remote
+    from agent.service.control import decode_result, run_remote
 
     def note(message: str) -> None:
         print(message, file=sys.stderr)
@@ -562,7 +562,7 @@ def _open_store(args: argparse.Namespace) -> tuple[RunStore, StateLayout]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.control import describe_suspension
+    from agent.service.control import describe_suspension
     from agent.views import render_status, status_view
 
     store, layout = _open_store(args)
@@ -579,8 +579,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.daemon import run_daemon
-    from agent.logfmt import setup_logging
+    from agent.service.daemon import run_daemon
+    from agent.service.logfmt import setup_logging
 
     context = setup_logging(logging.DEBUG if args.debug else logging.INFO)
     host = _host(args)
@@ -590,7 +590,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _check_credentials(host: HostConfig) -> None:
     """Before the daemon starts: a credential of the unit that the config names must be there."""
-    from agent.install import missing_credentials
+    from agent.service.install import missing_credentials
 
     missing = missing_credentials(host)
     if missing:
@@ -603,7 +603,7 @@ def _check_credentials(host: HostConfig) -> None:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
-    from agent.install import carry_out, plan_install, plan_uninstall, what_is_left
+    from agent.service.install import carry_out, plan_install, plan_uninstall, what_is_left
 
     root = Path(args.root)
     if root == Path("/") and not args.dry_run and os.geteuid() != 0:

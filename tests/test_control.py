@@ -19,7 +19,9 @@ from typing import Any
 
 import pytest
 
-from agent.control import (
+from agent.core.progress import Event, EventKind
+from agent.errors import AgentError, NotFoundError
+from agent.service.control import (
     ControlClient,
     ControlError,
     ControlServer,
@@ -27,8 +29,6 @@ from agent.control import (
     Reply,
     run_remote,
 )
-from agent.core.progress import Event, EventKind
-from agent.errors import AgentError, NotFoundError
 from agent.state.store import UnitOutcome, UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
 

@@ -18,9 +18,9 @@ import pytest
 
 from agent.config import ConfigValidationError, ManifestLimits, parse_host_config, parse_manifest
 from agent.core.redact import Redactor
-from agent.logfmt import JournalFormatter
-from agent.metrics import AgentMetrics
-from agent.notify import Event, NotificationSink, Notifier
+from agent.service.logfmt import JournalFormatter
+from agent.service.metrics import AgentMetrics
+from agent.service.notify import Event, NotificationSink, Notifier
 from providers.hosts import Resource, converge
 from providers.transport import LocalTransport
 from tests.support.docblocks import ROOT, Block, block

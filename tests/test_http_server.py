@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.http_server import AgentHTTPServer, ListenError
-from agent.webhooks import PushEvent, WebhookSource
+from agent.service.http_server import AgentHTTPServer, ListenError
+from agent.service.webhooks import PushEvent, WebhookSource
 
 SECRETS = {
     "github": "gh-test-secret-6d1f0b2a",
@@ -37,7 +37,7 @@ SECRETS = {
 }
 SHA = "6113728f27ae82c7b1a177c8d03f9e96e0adf246"
 BODY_MARKER = "body-marker-must-not-be-logged"
-LOGGER = "agent.http_server"
+LOGGER = "agent.service.http_server"
 WAIT = 5.0  # upper bound for anything a test waits on
 
 

@@ -1,4 +1,4 @@
-"""The daemon's log lines (agent.logfmt) with a real SSH connection: no mocks.
+"""The daemon's log lines (agent.service.logfmt) with a real SSH connection: no mocks.
 
 paramiko logs two INFO lines per connection; the daemon's journal must not get them for
 every host of every pass, unless debug logs are asked for.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.logfmt import LIBRARY_LOGGERS, setup_logging
+from agent.service.logfmt import LIBRARY_LOGGERS, setup_logging
 from providers.transport import SSHSettings, SSHTarget, SSHTransport
 from tests.support.sshd import SshServer, make_client_key, public_key
 

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from agent import __version__
 from agent.core.redact import Redactor
-from agent.metrics import AgentMetrics, record_run
+from agent.service.metrics import AgentMetrics, record_run
 from agent.state.store import RunStatus, RunStore, UnitOutcome, UnitStatus
 
 SECRET = "hunter2-Sup3r-secret"

@@ -18,13 +18,13 @@ import pytest
 from agent import __version__
 from agent.core.redact import Redactor
 from agent.errors import ConfigError
-from agent.metrics import AgentMetrics
-from agent.notify import Event, NotificationSink, Notifier, unit_events
+from agent.service.metrics import AgentMetrics
+from agent.service.notify import Event, NotificationSink, Notifier, unit_events
 from agent.state.store import UnitOutcome, UnitStatus
 
 SECRET = "pa55-w0rd-Very-Secret"
 TOKEN_PATH = "/services/T000/B000/XyZ-hook-token"  # a Slack-like URL: the path is the secret
-LOGGER = "agent.notify"
+LOGGER = "agent.service.notify"
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def test_warnings_are_listed_apart() -> None:
 
 
 def test_notifications_carry_the_policy_line() -> None:
-    from agent.notify import unit_events
+    from agent.service.notify import unit_events
     from agent.state.store import UnitOutcome, UnitStatus
 
     warned = UnitOutcome(

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_host_config
-from agent.daemon import Daemon
+from agent.service.daemon import Daemon
 from agent.state import store as store_module
 from agent.state.store import RunStore
 from providers.proctrack import MARKER, ChildTracker, marked, proc_stat

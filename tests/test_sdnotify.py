@@ -1,4 +1,4 @@
-"""agent.sdnotify against a real AF_UNIX datagram socket, as systemd's notify socket is.
+"""agent.service.sdnotify against a real AF_UNIX datagram socket, as systemd's notify socket is.
 
 Each test binds its own socket (a file path, or an abstract `@name` like systemd's
 `/run/systemd/notify` and nspawn's `@...` sockets) and points $NOTIFY_SOCKET at it.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import sdnotify
+from agent.service import sdnotify
 
 
 class NotifySocket:
@@ -109,7 +109,7 @@ def test_unreachable_socket_is_logged_not_raised(
 ) -> None:
     missing = tmp_path / "no-such-socket"
     monkeypatch.setenv("NOTIFY_SOCKET", str(missing))
-    with caplog.at_level(logging.WARNING, logger="agent.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="agent.service.sdnotify"):
         assert sdnotify.ready() is False
     assert str(missing) in caplog.text
 

@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.errors import AgentError
-from agent.webhooks import (
+from agent.service.webhooks import (
     KINDS,
     PushEvent,
     WebhookRejected,

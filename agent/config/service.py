@@ -36,9 +36,9 @@ DEFAULT_BACKOFF_MAX = 1800.0
 DEFAULT_NOTIFY_TIMEOUT = 5.0
 MAX_JITTER = 60.0  # the default jitter: a tenth of the interval, at most this
 
-WEBHOOK_KINDS = ("github", "gitlab", "gitea", "generic")  # agent.webhooks.KINDS
-SINK_KINDS = ("webhook", "slack")  # agent.notify.SINK_KINDS
-EVENT_KINDS = ("apply", "failure", "drift", "hold")  # agent.notify.EVENT_KINDS
+WEBHOOK_KINDS = ("github", "gitlab", "gitea", "generic")  # agent.service.webhooks.KINDS
+SINK_KINDS = ("webhook", "slack")  # agent.service.notify.SINK_KINDS
+EVENT_KINDS = ("apply", "failure", "drift", "hold")  # agent.service.notify.EVENT_KINDS
 
 _HOOK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 _UNIT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # the manifest's unit names

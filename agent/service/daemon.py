@@ -44,10 +44,17 @@ from typing import Any
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 
-from agent import __version__, sdnotify
+from agent import __version__
 from agent.config import HostConfig, Manifest
 from agent.config.service import read_secret_file
-from agent.control import (
+from agent.core.fsutil import private_umask
+from agent.core.progress import Event, EventKind
+from agent.core.redact import install_logging_redaction, remove_logging_redaction
+from agent.engine.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
+from agent.errors import AgentError, PassBusyError, StoreError
+from agent.policy.windows import override_record
+from agent.service import sdnotify
+from agent.service.control import (
     ControlError,
     ControlServer,
     Peer,
@@ -60,20 +67,14 @@ from agent.control import (
     resume_unit,
     suspend_unit,
 )
-from agent.core.fsutil import private_umask
-from agent.core.progress import Event, EventKind
-from agent.core.redact import install_logging_redaction, remove_logging_redaction
-from agent.engine.reconcile import ApprovalRefused, PassRequest, PassResult, Reconciler
-from agent.errors import AgentError, PassBusyError, StoreError
-from agent.http_server import AgentHTTPServer
-from agent.logfmt import EventLog, RunContext
-from agent.metrics import AgentMetrics, record_run
-from agent.notify import Event as Notification
-from agent.notify import NotificationSink, Notifier, unit_events
-from agent.policy.windows import override_record
+from agent.service.http_server import AgentHTTPServer
+from agent.service.logfmt import EventLog, RunContext
+from agent.service.metrics import AgentMetrics, record_run
+from agent.service.notify import Event as Notification
+from agent.service.notify import NotificationSink, Notifier, unit_events
+from agent.service.webhooks import PushEvent, WebhookSource
 from agent.state.store import RunStatus, UnitStatus
 from agent.state.storefile import StoreDamaged, StoreFull
-from agent.webhooks import PushEvent, WebhookSource
 from providers.text import plural
 
 log = logging.getLogger(__name__)
@@ -465,7 +466,7 @@ class Daemon:
             log.info("webhook ignored: the agent is stopping")
 
     def handle(self, op: str, args: dict[str, Any], peer: Peer, reply: Reply) -> None:
-        """A control-socket request (see agent.control)."""
+        """A control-socket request (see agent.service.control)."""
         if self._stopping.is_set() and op != "ping":
             raise AgentError("the agent is stopping", hint="retry once it is back")
         asked_for = args.get("state_dir")

@@ -2,7 +2,7 @@
 
 Routes:
 
-    POST /hooks/<name>   a push from the sender configured as <name> (see agent.webhooks)
+    POST /hooks/<name>   a push from the sender configured as <name> (see agent.service.webhooks)
     GET  /metrics        the body and content type the `metrics` callback returns
     GET  /healthz        "ok", and the last pass's outcome from the `health` callback
 
@@ -50,7 +50,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import AgentError
-from agent.webhooks import (
+from agent.service.webhooks import (
     PushEvent,
     WebhookRejected,
     WebhookSource,

@@ -2,7 +2,7 @@
 
 Pure functions over the raw request (headers and body bytes), no I/O, so the whole
 decision table is tested without a socket (tests/cases/webhooks.json). The HTTP side
-lives in `agent.http_server`.
+lives in `agent.service.http_server`.
 
 Each configured sender is one `WebhookSource`:
 

@@ -1,0 +1,1 @@
+"""The daemon and what it serves: control socket, HTTP, webhooks, metrics, notifications."""
