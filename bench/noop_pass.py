@@ -72,7 +72,7 @@ def timed_pass(config: Path) -> float:
 RSS_PROBE = textwrap.dedent(
     """
     import sys
-    from agent.cli import main
+    from agent.cli.main import main
     code = main(["--config", sys.argv[1], "reconcile", "--now"])
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):

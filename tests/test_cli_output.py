@@ -200,7 +200,7 @@ def test_detailed_exitcode_for_drift_reported(world: dict) -> None:
 
 
 def test_every_command_has_a_description_an_example_and_option_help() -> None:
-    from agent.cli import EXIT_CODES, build_parser
+    from agent.cli.main import EXIT_CODES, build_parser
 
     parser = build_parser()
     assert EXIT_CODES in agent("--help").stdout
@@ -237,7 +237,7 @@ def test_bash_completion_completes_commands_and_options(tmp_path: Path) -> None:
 
 
 def test_json_times_are_converted_by_key_and_nothing_else() -> None:
-    from agent.views import as_json
+    from agent.cli.views import as_json
 
     view = {
         "started_at": 0,

@@ -177,7 +177,7 @@ def test_a_password_in_the_repo_url_is_refused_as_git_source_md_says(tmp_path: P
 def test_the_readme_exit_codes(tmp_path: Path) -> None:
     """README.md's table of exit codes is the one `agent --help` ends with; the codes of a
     usage error, a bad host config, no such run."""
-    from agent.cli import EXIT_CODES
+    from agent.cli.main import EXIT_CODES
 
     documented = block("output", "exit-codes")
     assert documented.text.strip("\n") == EXIT_CODES, documented.where

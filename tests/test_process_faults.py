@@ -140,7 +140,15 @@ class DaemonLab:
 
     def reconcile_now(self) -> subprocess.Popen[str]:
         return subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "--config", str(self.config), "reconcile", "--now"],
+            [
+                sys.executable,
+                "-m",
+                "agent.cli",
+                "--config",
+                str(self.config),
+                "reconcile",
+                "--now",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from agent.cli.quickstart import lay_out
 from agent.config import load_host_config
 from agent.engine.reconcile import PassRequest, PassResult, Reconciler
-from agent.quickstart import lay_out
 from agent.service.daemon import Batch, Daemon
 from agent.state.store import RunStore, UnitStatus
 from tests.support.infra import InfraRepo, embedded_terraform, git, write_host_config

@@ -16,11 +16,11 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
+from agent.cli.views import describe_result
 from agent.config import load_host_config
 from agent.core.progress import ConsoleReporter
 from agent.engine.reconcile import PassRequest, Reconciler
 from agent.errors import AgentError
-from agent.views import describe_result
 from providers.git_setup import create_repo_from_tree
 
 PLACEHOLDER = "@QUICKSTART_DIR@"

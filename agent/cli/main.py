@@ -326,7 +326,7 @@ def _host(args: argparse.Namespace) -> HostConfig:
 
 
 def _print_json(data: Any) -> None:
-    from agent.views import as_json
+    from agent.cli.views import as_json
 
     print(json.dumps(as_json(data), indent=2, sort_keys=True, default=str))
 
@@ -480,7 +480,7 @@ def _remote_pass(
 
 def _print_pass(result: Any, args: argparse.Namespace) -> int:
     """Print a pass's result (text or --json); the exit code it deserves."""
-    from agent.views import pass_view, pending_changes, render_pass
+    from agent.cli.views import pass_view, pending_changes, render_pass
 
     if args.json:
         _print_json(pass_view(result))
@@ -562,8 +562,8 @@ def _open_store(args: argparse.Namespace) -> tuple[RunStore, StateLayout]:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from agent.cli.views import render_status, status_view
     from agent.service.control import describe_suspension
-    from agent.views import render_status, status_view
 
     store, layout = _open_store(args)
     view = status_view(store, layout)
@@ -625,7 +625,7 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    from agent.views import history_view, render_history
+    from agent.cli.views import history_view, render_history
 
     store, layout = _open_store(args)
     view = history_view(store, args.unit, args.limit, layout)
@@ -634,7 +634,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    from agent.views import logs_view, render_logs
+    from agent.cli.views import logs_view, render_logs
 
     store, layout = _open_store(args)
     view = logs_view(store, layout, args.unit, args.run)
@@ -748,7 +748,7 @@ def cmd_completion(args: argparse.Namespace) -> int:
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    from agent.quickstart import run_quickstart
+    from agent.cli.quickstart import run_quickstart
 
     return run_quickstart(Path(args.dir) if args.dir else None)
 

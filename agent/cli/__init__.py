@@ -1,0 +1,1 @@
+"""The command line: `agent ...` subcommands, the quickstart and the views they print."""
