@@ -32,9 +32,10 @@ from agent.errors import (
 from agent.state.layout import StateLayout
 from agent.state.passlock import PassLock, end_leftovers
 from agent.state.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitStatus
+from agent.units.context import StackContext
 from agent.units.fleets import HELD_FILE, FleetReconciler
 from agent.units.secrets import ResolvedSecrets, SecretResolver
-from agent.units.stacks import PLAN_FILE, StackContext, StackReconciler
+from agent.units.stacks import PLAN_FILE, StackReconciler
 from providers.errors import GitSourceError, SignatureError
 from providers.git_source import GitSource
 from providers.git_verify import verify_revision

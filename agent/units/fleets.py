@@ -34,10 +34,10 @@ from agent.core.redact import Redactor
 from agent.errors import AgentError
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
+from agent.units.context import StackContext
 from agent.units.decide import Decision
 from agent.units.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
 from agent.units.policy_check import fleet_hold, now_utc
-from agent.units.stacks import StackContext
 from agent.units.unitrun import run_unit
 from providers.errors import ProviderError, RepoFileError
 from providers.hosts import ledger

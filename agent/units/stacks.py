@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.config import HostConfig, Manifest, StackOutputRef, Unit
+from agent.config import HostConfig, StackOutputRef, Unit
 from agent.config.manifest import plain_value
 from agent.core.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
 from agent.core.progress import Event, EventKind, Reporter
@@ -23,10 +21,11 @@ from agent.core.redact import LineRedactor, Redactor
 from agent.errors import AgentError, TerraformError
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
+from agent.units.context import StackContext, StackOutput
 from agent.units.decide import Decision, PlanFacts, decide
 from agent.units.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint
 from agent.units.policy_check import now_utc, stack_policy
-from agent.units.secrets import ResolvedSecrets, terraform_variables
+from agent.units.secrets import terraform_variables
 from agent.units.unitrun import run_unit
 from providers.errors import ProviderError
 from providers.proctrack import ChildTracker
@@ -40,31 +39,6 @@ from providers.terraform import (
 )
 
 PLAN_FILE = "tfplan"
-
-
-@dataclass(frozen=True, slots=True)
-class StackContext:
-    """What every unit of one pass shares."""
-
-    run_id: str
-    revision: str
-    tree: Path  # the checkout at `revision`
-    manifest: Manifest
-    dry_run: bool
-    secrets: ResolvedSecrets = field(default_factory=ResolvedSecrets)
-    # Set by `agent reconcile --now --override-window --reason TEXT`: "by USER: TEXT".
-    override_window: str | None = None
-    # The results of this pass so far (the pass fills it; a unit reads its dependencies').
-    outcomes: Mapping[str, UnitOutcome] = field(default_factory=dict)
-    # Stack outputs read in this pass, by unit: a unit's outputs do not change once it
-    # has finished, and its dependents start only after that.
-    outputs: dict[str, dict[str, StackOutput]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class StackOutput:
-    value: Any
-    sensitive: bool
 
 
 class StackReconciler:

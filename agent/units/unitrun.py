@@ -17,18 +17,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from agent.config import Unit
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import Redactor
 from agent.errors import AgentError
 from agent.state.store import RunStore, UnitOutcome, UnitStateRow, UnitStatus
+from agent.units.context import StackContext
 from agent.units.decide import Decision, needs_plan
 from agent.units.fingerprint import Fingerprint
-
-if TYPE_CHECKING:
-    from agent.units.stacks import StackContext
 
 # (the unit, whether its inputs moved since it last converged, when it started)
 Work = Callable[[Unit, bool, float], UnitOutcome]

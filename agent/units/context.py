@@ -1,0 +1,41 @@
+"""What the units of one pass share: the pass context and the stack outputs read in it.
+
+Its own module so that the stack reconciler, the fleet reconciler and the unit runner all
+depend on it and not on each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.config import Manifest
+from agent.state.store import UnitOutcome
+from agent.units.secrets import ResolvedSecrets
+
+
+@dataclass(frozen=True, slots=True)
+class StackContext:
+    """What every unit of one pass shares."""
+
+    run_id: str
+    revision: str
+    tree: Path  # the checkout at `revision`
+    manifest: Manifest
+    dry_run: bool
+    secrets: ResolvedSecrets = field(default_factory=ResolvedSecrets)
+    # Set by `agent reconcile --now --override-window --reason TEXT`: "by USER: TEXT".
+    override_window: str | None = None
+    # The results of this pass so far (the pass fills it; a unit reads its dependencies').
+    outcomes: Mapping[str, UnitOutcome] = field(default_factory=dict)
+    # Stack outputs read in this pass, by unit: a unit's outputs do not change once it
+    # has finished, and its dependents start only after that.
+    outputs: dict[str, dict[str, StackOutput]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class StackOutput:
+    value: Any
+    sensitive: bool
