@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.service.daemon import backoff_delay, backoff_state
+from agent.service.backoff import backoff_delay, backoff_state
 
 CASES = json.loads((Path(__file__).parent / "cases" / "backoff.json").read_text())
 

@@ -168,8 +168,8 @@ def daemon_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Daem
     lab = DaemonLab(tmp_path)
     lab.daemon.start()
     try:
-        wait_for(lambda: lab.daemon._last is not None, what="the first pass")
-        assert lab.daemon._last is not None and lab.daemon._last.status == "succeeded"
+        wait_for(lambda: lab.daemon.worker.last is not None, what="the first pass")
+        assert lab.daemon.worker.last is not None and lab.daemon.worker.last.status == "succeeded"
         yield lab
     finally:
         assert lab.daemon.stop() == 0

@@ -18,7 +18,8 @@ import pytest
 from agent.cli.quickstart import lay_out
 from agent.config import load_host_config
 from agent.engine.reconcile import PassRequest, PassResult, Reconciler
-from agent.service.daemon import Batch, Daemon
+from agent.service.daemon import Daemon
+from agent.service.triggers import Batch
 from agent.state.store import RunStore, UnitStatus
 from tests.support.infra import InfraRepo, embedded_terraform, git, write_host_config
 
@@ -723,13 +724,13 @@ def test_a_units_own_drift_timer_is_not_lost_when_it_coalesces_with_the_global_o
     try:
         first = daemon.reconciler.run_pass(PassRequest(trigger="start"))
         assert first.ok, first.error
-        daemon._seen_head = first.head
-        daemon._manifest = daemon.reconciler._manifest_at(first.revision, _limits(daemon))
+        daemon.planner.seen_head = first.head
+        daemon.planner.manifest = daemon.reconciler._manifest_at(first.revision, _limits(daemon))
 
         both = Batch(triggers={"drift"}, drift=True, unit_drifts={"app"}, count=2)
-        request, _ = daemon._request_for(both)
+        request, _ = daemon.planner.request_for(both)
         global_only = Batch(triggers={"drift"}, drift=True, count=1)
-        alone, _ = daemon._request_for(global_only)
+        alone, _ = daemon.planner.request_for(global_only)
     finally:
         daemon.reconciler.close()
 
