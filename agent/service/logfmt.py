@@ -73,7 +73,7 @@ class JournalFormatter(logging.Formatter):
         context = [
             f"{key}={value}" for key in ("run", "unit") if (value := getattr(record, key, None))
         ]
-        where = " ".join(context) or record.name.removeprefix("agent.")
+        where = " ".join(context) or _source(record.name)
         text = record.getMessage()
         run = getattr(record, "run", None)
         if run and text.startswith(f"run {run}: "):
@@ -214,3 +214,8 @@ def _short(outcome: Any) -> str:
         decision = str(outcome.decision or "ok")
         return words.get(decision, "no changes" if decision == "nothing" else decision)
     return str(status)
+
+
+def _source(logger: str) -> str:
+    """The agent's own loggers by module (`daemon`, `notify`), a library's in full."""
+    return logger.rsplit(".", 1)[-1] if logger.startswith("agent.") else logger

@@ -18,7 +18,8 @@ from agent.service.backoff import backoff_delay, backoff_state
 from agent.service.triggers import Batch
 from agent.state.store import RunStatus, RunStore, UnitStatus
 
-log = logging.getLogger(__name__)
+# A part of the daemon: its lines say `daemon:` as the rest of it does.
+log = logging.getLogger("agent.service.daemon")
 
 
 class PassPlanner:

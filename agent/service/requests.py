@@ -29,7 +29,8 @@ from agent.service.planner import PassPlanner
 from agent.service.triggers import Approval, TriggerQueue, Waiter
 from agent.service.worker import PassWorker
 
-log = logging.getLogger(__name__)
+# A part of the daemon: its lines say `daemon:` as the rest of it does.
+log = logging.getLogger("agent.service.daemon")
 
 _OVERFLOW_UID = 65534  # /proc/sys/kernel/overflowuid: how an unmapped uid is seen
 

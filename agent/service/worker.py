@@ -28,7 +28,8 @@ from agent.service.triggers import Approval, Batch, TriggerQueue, Waiter
 from agent.state.store import RunStatus, UnitStatus
 from providers.text import plural
 
-log = logging.getLogger(__name__)
+# A part of the daemon: its lines say `daemon:` as the rest of it does.
+log = logging.getLogger("agent.service.daemon")
 
 _BUSY_RETRY = 0.5  # seconds between tries while another process holds the pass lock
 
