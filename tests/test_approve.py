@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.infra import InfraRepo, write_host_config
+from tests.tfhelpers import LOCALFILE_REQUIRED
 
-PROVIDER = """
-terraform {
-  required_providers {
-    localfile = { source = "gitops-agent.local/builtin/localfile" }
-  }
-}
-"""
+PROVIDER = LOCALFILE_REQUIRED
 
 
 def data_stack(names: list[str], content: str) -> str:

@@ -31,17 +31,12 @@ import pytest
 
 from agent.state.store import RunRow, RunStore
 from tests.support.infra import InfraRepo, write_host_config
+from tests.tfhelpers import LOCALFILE_REQUIRED
 
 SECRET = "test-webhook-secret-3f9a"
 WAIT = 30.0  # upper bound for anything a test waits on
 
-PROVIDER = """
-terraform {
-  required_providers {
-    localfile = { source = "gitops-agent.local/builtin/localfile" }
-  }
-}
-"""
+PROVIDER = LOCALFILE_REQUIRED
 
 
 def file_stack(path: Path, content: str) -> str:

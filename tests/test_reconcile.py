@@ -17,14 +17,9 @@ from agent.config import load_host_config
 from agent.engine.reconcile import PassRequest, Reconciler
 from agent.state.store import RunStatus, UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
+from tests.tfhelpers import LOCALFILE_REQUIRED
 
-PROVIDER = """
-terraform {
-  required_providers {
-    localfile = { source = "gitops-agent.local/builtin/localfile" }
-  }
-}
-"""
+PROVIDER = LOCALFILE_REQUIRED
 
 BASE_TF = (
     PROVIDER

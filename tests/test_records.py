@@ -22,14 +22,9 @@ from agent.service.daemon import Daemon
 from agent.service.triggers import Batch
 from agent.state.store import RunStore, UnitStatus
 from tests.support.infra import InfraRepo, embedded_terraform, git, write_host_config
+from tests.tfhelpers import LOCALFILE_REQUIRED
 
-PROVIDER = """
-terraform {
-  required_providers {
-    localfile = { source = "gitops-agent.local/builtin/localfile" }
-  }
-}
-"""
+PROVIDER = LOCALFILE_REQUIRED
 
 # base: a hand-editable file, a local module (which has a module of its own), and
 # variables for every kind of input (used or not: moving one is what counts).
