@@ -24,12 +24,13 @@ import tempfile
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from tests.support.service import TestService
 
 BACKEND_TIMEOUT = 30.0  # seconds for one `git http-backend` request
 SOCKET_TIMEOUT = 10.0
@@ -237,7 +238,7 @@ class _Server(ThreadingHTTPServer):
         self.errors.append(repr(sys.exc_info()[1]))  # e.g. a client that rejected our cert
 
 
-class GitHttpServer:
+class GitHttpServer(TestService):
     """Serves the bare repos under `project_root` over HTTPS on 127.0.0.1, in a thread."""
 
     def __init__(self, project_root: Path, *, credentials: tuple[str, str] | None = None) -> None:
@@ -248,18 +249,6 @@ class GitHttpServer:
         self._dir: Path | None = None
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
-
-    def __enter__(self) -> GitHttpServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         self._dir = Path(tempfile.mkdtemp(prefix="git-https-"))

@@ -26,9 +26,10 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
 
 import pytest
+
+from tests.support.service import TestService
 
 START_TIMEOUT = 15.0
 REGION = "us-east-1"
@@ -40,7 +41,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-class MotoServer:
+class MotoServer(TestService):
     """A `moto.server` child process on a free port of 127.0.0.1."""
 
     def __init__(self, extra_env: dict[str, str] | None = None) -> None:
@@ -48,18 +49,6 @@ class MotoServer:
         self.port = 0
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: Path | None = None
-
-    def __enter__(self) -> MotoServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:

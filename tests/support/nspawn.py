@@ -45,12 +45,12 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import pytest
 
 from tests.support import aptrepo, rootfs
+from tests.support.service import TestService
 
 NSPAWN = "systemd-nspawn"
 CGROUP_BASE = Path("/sys/fs/cgroup")
@@ -130,7 +130,7 @@ def _run_host(argv: list[str], what: str, timeout: float = 60.0) -> None:
         raise NspawnError(f"{what} failed (exit {proc.returncode}): {proc.stderr.strip()}")
 
 
-class NspawnHost:
+class NspawnHost(TestService):
     """One booted Debian host, reachable over SSH at `address`:`port`; a context manager."""
 
     address = "127.0.0.1"
@@ -283,18 +283,6 @@ class NspawnHost:
         return None  # fmt: skip
 
     # -- lifecycle -----------------------------------------------------------------------
-
-    def __enter__(self) -> NspawnHost:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         """Prepare the root, boot it and wait until sshd answers (and apt knows the repo)."""

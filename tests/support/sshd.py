@@ -27,7 +27,8 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
+
+from tests.support.service import TestService
 
 SSHD = Path("/usr/sbin/sshd")
 DEFAULT_USER = "gitops-test"
@@ -155,7 +156,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-class SshServer:
+class SshServer(TestService):
     """OpenSSH `sshd -D -e` on 127.0.0.1 with a generated host key, as a context manager."""
 
     host = "127.0.0.1"
@@ -179,18 +180,6 @@ class SshServer:
         return None
 
     # -- lifecycle -----------------------------------------------------------------------
-
-    def __enter__(self) -> SshServer:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         reason = self.available()

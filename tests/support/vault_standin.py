@@ -44,11 +44,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from tests.support.git_http import make_ca_and_cert
+from tests.support.service import TestService
 
 SOCKET_TIMEOUT = 10.0
 VERSION = "1.15.0+standin"
@@ -489,7 +489,7 @@ class _Server(ThreadingHTTPServer):
         self.errors.append(repr(sys.exc_info()[1]))  # e.g. a client that rejected our cert
 
 
-class VaultStandin:
+class VaultStandin(TestService):
     """The stand-in server plus the admin calls a test uses to set it up (in-process)."""
 
     def __init__(self, *, tls: bool = False) -> None:
@@ -502,18 +502,6 @@ class VaultStandin:
         self._thread: threading.Thread | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
-
-    def __enter__(self) -> VaultStandin:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         context = None
