@@ -26,6 +26,7 @@ from agent.config.service import (
     read_unit_intervals,
 )
 from agent.config.ssh import HostsConfig, read_hosts
+from agent.config.statebackend import StateBackendConfig, read_state_backend
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
 from agent.policy.apply import ApplyMode
@@ -98,6 +99,8 @@ class TerraformConfig:
     lock_timeout: float
     parallelism: int
     plugin_cache_dir: Path
+    # `state_backend`: remote state for every stack without a backend of its own.
+    state_backend: StateBackendConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -396,14 +399,25 @@ def _terraform(
     value: Value | None, base_dir: Path, state_dir: Path, policy: Policy
 ) -> TerraformConfig:
     fields = (
-        value.mapping(["binary", "timeout", "lock_timeout", "parallelism", "plugin_cache_dir"])
+        value.mapping(
+            [
+                "binary",
+                "timeout",
+                "lock_timeout",
+                "parallelism",
+                "plugin_cache_dir",
+                "state_backend",
+            ]
+        )
         if value
         else None
     )
     binary = None
     timeout, lock_timeout, parallelism = DEFAULT_TIMEOUT, DEFAULT_LOCK_TIMEOUT, DEFAULT_PARALLELISM
     cache_dir = state_dir / "plugin-cache"
+    backend = None
     if fields is not None:
+        backend = read_state_backend(fields.get("state_backend"), base_dir, _path)
         if found := fields.get("binary"):
             binary = _binary(found, base_dir)
         if found := fields.get("timeout"):
@@ -418,7 +432,7 @@ def _terraform(
             parallelism = found.integer(minimum=1) or parallelism
         if found := fields.get("plugin_cache_dir"):
             cache_dir = _path(found, base_dir) or cache_dir
-    return TerraformConfig(binary, timeout, lock_timeout, parallelism, cache_dir)
+    return TerraformConfig(binary, timeout, lock_timeout, parallelism, cache_dir, backend)
 
 
 def _binary(value: Value, base_dir: Path) -> str | None:

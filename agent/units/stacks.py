@@ -64,6 +64,9 @@ class StackReconciler:
         self._runner_lock = threading.Lock()
         self._stop = threading.Event()
         self.hasher = Hasher(load_key(layout.root))
+        # Read now: a missing connection-string file stops the start, naming the key.
+        backend = host.terraform.state_backend
+        self.state_backend = backend.open(redactor.register) if backend else None
 
     # --- Terraform, set up once -------------------------------------------------
 
@@ -114,6 +117,8 @@ class StackReconciler:
             data_dir=self.layout.unit_data_dir(unit.name),
             state_file=self.layout.unit_state_file(unit.name),
             root=ctx.tree,  # Terraform runs in a shadow of the stack: see terraform/workdir.py
+            backend=self.state_backend,
+            unit=unit.name,
         )
 
     # --- one unit -----------------------------------------------------------------

@@ -43,8 +43,9 @@ from typing import IO, Any
 from providers.atomic import atomic_write
 from providers.errors import TerraformCommandError
 from providers.proctrack import ChildTracker, tie_to_parent
+from providers.terraform.backend import StateBackend
 from providers.terraform.locate import TerraformBinary
-from providers.terraform.workdir import shadow_dir, sync_shadow
+from providers.terraform.workdir import keeps_agent_state, shadow_dir, sync_shadow
 
 FINGERPRINT_FILE = ".gitops-init-fingerprint"
 LOCK_FILE = ".terraform.lock.hcl"
@@ -74,6 +75,9 @@ class UnitWorkspace:
     state_file: Path
     root: Path | None = None
     work_dir: Path | None = None
+    # The remote backend the host config names (backend.py); None: `state_file`.
+    backend: StateBackend | None = None
+    unit: str = ""
 
     @property
     def run_dir(self) -> Path:
@@ -82,7 +86,8 @@ class UnitWorkspace:
 
     def sync(self) -> Path:
         """Bring the shadow up to date with the checkout; the directory to run in."""
-        return sync_shadow(self._root, self.stack_dir, self._work_dir, self.state_file)
+        block = self.backend.block(self.unit) if self.backend is not None else None
+        return sync_shadow(self._root, self.stack_dir, self._work_dir, self.state_file, block)
 
     @property
     def _root(self) -> Path:
@@ -153,6 +158,7 @@ class TerraformRunner:
         ws.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(FileNotFoundError):
             marker.unlink()
+        refuse_stranded_state(ws)
         result = self._run(ws, ["init", "-no-color", "-input=false"], {}, on_line, deadline)
         self._check("init", result)
         # Taken again after init: init may have written the lock file it depends on.
@@ -267,6 +273,8 @@ class TerraformRunner:
             TF_IN_AUTOMATION="1",
             TF_INPUT="0",
         )
+        if ws.backend is not None:
+            env.update(ws.backend.env)
         for name, value in variables.items():
             short = name.removeprefix("TF_VAR_")
             if not _VAR_NAME.match(short):
@@ -742,3 +750,23 @@ def _parse_json(command: str, text: str) -> dict:
             command=command,
         )
     return doc
+
+
+def refuse_stranded_state(ws: UnitWorkspace) -> None:
+    """A unit that kept its state in the agent's state directory, and whose host config now
+    names a remote backend, must not start afresh there: Terraform would plan to create
+    everything again. Moving the state is a person's step (docs/terraform.md)."""
+    if ws.backend is None or not keeps_agent_state(ws.stack_dir):
+        return
+    try:
+        state = json.loads(ws.state_file.read_text())
+    except (OSError, ValueError):
+        return  # no local state (or not one Terraform could read either)
+    if isinstance(state, dict) and state.get("resources"):
+        raise TerraformCommandError(
+            f"unit {ws.unit} has state in {ws.state_file}, but the host config now keeps"
+            f" state in {ws.backend.where(ws.unit)}, and the agent does not move state by"
+            " itself: push it there once (`terraform state push`, see docs/terraform.md,"
+            " 'Remote state'), then move the local file aside",
+            command="init",
+        )

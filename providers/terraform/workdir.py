@@ -48,10 +48,13 @@ def shadow_dir(root: Path, stack_dir: Path, work_dir: Path) -> Path:
     return work_dir / stack_dir.relative_to(root)
 
 
-def sync_shadow(root: Path, stack_dir: Path, work_dir: Path, state_file: Path) -> Path:
+def sync_shadow(
+    root: Path, stack_dir: Path, work_dir: Path, state_file: Path, backend_block: str | None = None
+) -> Path:
     """Lay out (or bring up to date) the shadow of `stack_dir` under `work_dir`; return the
-    directory to run Terraform in. Raises TerraformCommandError if the stack holds a file of
-    the agent's reserved name."""
+    directory to run Terraform in. The state goes to `state_file`, or to the remote backend
+    of `backend_block` (backend.py) when one is given. Raises TerraformCommandError if the
+    stack holds a file of the agent's reserved name."""
     if (stack_dir / OVERRIDE_FILE).exists():
         raise TerraformCommandError(
             f"{stack_dir.relative_to(root) / OVERRIDE_FILE}: the agent reserves this file name"
@@ -68,7 +71,7 @@ def sync_shadow(root: Path, stack_dir: Path, work_dir: Path, state_file: Path) -
     _sync_links(source, shadow, keep=OVERRIDE_FILE)
     override = shadow / OVERRIDE_FILE
     if keeps_agent_state(stack_dir):
-        text = _override_text(state_file)
+        text = backend_block or _override_text(state_file)
         with contextlib.suppress(FileNotFoundError):
             if override.read_text() == text:
                 return shadow
