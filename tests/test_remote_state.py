@@ -4,6 +4,7 @@ local state, shares the state between agents, and a double run never applies twi
 
 from __future__ import annotations
 
+import subprocess
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from agent.state.store import UnitStatus
 from agent.units.decide import Decision
 from tests.support.infra import InfraRepo, write_host_config
 from tests.support.moto import REGION, MotoServer, fake_aws_credentials
+from tests.support.postgres import PostgresCluster, server_bin
 
 BUCKET = "infra-state"
 
@@ -181,3 +183,49 @@ def test_a_wrong_state_backend_names_the_line_and_key(
     text = str(caught.value)
     assert message in text
     assert "agent.yaml:" in text
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresCluster]:
+    if server_bin() is None:
+        pytest.skip("no PostgreSQL server installed (tests/run.sh installs it)")
+    with PostgresCluster() as cluster:
+        yield cluster
+
+
+def test_state_in_postgresql_shared_by_two_agents(
+    tmp_path: Path, postgres: PostgresCluster
+) -> None:
+    """The `pg` backend: a schema per unit; the connection string is in no file we write."""
+    url = postgres.create_database("state1") + "&application_name=conn-canary-5e1f"
+    conn_file = tmp_path / "state-db.conn"
+    conn_file.write_text(url + "\n")
+    conn_file.chmod(0o600)
+    marker = tmp_path / "applied.txt"
+    repo = seeded(tmp_path, marker)
+    backend = f"""\
+      state_backend:
+        pg: {{conn_str_file: {conn_file}, schema_prefix: team_}}
+    """
+    results = []
+    for name in ("a", "b"):
+        config = write_host_config(tmp_path / f"{name}.yaml", repo.url, tmp_path / name)
+        config.write_text(config.read_text() + textwrap.indent(textwrap.dedent(backend), "  "))
+        reconciler = Reconciler(load_host_config(config))
+        try:
+            results.append(reconciler.run_pass(PassRequest(trigger="cli")))
+        finally:
+            reconciler.close()
+    assert [r.outcomes["app"].decision for r in results] == [Decision.APPLY, Decision.NOTHING]
+    assert marker.read_text() == "applied\n"
+    schemas = subprocess.run(
+        ["psql", url.split("&")[0], "-tAc", "SELECT schema_name FROM information_schema.schemata"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert "team_app" in schemas
+    for state_dir in (tmp_path / "a", tmp_path / "b"):
+        written = [p for p in state_dir.rglob("*") if p.is_file() and not p.is_symlink()]
+        assert not [p for p in written if b"conn-canary-5e1f" in p.read_bytes()]
+        assert not (state_dir / "units" / "app" / "terraform.tfstate").exists()
