@@ -14,7 +14,9 @@ to the forge's 140 characters.
 `ForgeReporter` sends from a thread of its own, so a slow or unreachable forge never delays
 the next pass; a failed report is logged (with the forge's message, never the token) and
 retried a few times when the forge says it may help. A later pass that changed nothing on
-a revision already reported does not overwrite its status ("applied" stays "applied").
+a revision already reported `success` does not overwrite its status ("applied" stays
+"applied"); one after a held or failed status does (the hold was approved, the failure
+fixed by a retry).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from agent.config.forge import ForgeConfig, open_forge
 from agent.reconcile import PassResult
 from agent.store import RunStatus, UnitOutcome, UnitStatus
 from providers.errors import ForgeError
@@ -102,6 +105,14 @@ def report_outcome(
     return outcome
 
 
+def make_reporter(config: ForgeConfig | None, redact: Callable[[str], str]) -> ForgeReporter | None:
+    """The reporter for the host config's `forge:` section (None without one). Reads the
+    token file now: a ConfigError names its key."""
+    if config is None:
+        return None
+    return ForgeReporter(open_forge(config), context=config.context, redact=redact)
+
+
 class ForgeReporter:
     """Reports pass outcomes from a background thread, in order, one pass at a time."""
 
@@ -156,8 +167,10 @@ class ForgeReporter:
             return
         description = self._redact(outcome.description)
         previous = self._reported.get(outcome.sha)
-        if previous == (outcome.state, description) or (previous and not outcome.changed):
-            return  # the same again, or a quiet re-pass over a status already set
+        if previous == (outcome.state, description):
+            return  # the same again
+        if previous and previous[0] == "success" and not outcome.changed:
+            return  # a quiet re-pass: "applied +2 ~1 -0" stays (a held plan's status does not)
         for attempt, delay in enumerate((0.0, *self._retry_delays)):
             if delay and self._stopping.wait(delay):
                 break

@@ -138,6 +138,21 @@ def test_reporter_retries_redacts_and_keeps_a_reported_status() -> None:
         assert reporter.sent == 2 and reporter.failed == 0
 
 
+def test_a_held_status_is_replaced_once_the_next_pass_converges() -> None:
+    with ForgeStandin("gitlab", token=TOKEN) as forge:
+        client = make_client("gitlab", forge.api_url, "acme/infra", TOKEN)
+        reporter = ForgeReporter(client)
+        reporter.start()
+        reporter.submit(result(RunStatus.SUCCEEDED, {"db": HELD}))
+        # Approved (a run of its own, not reported), then a full pass: nothing left to do.
+        reporter.submit(result(RunStatus.SUCCEEDED, {"db": UNCHANGED}))
+        reporter.stop(5)
+        assert [(s["state"], s["description"]) for s in forge.statuses(REV)] == [
+            ("pending", "held: db (+0 ~0 -1)"),
+            ("success", "no changes"),
+        ]
+
+
 def test_reporter_gives_up_on_a_refusal_and_goes_on() -> None:
     with ForgeStandin("gitea", token=TOKEN) as forge:
         client = make_client("gitea", forge.api_url, "acme/infra", "not-the-token")
