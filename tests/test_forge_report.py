@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from agent.forge_report import ForgeReporter, outcome_of, report_outcome
-from agent.reconcile import PassResult
-from agent.redact import Redactor
-from agent.store import RunStatus, UnitOutcome, UnitStatus
+from agent.core.redact import Redactor
+from agent.engine.reconcile import PassResult
+from agent.service.forge_report import ForgeReporter, outcome_of, report_outcome
+from agent.state.store import RunStatus, UnitOutcome, UnitStatus
 from providers.forge import make_client
 from tests.support.forge_standin import ForgeStandin
 

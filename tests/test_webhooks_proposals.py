@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from agent.webhooks import (
+from agent.service.webhooks import (
     ProposalEvent,
     WebhookRejected,
     WebhookSource,

@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from agent.config.forge import ForgeConfig, open_forge
-from agent.reconcile import PassResult
-from agent.store import RunStatus, UnitOutcome, UnitStatus
+from agent.engine.reconcile import PassResult
+from agent.state.store import RunStatus, UnitOutcome, UnitStatus
 from providers.errors import ForgeError
 from providers.forge import CommitState, ForgeClient
 
