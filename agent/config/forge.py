@@ -16,6 +16,7 @@ secret file the host config names) when the client is opened, and never logged.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -98,10 +99,15 @@ def read_forge(value: Value | None, base_dir: Path, path_of: PathReader) -> Forg
     return ForgeConfig(kind, url, repo, token_file, context, timeout, ca_bundle, where)
 
 
-def open_forge(config: ForgeConfig) -> ForgeClient:
-    """A client for the configured forge, with its token read from `token_file` now.
-    Raises ConfigError naming the config key when the file cannot be used."""
+def open_forge(
+    config: ForgeConfig, *, register: Callable[[str], None] | None = None
+) -> ForgeClient:
+    """A client for the configured forge, with its token read from `token_file` now (and
+    given to `register`, the redactor's, before anything can log it). Raises ConfigError
+    naming the config key when the file cannot be used."""
     token = read_secret_file(config.token_file, config.where, "the forge's API token")
+    if register is not None:
+        register(token.strip())
     try:
         return make_client(
             config.kind,

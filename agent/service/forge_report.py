@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from agent.config.forge import ForgeConfig, open_forge
+from agent.core.redact import Redactor
 from agent.engine.reconcile import PassResult
 from agent.state.store import RunStatus, UnitOutcome, UnitStatus
 from providers.errors import ForgeError
@@ -105,12 +106,13 @@ def report_outcome(
     return outcome
 
 
-def make_reporter(config: ForgeConfig | None, redact: Callable[[str], str]) -> ForgeReporter | None:
+def make_reporter(config: ForgeConfig | None, redactor: Redactor) -> ForgeReporter | None:
     """The reporter for the host config's `forge:` section (None without one). Reads the
-    token file now: a ConfigError names its key."""
+    token file now (a ConfigError names its key) and registers the token as a secret."""
     if config is None:
         return None
-    return ForgeReporter(open_forge(config), context=config.context, redact=redact)
+    client = open_forge(config, register=redactor.register)
+    return ForgeReporter(client, context=config.context, redact=redactor.redact)
 
 
 class ForgeReporter:
