@@ -160,7 +160,7 @@ def test_an_unreachable_apprise_sink_is_retried_then_given_up(
     notifier = Notifier([sink], redactor(), retry_for_s=0.6, backoff_s=0.1)
     notifier.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="agent.notify"):
+        with caplog.at_level(logging.WARNING, logger="agent.service.notify"):
             notifier.send(failure_event())
             wait_for(lambda: notifier.stats()[0].failed == 1)
     finally:

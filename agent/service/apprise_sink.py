@@ -2,7 +2,7 @@
 Matrix, ntfy and the 100+ other services apprise speaks, from one URL per sink
 (`msteams://...`, `mailtos://...`, `pagerduty://...`, `opsgenie://...`).
 
-`agent.notify` keeps the queue, retries, repeat suppression and redaction for every sink;
+`agent.service.notify` keeps the queue, retries, repeat suppression and redaction for every sink;
 this module is only the delivery: one apprise notification with a title and a plain-text
 body that were redacted before they got here. apprise's own log lines are kept away
 from the agent's log (they can name recipients or hosts) and the last warning of a failed
