@@ -69,6 +69,15 @@ def test_each_pass_sets_the_commit_status_of_its_revision(
     assert failed[-1]["state"] == "failure"
     assert failed[-1]["description"] == "failed: app"
 
+    # An invalid manifest: the head is refused (the revision in force stays) and says why.
+    agent.repo.write("gitops.yaml", "version: 1\nunits: nope\n")
+    third = agent.repo.push("invalid manifest")
+    status, _ = agent.webhook()
+    assert status == 202
+    refused = wait_for(lambda: forge.statuses(third), what="the refused head's status")
+    assert refused[-1]["state"] == "failure"
+    assert refused[-1]["description"].startswith("not applied: gitops.yaml:2: units")
+
     assert agent.stop() == 0
     assert TOKEN not in agent.log_path.read_text()
     assert all(r.authorized for r in forge.requests)

@@ -11,7 +11,7 @@ import pytest
 
 from agent.core.redact import Redactor
 from agent.engine.reconcile import PassResult
-from agent.service.forge_report import ForgeReporter, outcome_of, report_outcome
+from agent.service.forge_report import ForgeReporter, outcome_of, outcomes_of, report_outcome
 from agent.state.store import RunStatus, UnitOutcome, UnitStatus
 from providers.forge import make_client
 from tests.support.forge_standin import ForgeStandin
@@ -67,13 +67,6 @@ CASES = [
         "failure",
         "failed: db; applied +1 ~0 -0 (network)",
     ),
-    (
-        "head refused",
-        result(RunStatus.FAILED, {}, head=HEAD, error="gitops.yaml:3: units: bad\nmore"),
-        HEAD,
-        "failure",
-        "not applied: gitops.yaml:3: units: bad",
-    ),
     ("interrupted", result(RunStatus.INTERRUPTED, {}), REV, "error", "interrupted"),
 ]
 
@@ -85,6 +78,16 @@ def test_outcome_table(case, pass_result, sha, state, description) -> None:
     outcome = outcome_of(pass_result.revision, pass_result)
     assert outcome is not None
     assert (outcome.sha, outcome.state, outcome.description) == (sha, state, description)
+
+
+def test_a_refused_head_gets_a_failure_and_the_revision_in_force_its_outcome() -> None:
+    error = f"revision {HEAD[:12]} rejected: gitops.yaml:3: units: bad\nmore"
+    refused = result(RunStatus.FAILED, {"web": UNCHANGED}, head=HEAD, error=error)
+    found = [(o.sha, o.state, o.description) for o in outcomes_of(REV, refused)]
+    assert found == [
+        (HEAD, "failure", "not applied: gitops.yaml:3: units: bad"),
+        (REV, "success", "no changes"),
+    ]
 
 
 @pytest.mark.parametrize("kind", ["github", "gitlab", "gitea"])

@@ -8,8 +8,8 @@ After a pass, the revision it reconciled gets one status under the configured co
     error    "interrupted"                          the pass was stopped
 
 A head the pass refused (an invalid manifest, a bad signature) gets `failure` with the
-reason, and the revision still in force is not touched. Descriptions are redacted and cut
-to the forge's 140 characters.
+reason; the revision still in force gets the outcome of the pass over it, as usual.
+Descriptions are redacted and cut to the forge's 140 characters.
 
 `ForgeReporter` sends from a thread of its own, so a slow or unreachable forge never delays
 the next pass; a failed report is logged (with the forge's message, never the token) and
@@ -53,12 +53,25 @@ class Outcome:
     changed: bool  # something was applied, held, failed or refused (not a quiet re-pass)
 
 
+def outcomes_of(revision: str | None, result: PassResult) -> list[Outcome]:
+    """The statuses `result` is worth: a refused head's failure (if the pass refused one),
+    then the outcome of the revision it reconciled (`revision`, default the pass's)."""
+    found = []
+    if result.head and result.head != result.revision:
+        # The pass refused the head and kept the revision in force: say why on the head.
+        prefix = f"revision {result.head[:12]} rejected: "
+        lines = (result.error or "").splitlines()
+        reason = next((line[len(prefix) :] for line in lines if line.startswith(prefix)), None)
+        if reason is not None:
+            found.append(Outcome(result.head, "failure", f"not applied: {reason}", True))
+    if (outcome := outcome_of(revision, result)) is not None:
+        found.append(outcome)
+    return found
+
+
 def outcome_of(revision: str | None, result: PassResult) -> Outcome | None:
-    """The status `result` is worth for `revision` (None: nothing to report)."""
-    if result.head and result.head != result.revision and result.status is RunStatus.FAILED:
-        # The head was refused: say why on that commit.
-        reason = (result.error or "not applied").strip().splitlines()[0]
-        return Outcome(result.head, "failure", f"not applied: {reason}", True)
+    """The status `result` is worth for the revision it reconciled (`revision`, default
+    the pass's own; None: nothing to report)."""
     sha = revision or result.revision
     if not sha:
         return None
@@ -95,15 +108,13 @@ def report_outcome(
     *,
     context: str = DEFAULT_CONTEXT,
     redact: Callable[[str], str] = str,
-) -> Outcome | None:
+) -> list[Outcome]:
     """Set the commit status for `pass_result` (a main pass: not a dry run, not one unit)
-    on `revision` and return what was sent. Raises ForgeError."""
-    outcome = outcome_of(revision, pass_result)
-    if outcome is None:
-        return None
-    description = redact(outcome.description)
-    client.set_status(outcome.sha, outcome.state, description, context)
-    return outcome
+    on `revision` (and on a head it refused) and return what was sent. Raises ForgeError."""
+    sent = outcomes_of(revision, pass_result)
+    for outcome in sent:
+        client.set_status(outcome.sha, outcome.state, redact(outcome.description), context)
+    return sent
 
 
 def make_reporter(config: ForgeConfig | None, redactor: Redactor) -> ForgeReporter | None:
@@ -164,9 +175,10 @@ class ForgeReporter:
                 log.exception("forge status for run %s failed", result.run_id)
 
     def _report(self, result: PassResult) -> None:
-        outcome = outcome_of(result.revision, result)
-        if outcome is None:
-            return
+        for outcome in outcomes_of(result.revision, result):
+            self._send(result.run_id, outcome)
+
+    def _send(self, run_id: str, outcome: Outcome) -> None:
         description = self._redact(outcome.description)
         previous = self._reported.get(outcome.sha)
         if previous == (outcome.state, description):
@@ -187,7 +199,7 @@ class ForgeReporter:
                 log.warning(
                     "forge status for %s (run %s) not set: %s",
                     outcome.sha[:12],
-                    result.run_id,
+                    run_id,
                     self._redact(str(exc)),
                 )
                 return
