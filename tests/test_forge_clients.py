@@ -145,6 +145,19 @@ def test_a_server_error_is_retryable_and_never_shows_the_token(forge: ForgeStand
     assert TOKEN not in str(caught.value)
 
 
+def test_githubs_secondary_rate_limit_is_retryable() -> None:
+    # 403 with Retry-After: GitHub's secondary rate limit, not a refusal.
+    with ForgeStandin("github", token=TOKEN) as forge:
+        forge.fail_next(403, headers={"Retry-After": "30"})
+        forge.fail_next(403)
+        client = client_for(forge)
+        with pytest.raises(ForgeError) as limited:
+            client.set_status(SHA, "success", "ok", "gitops-agent")
+        with pytest.raises(ForgeError) as refused:
+            client.set_status(SHA, "success", "ok", "gitops-agent")
+    assert limited.value.retryable and not refused.value.retryable
+
+
 def test_a_forge_that_does_not_answer_times_out() -> None:
     # A listening socket that never answers: the client gives up after its timeout.
     with socket.socket() as silent:

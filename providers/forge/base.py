@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal, Protocol
 
@@ -107,6 +108,9 @@ class ForgeHttp:
         self.base_url = base_url.rstrip("/")
         self._token = token
         self._timeout = timeout
+        # One request at a time: the pass reporter and the proposal planner share a client,
+        # and a requests.Session is not documented as thread-safe.
+        self._lock = threading.Lock()
         self._session = requests.Session()
         self._session.trust_env = False  # no ~/.netrc or proxy settings from the environment
         self._session.headers.update(
@@ -138,6 +142,17 @@ class ForgeHttp:
 
         A non-2xx answer raises ForgeError, unless `accept(status, json)` says it is fine.
         """
+        with self._lock:
+            return self._call(method, path, json_body, params, accept)
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        json_body: Mapping[str, Any] | None,
+        params: Mapping[str, str | int] | None,
+        accept: Callable[[int, Any], bool] | None,
+    ) -> tuple[Any, Mapping[str, str]]:
         endpoint = f"{method} {path}"
         try:
             response = self._session.request(
@@ -162,7 +177,9 @@ class ForgeHttp:
             if 200 <= status < 300 or (accept is not None and accept(status, payload)):
                 return payload, response.headers
             said = self._said(payload)
-            retryable = status == 429 or status >= 500
+            # GitHub's secondary rate limit answers 403 with Retry-After: wait, then retry.
+            limited = status == 403 and "retry-after" in {k.lower() for k in response.headers}
+            retryable = status == 429 or status >= 500 or limited
             reason = f"HTTP {status}{f' ({said})' if said else ''}"
             if 300 <= status < 400:
                 reason += ": a redirect (configure the API's final URL)"

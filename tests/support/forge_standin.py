@@ -67,7 +67,7 @@ class _State:
     statuses: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # sha -> posted
     comments: dict[int, list[Comment]] = field(default_factory=dict)
     next_id: int = 1000
-    fail_next: list[int] = field(default_factory=list)
+    fail_next: list[tuple[int, dict[str, str]]] = field(default_factory=list)
 
 
 class ForgeStandin:
@@ -147,10 +147,11 @@ class ForgeStandin:
         with self.lock:
             return list(self.state.requests)
 
-    def fail_next(self, *statuses: int) -> None:
-        """The next requests answer these statuses (in order), whatever they ask."""
+    def fail_next(self, *statuses: int, headers: dict[str, str] | None = None) -> None:
+        """The next requests answer these statuses (in order, with `headers`), whatever
+        they ask."""
         with self.lock:
-            self.state.fail_next.extend(statuses)
+            self.state.fail_next.extend((status, dict(headers or {})) for status in statuses)
 
     def _add(self, change: int, body: str, author: str, author_id: int) -> Comment:
         self.state.next_id += 1
@@ -170,16 +171,17 @@ class ForgeStandin:
     def handle(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
         with self.lock:
             if self.state.fail_next:
-                return self.state.fail_next.pop(0), {"message": "injected failure"}
+                status, headers = self.state.fail_next.pop(0)
+                return status, {"message": "injected failure"}, headers
             if method == "GET" and path == "/user":
                 if self.whoami_status != 200:
-                    return self.whoami_status, {"message": "Resource not accessible"}
+                    return self.whoami_status, {"message": "Resource not accessible"}, {}
                 if self.kind == "gitlab":
-                    return 200, {"id": self.user_id, "username": self.user}
-                return 200, {"id": self.user_id, "login": self.user}
+                    return 200, {"id": self.user_id, "username": self.user}, {}
+                return 200, {"id": self.user_id, "login": self.user}, {}
             if self.kind == "gitlab":
-                return self._gitlab(method, path, query, body)
-            return self._github(method, path, query, body)
+                return (*self._gitlab(method, path, query, body), {})
+            return (*self._github(method, path, query, body), {})
 
     def _github(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
         if m := re.fullmatch(r"/repos/[^/]+/[^/]+/statuses/([0-9a-f]{7,64})", path):
@@ -309,6 +311,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = None
         authorized = forge.authorized(self.headers)
+        headers: dict[str, str] = {}
         if path is None:
             status, answer = 404, {"message": "Not Found"}
         elif not authorized:
@@ -317,7 +320,7 @@ class _Handler(BaseHTTPRequestHandler):
                 {"message": "Bad credentials" if forge.kind == "github" else "401 Unauthorized"},
             )
         else:
-            status, answer = forge.handle(self.command, path, query, body)
+            status, answer, headers = forge.handle(self.command, path, query, body)
         with forge.lock:
             forge.state.requests.append(
                 Recorded(self.command, path or parts.path, query, authorized, body, status)
@@ -326,6 +329,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in headers.items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
