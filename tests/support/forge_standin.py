@@ -30,9 +30,10 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tests.support.service import TestService
 
 API_ROOTS = {"github": "", "gitea": "/api/v1", "gitlab": "/api/v4"}
 STATES = {
@@ -70,7 +71,7 @@ class _State:
     fail_next: list[tuple[int, dict[str, str]]] = field(default_factory=list)
 
 
-class ForgeStandin:
+class ForgeStandin(TestService):
     """One forge of `kind`, serving repository `repo` to holders of `token`."""
 
     def __init__(
@@ -96,7 +97,7 @@ class ForgeStandin:
 
     # --- lifecycle ------------------------------------------------------------------
 
-    def __enter__(self) -> ForgeStandin:
+    def start(self) -> None:
         standin = self
 
         class Handler(_Handler):
@@ -108,18 +109,14 @@ class ForgeStandin:
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )
         self._thread.start()
-        return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._server is not None and self._thread is not None
+    def stop(self) -> None:
+        if self._server is None or self._thread is None:
+            return
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+        self._server = None
 
     @property
     def api_url(self) -> str:
