@@ -182,3 +182,29 @@ class RepoFileError(ProviderError):
         self.path = path
         self.reason = reason
         self.kind = kind
+
+
+class ForgeError(ProviderError):
+    """A forge (GitHub, GitLab, Gitea) API call failed: refused, not found, timed out, or
+    answered with something unusable.
+
+    The message names the forge, the method and endpoint (a path, never a URL with a
+    credential) and the HTTP status, e.g. `github: POST /repos/o/r/statuses/abc1234: HTTP 401
+    (Bad credentials)`. It never holds the token. `status` is the HTTP status (None when no
+    answer came); `retryable` is True for timeouts, connection errors, 429 and 5xx.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        forge: str,
+        endpoint: str,
+        status: int | None = None,
+        retryable: bool = False,
+    ) -> None:
+        super().__init__(message)
+        self.forge = forge
+        self.endpoint = endpoint
+        self.status = status
+        self.retryable = retryable

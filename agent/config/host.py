@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 
+from agent.config.forge import ForgeConfig, read_forge
 from agent.config.policy import read_repo_rules_path, read_rules, read_windows
 from agent.config.secrets import SecretsConfig, read_secrets
 from agent.config.service import (
@@ -138,6 +139,7 @@ class HostConfig:
     hosts: HostsConfig = field(default_factory=HostsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)  # what `agent run` needs
     windows: Windows | None = None  # None: applies are allowed at any time
+    forge: ForgeConfig | None = None  # commit statuses and comments (docs/forges.md)
 
 
 def resolve_host_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
@@ -201,6 +203,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
             "secrets",
             "hosts",
             "windows",
+            "forge",
             *SERVICE_KEYS,
         ]
     )
@@ -221,6 +224,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
     secrets = read_secrets(fields.get("secrets"), base_dir, _path)
     hosts = read_hosts(fields.get("hosts"), base_dir, _path)
     service = read_service({key: fields.get(key) for key in SERVICE_KEYS}, base_dir, _path)
+    forge = read_forge(fields.get("forge"), base_dir, _path)
     if problems or repo is None:
         return None
     return HostConfig(
@@ -235,6 +239,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
         hosts=hosts,
         service=service,
         windows=windows,
+        forge=forge,
     )
 
 

@@ -3,7 +3,7 @@ notifications, scheduling knobs, and per-unit drift intervals.
 
     http:            {listen: HOST:PORT, max_body: 1MiB, webhooks: {NAME: {kind, secret_file}}}
     control_socket:  /run/gitops-agent/control.sock
-    notifications:   [{kind: webhook|slack, url | url_file, events: [...], timeout: 5s}]
+    notifications:   [{kind: webhook|slack|apprise, url | url_file, events: [...], timeout: 5s}]
     daemon:          {jitter: 10s, stop_timeout: 30m, backoff_max: 30m}
     intervals.units: {UNIT: {drift: 2m}}
 
@@ -37,7 +37,7 @@ DEFAULT_NOTIFY_TIMEOUT = 5.0
 MAX_JITTER = 60.0  # the default jitter: a tenth of the interval, at most this
 
 WEBHOOK_KINDS = ("github", "gitlab", "gitea", "generic")  # agent.service.webhooks.KINDS
-SINK_KINDS = ("webhook", "slack")  # agent.service.notify.SINK_KINDS
+SINK_KINDS = ("webhook", "slack", "apprise")  # agent.service.notify.SINK_KINDS
 EVENT_KINDS = ("apply", "failure", "drift", "hold")  # agent.service.notify.EVENT_KINDS
 
 _HOOK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -47,6 +47,7 @@ _SIZE_RE = re.compile(r"(\d+)\s*(B|KiB|MiB|kB|KB|MB)?")
 _SIZE_FACTORS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "kB": 1000, "KB": 1000, "MB": 10**6}
 _MAX_BODY_LIMIT = 64 * 1024 * 1024
 _MAX_SECRET_FILE = 64 * 1024
+_APPRISE_URL_RE = re.compile(r"[a-z][a-z0-9+]{1,31}://\S")
 
 PathReader = Callable[[Value, Path], Path | None]
 
@@ -257,7 +258,7 @@ def _sink(value: Value, base_dir: Path, path_of: PathReader) -> NotificationConf
         kind = _one_of(found, SINK_KINDS)
     url = None
     if found := fields.get("url"):
-        url = _sink_url(found)
+        url = _apprise_url(found) if kind == "apprise" else _sink_url(found)
     url_file, where = None, _where(value)
     if found := fields.get("url_file"):
         url_file, where = path_of(found, base_dir), _where(found)
@@ -291,6 +292,19 @@ def _sink_url(value: Value) -> str | None:
         scheme = parts.scheme if parts.scheme.isalnum() else "?"
         got = f"a URL with scheme {scheme or 'none'!r} (not shown: it may be a credential)"
         return value.fail("an http:// or https:// URL with a host", got)
+    return text.strip()
+
+
+def _apprise_url(value: Value) -> str | None:
+    # Whether apprise has a service for it is checked when the sink is made (at start).
+    text = value.string("an apprise URL (msteams://, mailtos://, pagerduty://, ...)")
+    if text is None:
+        return None
+    if not _APPRISE_URL_RE.match(text.strip()):
+        return value.fail(
+            "an apprise URL (msteams://, mailtos://, pagerduty://, ...)",
+            "something else (not shown: it may be a credential)",
+        )
     return text.strip()
 
 

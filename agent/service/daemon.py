@@ -38,6 +38,7 @@ from agent.engine.reconcile import ApprovalRefused, Reconciler
 from agent.errors import AgentError
 from agent.service import sdnotify
 from agent.service.control import ControlServer, register_error_type
+from agent.service.forge_report import make_reporter
 from agent.service.http_server import AgentHTTPServer
 from agent.service.logfmt import EventLog, RunContext
 from agent.service.metrics import AgentMetrics
@@ -87,6 +88,7 @@ class Daemon:
                 sink_kind=sink.kind, sink_host=sink.host, result=result
             ),
         )
+        self.forge = make_reporter(host.forge, self.redactor)
         self.queue = TriggerQueue()
         self._stopping = threading.Event()
         self.planner = PassPlanner(host, self.store, self.reconciler.fetch_head)
@@ -98,6 +100,7 @@ class Daemon:
             metrics=self.metrics,
             notifier=self.notifier,
             stopping=self._stopping,
+            forge=self.forge,
         )
         self.http = self._http_server()
         self.control = ControlServer(
@@ -204,6 +207,8 @@ class Daemon:
             self.control.stop()
             raise
         self.notifier.start()
+        if self.forge is not None:
+            self.forge.start()
         self.worker.start()
         self._schedule()
         self.scheduler.start()
@@ -240,6 +245,8 @@ class Daemon:
         drained = self.worker.join(self.service.daemon.stop_timeout)
         self.control.stop()
         self.notifier.stop(NOTIFY_STOP_TIMEOUT)
+        if self.forge is not None:
+            self.forge.stop(NOTIFY_STOP_TIMEOUT)
         self.watchdog.stop()
         if not drained:
             # Terraform had its chance to stop; nothing it started may outlive the agent.

@@ -1,4 +1,5 @@
-"""Notifications: what a pass did (apply, failure, drift, hold), sent to webhooks and Slack.
+"""Notifications: what a pass did (apply, failure, drift, hold), sent to webhooks, Slack, and
+through apprise to Microsoft Teams, email, PagerDuty, Opsgenie and the rest it speaks.
 
 `Notifier.send` never blocks the pass: it queues the event for each sink that wants its
 kind. One background thread per sink delivers with urllib, so a sink that is down delays
@@ -7,6 +8,10 @@ backoff and jitter, honouring `Retry-After`, for at most `retry_for_s`; then it 
 up with one log line. Any other answer (400, 403, 404, 410, a redirect) is not retried.
 A full queue drops its oldest event, and counts it. A failure, drift or hold that repeats
 one sent within the hour (a unit failing at every poll) is not sent again.
+
+An `apprise` sink takes an apprise URL (`msteams://`, `mailtos://`, `pagerduty://`...);
+`agent.service.apprise_sink` delivers it a title and a plain-text body built from the same
+redacted payload, with the same queue, retries and repeat suppression as the others.
 
 A sink's URL is a credential (a Slack webhook URL is the whole secret; other webhooks carry
 tokens in the path or query): logs and errors name a sink by kind and host only, and the
@@ -45,7 +50,7 @@ from providers.text import plural
 log = logging.getLogger(__name__)
 
 EVENT_KINDS: Final = frozenset({"apply", "failure", "drift", "hold"})
-SINK_KINDS: Final = frozenset({"webhook", "slack"})
+SINK_KINDS: Final = frozenset({"webhook", "slack", "apprise"})
 # Kinds that a pass can report again and again for the same cause (see Notifier._is_repeat).
 _REPEATABLE: Final = frozenset({"failure", "drift", "hold"})
 
@@ -74,7 +79,7 @@ _TITLES: Final = {
 class NotificationSink:
     """Where notifications go, and which kinds of event it wants."""
 
-    kind: str  # "webhook" (generic JSON) | "slack" (incoming-webhook format)
+    kind: str  # "webhook" (generic JSON) | "slack" (incoming-webhook format) | "apprise"
     # May itself be a secret (Slack's are): never logged, never in repr.
     url: str = field(repr=False)
     events: frozenset[str] = EVENT_KINDS
@@ -87,7 +92,16 @@ class NotificationSink:
                 f" {' or '.join(sorted(SINK_KINDS))}"
             )
         parts = urlsplit(self.url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if self.kind == "apprise":
+            from agent.service.apprise_sink import apprise_scheme_ok  # apprise loads only when used
+
+            if not apprise_scheme_ok(self.url):
+                raise ConfigError(
+                    f"apprise notification sink {self.host}: apprise has no service for this"
+                    " URL, or cannot read it (the URL is not shown: it may be a credential)",
+                    hint="see https://github.com/caronc/apprise/wiki for each service's URL",
+                )
+        elif parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(
                 f"{self.kind} notification sink: expected an http:// or https:// URL with a"
                 f" host; got a URL with scheme {parts.scheme or 'none'!r}"
@@ -107,7 +121,11 @@ class NotificationSink:
 
     @property
     def host(self) -> str:
-        """The URL's host and port: no user, path or query (they may hold tokens)."""
+        """The URL's host and port: no user, path or query (they may hold tokens). For an
+        apprise URL, only its scheme: many put a token where the host would be."""
+        if self.kind == "apprise":
+            scheme = urlsplit(self.url).scheme
+            return f"{scheme if scheme.isalnum() else '?'}://…"
         try:
             parts = urlsplit(self.url)
             host = parts.hostname or "?"
@@ -199,6 +217,12 @@ class Notifier:
         if max_queue < 1:
             raise ValueError("max_queue must be at least 1")
         self.redactor = redactor
+        for sink in sinks:
+            if sink.kind == "apprise":
+                # Libraries under apprise log its request paths at debug level, and many
+                # services carry their token there: each such piece is a secret too.
+                for piece in _url_secrets(sink.url):
+                    redactor.register(piece)
         self.repeat_after_s = repeat_after_s
         self._sent: dict[tuple[str, str, str], float] = {}  # repeatable event -> monotonic
         self._sent_lock = threading.Lock()
@@ -334,6 +358,11 @@ class _SinkWorker:
             target=self._run, name=f"notify-{sink.kind}-{sink.host}", daemon=True
         )
         self._opener = urllib.request.build_opener(_NoRedirect())
+        self._apprise = None
+        if sink.kind == "apprise":
+            from agent.service.apprise_sink import AppriseSender
+
+            self._apprise = AppriseSender(sink.url)
 
     # --- queue --------------------------------------------------------------------
 
@@ -451,17 +480,18 @@ class _SinkWorker:
     def _deliver(self, item: _Queued) -> bool:
         """Deliver `item`, retrying; False when it was given up because of stop()."""
         redact = self._notifier.redactor.redact
-        body = json.dumps(
-            self._notifier.payload(self.sink, item.event, at=item.at), ensure_ascii=False
-        )
-        data = body.encode("utf-8")
+        payload = self._notifier.payload(self.sink, item.event, at=item.at)
+        data = json.dumps(payload, ensure_ascii=False).encode("utf-8")
         started = time.monotonic()
         give_up_at = started + self._retry_for
         attempts = 0
         while True:
             attempts += 1
             left = self._deadline(give_up_at) - time.monotonic()
-            result = self._post(data, min(self.sink.timeout_s, max(0.1, left)))
+            if self._apprise is not None:
+                result = self._notify(payload)
+            else:
+                result = self._post(data, min(self.sink.timeout_s, max(0.1, left)))
             if result.outcome == "ok":
                 self._count("delivered")
                 return True
@@ -538,6 +568,15 @@ class _SinkWorker:
         except Exception as exc:  # http.client.HTTPException: a garbled answer
             return _Attempt("retry", f"bad HTTP answer ({type(exc).__name__})")
 
+    def _notify(self, payload: dict[str, Any]) -> _Attempt:
+        """One apprise delivery of `payload` (already redacted, as every payload is)."""
+        assert self._apprise is not None
+        title, body = _apprise_text(payload)
+        failed = payload["event"] == "failure"
+        redact = self._notifier.redactor.redact
+        why = self._apprise.send(redact(title), redact(body), failure=failed)
+        return _Attempt("ok", "delivered") if why is None else _Attempt("retry", why)
+
     def _http_error(self, exc: urllib.error.HTTPError) -> _Attempt:
         status = exc.code
         try:
@@ -561,6 +600,16 @@ class _SinkWorker:
             if piece and len(piece) > 1:
                 text = text.replace(piece, "…")
         return self._notifier.redactor.redact(text)
+
+
+def _url_secrets(url: str) -> list[str]:
+    """The pieces of `url` that may be credentials: the whole URL, user, password, each
+    path segment and query value (long enough not to be an ordinary word)."""
+    parts = urlsplit(url)
+    pieces = [url, parts.username or "", parts.password or "", parts.hostname or ""]
+    pieces += parts.path.split("/")
+    pieces += [value for pair in parts.query.split("&") for value in pair.split("=")[1:]]
+    return [p for p in dict.fromkeys(pieces) if len(p) >= 8 and "." not in p]
 
 
 def _describe_oserror(exc: object) -> str:
@@ -629,6 +678,22 @@ def unit_events(
         # An applied plan's error field holds its policy warnings (or a window override).
         events.append(make("apply", f"applied{counts}", outcome.error or ""))
     return events
+
+
+# --- apprise -----------------------------------------------------------------------------
+
+
+def _apprise_text(values: dict[str, Any]) -> tuple[str, str]:
+    """A title and a plain-text body for apprise, from the (redacted) generic payload."""
+    kind = values["event"]
+    _, title = _TITLES[kind]
+    unit = values["unit"] or "the pass"
+    lines = [values["summary"]]
+    if values["detail"] and values["detail"] != values["summary"]:
+        lines += ["", values["detail"]]
+    revision = (values["revision"] or "none")[:12]
+    lines += ["", f"revision {revision} · run {values['run']} · {values['agent']['host']}"]
+    return f"{title}: {unit}", "\n".join(lines)
 
 
 # --- Slack ------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Webhook verification: is this request from the configured sender, and is it a push?
+"""Webhook verification: is this request from the configured sender, and what does it announce?
 
 Pure functions over the raw request (headers and body bytes), no I/O, so the whole
 decision table is tested without a socket (tests/cases/webhooks.json). The HTTP side
@@ -15,6 +15,11 @@ Each configured sender is one `WebhookSource`:
 - ``generic``: ``Authorization: Bearer <token>``; a body is optional, and when present it
   is JSON ``{"ref": "refs/heads/BRANCH", "after": "<commit>"}``, both keys optional. A
   generic request without a ref means "reconcile the tracked branch now".
+
+Pull/merge request events (GitHub and Gitea ``pull_request``, GitLab ``Merge Request
+Hook``) are parsed by `parse_event` into a `ProposalEvent` (number, head commit, head
+branch, author, action); `verify_and_parse` answers them 202 "not a push", as before, for
+callers that only follow pushes.
 
 The request is authenticated before anything else about it is looked at, so a sender
 without the secret learns nothing but 401. Every comparison with a secret is
@@ -36,10 +41,13 @@ from agent.errors import AgentError
 
 __all__ = [
     "KINDS",
+    "PROPOSAL_ACTIONS",
+    "ProposalEvent",
     "PushEvent",
     "WebhookRejected",
     "WebhookSource",
     "delivery_id",
+    "parse_event",
     "sanitize",
     "verify_and_parse",
 ]
@@ -52,6 +60,33 @@ _HEX_RE = re.compile(r"[0-9a-fA-F]+")
 # What a sender may name in a log line (event names, delivery ids): printable ASCII only.
 _UNPRINTABLE_RE = re.compile(r"[^\x21-\x7e]")
 _MAX_SHOWN = 80
+# A branch name as a sender may give it: no control characters or spaces, bounded.
+_BRANCH_NAME_RE = re.compile(r"[^\x00-\x20\x7f]{1,255}")
+# Normalized actions; anything else keeps the forge's own word (sanitized), e.g. "labeled".
+PROPOSAL_ACTIONS = ("opened", "updated", "reopened", "edited", "closed", "merged")
+_ACTIONS = {
+    "github": {
+        "opened": "opened",
+        "synchronize": "updated",
+        "reopened": "reopened",
+        "edited": "edited",
+        "closed": "closed",
+    },
+    "gitea": {
+        "opened": "opened",
+        "synchronized": "updated",
+        "reopened": "reopened",
+        "edited": "edited",
+        "closed": "closed",
+    },
+    "gitlab": {
+        "open": "opened",
+        "update": "updated",
+        "reopen": "reopened",
+        "close": "closed",
+        "merge": "merged",
+    },
+}
 
 # Delivery-id headers, first found wins. GitLab's Idempotency-Key stays the same when a
 # delivery is retried, which is what a person correlating logs wants.
@@ -103,6 +138,39 @@ class PushEvent:
         return self.ref == "" or self.branch == tracked_branch
 
 
+@dataclass(frozen=True)
+class ProposalEvent:
+    """A verified pull/merge request event, as the proposal planner sees it.
+
+    `number` is the pull request's number (GitLab: the merge request's iid); `head_sha`
+    the head commit; `head_ref` the source branch name as the sender gave it (for a
+    log line and a match against patterns, never a command argument); `ref` the forge's
+    own ref for the head (``refs/pull/N/head``, GitLab ``refs/merge-requests/N/head``);
+    `base_ref` the target branch. `author` is the login of who opened it (GitLab names
+    the author only by id: it is known when the event's actor is the author, else None);
+    `sender` is who caused this event (for an update, who pushed). `action` is one of
+    `PROPOSAL_ACTIONS` or the forge's own word. `from_fork` is True when the head lives
+    in another repository (or the forge no longer says which).
+    """
+
+    source: str
+    number: int
+    action: str
+    head_sha: str
+    head_ref: str
+    ref: str
+    base_ref: str | None
+    author: str | None
+    sender: str | None
+    from_fork: bool
+    delivery: str | None
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the proposal is still to be planned (not closed or merged)."""
+        return self.action not in ("closed", "merged")
+
+
 class WebhookRejected(AgentError):
     """A webhook request that does not trigger a pass, with the HTTP status to answer.
 
@@ -135,23 +203,44 @@ def verify_and_parse(
     Returns None for a verified request that needs only a 200 answer (GitHub's ``ping``).
     Raises `WebhookRejected` with the status to answer for anything else that is not a
     push: 401 (missing or wrong signature/token), 415 (a body that is not declared as
-    JSON), 400 (malformed JSON or ref, a missing event header), 202 (another event type).
+    JSON), 400 (malformed JSON or ref, a missing event header), 202 (another event type,
+    pull/merge request events included).
     Header names are matched case-insensitively.
     """
+    event = _dispatch(source, headers, body, proposals=False)
+    assert not isinstance(event, ProposalEvent)
+    return event
+
+
+def parse_event(
+    source: WebhookSource, headers: Mapping[str, str], body: bytes
+) -> PushEvent | ProposalEvent | None:
+    """Like `verify_and_parse`, but a pull/merge request event gives a `ProposalEvent`
+    (400 when its payload lacks the number, head commit or head branch)."""
+    return _dispatch(source, headers, body, proposals=True)
+
+
+def _dispatch(
+    source: WebhookSource, headers: Mapping[str, str], body: bytes, *, proposals: bool
+) -> PushEvent | ProposalEvent | None:
     lowered = {name.lower(): value for name, value in headers.items()}
     delivery = delivery_id(source.kind, lowered)
     if source.kind == "github":
-        return _github(source, lowered, body, delivery)
+        return _github(source, lowered, body, delivery, proposals)
     if source.kind == "gitea":
-        return _gitea(source, lowered, body, delivery)
+        return _gitea(source, lowered, body, delivery, proposals)
     if source.kind == "gitlab":
-        return _gitlab(source, lowered, body, delivery)
+        return _gitlab(source, lowered, body, delivery, proposals)
     return _generic(source, lowered, body, delivery)
 
 
 def _github(
-    source: WebhookSource, headers: dict[str, str], body: bytes, delivery: str | None
-) -> PushEvent | None:
+    source: WebhookSource,
+    headers: dict[str, str],
+    body: bytes,
+    delivery: str | None,
+    proposals: bool,
+) -> PushEvent | ProposalEvent | None:
     given = headers.get("x-hub-signature-256")
     if given is None:
         hint = None
@@ -164,37 +253,54 @@ def _github(
     event = _event(headers, "x-github-event", "X-GitHub-Event")
     if event == "ping":
         return None
+    if proposals and event == "pull_request":
+        return _pull_request("github", _json_body(headers, body), delivery)
     if event != "push":
         raise _ignored(event)
     return _push("github", _json_body(headers, body), delivery)
 
 
 def _gitea(
-    source: WebhookSource, headers: dict[str, str], body: bytes, delivery: str | None
-) -> PushEvent | None:
+    source: WebhookSource,
+    headers: dict[str, str],
+    body: bytes,
+    delivery: str | None,
+    proposals: bool,
+) -> PushEvent | ProposalEvent | None:
     given = headers.get("x-gitea-signature")
     if given is None:
         raise WebhookRejected(401, "no X-Gitea-Signature header")
     if not _hmac_matches(source.secret, body, given):
         raise WebhookRejected(401, "X-Gitea-Signature does not match the body and secret")
     event = _event(headers, "x-gitea-event", "X-Gitea-Event")
+    # Gitea names a push to the head `pull_request_sync` in the header, `synchronized` inside.
+    if proposals and event in ("pull_request", "pull_request_sync"):
+        return _pull_request("gitea", _json_body(headers, body), delivery)
     if event != "push":
         raise _ignored(event)
     return _push("gitea", _json_body(headers, body), delivery)
 
 
 def _gitlab(
-    source: WebhookSource, headers: dict[str, str], body: bytes, delivery: str | None
-) -> PushEvent | None:
+    source: WebhookSource,
+    headers: dict[str, str],
+    body: bytes,
+    delivery: str | None,
+    proposals: bool,
+) -> PushEvent | ProposalEvent | None:
     given = headers.get("x-gitlab-token")
     if given is None:
         raise WebhookRejected(401, "no X-Gitlab-Token header")
     if not _token_matches(source.secret, given):
         raise WebhookRejected(401, "X-Gitlab-Token does not match the configured token")
     event = _event(headers, "x-gitlab-event", "X-Gitlab-Event")
+    if proposals and event == "Merge Request Hook":
+        return _merge_request(_json_body(headers, body), delivery)
     if event not in ("Push Hook", "System Hook"):
         raise _ignored(event)
     payload = _json_body(headers, body)
+    if proposals and event == "System Hook" and payload.get("object_kind") == "merge_request":
+        return _merge_request(payload, delivery)
     # A system hook carries every kind of event under one header; the body says which.
     if event == "System Hook" and payload.get("object_kind") != "push":
         raise _ignored(f"System Hook {payload.get('object_kind')!s}")
@@ -286,6 +392,108 @@ def _push(source: str, payload: dict[str, Any], delivery: str | None) -> PushEve
         revision=_revision(payload.get("after")),
         delivery=delivery,
     )
+
+
+def _pull_request(source: str, payload: dict[str, Any], delivery: str | None) -> ProposalEvent:
+    """GitHub's and Gitea's `pull_request` payload (the same shape for what is read)."""
+    pull = _mapping(payload.get("pull_request"), "pull_request")
+    number = pull.get("number", payload.get("number"))
+    head = _mapping(pull.get("head"), "pull_request.head")
+    base = pull.get("base") if isinstance(pull.get("base"), dict) else {}
+    action = _action(source, payload.get("action"))
+    if action == "closed" and pull.get("merged") is True:
+        action = "merged"
+    if source == "github":
+        head_repo = _get(head, "repo", "full_name")
+        from_fork = head_repo is None or head_repo != _get(base, "repo", "full_name")
+    else:
+        head_repo_id = head.get("repo_id", _get(head, "repo", "id"))
+        from_fork = head_repo_id is None or head_repo_id != base.get(
+            "repo_id", _get(base, "repo", "id")
+        )
+    number = _number(number)
+    return ProposalEvent(
+        source=source,
+        number=number,
+        action=action,
+        head_sha=_head_sha(head.get("sha")),
+        head_ref=_branch_name(head.get("ref"), "pull_request.head.ref"),
+        ref=f"refs/pull/{number}/head",
+        base_ref=_optional_name(base.get("ref")),
+        author=_optional_name(_get(pull, "user", "login")),
+        sender=_optional_name(_get(payload, "sender", "login")),
+        from_fork=from_fork,
+        delivery=delivery,
+    )
+
+
+def _merge_request(payload: dict[str, Any], delivery: str | None) -> ProposalEvent:
+    """GitLab's `Merge Request Hook` payload."""
+    attrs = _mapping(payload.get("object_attributes"), "object_attributes")
+    number = _number(attrs.get("iid"))
+    action = _action("gitlab", attrs.get("action"))
+    if action == "updated" and not attrs.get("oldrev"):
+        action = "edited"  # GitLab sends `oldrev` only when the update brought new commits
+    user = payload.get("user") if isinstance(payload.get("user"), dict) else {}
+    sender = _optional_name(user.get("username"))
+    author_id = attrs.get("author_id")
+    author = sender if author_id is not None and user.get("id") == author_id else None
+    source_id, target_id = attrs.get("source_project_id"), attrs.get("target_project_id")
+    return ProposalEvent(
+        source="gitlab",
+        number=number,
+        action=action,
+        head_sha=_head_sha(_get(attrs, "last_commit", "id")),
+        head_ref=_branch_name(attrs.get("source_branch"), "object_attributes.source_branch"),
+        ref=f"refs/merge-requests/{number}/head",
+        base_ref=_optional_name(attrs.get("target_branch")),
+        author=author,
+        sender=sender,
+        from_fork=source_id is None or source_id != target_id,
+        delivery=delivery,
+    )
+
+
+def _mapping(value: object, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise WebhookRejected(400, f"the event has no {where} object")
+    return value
+
+
+def _get(mapping: object, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict):
+            return None
+        mapping = mapping.get(key)
+    return mapping
+
+
+def _number(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise WebhookRejected(400, "the event has no pull/merge request number")
+    return value
+
+
+def _head_sha(value: object) -> str:
+    if not isinstance(value, str) or not _COMMIT_RE.fullmatch(value):
+        raise WebhookRejected(400, "the event's head is not a commit id (40 or 64 hex digits)")
+    return value
+
+
+def _branch_name(value: object, where: str) -> str:
+    if not isinstance(value, str) or not _BRANCH_NAME_RE.fullmatch(value):
+        raise WebhookRejected(400, f"the event's {where} is not a branch name")
+    return value
+
+
+def _optional_name(value: object) -> str | None:
+    return value if isinstance(value, str) and _BRANCH_NAME_RE.fullmatch(value) else None
+
+
+def _action(source: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise WebhookRejected(400, "the event has no action")
+    return _ACTIONS[source].get(value) or sanitize(value) or "?"
 
 
 def _revision(after: object) -> str | None:

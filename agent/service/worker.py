@@ -19,6 +19,7 @@ from agent.core.redact import Redactor
 from agent.engine.reconcile import PassRequest, PassResult, Reconciler
 from agent.errors import AgentError, PassBusyError, StoreError
 from agent.service import sdnotify
+from agent.service.forge_report import ForgeReporter
 from agent.service.logfmt import EventLog
 from agent.service.metrics import AgentMetrics, record_run
 from agent.service.notify import Event as Notification
@@ -47,6 +48,7 @@ class PassWorker:
         metrics: AgentMetrics,
         notifier: Notifier,
         stopping: threading.Event,
+        forge: ForgeReporter | None = None,
     ) -> None:
         self.reconciler = reconciler
         self.store = reconciler.store
@@ -56,6 +58,7 @@ class PassWorker:
         self.events = events
         self.metrics = metrics
         self.notifier = notifier
+        self.forge = forge  # commit statuses, when the host config names a forge
         self._stopping = stopping
         self._thread = threading.Thread(target=self._work, name="pass-worker", daemon=True)
         self._subscribers: list[Waiter] = []
@@ -223,6 +226,8 @@ class PassWorker:
             self.notifier.send(
                 Notification("failure", "", result.run_id, result.revision, first, failure)
             )
+        if self.forge is not None and run.unit_filter is None:
+            self.forge.submit(result)  # a main pass: its revision's outcome (issue 22)
 
     def health(self) -> str:
         last = self.last
