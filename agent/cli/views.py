@@ -18,7 +18,7 @@ from typing import Any
 
 from agent.errors import NotFoundError
 from agent.state.layout import StateLayout
-from agent.state.store import RunStore, UnitOutcome, UnitRunRow, UnitStatus
+from agent.state.store import RunStore, UnitOutcome, UnitRunRow, UnitStateRow, UnitStatus
 from agent.units.decide import Decision
 from agent.units.fleets import HOST_RESULTS_FILE, FleetOutcome, describe_fleet, host_states
 from agent.units.stacks import describe_outcome
@@ -37,41 +37,43 @@ def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str,
     in force."""
     runs = store.runs(limit=1)
     last = runs[0] if runs else None
-    units = []
-    for state in store.unit_states():
-        # The store keeps the drift the last plan found; a clean apply put it back since.
-        reverted = bool(state.drift) and (state.last_status, state.last_decision) == (
-            UnitStatus.OK,
-            Decision.APPLY,
-        )
-        units.append(
-            {
-                "unit": state.unit,
-                "revision": state.revision,
-                "converged_at": state.converged_at,
-                "last_result": state.last_status,
-                "last_decision": state.last_decision,
-                "drift": bool(state.drift) and not reverted,
-                "drift_reverted": reverted,
-                "last_run": state.last_run_id,
-                "updated_at": state.updated_at,
-            }
-        )
-        if state.preview_run_id:
-            # A dry run's result, apart: it never stands for what the unit last did.
-            units[-1]["last_preview"] = {
-                "run": state.preview_run_id,
-                "result": state.preview_status,
-                "decision": state.preview_decision,
-                "at": state.preview_at,
-            }
-        if layout is not None and (hosts := host_states(layout, state.unit)):
-            units[-1]["hosts"] = hosts
+    units = [unit_view(state, layout) for state in store.unit_states()]
     return {
         "revision": store.current_revision(),
         "last_run": _run_entry(asdict(last)) if last else None,
         "units": units,
     }
+
+
+def unit_view(state: UnitStateRow, layout: StateLayout | None = None) -> dict[str, Any]:
+    """Where one unit stands (`agent status` shows one of these per unit)."""
+    # The store keeps the drift the last plan found; a clean apply put it back since.
+    reverted = bool(state.drift) and (state.last_status, state.last_decision) == (
+        UnitStatus.OK,
+        Decision.APPLY,
+    )
+    entry: dict[str, Any] = {
+        "unit": state.unit,
+        "revision": state.revision,
+        "converged_at": state.converged_at,
+        "last_result": state.last_status,
+        "last_decision": state.last_decision,
+        "drift": bool(state.drift) and not reverted,
+        "drift_reverted": reverted,
+        "last_run": state.last_run_id,
+        "updated_at": state.updated_at,
+    }
+    if state.preview_run_id:
+        # A dry run's result, apart: it never stands for what the unit last did.
+        entry["last_preview"] = {
+            "run": state.preview_run_id,
+            "result": state.preview_status,
+            "decision": state.preview_decision,
+            "at": state.preview_at,
+        }
+    if layout is not None and (hosts := host_states(layout, state.unit)):
+        entry["hosts"] = hosts
+    return entry
 
 
 def history_view(
@@ -86,7 +88,7 @@ def history_view(
         results = []
         for row in rows:
             entry = asdict(row)
-            if layout is not None and (hosts := _host_results(layout, row.run_id, unit)):
+            if layout is not None and (hosts := host_results(layout, row.run_id, unit)):
                 entry["hosts"] = hosts
             results.append(entry)
         return {"unit": unit, "results": results}
@@ -104,7 +106,7 @@ def _run_entry(run: dict[str, Any]) -> dict[str, Any]:
     return run
 
 
-def _host_results(layout: StateLayout, run_id: str, unit: str) -> list[dict[str, Any]]:
+def host_results(layout: StateLayout, run_id: str, unit: str) -> list[dict[str, Any]]:
     """Each host's counts in a fleet unit's run (none for a stack, or an older run)."""
     try:
         data = json.loads((layout.unit_run_dir(run_id, unit) / HOST_RESULTS_FILE).read_text())
