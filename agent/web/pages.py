@@ -328,10 +328,23 @@ def _host_diff(layout: StateLayout, name: str, last: UnitRunRow | None) -> list[
     return [classify_line(line) for line in _cap(text).splitlines()]
 
 
+_HEADINGS = (
+    ("will be created", "add"),
+    ("will be updated in-place", "change"),
+    ("will be destroyed", "destroy"),
+    ("must be replaced", "replace"),
+)
+
+
 def classify_line(line: str) -> tuple[str, str]:
     """A line of Terraform (or host diff) output and its class: add, change, destroy,
     replace, summary, or "" (the colours the page gives `+`, `~`, `-`, `-/+` lines)."""
     body = line.lstrip()
+    if body.startswith("#"):  # "# terraform_data.x will be destroyed": as its block
+        for words, kind in _HEADINGS:
+            if body.endswith(words):
+                return kind, line
+        return "", line
     if body.startswith(("-/+", "+/-")):
         return "replace", line
     if body.startswith("+"):
