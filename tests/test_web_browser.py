@@ -63,7 +63,7 @@ class World:
         manifest = self.work / "gitops.yaml"
         manifest.write_text(
             manifest.read_text().replace(
-                "      greeting: \"hello from gitops-agent\"\n\n  # A fleet",
+                '      greeting: "hello from gitops-agent"\n\n  # A fleet',
                 '      greeting: "hello from gitops-agent"\n'
                 f"    secrets:\n      api_token: 'file:{secrets}/api-token'\n\n  # A fleet",
                 1,
@@ -129,7 +129,9 @@ class World:
 
     def statuses(self) -> dict[str, str]:
         cards = self.browser.find_elements("css selector", "article.unit")
-        return {c.get_attribute("id")[len("unit-") :]: c.get_attribute("data-status") for c in cards}
+        return {
+            c.get_attribute("id")[len("unit-") :]: c.get_attribute("data-status") for c in cards
+        }
 
     def screenshot(self, name: str) -> None:
         ARTIFACTS.mkdir(parents=True, exist_ok=True)

@@ -126,9 +126,16 @@ ALTER TABLE unit_state ADD COLUMN preview_decision TEXT;
 ALTER TABLE unit_state ADD COLUMN preview_at REAL;
 """
 
+# Indexes for the web page (issue 21): the newest passes, and drift events by time, read
+# without scanning a long history.
+_SCHEMA_V3 = """
+CREATE INDEX IF NOT EXISTS runs_by_start ON runs (started_at);
+CREATE INDEX IF NOT EXISTS unit_runs_drift ON unit_runs (started_at, unit) WHERE drift = 1;
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
-MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_V2]
+MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -549,7 +556,8 @@ class RunStore:
     def last_unit_runs(self) -> dict[str, UnitRunRow]:
         """Each unit's last real result (the run `unit_state.last_run_id` names)."""
         rows = self._all(
-            "SELECT unit_runs.* FROM unit_state JOIN unit_runs"
+            # CROSS JOIN keeps unit_state outside: one primary-key lookup per unit.
+            "SELECT unit_runs.* FROM unit_state CROSS JOIN unit_runs"
             " ON unit_runs.run_id = unit_state.last_run_id AND unit_runs.unit = unit_state.unit"
         )
         return {r["unit"]: _unit_run_row(r) for r in rows}
@@ -565,8 +573,9 @@ class RunStore:
     def drift_counts(self, since: float = 0.0) -> dict[str, int]:
         """How many results found drift since `since`, per unit."""
         rows = self._all(
-            "SELECT unit, count(*) FROM unit_runs WHERE drift = 1 AND started_at >= ?"
-            " GROUP BY unit ORDER BY unit",
+            # The partial index holds exactly the drift events (else: a scan of the history).
+            "SELECT unit, count(*) FROM unit_runs INDEXED BY unit_runs_drift"
+            " WHERE drift = 1 AND started_at >= ? GROUP BY unit ORDER BY unit",
             (since,),
         )
         return {r[0]: int(r[1]) for r in rows}

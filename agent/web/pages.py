@@ -20,7 +20,7 @@ from agent.errors import NotFoundError
 from agent.fleets import HELD_FILE
 from agent.layout import StateLayout
 from agent.store import RevisionStatus, RunStore, UnitRunRow, UnitStateRow, UnitStatus
-from agent.views import LOG_FILES, host_results, logs_view, status_view, unit_view
+from agent.views import LOG_FILES, host_results, logs_view, unit_view
 from providers.git_source import CommitInfo
 
 __all__ = [
@@ -100,9 +100,14 @@ def overview_page(
     running: str | None = None,
 ) -> dict[str, Any]:
     """Every unit in dependency order with its status; the revision in force and the head."""
-    status = status_view(store, layout)
     states = {s.unit: s for s in store.unit_states()}
-    by_name = {u["unit"]: u for u in status["units"]}
+    by_name = {name: unit_view(state, layout) for name, state in states.items()}
+    runs = store.runs(limit=1)
+    last = asdict(runs[0]) if runs else None
+    if last:
+        finished = last["finished_at"]
+        last["duration_s"] = round(finished - last["started_at"], 3) if finished else None
+    revision = store.current_revision()
     last_rows = store.last_unit_runs()
     suspended = store.suspended()
     if manifest is not None:
@@ -142,10 +147,9 @@ def overview_page(
                 "held_run": state.last_run_id if word == "held" and state else None,
             }
         )
-    last = status["last_run"]
     head = last.get("head_revision") if last else None
     rejected = None
-    if head and head != status["revision"]:
+    if head and head != revision:
         verdict = store.revision_status(head)
         if verdict is not None and verdict[0] is RevisionStatus.REJECTED:
             rejected = {**(_commit(commit, head) or {}), "reason": verdict[1] or ""}
@@ -153,7 +157,7 @@ def overview_page(
     for unit in units:
         columns[unit["level"]].append(unit)
     return {
-        "revision": _commit(commit, status["revision"]),
+        "revision": _commit(commit, revision),
         "head": _commit(commit, head),
         "rejected": rejected,
         "last_run": last,
@@ -190,10 +194,13 @@ def unit_page(
     pages = max(1, -(-total // PAGE_SIZE))
     page = min(max(1, page), pages)
     runs = []
-    for row in store.unit_history(name, PAGE_SIZE, (page - 1) * PAGE_SIZE):
+    rows = store.unit_history(name, PAGE_SIZE, (page - 1) * PAGE_SIZE)
+    for row in rows:
         summary = asdict(row)
         summary["hosts"] = host_results(layout, row.run_id, name)
         runs.append(_run_summary(summary))
+    if run is None:  # the newest run on this page that left output (a page's worth of stats)
+        run = next((r.run_id for r in rows if _has_logs(layout, r.run_id, name)), None)
     entry = unit_view(state, layout) if state else {}
     word = unit_status(
         state,
@@ -201,13 +208,7 @@ def unit_page(
         suspended=name in store.suspended(),
         known=manifest is None or known,
     )
-    logs = None
-    if total:
-        try:
-            logs = logs_view(store, layout, name, run)
-        except NotFoundError:
-            if run is not None:
-                raise
+    logs = logs_view(store, layout, name, run) if run is not None else None
     output = None
     if logs is not None:
         output = {
@@ -249,6 +250,11 @@ def unit_page(
         "output": output,
         "drift": [_run_summary(asdict(r)) for r in store.drift_events(name, 10)],
     }
+
+
+def _has_logs(layout: StateLayout, run_id: str, unit: str) -> bool:
+    unit_dir = layout.unit_run_dir(run_id, unit)
+    return any((unit_dir / name).exists() for name in LOG_FILES)
 
 
 def _cap(text: str) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import socket
 import threading
 import time
@@ -70,6 +71,7 @@ MAX_CONNECTIONS = 64
 MAX_STREAMS = 32  # open event streams (each holds a thread)
 MAX_FORM = 4096
 _HTML = "text/html; charset=utf-8"
+_ESCAPED = re.compile(r"[&<>\"']")  # what Jinja's autoescape rewrites
 
 Answer = tuple[int, dict[str, str], bytes]
 
@@ -112,7 +114,11 @@ class WebApp:
         self.env.globals["drift_chart"] = charts.drift_chart
 
     def _finalize(self, value: Any) -> Any:
-        return self.redact(value) if isinstance(value, str) else value
+        # Only a value that escaping changes needs it here: any other is in the page as it
+        # is, and the redaction of the whole page (`_page`) finds it there.
+        if isinstance(value, str) and not value.isalnum() and _ESCAPED.search(value):
+            return self.redact(value)
+        return value
 
     def commit(self, sha: str) -> CommitInfo | None:
         """A revision's subject and author, looked up once (commits never change)."""

@@ -29,7 +29,7 @@
         var fresh = new DOMParser().parseFromString(html, "text/html").getElementById("main");
         var current = document.getElementById("main");
         if (fresh && current) current.replaceWith(document.importNode(fresh, true));
-        body.dataset.updated = String(Date.now());
+        body.dataset.updated = String(Date.now()); // bench/web_pages.py reads these
       })
       .catch(function () { show("live (refresh failed)", false); })
       .then(function () {
@@ -49,6 +49,7 @@
     function (name) {
       source.addEventListener(name, function (event) {
         body.dataset.lastEvent = name;
+        body.dataset.receivedAt = String(Date.now());
         try { body.dataset.lastEventAt = String(JSON.parse(event.data).at); } catch (e) { /* */ }
         schedule();
       });
