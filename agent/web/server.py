@@ -110,6 +110,8 @@ class WebApp:
         self.env.filters["when"] = _when
         self.env.filters["iso"] = lambda t: rfc3339(t) if t else ""
         self.env.filters["seconds"] = _seconds
+        # Redacted before it is cut: a secret cut in half would no longer be recognised.
+        self.env.filters["short"] = lambda text, size=200: _cut(self.redact(text or ""), size)
         self.env.globals["pass_chart"] = charts.pass_chart
         self.env.globals["drift_chart"] = charts.drift_chart
 
@@ -186,6 +188,11 @@ class WebApp:
 
 def _int(text: str) -> int:
     return int(text) if text.isascii() and text.isdigit() and len(text) < 9 else 1
+
+
+def _cut(text: str, size: int) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= size else line[: size - 1] + "…"
 
 
 def _seconds(value: float | None) -> str:
