@@ -23,10 +23,10 @@ from types import MappingProxyType
 
 from agent.config.manifest import DriftPolicy, Manifest, Unit
 from agent.config.web import WebConfig
-from agent.layout import StateLayout
-from agent.progress import Event, EventKind
-from agent.redact import Redactor
-from agent.store import RunStore
+from agent.core.progress import Event, EventKind
+from agent.core.redact import Redactor
+from agent.state.layout import StateLayout
+from agent.state.store import RunStore
 from agent.web.events import EventHub
 from agent.web.server import WebApp, WebServer
 

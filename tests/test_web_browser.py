@@ -23,13 +23,13 @@ from typing import Any
 
 import pytest
 
+from agent.cli.quickstart import lay_out
 from agent.config.host import load_host_config
 from agent.config.web import WebConfig
-from agent.layout import StateLayout
-from agent.progress import Event, EventKind
-from agent.quickstart import lay_out
-from agent.reconcile import PassRequest, Reconciler
-from agent.store import RunStore
+from agent.core.progress import Event, EventKind
+from agent.engine.reconcile import PassRequest, Reconciler
+from agent.state.layout import StateLayout
+from agent.state.store import RunStore
 from agent.web.events import EventHub
 from agent.web.server import WebApp, WebServer
 from providers.git_source import GitSource

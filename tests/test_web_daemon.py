@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from agent.quickstart import lay_out
+from agent.cli.quickstart import lay_out
 from tests.support.infra import git
 from tests.test_web_browser import ARTIFACTS, CHROMIUM, DRIVER, _browser
 

@@ -20,11 +20,11 @@ import pytest
 
 from agent.config.host import load_host_config
 from agent.config.web import WebConfig
+from agent.core.progress import Event, EventKind
+from agent.core.redact import Redactor
 from agent.errors import ConfigError
-from agent.layout import StateLayout
-from agent.progress import Event, EventKind
-from agent.redact import Redactor
-from agent.store import RunStatus, RunStore, UnitOutcome, UnitStatus
+from agent.state.layout import StateLayout
+from agent.state.store import RunStatus, RunStore, UnitOutcome, UnitStatus
 from agent.web.events import EventHub
 from agent.web.server import CSP, WebApp, WebServer
 

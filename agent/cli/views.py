@@ -8,28 +8,27 @@ here too, fleets with their hosts beside stacks with their plan counts.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agent.errors import NotFoundError
 from agent.state.layout import StateLayout
-from agent.state.store import RunStore, UnitOutcome, UnitRunRow, UnitStateRow, UnitStatus
+from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.decide import Decision
-from agent.units.fleets import HOST_RESULTS_FILE, FleetOutcome, describe_fleet, host_states
+from agent.units.fleets import FleetOutcome, describe_fleet
 from agent.units.stacks import describe_outcome
+from agent.units.views import LOG_FILES as LOG_FILES
+from agent.units.views import host_results, rfc3339, unit_view
+from agent.units.views import logs_view as logs_view
 from providers.text import plural
 
 # Keys that hold a Unix time in a view (`at`, `since`, any `*_at`: `started_at`,
 # `converged_at`...): `--json` prints them as RFC 3339 strings.
 TIME_KEYS = frozenset({"at", "since"})
 TIME_SUFFIX = "_at"
-
-LOG_FILES = ("init.txt", "plan.txt", "policy.txt", "apply.txt", "hosts.txt")
 
 
 def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str, Any]:
@@ -43,37 +42,6 @@ def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str,
         "last_run": _run_entry(asdict(last)) if last else None,
         "units": units,
     }
-
-
-def unit_view(state: UnitStateRow, layout: StateLayout | None = None) -> dict[str, Any]:
-    """Where one unit stands (`agent status` shows one of these per unit)."""
-    # The store keeps the drift the last plan found; a clean apply put it back since.
-    reverted = bool(state.drift) and (state.last_status, state.last_decision) == (
-        UnitStatus.OK,
-        Decision.APPLY,
-    )
-    entry: dict[str, Any] = {
-        "unit": state.unit,
-        "revision": state.revision,
-        "converged_at": state.converged_at,
-        "last_result": state.last_status,
-        "last_decision": state.last_decision,
-        "drift": bool(state.drift) and not reverted,
-        "drift_reverted": reverted,
-        "last_run": state.last_run_id,
-        "updated_at": state.updated_at,
-    }
-    if state.preview_run_id:
-        # A dry run's result, apart: it never stands for what the unit last did.
-        entry["last_preview"] = {
-            "run": state.preview_run_id,
-            "result": state.preview_status,
-            "decision": state.preview_decision,
-            "at": state.preview_at,
-        }
-    if layout is not None and (hosts := host_states(layout, state.unit)):
-        entry["hosts"] = hosts
-    return entry
 
 
 def history_view(
@@ -104,15 +72,6 @@ def _run_entry(run: dict[str, Any]) -> dict[str, Any]:
     finished = run.get("finished_at")
     run["duration_s"] = round(finished - run["started_at"], 3) if finished else None
     return run
-
-
-def host_results(layout: StateLayout, run_id: str, unit: str) -> list[dict[str, Any]]:
-    """Each host's counts in a fleet unit's run (none for a stack, or an older run)."""
-    try:
-        data = json.loads((layout.unit_run_dir(run_id, unit) / HOST_RESULTS_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-    return data if isinstance(data, list) else []
 
 
 def pass_view(result: Any) -> dict[str, Any]:
@@ -183,47 +142,6 @@ def as_json(data: Any) -> Any:
 def _is_time(key: Any, value: Any) -> bool:
     named = isinstance(key, str) and (key in TIME_KEYS or key.endswith(TIME_SUFFIX))
     return named and isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def rfc3339(timestamp: float) -> str:
-    """2026-12-07T04:46:23.512Z: RFC 3339, UTC, to the millisecond."""
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def logs_view(
-    store: RunStore, layout: StateLayout, unit: str, run_id: str | None
-) -> dict[str, Any]:
-    """The Terraform output of a unit in a run (default: its latest run that planned)."""
-    row = _unit_run_with_logs(store, layout, unit, run_id)
-    unit_dir = layout.unit_run_dir(row.run_id, unit)
-    files = {}
-    for name in LOG_FILES:
-        path = unit_dir / name
-        if path.exists():
-            files[name] = path.read_text(encoding="utf-8", errors="replace")
-    return {"unit": unit, "run": row.run_id, "result": asdict(row), "files": files}
-
-
-def _unit_run_with_logs(
-    store: RunStore, layout: StateLayout, unit: str, run_id: str | None
-) -> UnitRunRow:
-    if run_id is not None:
-        if store.get_run(run_id) is None:
-            raise NotFoundError(f"no run with id {run_id!r}", hint="see `agent history`")
-        for row in store.unit_runs(run_id):
-            if row.unit == unit:
-                return row
-        raise NotFoundError(f"unit {unit!r} did not take part in run {run_id}")
-    history = store.unit_history(unit, limit=200)
-    if not history:
-        raise NotFoundError(
-            f"no run has reconciled a unit named {unit!r}", hint="see `agent status`"
-        )
-    for row in history:
-        if any((layout.unit_run_dir(row.run_id, unit) / n).exists() for n in LOG_FILES):
-            return row
-    return history[0]
 
 
 # --- rendering --------------------------------------------------------------------

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from agent.config.manifest import Manifest
-from agent.progress import Event, EventKind
+from agent.core.progress import Event, EventKind
 
 __all__ = ["EventHub", "Subscription"]
 

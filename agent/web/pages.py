@@ -15,12 +15,12 @@ from dataclasses import asdict
 from typing import Any
 
 from agent.config.manifest import Manifest
-from agent.decide import Decision
 from agent.errors import NotFoundError
-from agent.fleets import HELD_FILE
-from agent.layout import StateLayout
-from agent.store import RevisionStatus, RunStore, UnitRunRow, UnitStateRow, UnitStatus
-from agent.views import LOG_FILES, host_results, logs_view, unit_view
+from agent.state.layout import StateLayout
+from agent.state.store import RevisionStatus, RunStore, UnitRunRow, UnitStateRow, UnitStatus
+from agent.units.decide import Decision
+from agent.units.fleets import HELD_FILE
+from agent.units.views import LOG_FILES, host_results, logs_view, unit_view
 from providers.git_source import CommitInfo
 
 __all__ = [

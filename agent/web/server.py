@@ -42,14 +42,14 @@ import jinja2
 
 from agent.config.web import WebConfig
 from agent.errors import AgentError, NotFoundError
-from agent.layout import StateLayout
-from agent.store import RunStore
-from agent.views import rfc3339
+from agent.state.layout import StateLayout
+from agent.state.store import RunStore
+from agent.units.views import rfc3339
 from agent.web import auth, charts, pages
 from agent.web.events import EventHub, sse_frame
 from providers.git_source import CommitInfo
 
-__all__ = ["CSP", "WebApp", "WebServer"]
+__all__ = ["CSP", "WebApp", "WebListenError", "WebServer"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,13 @@ _HTML = "text/html; charset=utf-8"
 _ESCAPED = re.compile(r"[&<>\"']")  # what Jinja's autoescape rewrites
 
 Answer = tuple[int, dict[str, str], bytes]
+
+
+class WebListenError(AgentError):
+    """The page's listener could not bind its address."""
+
+    reference = "listen-failed"
+    retryable = True
 
 
 class WebApp:
@@ -243,14 +250,12 @@ class WebServer:
 
     def start(self) -> None:
         """Bind and serve in the background; raises `ListenError` if the address is taken."""
-        from agent.http_server import ListenError
-
         family = socket.AF_INET6 if ":" in self.config.host else socket.AF_INET
         self.stopping.clear()
         try:
             self._server = _Server((self.config.host, self.config.port), self, family)
         except OSError as err:
-            raise ListenError(
+            raise WebListenError(
                 f"web: cannot listen on {self.config.host}:{self.config.port}: {err.strerror}",
                 hint="another process may hold the port; or change web.listen in the host config",
             ) from None

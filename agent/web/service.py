@@ -12,10 +12,10 @@ from __future__ import annotations
 from agent.config.host import HostConfig
 from agent.config.service import read_secret_file
 from agent.config.web import WebConfig
-from agent.layout import StateLayout
-from agent.progress import Event
-from agent.redact import Redactor
-from agent.store import RunStore
+from agent.core.progress import Event
+from agent.core.redact import Redactor
+from agent.state.layout import StateLayout
+from agent.state.store import RunStore
 from agent.web.events import EventHub
 from agent.web.server import WebApp, WebServer
 from providers.git_source import GitSource
