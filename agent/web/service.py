@@ -1,10 +1,7 @@
 """The web page as the daemon runs it: built from the host config, fed the pass events.
 
-The daemon needs three lines (see docs/web.md):
-
-    self.web = WebPage.from_host(host, self.redactor)   # None unless `web:` is configured
-    ... self.web.start() / self.web.stop() beside the HTTP listener's
-    ... self.web(event) in its event handler, for every event of a pass
+agent/service/daemon.py builds it (`WebPage.from_host`: None unless `web:` is configured),
+starts and stops it beside its HTTP listener, and hands it every event of a pass.
 """
 
 from __future__ import annotations
