@@ -285,6 +285,8 @@ def test_no_canary_in_any_page_asset_or_event(world: World) -> None:
     for path in ("/", "/units/app", "/units/base", "/units/host", "/activity"):
         world.browser.get(world.url + path)
         sources.append(world.browser.page_source)
+    # A fleet's page: each host with its result and round trips.
+    assert "bastion" in sources[3] and "round trips" in sources[3]
     # The plan that carried the secret (the first pass created terraform_data.token).
     first = world.store.unit_history("app", limit=100)[-1]
     world.browser.get(f"{world.url}/units/app?run={first.run_id}")
