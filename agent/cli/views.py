@@ -8,20 +8,21 @@ here too, fleets with their hosts beside stacks with their plan counts.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from agent.errors import NotFoundError
 from agent.state.layout import StateLayout
-from agent.state.store import RunStore, UnitOutcome, UnitRunRow, UnitStatus
+from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.decide import Decision
-from agent.units.fleets import HOST_RESULTS_FILE, FleetOutcome, describe_fleet, host_states
+from agent.units.fleets import FleetOutcome, describe_fleet
 from agent.units.stacks import describe_outcome
+from agent.units.views import LOG_FILES as LOG_FILES
+from agent.units.views import host_results, rfc3339, unit_view
+from agent.units.views import logs_view as logs_view
 from providers.text import plural
 
 # Keys that hold a Unix time in a view (`at`, `since`, any `*_at`: `started_at`,
@@ -29,44 +30,13 @@ from providers.text import plural
 TIME_KEYS = frozenset({"at", "since"})
 TIME_SUFFIX = "_at"
 
-LOG_FILES = ("init.txt", "plan.txt", "policy.txt", "apply.txt", "hosts.txt")
-
 
 def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str, Any]:
     """Where each unit stands (a fleet's hosts too, given the layout), and the revision
     in force."""
     runs = store.runs(limit=1)
     last = runs[0] if runs else None
-    units = []
-    for state in store.unit_states():
-        # The store keeps the drift the last plan found; a clean apply put it back since.
-        reverted = bool(state.drift) and (state.last_status, state.last_decision) == (
-            UnitStatus.OK,
-            Decision.APPLY,
-        )
-        units.append(
-            {
-                "unit": state.unit,
-                "revision": state.revision,
-                "converged_at": state.converged_at,
-                "last_result": state.last_status,
-                "last_decision": state.last_decision,
-                "drift": bool(state.drift) and not reverted,
-                "drift_reverted": reverted,
-                "last_run": state.last_run_id,
-                "updated_at": state.updated_at,
-            }
-        )
-        if state.preview_run_id:
-            # A dry run's result, apart: it never stands for what the unit last did.
-            units[-1]["last_preview"] = {
-                "run": state.preview_run_id,
-                "result": state.preview_status,
-                "decision": state.preview_decision,
-                "at": state.preview_at,
-            }
-        if layout is not None and (hosts := host_states(layout, state.unit)):
-            units[-1]["hosts"] = hosts
+    units = [unit_view(state, layout) for state in store.unit_states()]
     return {
         "revision": store.current_revision(),
         "last_run": _run_entry(asdict(last)) if last else None,
@@ -86,7 +56,7 @@ def history_view(
         results = []
         for row in rows:
             entry = asdict(row)
-            if layout is not None and (hosts := _host_results(layout, row.run_id, unit)):
+            if layout is not None and (hosts := host_results(layout, row.run_id, unit)):
                 entry["hosts"] = hosts
             results.append(entry)
         return {"unit": unit, "results": results}
@@ -102,15 +72,6 @@ def _run_entry(run: dict[str, Any]) -> dict[str, Any]:
     finished = run.get("finished_at")
     run["duration_s"] = round(finished - run["started_at"], 3) if finished else None
     return run
-
-
-def _host_results(layout: StateLayout, run_id: str, unit: str) -> list[dict[str, Any]]:
-    """Each host's counts in a fleet unit's run (none for a stack, or an older run)."""
-    try:
-        data = json.loads((layout.unit_run_dir(run_id, unit) / HOST_RESULTS_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-    return data if isinstance(data, list) else []
 
 
 def pass_view(result: Any) -> dict[str, Any]:
@@ -181,47 +142,6 @@ def as_json(data: Any) -> Any:
 def _is_time(key: Any, value: Any) -> bool:
     named = isinstance(key, str) and (key in TIME_KEYS or key.endswith(TIME_SUFFIX))
     return named and isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def rfc3339(timestamp: float) -> str:
-    """2026-12-07T04:46:23.512Z: RFC 3339, UTC, to the millisecond."""
-    moment = datetime.fromtimestamp(timestamp, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def logs_view(
-    store: RunStore, layout: StateLayout, unit: str, run_id: str | None
-) -> dict[str, Any]:
-    """The Terraform output of a unit in a run (default: its latest run that planned)."""
-    row = _unit_run_with_logs(store, layout, unit, run_id)
-    unit_dir = layout.unit_run_dir(row.run_id, unit)
-    files = {}
-    for name in LOG_FILES:
-        path = unit_dir / name
-        if path.exists():
-            files[name] = path.read_text(encoding="utf-8", errors="replace")
-    return {"unit": unit, "run": row.run_id, "result": asdict(row), "files": files}
-
-
-def _unit_run_with_logs(
-    store: RunStore, layout: StateLayout, unit: str, run_id: str | None
-) -> UnitRunRow:
-    if run_id is not None:
-        if store.get_run(run_id) is None:
-            raise NotFoundError(f"no run with id {run_id!r}", hint="see `agent history`")
-        for row in store.unit_runs(run_id):
-            if row.unit == unit:
-                return row
-        raise NotFoundError(f"unit {unit!r} did not take part in run {run_id}")
-    history = store.unit_history(unit, limit=200)
-    if not history:
-        raise NotFoundError(
-            f"no run has reconciled a unit named {unit!r}", hint="see `agent status`"
-        )
-    for row in history:
-        if any((layout.unit_run_dir(row.run_id, unit) / n).exists() for n in LOG_FILES):
-            return row
-    return history[0]
 
 
 # --- rendering --------------------------------------------------------------------

@@ -6,6 +6,7 @@ notifications, scheduling knobs, and per-unit drift intervals.
     notifications:   [{kind: webhook|slack|apprise, url | url_file, events: [...], timeout: 5s}]
     daemon:          {jitter: 10s, stop_timeout: 30m, backoff_max: 30m}
     intervals.units: {UNIT: {drift: 2m}}
+    web:             {listen: HOST:PORT, token_file, trusted_proxies, user_header}
 
 No secret is ever in the config itself: a webhook's secret and a sink's URL (a Slack URL is
 the whole credential) live in files that are read when the daemon starts
@@ -24,10 +25,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from agent.config.yamlnodes import INVALID, Value
 from agent.errors import ConfigError
+
+if TYPE_CHECKING:
+    from agent.config.web import WebConfig
 
 DEFAULT_CONTROL_SOCKET = Path("/run/gitops-agent/control.sock")
 DEFAULT_MAX_BODY = 1024 * 1024
@@ -114,9 +119,10 @@ class ServiceConfig:
     control_socket: Path = DEFAULT_CONTROL_SOCKET
     notifications: tuple[NotificationConfig, ...] = ()
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    web: WebConfig | None = None  # the web page (agent.config.web), off when None
 
 
-SERVICE_KEYS = ("http", "control_socket", "notifications", "daemon")
+SERVICE_KEYS = ("http", "control_socket", "notifications", "daemon", "web")
 
 
 def read_service(
@@ -124,6 +130,8 @@ def read_service(
 ) -> ServiceConfig:
     """Read the daemon's top-level keys (`SERVICE_KEYS`) from `values` (key -> value or
     None when absent); problems are recorded on the values (file, line, key)."""
+    from agent.config.web import read_web  # it reuses this module's readers
+
     socket_path = DEFAULT_CONTROL_SOCKET
     if found := values.get("control_socket"):
         socket_path = path_of(found, base_dir) or socket_path
@@ -132,6 +140,7 @@ def read_service(
         control_socket=socket_path,
         notifications=_notifications(values.get("notifications"), base_dir, path_of),
         daemon=_daemon(values.get("daemon")),
+        web=read_web(values.get("web"), base_dir, path_of),
     )
 
 

@@ -49,6 +49,7 @@ from agent.service.triggers import TriggerQueue
 from agent.service.webhooks import PushEvent, WebhookSource
 from agent.service.worker import PassWorker
 from agent.state.storefile import StoreDamaged, StoreFull
+from agent.web.service import WebPage
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class Daemon:
         self.host = host
         self.service = host.service
         self.events = EventLog(run_context or RunContext())
+        self.web: WebPage | None = None  # the reconciler may report before it exists
         self.reconciler = Reconciler(host, reporter=self._on_event)
         self.redactor = self.reconciler.redactor
         self.store = self.reconciler.store
@@ -103,6 +105,7 @@ class Daemon:
             forge=self.forge,
         )
         self.http = self._http_server()
+        self.web = WebPage.from_host(host, self.redactor)  # None unless `web:` is set
         self.control = ControlServer(
             self.service.control_socket,
             ControlRequests(
@@ -120,6 +123,8 @@ class Daemon:
     def _on_event(self, event: Event) -> None:
         """Every event of a pass (the reconciler reports before the worker exists)."""
         self.worker.on_event(event)
+        if self.web is not None:
+            self.web(event)
 
     # --- set-up -------------------------------------------------------------------------
 
@@ -203,7 +208,11 @@ class Daemon:
         try:
             if self.http is not None:
                 self.http.start()
+            if self.web is not None:
+                self.web.start()
         except AgentError:
+            if self.http is not None:
+                self.http.stop()
             self.control.stop()
             raise
         self.notifier.start()
@@ -236,6 +245,8 @@ class Daemon:
             self.scheduler.shutdown(wait=False)
         if self.http is not None:
             self.http.stop()
+        if self.web is not None:
+            self.web.stop()
         for waiter in self.queue.close():
             waiter.error(AgentError("the agent is stopping: the pass you asked for did not run"))
         busy = self.worker.running

@@ -126,9 +126,16 @@ ALTER TABLE unit_state ADD COLUMN preview_decision TEXT;
 ALTER TABLE unit_state ADD COLUMN preview_at REAL;
 """
 
+# Indexes for the web page (issue 21): the newest passes, and drift events by time, read
+# without scanning a long history.
+_SCHEMA_V3 = """
+CREATE INDEX IF NOT EXISTS runs_by_start ON runs (started_at);
+CREATE INDEX IF NOT EXISTS unit_runs_drift ON unit_runs (started_at, unit) WHERE drift = 1;
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
-MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_V2]
+MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -533,12 +540,45 @@ class RunStore:
         )
         return [_unit_run_row(r) for r in rows]
 
-    def unit_history(self, unit: str, limit: int = 50) -> list[UnitRunRow]:
+    def unit_history(self, unit: str, limit: int = 50, offset: int = 0) -> list[UnitRunRow]:
+        """A unit's results, newest first; `offset` skips that many (pages)."""
         rows = self._all(
-            "SELECT * FROM unit_runs WHERE unit = ? ORDER BY started_at DESC LIMIT ?",
+            "SELECT * FROM unit_runs WHERE unit = ? ORDER BY started_at DESC LIMIT ? OFFSET ?",
+            (unit, limit, offset),
+        )
+        return [_unit_run_row(r) for r in rows]
+
+    def count_unit_runs(self, unit: str) -> int:
+        """How many results a unit has (for pages)."""
+        row = self._one("SELECT count(*) FROM unit_runs WHERE unit = ?", (unit,))
+        return int(row[0]) if row else 0
+
+    def last_unit_runs(self) -> dict[str, UnitRunRow]:
+        """Each unit's last real result (the run `unit_state.last_run_id` names)."""
+        rows = self._all(
+            # CROSS JOIN keeps unit_state outside: one primary-key lookup per unit.
+            "SELECT unit_runs.* FROM unit_state CROSS JOIN unit_runs"
+            " ON unit_runs.run_id = unit_state.last_run_id AND unit_runs.unit = unit_state.unit"
+        )
+        return {r["unit"]: _unit_run_row(r) for r in rows}
+
+    def drift_events(self, unit: str, limit: int = 20) -> list[UnitRunRow]:
+        """The unit's results whose plan found drift, newest first."""
+        rows = self._all(
+            "SELECT * FROM unit_runs WHERE unit = ? AND drift = 1 ORDER BY started_at DESC LIMIT ?",
             (unit, limit),
         )
         return [_unit_run_row(r) for r in rows]
+
+    def drift_counts(self, since: float = 0.0) -> dict[str, int]:
+        """How many results found drift since `since`, per unit."""
+        rows = self._all(
+            # The partial index holds exactly the drift events (else: a scan of the history).
+            "SELECT unit, count(*) FROM unit_runs INDEXED BY unit_runs_drift"
+            " WHERE drift = 1 AND started_at >= ? GROUP BY unit ORDER BY unit",
+            (since,),
+        )
+        return {r[0]: int(r[1]) for r in rows}
 
     def unit_states(self) -> list[UnitStateRow]:
         rows = self._all("SELECT * FROM unit_state ORDER BY unit")
@@ -573,6 +613,15 @@ class RunStore:
     def revision_status(self, sha: str) -> tuple[RevisionStatus, str | None] | None:
         row = self._one("SELECT status, error FROM revisions WHERE sha = ?", (sha,))
         return (RevisionStatus(row["status"]), row["error"]) if row else None
+
+    def last_rejected(self) -> tuple[str, str | None, float] | None:
+        """The revision last rejected (sha, reason, when), or None."""
+        row = self._one(
+            "SELECT sha, error, seen_at FROM revisions WHERE status = ?"
+            " ORDER BY seen_at DESC LIMIT 1",
+            (RevisionStatus.REJECTED.value,),
+        )
+        return (row["sha"], row["error"], row["seen_at"]) if row else None
 
     def current_revision(self) -> str | None:
         """The last revision accepted (validated and taken into force)."""

@@ -1,0 +1,102 @@
+"""What the run store and the state directory say about units, as plain dicts: shared by
+the command line (agent.cli.views renders them as tables and `--json`) and the web page
+(agent.web), so that both always say the same.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import UTC, datetime
+from typing import Any
+
+from agent.errors import NotFoundError
+from agent.state.layout import StateLayout
+from agent.state.store import RunStore, UnitRunRow, UnitStateRow, UnitStatus
+from agent.units.decide import Decision
+from agent.units.fleets import HOST_RESULTS_FILE, host_states
+
+__all__ = ["LOG_FILES", "host_results", "logs_view", "rfc3339", "unit_view"]
+
+LOG_FILES = ("init.txt", "plan.txt", "policy.txt", "apply.txt", "hosts.txt")
+
+
+def unit_view(state: UnitStateRow, layout: StateLayout | None = None) -> dict[str, Any]:
+    """Where one unit stands (`agent status` shows one of these per unit)."""
+    # The store keeps the drift the last plan found; a clean apply put it back since.
+    reverted = bool(state.drift) and (state.last_status, state.last_decision) == (
+        UnitStatus.OK,
+        Decision.APPLY,
+    )
+    entry: dict[str, Any] = {
+        "unit": state.unit,
+        "revision": state.revision,
+        "converged_at": state.converged_at,
+        "last_result": state.last_status,
+        "last_decision": state.last_decision,
+        "drift": bool(state.drift) and not reverted,
+        "drift_reverted": reverted,
+        "last_run": state.last_run_id,
+        "updated_at": state.updated_at,
+    }
+    if state.preview_run_id:
+        # A dry run's result, apart: it never stands for what the unit last did.
+        entry["last_preview"] = {
+            "run": state.preview_run_id,
+            "result": state.preview_status,
+            "decision": state.preview_decision,
+            "at": state.preview_at,
+        }
+    if layout is not None and (hosts := host_states(layout, state.unit)):
+        entry["hosts"] = hosts
+    return entry
+
+
+def host_results(layout: StateLayout, run_id: str, unit: str) -> list[dict[str, Any]]:
+    """Each host's counts in a fleet unit's run (none for a stack, or an older run)."""
+    try:
+        data = json.loads((layout.unit_run_dir(run_id, unit) / HOST_RESULTS_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    return data if isinstance(data, list) else []
+
+
+def rfc3339(timestamp: float) -> str:
+    """2026-12-07T04:46:23.512Z: RFC 3339, UTC, to the millisecond."""
+    moment = datetime.fromtimestamp(timestamp, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def logs_view(
+    store: RunStore, layout: StateLayout, unit: str, run_id: str | None
+) -> dict[str, Any]:
+    """The Terraform output of a unit in a run (default: its latest run that planned)."""
+    row = _unit_run_with_logs(store, layout, unit, run_id)
+    unit_dir = layout.unit_run_dir(row.run_id, unit)
+    files = {}
+    for name in LOG_FILES:
+        path = unit_dir / name
+        if path.exists():
+            files[name] = path.read_text(encoding="utf-8", errors="replace")
+    return {"unit": unit, "run": row.run_id, "result": asdict(row), "files": files}
+
+
+def _unit_run_with_logs(
+    store: RunStore, layout: StateLayout, unit: str, run_id: str | None
+) -> UnitRunRow:
+    if run_id is not None:
+        if store.get_run(run_id) is None:
+            raise NotFoundError(f"no run with id {run_id!r}", hint="see `agent history`")
+        for row in store.unit_runs(run_id):
+            if row.unit == unit:
+                return row
+        raise NotFoundError(f"unit {unit!r} did not take part in run {run_id}")
+    history = store.unit_history(unit, limit=200)
+    if not history:
+        raise NotFoundError(
+            f"no run has reconciled a unit named {unit!r}", hint="see `agent status`"
+        )
+    for row in history:
+        if any((layout.unit_run_dir(row.run_id, unit) / n).exists() for n in LOG_FILES):
+            return row
+    return history[0]
