@@ -182,3 +182,11 @@ class RepoFileError(ProviderError):
         self.path = path
         self.reason = reason
         self.kind = kind
+
+
+class InventoryError(ProviderError):
+    """A cloud inventory (the EC2 instances of a fleet) could not be read."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable

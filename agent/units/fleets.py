@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import DestroyPolicy, HostConfig, StackOutputRef, Unit
-from agent.config.fleet import HOST_NAME_RE, Fleet, HostsFromStack, HostSpec, ResourceSpec
+from agent.config.fleet import (
+    HOST_NAME_RE,
+    Fleet,
+    HostsFromEc2,
+    HostsFromStack,
+    HostSpec,
+    ResourceSpec,
+)
 from agent.config.manifest import plain_value
 from agent.core.fsutil import atomic_write, ensure_private_dir
 from agent.core.progress import Event, EventKind, Reporter
@@ -36,6 +43,7 @@ from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext
 from agent.units.decide import Decision
+from agent.units.ec2fleet import Ec2Hosts
 from agent.units.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
 from agent.units.policy_check import fleet_hold, now_utc
 from agent.units.unitrun import run_unit
@@ -135,6 +143,7 @@ class FleetReconciler:
         # Units run in parallel and several may share a host: one writer of the records.
         self._records = threading.Lock()
         self.hasher = Hasher(load_key(layout.root))
+        self.ec2 = Ec2Hosts(host.hosts)
 
     def interrupt(self) -> None:
         """Start no new host; the hosts converging now finish their round trip."""
@@ -307,6 +316,8 @@ class FleetReconciler:
         return replace(outcome, hosts=hosts)
 
     def _hosts(self, ctx: StackContext, unit: Unit, fleet: Fleet) -> tuple[HostSpec, ...]:
+        if isinstance(fleet.hosts, HostsFromEc2):
+            return self.ec2.hosts(unit.name, fleet.hosts, ctx.run_id)
         if not isinstance(fleet.hosts, HostsFromStack):
             return fleet.hosts
         ref = fleet.hosts
@@ -390,7 +401,7 @@ class FleetReconciler:
                 continue
             fleet = other.fleet
             roles: tuple[str, ...] = ()
-            if isinstance(fleet.hosts, HostsFromStack):
+            if not isinstance(fleet.hosts, tuple):  # known at reconcile time only
                 seen = self._host_file(other.name, spec.name).exists()
                 if other.name not in recorded and not seen:
                     continue
