@@ -13,6 +13,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +22,10 @@ import boto3
 import pytest
 
 from agent.config import load_host_config
-from agent.reconcile import PassRequest, Reconciler
-from agent.store import UnitStatus
+from agent.engine.reconcile import PassRequest, Reconciler
+from agent.service.hostwatch import HostWatch, Tracked
+from agent.state.store import UnitStatus
+from agent.units.fleets import host_states
 from tests.support import sshd as sshd_support
 from tests.support.infra import InfraRepo, write_host_config
 from tests.support.moto import REGION, MotoServer, fake_aws_credentials
@@ -246,3 +249,48 @@ def test_an_inventory_that_cannot_be_read_fails_the_unit_and_touches_no_host(
         f"unit web: EC2 inventory in {REGION}: cannot connect to AWS; no host was contacted"
     )
     assert marks(world) == set()  # the host was not converged (its mark stays removed)
+
+
+def test_the_host_watch_converges_new_instances_only_retries_booting_ones_and_drops_gone_ones(
+    world: dict[str, Any],
+) -> None:
+    (first_id, first), *_ = members(world).items()
+    boot(world, first)
+    assert run(world).ok
+    record = world["tmp"] / "state" / "units" / "web" / "hosts" / f"{first_id}.json"
+    first_record = record.read_text()
+    now = [1000.0]
+    reconciler = Reconciler(load_host_config(world["config"]))
+    try:
+        watch = HostWatch(reconciler, clock=lambda: now[0])
+        assert watch.tick()["web"].converge == ()  # the pass converged the only instance
+
+        world["asg"].set_desired_capacity(AutoScalingGroupName="web-asg", DesiredCapacity=2)
+        (new_id, new), *_ = ((i, a) for i, a in members(world).items() if i != first_id)
+        # Still booting: nothing listens on its address yet.
+        assert watch.tick()["web"].converge == (new_id,)
+        assert watch.tracked["web"][new_id] == Tracked(False, attempts=1, next_try=1010.0)
+        assert watch.tick()["web"].waiting == (new_id,)  # not due: not contacted
+
+        boot(world, new)
+        now[0] = 1010.0
+        started = time.monotonic()
+        assert watch.tick()["web"].converge == (new_id,)
+        converged_in = time.monotonic() - started
+
+        assert marks(world) == {first, new}
+        assert watch.tracked["web"][new_id] == Tracked(converged=True)
+        assert record.read_text() == first_record  # the first host was not contacted
+        runs = reconciler.store.runs(limit=5)
+        assert runs[0].trigger == "hosts"
+        assert converged_in < 20
+
+        world["asg"].set_desired_capacity(AutoScalingGroupName="web-asg", DesiredCapacity=1)
+        left = set(members(world))
+        assert len(left) == 1
+        gone = ({first_id, new_id} - left).pop()
+        assert watch.tick()["web"].dropped == (gone,)
+        shown = [state["host"] for state in host_states(reconciler.layout, "web")]
+        assert shown == sorted(left)
+    finally:
+        reconciler.close()

@@ -247,6 +247,13 @@ class FleetReconciler:
         self, ctx: StackContext, unit: Unit, fleet: Fleet, revision_moved: bool
     ) -> UnitOutcome:
         hosts = self._hosts(ctx, unit, fleet)
+        if isinstance(fleet.hosts, HostsFromEc2) and ctx.hosts_only is None:
+            retire_hosts(self.layout, unit.name, {h.name for h in hosts})
+        if ctx.hosts_only is not None:
+            # New instances get the revision in force, as if it had just moved: they have
+            # never had it (drift `report` would otherwise only look at them).
+            hosts = tuple(h for h in hosts if h.name in ctx.hosts_only)
+            revision_moved = True
         # Drift with `report` looks without touching; a dry run never touches.
         apply = not ctx.dry_run and (revision_moved or unit.drift.value == "revert")
         # Outside a change window (or under a host ceiling of `approve`) nothing is applied.
@@ -688,6 +695,24 @@ class FleetReconciler:
             path = self._desired_file(unit, plan.spec.name)
             ensure_private_dir(path.parent)
             atomic_write(path, json.dumps(self._desired(plan), indent=1))
+
+
+def retire_hosts(layout: StateLayout, unit: str, listed: set[str]) -> list[str]:
+    """Move the records of hosts the inventory no longer lists out of the fleet's status
+    (into `hosts-gone/`): an instance that left is not shown, and no pass contacts it
+    (passes converge only the hosts listed). Each run's host results stay in its run dir
+    (`agent history`). Returns the names retired."""
+    hosts_dir = layout.unit_dir(unit) / "hosts"
+    gone_dir = layout.unit_dir(unit) / "hosts-gone"
+    retired = []
+    for record in sorted(hosts_dir.glob("*.json")) if hosts_dir.is_dir() else ():
+        name = record.name.removesuffix(".json")
+        if name in listed or not HOST_NAME_RE.fullmatch(name):
+            continue
+        ensure_private_dir(gone_dir)
+        record.replace(gone_dir / record.name)
+        retired.append(name)
+    return retired
 
 
 def host_states(layout: StateLayout, unit: str) -> list[dict[str, Any]]:
