@@ -212,6 +212,20 @@ def test_an_autoscaling_group_scaling_up_gets_its_new_host_converged(
     # known_hosts still holds the CA alone: no key was trusted on first use.
     assert (world["tmp"] / "known_hosts").read_text().count("\n") == 1
 
+    world["asg"].set_desired_capacity(AutoScalingGroupName="web-asg", DesiredCapacity=1)
+    (left, _), *_ = members(world).items()
+    result = run(world)
+
+    assert result.ok, (result.error, result.outcomes["web"].error)
+    assert [h.host for h in result.outcomes["web"].hosts] == [left]  # type: ignore[attr-defined]
+    layout = Reconciler(load_host_config(world["config"]))
+    try:
+        assert [s["host"] for s in host_states(layout.layout, "web")] == [left]
+    finally:
+        layout.close()
+    gone = world["tmp"] / "state" / "units" / "web" / "hosts-gone"
+    assert [p.stem for p in gone.glob("*.json")] == [({first_id, new_id} - {left}).pop()]
+
 
 def test_a_new_host_whose_certificate_names_another_host_is_refused_alone(
     world: dict[str, Any],
