@@ -46,7 +46,7 @@ def main() -> None:
         vpc = ec2.create_vpc(CidrBlock="10.0.0.0/16")["Vpc"]["VpcId"]
         subnets = [
             ec2.create_subnet(VpcId=vpc, CidrBlock=f"10.0.{i}.0/24")["Subnet"]["SubnetId"]
-            for i in range(1, 1 + (args.instances + 200) // 250)
+            for i in range(1, 1 + (args.instances + 199) // 200)
         ]
         image = ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
         left, index = args.instances, 0
@@ -73,7 +73,9 @@ def main() -> None:
             MinSize=10,
             MaxSize=10,
             DesiredCapacity=10,
-            VPCZoneIdentifier=subnets[0],
+            VPCZoneIdentifier=ec2.create_subnet(VpcId=vpc, CidrBlock="10.0.250.0/24")["Subnet"][
+                "SubnetId"
+            ],
         )
         inventory = Ec2Inventory(Ec2Settings(region=REGION, endpoint_url=server.url))
         results = {}

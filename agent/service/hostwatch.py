@@ -14,9 +14,10 @@ A host that cannot be converged yet is retried after 10 s, 20 s, 40 s ... up to 
 `hosts`) at the revision in force, so `agent history` shows it; if a pass is running the
 tick is skipped (that pass lists the instances itself).
 
-Wiring (agent/daemon.py, once it is split): make one `HostWatch(reconciler)` at start and
-add a scheduler job every `host.intervals.hosts` seconds that runs `watch.tick()` on the
-pass worker, like the drift timers.
+Wiring (the daemon): one `HostWatch(reconciler)` at start, and a scheduler job every
+`intervals.hosts` seconds running `tick` (`max_instances=1`). It may run beside the pass
+worker: everything it does that touches the checkout or the hosts holds the pass lock
+without waiting, so it never runs during a pass.
 """
 
 from __future__ import annotations
