@@ -121,12 +121,14 @@ def test_the_host_config_gives_the_aws_settings(tmp_path: Path) -> None:
         "    region: eu-west-1\n"
         "    endpoint_url: http://127.0.0.1:5000\n"
         "    role_arn: arn:aws:iam::123456789012:role/inventory\n"
+        "    host_key_tag: ssh-host-key\n"
     )
     config = parse_host_config(text, "agent.yaml", tmp_path)
     assert config.hosts.aws == Ec2Settings(
         region="eu-west-1",
         endpoint_url="http://127.0.0.1:5000",
         role_arn="arn:aws:iam::123456789012:role/inventory",
+        host_key_tag="ssh-host-key",
     )
     assert parse_host_config("repo: {url: x}\n", "agent.yaml", tmp_path).hosts.aws is None
 

@@ -308,3 +308,31 @@ def test_the_host_watch_converges_new_instances_only_retries_booting_ones_and_dr
         assert shown == sorted(left)
     finally:
         reconciler.close()
+
+
+def test_a_host_key_fingerprint_in_the_trusted_tag_lets_that_instance_in(
+    world: dict[str, Any],
+) -> None:
+    config = world["config"]
+    config.write_text(config.read_text() + "    host_key_tag: ssh-host-key\n")
+    (world["tmp"] / "known_hosts").write_text("")  # no CA, no keys: only the tag vouches
+    world["asg"].set_desired_capacity(AutoScalingGroupName="web-asg", DesiredCapacity=3)
+    (good_id, good), (bad_id, bad), (bare_id, bare) = sorted(members(world).items())
+    servers = {address: boot(world, address) for address in (good, bad, bare)}
+    for instance, fingerprint in (
+        (good_id, servers[good].host_key_fingerprint()),
+        (bad_id, servers[good].host_key_fingerprint()),  # another host's key
+    ):
+        world["ec2"].create_tags(
+            Resources=[instance], Tags=[{"Key": "ssh-host-key", "Value": fingerprint}]
+        )
+
+    result = run(world)
+
+    web = result.outcomes["web"]
+    assert marks(world) == {good}
+    error = web.error or ""
+    assert f"{bad_id}: {bad}:{world['port']} offered host key ssh-ed25519" in error
+    assert "which is not among the fingerprints published for it" in error
+    assert f"{bare_id}: the host key of {bare}:{world['port']} is not in known_hosts" in error
+    assert (world["tmp"] / "known_hosts").read_text() == ""

@@ -98,10 +98,11 @@ def read_hosts(value: Value | None, base_dir: Path, read_path: PathReader) -> Ho
 
 
 def _aws(value: Value | None) -> Ec2Settings | None:
-    """`hosts.aws: {region, endpoint_url, role_arn}`; `{}` uses boto3's default chain."""
+    """`hosts.aws: {region, endpoint_url, role_arn, host_key_tag}`; `{}` uses boto3's
+    default chain."""
     if value is None:
         return None
-    fields = value.mapping(["region", "endpoint_url", "role_arn"])
+    fields = value.mapping(["region", "endpoint_url", "role_arn", "host_key_tag"])
     if fields is None:
         return None
     texts: dict[str, str | None] = {}
@@ -109,6 +110,7 @@ def _aws(value: Value | None) -> Ec2Settings | None:
         ("region", "an AWS region name"),
         ("endpoint_url", "an http(s) URL"),
         ("role_arn", "an IAM role ARN"),
+        ("host_key_tag", "a tag key"),
     ):
         found = fields.get(key)
         texts[key] = found.string(what) if found else None
@@ -118,7 +120,9 @@ def _aws(value: Value | None) -> Ec2Settings | None:
     arn = texts["role_arn"]
     if arn is not None and not arn.startswith("arn:"):
         fields.entries["role_arn"].fail("an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
-    return Ec2Settings(region=texts["region"], endpoint_url=url, role_arn=arn)
+    return Ec2Settings(
+        region=texts["region"], endpoint_url=url, role_arn=arn, host_key_tag=texts["host_key_tag"]
+    )
 
 
 def _jump(value: Value | None) -> JumpHost | None:

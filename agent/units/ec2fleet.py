@@ -29,6 +29,16 @@ class Ec2Hosts:
         self.last: dict[str, Ec2Listing] = {}  # per unit, for status and measurement
         self._read_in: dict[str, str] = {}  # unit -> the run its `last` was read for
 
+    def published_keys(self, unit: str, host: str) -> tuple[str, ...]:
+        """The host key fingerprints the instance's trusted tag lists (hosts.aws.host_key_tag),
+        from the unit's last inventory read; () when none (or no tag is trusted)."""
+        with self._lock:
+            listing = self.last.get(unit)
+        for instance in listing.instances if listing else ():
+            if instance.name == host:
+                return instance.host_keys
+        return ()
+
     def hosts(self, unit: str, source: HostsFromEc2, run_id: str) -> tuple[HostSpec, ...]:
         """The unit's hosts, read once per run (its fingerprint and its converge see the
         same list); raises HostInventoryError."""

@@ -569,6 +569,9 @@ class FleetReconciler:
                 address=spec.address,
                 port=spec.port or fleet.port or 22,
                 user=spec.user or fleet.user or "root",
+                published_keys=self.ec2.published_keys(unit.name, spec.name)
+                if isinstance(fleet.hosts, HostsFromEc2)
+                else (),
             ),
             SSHSettings(
                 key_file=settings.key_file,

@@ -39,6 +39,7 @@ _ADDRESS_FIELD = {
     "private-dns": "PrivateDnsName",
 }
 ASG_TAG = "aws:autoscaling:groupName"
+_FINGERPRINT_RE = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")  # agent.config.fleet.HOST_NAME_RE
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,9 @@ class Ec2Settings:
     connect_timeout: float = 5.0
     read_timeout: float = 20.0
     page_size: int = 1000  # DescribeInstances' largest page
+    #: A tag whose value lists the instance's SSH host key fingerprints (`SHA256:...`),
+    #: trusted for that instance's address: only as safe as who may tag (dynamic-hosts.md).
+    host_key_tag: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +85,7 @@ class Ec2Instance:
     address: str
     vars: Mapping[str, Any]
     launched: str  # ISO 8601, as EC2 reports it
+    host_keys: tuple[str, ...] = ()  # fingerprints from the host key tag, if trusted
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +137,7 @@ class Ec2Inventory:
                 raise
             except Exception as exc:
                 raise _mapped(exc, region or "(default region)") from None
-        instances, skipped = _instances(raw, wanted)
+        instances, skipped = _instances(raw, wanted, self.settings.host_key_tag)
         return Ec2Listing(instances, skipped, calls)
 
     def _session(self, region: str | None) -> boto3.session.Session:
@@ -175,7 +180,7 @@ def _filters(wanted: Ec2Filter) -> list[dict[str, Any]]:
 
 
 def _instances(
-    raw: Sequence[tuple[str, Mapping[str, Any]]], wanted: Ec2Filter
+    raw: Sequence[tuple[str, Mapping[str, Any]]], wanted: Ec2Filter, key_tag: str | None = None
 ) -> tuple[tuple[Ec2Instance, ...], tuple[str, ...]]:
     """Name, address and vars of each instance; a name several instances share gets the
     instance id appended (an autoscaling group's instances share their Name tag)."""
@@ -203,11 +208,20 @@ def _instances(
             name = f"{name}-{instance_id}"[:63]
         host_vars: dict[str, Any] = {"ec2_instance_id": instance_id, "ec2_region": region}
         host_vars.update({key: tags[key] for key in wanted.vars_from_tags if key in tags})
+        keys = _fingerprints(tags.get(key_tag, "")) if key_tag else ()
         instances.append(
-            Ec2Instance(instance_id, region, name, address, MappingProxyType(host_vars), launched)
+            Ec2Instance(
+                instance_id, region, name, address, MappingProxyType(host_vars), launched, keys
+            )
         )
     instances.sort(key=lambda i: i.name)
     return tuple(instances), tuple(skipped)
+
+
+def _fingerprints(text: str) -> tuple[str, ...]:
+    """`SHA256:...` fingerprints in a tag value (space or comma separated); anything else
+    in it is ignored, so a malformed tag trusts nothing."""
+    return tuple(f for f in re.split(r"[\s,]+", text) if _FINGERPRINT_RE.fullmatch(f))
 
 
 def _name(instance_id: str, tags: Mapping[str, str], wanted: Ec2Filter) -> str:

@@ -58,6 +58,9 @@ class SSHTarget:
     address: str
     port: int = 22
     user: str = "root"
+    #: Host key fingerprints (`SHA256:...`) the operator's trusted source published for this
+    #: host (an EC2 tag); used only when known_hosts has no key and no CA for it.
+    published_keys: tuple[str, ...] = ()
 
     @property
     def endpoint(self) -> str:
@@ -290,6 +293,16 @@ class SSHTransport(Transport):
         authorities = known.authorities_for(target.known_hosts_name)
         if authorities:
             self._check_certificate(target, offered, authorities, known)
+            return
+        if target.published_keys:
+            if offered.fingerprint not in target.published_keys:
+                raise HostKeyError(
+                    f"{self.host}: {where} offered host key {seen}, which is not among the "
+                    f"fingerprints published for it ({', '.join(target.published_keys)}). "
+                    "Nothing was run",
+                    host=self.host,
+                )
+            log.info("%s: host key of %s matches its published fingerprint", self.host, where)
             return
         if not self.settings.trust_on_first_use:
             absent = " (the file does not exist)" if known.missing else ""
