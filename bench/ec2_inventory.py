@@ -77,7 +77,9 @@ def main() -> None:
                 "SubnetId"
             ],
         )
-        inventory = Ec2Inventory(Ec2Settings(region=REGION, endpoint_url=server.url))
+        inventory = Ec2Inventory(
+            Ec2Settings(region=REGION, endpoint_url=server.url, read_timeout=600)
+        )  # moto filters in Python: slow on a loaded machine
         results = {}
         for label, wanted in (
             ("tags", Ec2Filter(tags=MappingProxyType({"role": ("web",)}))),
