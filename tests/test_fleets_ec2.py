@@ -10,8 +10,11 @@ No mocks.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -24,7 +27,7 @@ import pytest
 from agent.config import load_host_config
 from agent.engine.reconcile import PassRequest, Reconciler
 from agent.service.hostwatch import HostWatch, Tracked
-from agent.state.store import UnitStatus
+from agent.state.store import RunStore, UnitStatus
 from agent.units.fleets import host_states
 from tests.support import sshd as sshd_support
 from tests.support.infra import InfraRepo, write_host_config
@@ -337,3 +340,61 @@ def test_a_host_key_fingerprint_in_the_trusted_tag_lets_that_instance_in(
     assert "which is not among the fingerprints published for it" in error
     assert f"{bare_id}: the host key of {bare}:{world['port']} is not in known_hosts" in error
     assert (world["tmp"] / "known_hosts").read_text() == ""
+
+
+def test_the_daemon_converges_a_scaled_up_instance_within_the_hosts_interval(
+    world: dict[str, Any],
+) -> None:
+    """The issue's finish line: `agent run`, an autoscaling group scaling up in moto, the
+    new host converged by the daemon alone with a certificate-verified key."""
+    (first_id, first), *_ = members(world).items()
+    boot(world, first)
+    config, tmp = world["config"], world["tmp"]
+    config.write_text(
+        config.read_text()
+        + "intervals: {poll: 1h, drift: 1h, hosts: 2s}\n"
+        + f"control_socket: {tmp / 'ctl.sock'}\ndaemon: {{jitter: 0}}\n"
+    )
+    log_path = tmp / "agent.log"
+    with log_path.open("ab") as log:
+        agent = subprocess.Popen(
+            [sys.executable, "-m", "agent.cli", "--config", str(config), "run"],
+            stdout=log,
+            stderr=log,
+            env=dict(os.environ),  # the test's fake AWS credentials only
+        )
+    try:
+        wait_until(lambda: first in marks(world), agent, log_path, "the first pass")
+        world["asg"].set_desired_capacity(AutoScalingGroupName="web-asg", DesiredCapacity=2)
+        (new_id, new), *_ = ((i, a) for i, a in members(world).items() if i != first_id)
+        boot(world, new)
+        launched = time.monotonic()
+
+        wait_until(lambda: new in marks(world), agent, log_path, "the new instance converged")
+        took = time.monotonic() - launched
+        print(f"daemon: launched -> converged in {took:.2f} s (intervals.hosts 2 s)")
+
+        runs = [r for r in RunStore(tmp / "state").runs(limit=10) if r.trigger == "hosts"]
+        assert runs and runs[0].status == "succeeded" and runs[0].unit_filter == "web"
+        assert (tmp / "known_hosts").read_text().count("\n") == 1  # the CA alone
+        assert (tmp / "state" / "units" / "web" / "hosts" / f"{new_id}.json").exists()
+    finally:
+        agent.send_signal(signal.SIGTERM)  # by PID: the process this test started
+        try:
+            agent.wait(60)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait(10)
+
+
+def wait_until(
+    done: Any, agent: subprocess.Popen[bytes], log_path: Path, what: str, timeout: float = 90
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if done():
+            return
+        if agent.poll() is not None:
+            raise AssertionError(f"the agent exited:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.1)
+    raise AssertionError(f"not within {timeout}s: {what}\n{log_path.read_text()[-3000:]}")

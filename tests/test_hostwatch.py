@@ -1,4 +1,4 @@
-"""The new-hosts schedule (agent/hostwatch.py) as a table: pure functions, no hosts."""
+"""The new-hosts schedule (agent/service/hostwatch.py) as a table: pure functions, no hosts."""
 
 from __future__ import annotations
 

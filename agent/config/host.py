@@ -89,7 +89,7 @@ class Intervals:
     drift: float = DEFAULT_DRIFT
     # A unit's own drift interval (`intervals.units`); the daemon runs it on its own timer.
     units: Mapping[str, UnitIntervals] = field(default_factory=lambda: MappingProxyType({}))
-    # How often the daemon looks for new instances of EC2 fleets (agent/hostwatch.py).
+    # How often the daemon looks for new instances of EC2 fleets (agent/service/hostwatch.py).
     hosts: float = DEFAULT_HOSTS
 
 

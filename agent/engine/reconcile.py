@@ -60,7 +60,7 @@ class PassRequest:
     # `--override-window --reason`: "by USER: REASON"; plans apply outside the change window.
     override_window: str | None = None
     # With `unit`: converge only these hosts of that fleet, at the revision in force and
-    # without fetching (the daemon's look for new EC2 instances, agent/hostwatch.py).
+    # without fetching (the daemon's look for new EC2 instances, agent/service/hostwatch.py).
     hosts: frozenset[str] | None = None
 
 

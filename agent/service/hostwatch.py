@@ -14,10 +14,10 @@ A host that cannot be converged yet is retried after 10 s, 20 s, 40 s ... up to 
 `hosts`) at the revision in force, so `agent history` shows it; if a pass is running the
 tick is skipped (that pass lists the instances itself).
 
-Wiring (the daemon): one `HostWatch(reconciler)` at start, and a scheduler job every
-`intervals.hosts` seconds running `tick` (`max_instances=1`). It may run beside the pass
-worker: everything it does that touches the checkout or the hosts holds the pass lock
-without waiting, so it never runs during a pass.
+The daemon (agent/service/daemon.py) makes one `HostWatch` and runs `tick` every
+`intervals.hosts` when the host config has `hosts.aws`. It runs beside the pass worker:
+everything it does that touches the checkout or the hosts holds the pass lock without
+waiting, so it never runs during a pass.
 """
 
 from __future__ import annotations
@@ -121,6 +121,9 @@ class HostWatch:
             manifest = self.reconciler.manifest_in_force()
         except PassBusyError:
             return {}  # that pass lists the instances itself
+        except AgentError as exc:  # the checkout cannot be read: the next pass says why
+            log.warning("looking for new hosts: %s", exc.message)
+            return {}
         if manifest is None:
             return {}  # no pass has taken a revision into force yet
         token = f"hostwatch-{next(self._ticks)}"  # one inventory read per unit per tick
