@@ -374,8 +374,17 @@ def test_the_daemon_converges_a_scaled_up_instance_within_the_hosts_interval(
         took = time.monotonic() - launched
         print(f"daemon: launched -> converged in {took:.2f} s (intervals.hosts 2 s)")
 
-        runs = [r for r in RunStore(tmp / "state").runs(limit=10) if r.trigger == "hosts"]
-        assert runs and runs[0].status == "succeeded" and runs[0].unit_filter == "web"
+        def hosts_runs() -> list[Any]:
+            store = RunStore(tmp / "state")
+            try:
+                found = [r for r in store.runs(limit=10) if r.trigger == "hosts"]
+            finally:
+                store.close()
+            return [r for r in found if r.finished_at is not None]
+
+        wait_until(hosts_runs, agent, log_path, "the hosts run recorded as finished")
+        run = hosts_runs()[0]
+        assert (run.status, run.unit_filter) == ("succeeded", "web")
         assert (tmp / "known_hosts").read_text().count("\n") == 1  # the CA alone
         assert (tmp / "state" / "units" / "web" / "hosts" / f"{new_id}.json").exists()
     finally:
