@@ -4,6 +4,8 @@ Credentials are fake and set for each test only; nothing can reach real AWS."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
 from collections.abc import Iterator
 from types import MappingProxyType
 from typing import Any
@@ -198,3 +200,16 @@ def test_an_error_answer_names_the_region_and_what_aws_said(
     assert said.startswith(f"EC2 inventory in {REGION}: AWS refused the request (")
     assert "testing" not in said  # the access key is not repeated
     assert not caught.value.retryable
+
+
+def test_a_role_to_assume_is_assumed_through_sts_first(aws: dict[str, Any]) -> None:
+    (instance,) = launch(aws, role="web")
+    role = "arn:aws:iam::123456789012:role/gitops-inventory"
+
+    listing = inventory(aws, role_arn=role).list(Ec2Filter(tags=tags(role="web")))
+
+    assert [i.instance_id for i in listing.instances] == [instance]
+    # moto's own record of the STS sessions it handed out (its documented /moto-api/).
+    with urllib.request.urlopen(f"{aws['url']}/moto-api/data.json", timeout=10) as answer:
+        sessions = json.loads(answer.read())["sts"]["AssumedRole"]
+    assert [(s["role_arn"], s["session_name"]) for s in sessions] == [(role, "gitops-agent")]
