@@ -51,7 +51,7 @@ class QuickstartError(AgentError):
 
 def example_dir(name: str = "quickstart") -> Path:
     """The bundled example repo `name`: inside the installed package, or in a checkout."""
-    candidates = [Path(__file__).resolve().parents[1] / "examples" / name]
+    candidates = [Path(__file__).resolve().parents[2] / "examples" / name]
     # An editable install finds `examples/` only through the source tree.
     with contextlib.suppress(ModuleNotFoundError):
         candidates.insert(0, Path(str(resources.files("agent.examples") / name)))
