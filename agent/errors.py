@@ -81,3 +81,13 @@ class SecretsError(AgentError):
 
     reference = "secret-unavailable"
     retryable = True
+
+
+class HostInventoryError(AgentError):
+    """A fleet's hosts could not be listed (the EC2 inventory); no host was contacted."""
+
+    reference = "host-inventory-failed"
+
+    def __init__(self, message: str, *, hint: str | None = None, retryable: bool = True) -> None:
+        super().__init__(message, hint=hint)
+        self.retryable = retryable

@@ -208,3 +208,11 @@ class ForgeError(ProviderError):
         self.endpoint = endpoint
         self.status = status
         self.retryable = retryable
+
+
+class InventoryError(ProviderError):
+    """A cloud inventory (the EC2 instances of a fleet) could not be read."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable

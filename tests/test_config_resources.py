@@ -158,6 +158,6 @@ def test_hosts_with_both_static_and_from_stack_says_both(repo: Path) -> None:
     with pytest.raises(ConfigValidationError) as caught:
         parse(text, repo)
     assert (
-        "gitops.yaml:5: units[0].fleet.hosts: expected exactly one of static or from_stack;"
-        " got both" in caught.value.errors
+        "gitops.yaml:5: units[0].fleet.hosts: expected exactly one of static, from_stack or ec2;"
+        " got static and from_stack" in caught.value.errors
     )

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from agent.config.ec2hosts import read_ec2_hosts
 from agent.config.yamlnodes import INVALID, Fields, Value
+from providers.hosts.ec2 import Ec2Filter
 from providers.hosts.templates import reads_variable
 
 KINDS = ("file", "template", "directory", "link", "package", "service", "user", "group", "command")
@@ -127,6 +129,17 @@ class HostsFromStack:
 
 
 @dataclass(frozen=True, slots=True)
+class HostsFromEc2:
+    """Hosts are the running EC2 instances a filter selects (read at reconcile time)."""
+
+    filter: Ec2Filter
+
+
+# Hosts known only at reconcile time.
+DynamicHosts = HostsFromStack | HostsFromEc2
+
+
+@dataclass(frozen=True, slots=True)
 class HandlerSpec:
     name: str
     service: str
@@ -137,7 +150,7 @@ class HandlerSpec:
 class Fleet:
     """A fleet unit's hosts and what each must have."""
 
-    hosts: tuple[HostSpec, ...] | HostsFromStack
+    hosts: tuple[HostSpec, ...] | HostsFromStack | HostsFromEc2
     user: str | None
     port: int | None
     become: bool
@@ -196,18 +209,23 @@ class FleetReader:
         fields = value.mapping(FLEET_KEYS)
         if fields is None:
             return None, None, None
-        hosts_value = fields.require("hosts", "a mapping with static or from_stack")
-        hosts: tuple[HostSpec, ...] | HostsFromStack | None = None
+        hosts_value = fields.require("hosts", "a mapping with static, from_stack or ec2")
+        hosts: tuple[HostSpec, ...] | HostsFromStack | HostsFromEc2 | None = None
         ref_where: Value | None = None
-        if hosts_value and (host_fields := hosts_value.mapping(["static", "from_stack"])):
+        sources = ["static", "from_stack", "ec2"]
+        if hosts_value and (host_fields := hosts_value.mapping(sources)):
+            given = [key for key in sources if host_fields.get(key) is not None]
             static, from_stack = host_fields.get("static"), host_fields.get("from_stack")
-            if (static is None) == (from_stack is None):
-                got = "both" if static is not None else "neither"
-                hosts_value.fail("exactly one of static or from_stack", got)
+            ec2 = host_fields.get("ec2")
+            if len(given) != 1:
+                got = " and ".join(given) if given else "none"
+                hosts_value.fail("exactly one of static, from_stack or ec2", got)
             elif static is not None:
                 hosts = self._static_hosts(static)
             elif from_stack is not None:
                 hosts, ref_where = self._from_stack(from_stack)
+            elif ec2 is not None and (ec2_filter := read_ec2_hosts(ec2)) is not None:
+                hosts = HostsFromEc2(ec2_filter)
         user = self._optional(fields, "user", lambda v: v.string("a login user name"))
         port = self._optional(fields, "port", _port)
         become = self._optional(fields, "become", lambda v: v.boolean())
@@ -243,7 +261,7 @@ class FleetReader:
     ) -> None:
         """Roles a fleet or host names must exist; notified handlers must exist."""
         wanted = list(fleet.roles)
-        if not isinstance(fleet.hosts, HostsFromStack):
+        if isinstance(fleet.hosts, tuple):
             wanted += [role for host in fleet.hosts for role in host.roles]
         for role in dict.fromkeys(wanted):
             if role not in roles:
@@ -270,7 +288,7 @@ class FleetReader:
         every pass. Each host's list is checked (the fleet's roles, its own, the fleet's
         resources); hosts read from a stack output get their roles at reconcile time."""
         per_host: list[tuple[str, ...]] = [()]
-        if not isinstance(fleet.hosts, HostsFromStack):
+        if isinstance(fleet.hosts, tuple):
             per_host += [host.roles for host in fleet.hosts]
         for extra in dict.fromkeys(per_host):
             names = dict.fromkeys((*fleet.roles, *extra))

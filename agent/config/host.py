@@ -42,6 +42,7 @@ CONFIG_ENV_VAR = "GITOPS_AGENT_CONFIG"
 DEFAULT_STATE_DIR = Path("/var/lib/gitops-agent")
 DEFAULT_POLL = 60.0
 DEFAULT_DRIFT = 600.0
+DEFAULT_HOSTS = 60.0
 DEFAULT_TIMEOUT = 1800.0
 DEFAULT_LOCK_TIMEOUT = 300.0
 DEFAULT_PARALLELISM = 4
@@ -89,6 +90,8 @@ class Intervals:
     drift: float = DEFAULT_DRIFT
     # A unit's own drift interval (`intervals.units`); the daemon runs it on its own timer.
     units: Mapping[str, UnitIntervals] = field(default_factory=lambda: MappingProxyType({}))
+    # How often the daemon looks for new instances of EC2 fleets (agent/service/hostwatch.py).
+    hosts: float = DEFAULT_HOSTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -364,15 +367,17 @@ def _optional_path(fields: Fields, key: str, base_dir: Path) -> Path | None:
 
 
 def _intervals(value: Value | None) -> Intervals:
-    fields = value.mapping(["poll", "drift", "units"]) if value else None
+    fields = value.mapping(["poll", "drift", "units", "hosts"]) if value else None
     if fields is None:
         return Intervals()
     poll = fields.get("poll")
     drift = fields.get("drift")
+    hosts = fields.get("hosts")
     return Intervals(
         poll=(poll.duration() if poll else None) or DEFAULT_POLL,
         drift=(drift.duration() if drift else None) or DEFAULT_DRIFT,
         units=read_unit_intervals(fields.get("units")),
+        hosts=(hosts.duration() if hosts else None) or DEFAULT_HOSTS,
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.config.yamlnodes import Value
+from providers.hosts.ec2 import Ec2Settings
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_COMMAND_TIMEOUT = 600.0
@@ -42,6 +43,8 @@ class HostsConfig:
     jump: JumpHost | None = None
     allow_local: bool = False
     python: str = "python3"
+    #: EC2 inventory for `hosts: {ec2: ...}` fleets; None: the repository cannot use it.
+    aws: Ec2Settings | None = None
 
 
 def read_hosts(value: Value | None, base_dir: Path, read_path: PathReader) -> HostsConfig:
@@ -60,6 +63,7 @@ def read_hosts(value: Value | None, base_dir: Path, read_path: PathReader) -> Ho
             "jump",
             "allow_local",
             "python",
+            "aws",
         ]
     )
     if fields is None:
@@ -89,6 +93,35 @@ def read_hosts(value: Value | None, base_dir: Path, read_path: PathReader) -> Ho
         jump=jump,
         allow_local=bool(local.boolean()) if local else False,
         python=(python.string("an interpreter name or path") if python else None) or "python3",
+        aws=_aws(fields.get("aws")),
+    )
+
+
+def _aws(value: Value | None) -> Ec2Settings | None:
+    """`hosts.aws: {region, endpoint_url, role_arn, host_key_tag}`; `{}` uses boto3's
+    default chain."""
+    if value is None:
+        return None
+    fields = value.mapping(["region", "endpoint_url", "role_arn", "host_key_tag"])
+    if fields is None:
+        return None
+    texts: dict[str, str | None] = {}
+    for key, what in (
+        ("region", "an AWS region name"),
+        ("endpoint_url", "an http(s) URL"),
+        ("role_arn", "an IAM role ARN"),
+        ("host_key_tag", "a tag key"),
+    ):
+        found = fields.get(key)
+        texts[key] = found.string(what) if found else None
+    url = texts["endpoint_url"]
+    if url is not None and not url.startswith(("https://", "http://")):
+        fields.entries["endpoint_url"].fail("an http(s) URL", repr(url))
+    arn = texts["role_arn"]
+    if arn is not None and not arn.startswith("arn:"):
+        fields.entries["role_arn"].fail("an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)")
+    return Ec2Settings(
+        region=texts["region"], endpoint_url=url, role_arn=arn, host_key_tag=texts["host_key_tag"]
     )
 
 

@@ -59,6 +59,9 @@ class PassRequest:
     skip: frozenset[str] = frozenset()
     # `--override-window --reason`: "by USER: REASON"; plans apply outside the change window.
     override_window: str | None = None
+    # With `unit`: converge only these hosts of that fleet, at the revision in force and
+    # without fetching (the daemon's look for new EC2 instances, agent/service/hostwatch.py).
+    hosts: frozenset[str] | None = None
 
 
 @dataclass
@@ -182,6 +185,52 @@ class Reconciler:
                 log.warning("run %s: change window override %s", run_id, request.override_window)
             try:
                 return self._run_steps(ctx)
+            except Exception as exc:
+                self._close_failed(run_id, exc)
+                raise
+
+    def manifest_in_force(self, *, wait: bool = False) -> Manifest | None:
+        """The manifest at the revision in force (None before the first pass took one).
+        It checks the revision out, so it holds the pass lock (PassBusyError if a pass
+        runs and not `wait`)."""
+        lock = PassLock(self.layout.root)
+        lock.acquire(wait=wait)
+        with lock:
+            current = self.store.current_revision()
+            if current is None:
+                return None
+            return self._manifest_at(current, ManifestLimits.from_host(self.host))
+
+    def converge_hosts(
+        self, unit: str, hosts: frozenset[str], *, trigger: str = "hosts", wait: bool = True
+    ) -> PassResult:
+        """Converge only `hosts` of fleet `unit` (new instances), at the revision in force:
+        no fetch, no other unit, no other host. Raises PassFailed when no revision is in
+        force yet (a full pass comes first)."""
+        request = PassRequest(trigger=trigger, unit=unit, hosts=hosts)
+        lock = PassLock(self.layout.root)
+        lock.acquire(wait=wait)
+        with lock:
+            self._recover()
+            run_id = self.store.start_run(trigger=trigger, unit_filter=unit, pid=os.getpid())
+            lock.record(run_id)
+            ctx = PassContext(request=request, run_id=run_id)
+
+            def in_force(ctx: PassContext) -> None:
+                current = self.store.current_revision()
+                if current is None:
+                    raise PassFailed("no revision is in force yet: a full pass comes first")
+                ctx.head = ctx.target = current
+                limits = ManifestLimits.from_host(self.host)
+                ctx.manifest = self._manifest_at(current, limits)
+
+            steps: list[tuple[str, Step]] = [
+                ("load-manifest", in_force),
+                ("secrets", self._resolve_secrets),
+                ("units", self._units),
+            ]
+            try:
+                return self._run_steps(ctx, steps)
             except Exception as exc:
                 self._close_failed(run_id, exc)
                 raise
@@ -541,6 +590,7 @@ class Reconciler:
             secrets=ctx.secrets,
             override_window=ctx.request.override_window,
             outcomes=ctx.outcomes,
+            hosts_only=ctx.request.hosts,
         )
         selected = set(names)
         pending = set(names)

@@ -30,7 +30,7 @@ from agent.config import (
     load_manifest,
     resolve_host_config_path,
 )
-from agent.config.fleet import HostsFromStack, HostSpec, ResourceSpec
+from agent.config.fleet import HostsFromEc2, HostsFromStack, HostSpec, ResourceSpec
 from agent.config.manifest import plain_value
 from agent.errors import AgentError, ConfigError
 from agent.units.fleets import COMMAND_TEMPLATES, host_resources, host_variables
@@ -157,6 +157,13 @@ def check_fleet_templates(
             f" {ref.unit!r}: templates were rendered once, with placeholder host facts"
             " (host.name, host.address) and without the hosts' own vars"
         )
+    elif isinstance(fleet.hosts, HostsFromEc2):
+        placeholder = "<an EC2 instance>"
+        hosts = (HostSpec(name=placeholder, address=placeholder),)
+        report.notes.append(
+            f"unit {unit.name}: hosts come from EC2: templates were rendered once, with"
+            " placeholder host facts (host.name, host.address) and without the hosts' own vars"
+        )
     else:
         hosts = fleet.hosts
     if from_outputs:
@@ -165,7 +172,7 @@ def check_fleet_templates(
             " rendered with placeholders"
         )
     # Certain: nothing but known values went in, so a failure will happen at the pass.
-    certain = not from_outputs and not isinstance(fleet.hosts, HostsFromStack)
+    certain = not from_outputs and isinstance(fleet.hosts, tuple)
     found: dict[tuple[str, bool], list[str]] = {}
     for spec in hosts:
         variables = host_variables(fleet, spec, unit_vars, secrets)
@@ -176,6 +183,8 @@ def check_fleet_templates(
         who = (
             "hosts from a stack output"
             if isinstance(fleet.hosts, HostsFromStack)
+            else "hosts from EC2"
+            if isinstance(fleet.hosts, HostsFromEc2)
             else f"{'host' if len(names) == 1 else 'hosts'} {', '.join(names)}"
         )
         text = f"unit {unit.name}, {who}: {problem}"

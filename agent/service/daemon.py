@@ -39,6 +39,7 @@ from agent.errors import AgentError
 from agent.service import sdnotify
 from agent.service.control import ControlServer, register_error_type
 from agent.service.forge_report import make_reporter
+from agent.service.hostwatch import HostWatch
 from agent.service.http_server import AgentHTTPServer
 from agent.service.logfmt import EventLog, RunContext
 from agent.service.metrics import AgentMetrics
@@ -92,6 +93,8 @@ class Daemon:
         )
         self.forge = make_reporter(host.forge, self.redactor)
         self.queue = TriggerQueue()
+        # New EC2 instances between passes (docs/dynamic-hosts.md).
+        self.hostwatch = HostWatch(self.reconciler)
         self._stopping = threading.Event()
         self.planner = PassPlanner(host, self.store, self.reconciler.fetch_head)
         self.worker = PassWorker(
@@ -174,6 +177,11 @@ class Daemon:
         for unit, own in intervals.units.items():
             self.scheduler.add_job(
                 self.queue.add, every(own.drift), args=["drift"], kwargs={"unit_drift": unit}
+            )
+        if self.host.hosts.aws is not None:  # without it no fleet can read EC2
+            # Beside the worker: what the tick does holds the pass lock, without waiting.
+            self.scheduler.add_job(
+                self.hostwatch.tick, every(intervals.hosts), id="hosts", max_instances=1
             )
 
     # --- running --------------------------------------------------------------------------

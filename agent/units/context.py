@@ -33,6 +33,8 @@ class StackContext:
     # Stack outputs read in this pass, by unit: a unit's outputs do not change once it
     # has finished, and its dependents start only after that.
     outputs: dict[str, dict[str, StackOutput]] = field(default_factory=dict)
+    # Converge only these hosts of the fleet (new instances); None: every host.
+    hosts_only: frozenset[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import StackOutputRef, Unit
-from agent.config.fleet import Fleet, HostsFromStack
+from agent.config.fleet import Fleet, HostsFromEc2, HostsFromStack
 from agent.config.manifest import Manifest, plain_value
 from agent.core.fsutil import atomic_write
 from agent.core.redact import Secret
@@ -260,6 +260,8 @@ def _fleet_entry(fleet: Fleet) -> dict[str, Any]:
     hosts: Any
     if isinstance(fleet.hosts, HostsFromStack):
         hosts = {"from_stack": [fleet.hosts.unit, fleet.hosts.output]}
+    elif isinstance(fleet.hosts, HostsFromEc2):
+        hosts = {"ec2": repr(fleet.hosts.filter)}  # the instances are the `hosts` part
     else:
         hosts = "static"  # the list itself is the `hosts` part
     return {

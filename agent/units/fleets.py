@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import DestroyPolicy, HostConfig, StackOutputRef, Unit
-from agent.config.fleet import HOST_NAME_RE, Fleet, HostsFromStack, HostSpec, ResourceSpec
+from agent.config.fleet import (
+    HOST_NAME_RE,
+    Fleet,
+    HostsFromEc2,
+    HostsFromStack,
+    HostSpec,
+    ResourceSpec,
+)
 from agent.config.manifest import plain_value
 from agent.core.fsutil import atomic_write, ensure_private_dir
 from agent.core.progress import Event, EventKind, Reporter
@@ -36,6 +43,7 @@ from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext
 from agent.units.decide import Decision
+from agent.units.ec2fleet import Ec2Hosts
 from agent.units.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
 from agent.units.policy_check import fleet_hold, now_utc
 from agent.units.unitrun import run_unit
@@ -135,6 +143,7 @@ class FleetReconciler:
         # Units run in parallel and several may share a host: one writer of the records.
         self._records = threading.Lock()
         self.hasher = Hasher(load_key(layout.root))
+        self.ec2 = Ec2Hosts(host.hosts)
 
     def interrupt(self) -> None:
         """Start no new host; the hosts converging now finish their round trip."""
@@ -238,6 +247,13 @@ class FleetReconciler:
         self, ctx: StackContext, unit: Unit, fleet: Fleet, revision_moved: bool
     ) -> UnitOutcome:
         hosts = self._hosts(ctx, unit, fleet)
+        if isinstance(fleet.hosts, HostsFromEc2) and ctx.hosts_only is None:
+            retire_hosts(self.layout, unit.name, {h.name for h in hosts})
+        if ctx.hosts_only is not None:
+            # New instances get the revision in force, as if it had just moved: they have
+            # never had it (drift `report` would otherwise only look at them).
+            hosts = tuple(h for h in hosts if h.name in ctx.hosts_only)
+            revision_moved = True
         # Drift with `report` looks without touching; a dry run never touches.
         apply = not ctx.dry_run and (revision_moved or unit.drift.value == "revert")
         # Outside a change window (or under a host ceiling of `approve`) nothing is applied.
@@ -307,6 +323,8 @@ class FleetReconciler:
         return replace(outcome, hosts=hosts)
 
     def _hosts(self, ctx: StackContext, unit: Unit, fleet: Fleet) -> tuple[HostSpec, ...]:
+        if isinstance(fleet.hosts, HostsFromEc2):
+            return self.ec2.hosts(unit.name, fleet.hosts, ctx.run_id)
         if not isinstance(fleet.hosts, HostsFromStack):
             return fleet.hosts
         ref = fleet.hosts
@@ -390,7 +408,7 @@ class FleetReconciler:
                 continue
             fleet = other.fleet
             roles: tuple[str, ...] = ()
-            if isinstance(fleet.hosts, HostsFromStack):
+            if not isinstance(fleet.hosts, tuple):  # known at reconcile time only
                 seen = self._host_file(other.name, spec.name).exists()
                 if other.name not in recorded and not seen:
                     continue
@@ -551,6 +569,9 @@ class FleetReconciler:
                 address=spec.address,
                 port=spec.port or fleet.port or 22,
                 user=spec.user or fleet.user or "root",
+                published_keys=self.ec2.published_keys(unit.name, spec.name)
+                if isinstance(fleet.hosts, HostsFromEc2)
+                else (),
             ),
             SSHSettings(
                 key_file=settings.key_file,
@@ -677,6 +698,24 @@ class FleetReconciler:
             path = self._desired_file(unit, plan.spec.name)
             ensure_private_dir(path.parent)
             atomic_write(path, json.dumps(self._desired(plan), indent=1))
+
+
+def retire_hosts(layout: StateLayout, unit: str, listed: set[str]) -> list[str]:
+    """Move the records of hosts the inventory no longer lists out of the fleet's status
+    (into `hosts-gone/`): an instance that left is not shown, and no pass contacts it
+    (passes converge only the hosts listed). Each run's host results stay in its run dir
+    (`agent history`). Returns the names retired."""
+    hosts_dir = layout.unit_dir(unit) / "hosts"
+    gone_dir = layout.unit_dir(unit) / "hosts-gone"
+    retired = []
+    for record in sorted(hosts_dir.glob("*.json")) if hosts_dir.is_dir() else ():
+        name = record.name.removesuffix(".json")
+        if name in listed or not HOST_NAME_RE.fullmatch(name):
+            continue
+        ensure_private_dir(gone_dir)
+        record.replace(gone_dir / record.name)
+        retired.append(name)
+    return retired
 
 
 def host_states(layout: StateLayout, unit: str) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from providers.errors import (
     TransportError,
 )
 from providers.transport.base import CommandResult, Transport
+from providers.transport.hostcert import host_pattern_matches, parse_certificate, problem_with
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,9 @@ class SSHTarget:
     address: str
     port: int = 22
     user: str = "root"
+    #: Host key fingerprints (`SHA256:...`) the operator's trusted source published for this
+    #: host (an EC2 tag); used only when known_hosts has no key and no CA for it.
+    published_keys: tuple[str, ...] = ()
 
     @property
     def endpoint(self) -> str:
@@ -230,7 +234,10 @@ class SSHTransport(Transport):
         try:
             known = _KnownHosts.cached(self.settings.known_hosts, self.host)
             known_keys = known.keys_for(target.known_hosts_name)
-            _prefer_key_types(wire, known_keys)
+            if known_keys:
+                _prefer_key_types(wire, known_keys)
+            elif known.authorities_for(target.known_hosts_name):
+                _prefer_certificates(wire)
             with _handshake_turn(self.settings.handshakes) as waited:
                 deadline += waited  # waiting for a turn is not the host being slow
                 self._exchange_keys(wire, target, deadline)
@@ -283,6 +290,20 @@ class SSHTransport(Transport):
         if known_keys:
             self._check_known(target, offered, known_keys)
             return
+        authorities = known.authorities_for(target.known_hosts_name)
+        if authorities:
+            self._check_certificate(target, offered, authorities, known)
+            return
+        if target.published_keys:
+            if offered.fingerprint not in target.published_keys:
+                raise HostKeyError(
+                    f"{self.host}: {where} offered host key {seen}, which is not among the "
+                    f"fingerprints published for it ({', '.join(target.published_keys)}). "
+                    "Nothing was run",
+                    host=self.host,
+                )
+            log.info("%s: host key of %s matches its published fingerprint", self.host, where)
+            return
         if not self.settings.trust_on_first_use:
             absent = " (the file does not exist)" if known.missing else ""
             raise HostKeyError(
@@ -292,6 +313,49 @@ class SSHTransport(Transport):
                 host=self.host,
             )
         self._trust_on_first_use(target, offered)
+
+    def _check_certificate(
+        self,
+        target: SSHTarget,
+        offered: paramiko.PKey,
+        authorities: list[paramiko.PKey],
+        known: _KnownHosts,
+    ) -> None:
+        """A host known_hosts names a CA for (`@cert-authority`) must present a host
+        certificate that CA signed for the address connected to, valid now. No trust on
+        first use here: a host under a CA that cannot prove it is refused."""
+        where = self._where(target)
+        path = self.settings.known_hosts
+        blob = offered.public_blob.key_blob if offered.public_blob is not None else None
+        if blob is None:
+            raise HostKeyError(
+                f"{self.host}: {where} offered a plain host key ({_describe_key(offered)}), not "
+                f"a certificate; {path} trusts only certificates signed by its @cert-authority "
+                f"for this host. Nothing was run. Configure sshd with HostCertificate",
+                host=self.host,
+            )
+        try:
+            cert = parse_certificate(blob)
+            problem = (
+                "its CA key is marked @revoked"
+                if cert.signature_key in known.revoked
+                else problem_with(cert, target.address, authorities)
+            )
+        except ValueError as exc:
+            problem = str(exc)
+        if problem is not None:
+            raise HostKeyError(
+                f"{self.host}: the host certificate of {where} ({_describe_key(offered)}) is "
+                f"refused: {problem}. Nothing was run",
+                host=self.host,
+            )
+        log.debug(
+            "%s: host certificate of %s (id %r, serial %d) verified",
+            self.host,
+            where,
+            cert.key_id,
+            cert.serial,
+        )
 
     def _check_known(
         self, target: SSHTarget, offered: paramiko.PKey, known_keys: list[paramiko.PKey]
@@ -537,8 +601,9 @@ class _KnownHosts:
     Read and indexed once per change of the file (`cached`), not once per connection: a
     plain name is one dict lookup; a hashed entry is one HMAC (its salt is its own, so each
     is tried), and what a name matched is remembered until the file changes.
-    Host patterns with wildcards or negation are not matched (paramiko does not either);
-    `@cert-authority` lines are ignored (host certificates are not used).
+    Host patterns with wildcards or negation are not matched for host keys (paramiko does
+    not either); they are for `@cert-authority` lines (`@cert-authority *.internal KEY`),
+    whose keys are CAs trusted to sign host certificates (`hostcert.py` checks those).
     """
 
     def __init__(
@@ -548,7 +613,9 @@ class _KnownHosts:
         revoked: frozenset[bytes],
         *,
         missing: bool = False,
+        authorities: tuple[tuple[str, paramiko.PKey], ...] = (),
     ) -> None:
+        self.authorities = authorities  # (host patterns, CA key)
         self.plain = plain
         self.hashed = hashed  # (line, salt, HMAC-SHA1 of the name, key)
         self.revoked = revoked
@@ -582,6 +649,7 @@ class _KnownHosts:
         plain: dict[str, list[tuple[int, paramiko.PKey]]] = {}
         hashed: list[tuple[int, bytes, bytes, paramiko.PKey]] = []
         revoked: set[bytes] = set()
+        authorities: list[tuple[str, paramiko.PKey]] = []
         try:
             text = path.read_text()
         except FileNotFoundError:  # nothing is known yet: every key is unknown
@@ -606,13 +674,24 @@ class _KnownHosts:
                 log.warning("%s: %s line %d is not a host key entry; ignored", host, path, number)
             elif marker == "@revoked":
                 revoked.add(entry.key.asbytes())
+            elif marker == "@cert-authority":
+                authorities.append((",".join(entry.hostnames), entry.key))
             elif not marker:
                 for listed in entry.hostnames:
                     if not listed.startswith("|1|"):
                         plain.setdefault(listed, []).append((number, entry.key))
                     elif salted := _salt_and_hash(listed):
                         hashed.append((number, *salted, entry.key))
-        return cls(plain, hashed, frozenset(revoked))
+        return cls(plain, hashed, frozenset(revoked), authorities=tuple(authorities))
+
+    def authorities_for(self, name: str) -> list[paramiko.PKey]:
+        """The CA keys trusted to certify `name` (`[address]:port` off port 22); a CA
+        marked @revoked is not one."""
+        return [
+            key
+            for patterns, key in self.authorities
+            if key.asbytes() not in self.revoked and host_pattern_matches(patterns, name)
+        ]
 
     def keys_for(self, name: str) -> list[paramiko.PKey]:
         """Every key listed for `name` (a host may have several), in file order."""
@@ -658,6 +737,16 @@ def _prefer_key_types(wire: paramiko.Transport, known_keys: list[paramiko.PKey])
     first = [name for name in dict.fromkeys(wanted) if name in options.key_types]
     if first:
         options.key_types = (*first, *(k for k in options.key_types if k not in first))
+
+
+def _prefer_certificates(wire: paramiko.Transport) -> None:
+    """Ask for a host certificate first (paramiko lists them after plain keys, and a server
+    picks the first type of ours it has); a plain key stays possible, to be refused with
+    a clear message rather than a failed negotiation."""
+    options = wire.get_security_options()
+    plain = tuple(options.key_types)
+    certs = tuple(f"{name}-cert-v01@openssh.com" for name in plain)
+    options.key_types = (*certs, *plain)
 
 
 def _describe_key(key: paramiko.PKey) -> str:
