@@ -96,7 +96,7 @@ SCALE_DRIVER = textwrap.dedent(
         # Where the pass's memory is when every host of a fleet is done (as hosts.txt is
         # closed) and the traced peak: --trace-memory FRAMES, slow, bench only.
         import tracemalloc
-        from agent import fleetlog
+        from agent.units import fleetlog
         tracemalloc.start(int(os.environ["BENCH_TRACE_MEMORY"]))
         close = fleetlog.HostLog.close
 
