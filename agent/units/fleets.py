@@ -16,6 +16,7 @@ host never stops the others. The per-host diff goes to `hosts.txt` in the run di
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -283,6 +284,11 @@ class FleetReconciler:
             ThreadPoolExecutor(max_workers=max(1, limit), thread_name_prefix="host") as pool,
         ):
             done = list(pool.map(one, range(len(hosts)), hosts))
+        # Each host's SSH connection leaves reference cycles (paramiko's transport, its
+        # thread and packetizer) that only a full collection frees; without one here the
+        # daemon's RSS rose 10-15 MiB a pass until the collector's own threshold came
+        # around. About 0.3 s with a 1,000-host manifest in memory.
+        gc.collect()
         results = [result for result, _, _ in done]
         held = {host: entry for _, found, _ in done for host, entry in found.items()}
         overwritten = sum(count for _, _, count in done)
