@@ -91,7 +91,40 @@ SCALE_DRIVER = textwrap.dedent(
     setattr(known, name, classmethod(timed("known_hosts", getattr(known, name).__func__)))
     known.keys_for = timed("known_hosts", known.keys_for)
 
+    import os
+    if os.environ.get("BENCH_TRACE_MEMORY"):
+        # Where the pass's memory is when every host of a fleet is done (as hosts.txt is
+        # closed) and the traced peak: --trace-memory FRAMES, slow, bench only.
+        import tracemalloc
+        from agent.units import fleetlog
+        tracemalloc.start(int(os.environ["BENCH_TRACE_MEMORY"]))
+        close = fleetlog.HostLog.close
+
+        def traced_close(self, **kwargs):
+            snapshot = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, tracemalloc.__file__)]
+            )
+            current, peak = tracemalloc.get_traced_memory()
+            print(f"traced: now {current / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB",
+                  file=sys.stderr)
+            for stat in snapshot.statistics("traceback")[:25]:
+                print(f"{stat.size / 2**20:8.2f} MiB {stat.count:8d}", file=sys.stderr)
+                for line in stat.traceback.format()[-8:]:
+                    print("    " + line, file=sys.stderr)
+            sys.stderr.flush()
+            return close(self, **kwargs)
+
+        fleetlog.HostLog.close = traced_close
+
+    def rss_mib():
+        # The process's resident memory now and at its peak so far (exact, from the kernel).
+        fields = dict(
+            line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+        )
+        return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+
     imported = time.perf_counter() - STARTED
+    imported_rss = rss_mib()[0]
     reconciler = Reconciler(load_host_config(Path(sys.argv[1])))
     passes = []
     try:
@@ -104,9 +137,12 @@ SCALE_DRIVER = textwrap.dedent(
                 "status": str(result.status),
                 "errors": {n: o.error for n, o in result.outcomes.items() if o.error},
                 **{f"{k}_s": v for k, v in spent.items()},
+                **dict(zip(("rss_end_mib", "rss_peak_mib"), rss_mib())),
             })
     finally:
         reconciler.close()
+    if passes:
+        passes[0]["import_rss_mib"] = imported_rss
     print(json.dumps({"import_s": imported, "passes": passes}))
     """
 )
@@ -193,7 +229,8 @@ class ScaleAgent(AgentTool):
         argv = [sys.executable, "-c", SCALE_DRIVER, str(self.config), str(count)]
         code, usage, logs = run_measured(
             argv,
-            env=tool_env({"PYTHONPATH": str(self.code_dir)}),
+            # MALLOC_ARENA_MAX as systemd/gitops-agent.service sets it for the daemon.
+            env=tool_env({"PYTHONPATH": str(self.code_dir), "MALLOC_ARENA_MAX": "2"}),
             cwd=self.code_dir,  # `-c` puts the working directory first on sys.path
             log=log,
             lab=self.lab,
@@ -327,7 +364,17 @@ def main() -> None:
         help="also run the no-change passes with the agent from this checkout (e.g. an"
         " export of main), interleaved with this one; repeatable",
     )
+    parser.add_argument(
+        "--trace-memory",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="tracemalloc in the agent's passes (slow): where its memory is when a fleet's"
+        " hosts are done, with FRAMES frames per allocation; printed to each pass's log",
+    )
     args = parser.parse_args()
+    if args.trace_memory:
+        os.environ["BENCH_TRACE_MEMORY"] = str(args.trace_memory)  # read by the driver
     sizes = [int(s) for s in args.sizes.split(",")]
     ScaleAgent.parallelism = args.parallelism
     meta = {

@@ -21,7 +21,7 @@ from providers.errors import RepoFileError
 from providers.text import plural
 
 MIB = 1024 * 1024
-MAX_MANIFEST_BYTES = 4 * MIB  # gitops.yaml
+MAX_MANIFEST_BYTES = 8 * MIB  # gitops.yaml: 1,000 hosts x 50 resources, a role each, is ~5 MB
 MAX_HOST_CONFIG_BYTES = 1 * MIB  # /etc/gitops-agent/agent.yaml
 MAX_TEMPLATE_BYTES = 1 * MIB  # each Jinja template, include, import or extends
 MAX_SOURCE_BYTES = 32 * MIB  # a fleet file's `source:` (copied, not parsed)

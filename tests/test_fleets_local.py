@@ -7,6 +7,7 @@ host engine's program run locally, real files checked afterwards.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,3 +139,57 @@ roles:
     outcomes = run({"config": config})
     assert outcomes["app"].status is UnitStatus.OK, outcomes["app"].error
     assert (tmp_path / "b-ran").exists()
+
+
+def test_hosts_txt_is_written_as_hosts_finish_and_kept_in_fleet_order(tmp_path: Path) -> None:
+    # Two workers. Host a waits (bounded) until host b's part of hosts.txt is on disk, so b
+    # finishes first: its diff was written as it finished, not held until the fleet was
+    # done; the finished hosts.txt still lists the hosts in the manifest's order.
+    state = tmp_path / "state"
+    repo = InfraRepo(tmp_path / "git")
+    b_written = f"grep -qs '^== b: ' {state}/runs/*/app/hosts.txt.partial"
+    wait_for_b = f"for i in $(seq 300); do {b_written} && exit 0; sleep 0.1; done; exit 1"
+    repo.write(
+        "gitops.yaml",
+        f"""\
+version: 1
+units:
+  - name: app
+    fleet:
+      parallelism: 2
+      hosts:
+        static:
+          - {{name: a, address: local, roles: [waits]}}
+          - {{name: b, address: local, roles: [quick]}}
+roles:
+  waits:
+    - command: after-b
+      run: {json.dumps(wait_for_b)}
+      creates: {tmp_path}/a-done
+    - file: {tmp_path}/a-done
+      content: "a\\n"
+  quick:
+    - file: {tmp_path}/b-done
+      content: "b\\n"
+""",
+    )
+    repo.push("two hosts")
+    config = write_host_config(
+        tmp_path / "agent.yaml",
+        repo.url,
+        state,
+        f"hosts: {{allow_local: true, python: {sys.executable}}}\n",
+    )
+    reconciler = Reconciler(load_host_config(config))
+    try:
+        result = reconciler.run_pass(PassRequest(trigger="test"))
+    finally:
+        reconciler.close()
+    assert result.outcomes["app"].status is UnitStatus.OK, result.outcomes["app"].error
+    run_dir = state / "runs" / result.run_id / "app"
+    text = (run_dir / "hosts.txt").read_text()
+    headers = [line.split(":")[0] for line in text.splitlines() if line.startswith("== ")]
+    assert headers == ["== a", "== b"], text
+    assert "command:after-b: changed" in text and f"file:{tmp_path}/b-done: changed" in text
+    assert not (run_dir / "hosts.txt.partial").exists()
+    assert oct((run_dir / "hosts.txt").stat().st_mode & 0o777) == "0o600"

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -243,6 +244,35 @@ def test_an_unreachable_host_fails_alone_and_is_named(world: dict) -> None:
     assert "web3" in (web.error or "") and "1 of 3 hosts failed" in (web.error or "")
     assert (world["root"] / "web2" / "etc" / "motd").exists()
     assert host_state(world, "web2")["status"] == "ok"
+
+
+def test_a_host_that_accepts_tcp_but_never_speaks_ssh_does_not_hold_the_others(
+    world: dict,
+) -> None:
+    # A hung sshd: the kernel accepts the connection (listen backlog), nothing answers.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        extra = (
+            f"          - {{name: hung, address: 127.0.0.1, port: {port}, roles: [web1],"
+            " vars: {workers: 9}}\n"
+        )
+        push(world, manifest(world, extra_host=extra))
+
+        result = run(world)
+
+    web = result.outcomes["web"]
+    assert web.status is UnitStatus.FAILED
+    # Failed alone, on its own connect_timeout (3s in the host config), not left hanging.
+    assert "1 of 3 hosts failed: hung: " in (web.error or ""), web.error
+    assert "did not answer within 3s" in (web.error or ""), web.error
+    for name in ("web1", "web2"):
+        assert (world["root"] / name / "etc" / "motd").read_text() == "hello from git\n"
+        assert host_state(world, name)["status"] == "ok"
+        # Recorded as soon as each was done, while the hung host was still being waited for.
+        assert host_state(world, name)["at"] < host_state(world, "hung")["at"]
+    assert host_state(world, "hung")["status"] == "failed"
 
 
 def test_an_unknown_host_key_is_refused_and_names_the_host(world: dict) -> None:

@@ -227,10 +227,10 @@ def test_a_big_manifest_is_refused_before_parsing(world: tuple[Path, Path]) -> N
         load_manifest(repo, ManifestLimits())
     size = (repo / "gitops.yaml").stat().st_size
     assert caught.value.message == (
-        f"gitops.yaml:1: (file): the file has {size} bytes, more than the limit of 4 MiB"
+        f"gitops.yaml:1: (file): the file has {size} bytes, more than the limit of 8 MiB"
         " for this kind of file"
     )
-    assert caught.value.hint and "4 MiB" in caught.value.hint
+    assert caught.value.hint and "8 MiB" in caught.value.hint
 
 
 def test_a_big_host_config_is_refused_before_parsing(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 from yaml.composer import Composer
 from yaml.constructor import SafeConstructor
+from yaml.events import MappingEndEvent, SequenceEndEvent
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.resolver import Resolver
 
@@ -82,10 +83,89 @@ class Problems:
             raise ConfigValidationError([m for _, _, m in sorted(self._found)], hint=hint)
 
 
+class _Line:
+    """A node's place: its line only (0-based, as PyYAML's marks count).
+
+    PyYAML gives every node a start and an end `Mark` (six attributes each, about 300
+    bytes together): most of a large manifest's node tree. The checks need the start line
+    alone; one `_Line` per line number is shared by the nodes on it.
+    """
+
+    __slots__ = ("line",)
+
+    def __init__(self, line: int) -> None:
+        self.line = line
+
+    def __str__(self) -> str:
+        return f"  on line {self.line + 1}"
+
+
+class _SmallNodes:
+    """PyYAML's composer, building nodes that keep only their start line (`_Line`)."""
+
+    anchors: dict[str, Node]
+    get_event: Callable[[], Any]
+    check_event: Callable[..., bool]
+    resolve: Callable[..., str]
+    compose_node: Callable[[Node | None, Any], Node]
+
+    def _line(self, mark: Any) -> _Line:
+        lines: dict[int, _Line] = self.__dict__.setdefault("_lines", {})
+        found = lines.get(mark.line)
+        if found is None:
+            found = lines[mark.line] = _Line(mark.line)
+        return found
+
+    def compose_scalar_node(self, anchor: str | None) -> Node:
+        event = self.get_event()
+        tag = event.tag
+        if tag is None or tag == "!":
+            tag = self.resolve(ScalarNode, event.value, event.implicit)
+        node = ScalarNode(tag, event.value, self._line(event.start_mark), None, style=event.style)
+        if anchor is not None:
+            self.anchors[anchor] = node
+        return node
+
+    def compose_sequence_node(self, anchor: str | None) -> Node:
+        start = self.get_event()
+        tag = start.tag
+        if tag is None or tag == "!":
+            tag = self.resolve(SequenceNode, None, start.implicit)
+        node = SequenceNode(
+            tag, [], self._line(start.start_mark), None, flow_style=start.flow_style
+        )
+        if anchor is not None:
+            self.anchors[anchor] = node
+        index = 0
+        while not self.check_event(SequenceEndEvent):
+            node.value.append(self.compose_node(node, index))
+            index += 1
+        self.get_event()
+        return node
+
+    def compose_mapping_node(self, anchor: str | None) -> Node:
+        start = self.get_event()
+        tag = start.tag
+        if tag is None or tag == "!":
+            tag = self.resolve(MappingNode, None, start.implicit)
+        node = MappingNode(tag, [], self._line(start.start_mark), None, flow_style=start.flow_style)
+        if anchor is not None:
+            self.anchors[anchor] = node
+        while not self.check_event(MappingEndEvent):
+            key = self.compose_node(node, None)
+            node.value.append((key, self.compose_node(node, key)))
+        self.get_event()
+        return node
+
+
+class _PureLoader(_SmallNodes, yaml.SafeLoader):  # type: ignore[misc]
+    """PyYAML's pure-Python loader with small nodes (errors are its own, unchanged)."""
+
+
 if yaml.__with_libyaml__:
     from yaml._yaml import CParser
 
-    class _FastLoader(CParser, SafeConstructor, Resolver):  # type: ignore[misc]
+    class _FastLoader(_SmallNodes, CParser, SafeConstructor, Resolver):  # type: ignore[misc]
         """libyaml's parser (events with line marks) under PyYAML's own composer.
 
         libyaml's composer recurses in C and crashes the process on deeply nested input;
@@ -103,9 +183,6 @@ if yaml.__with_libyaml__:
         get_single_node = Composer.get_single_node
         compose_document = Composer.compose_document
         compose_node = Composer.compose_node
-        compose_scalar_node = Composer.compose_scalar_node
-        compose_sequence_node = Composer.compose_sequence_node
-        compose_mapping_node = Composer.compose_mapping_node
 
     _FAST_LOADER: type | None = _FastLoader
 else:  # pragma: no cover - PyYAML built without libyaml
@@ -125,7 +202,7 @@ def compose(text: str, filename: str) -> Node | None:
         except (yaml.YAMLError, RecursionError):
             pass
     try:
-        return yaml.compose(text, Loader=yaml.SafeLoader)
+        return yaml.compose(text, Loader=_PureLoader)
     except yaml.MarkedYAMLError as exc:
         line = exc.problem_mark.line + 1 if exc.problem_mark else 1
         problem = exc.problem or exc.context or "invalid YAML"
