@@ -27,6 +27,7 @@ from agent.config.service import (
 )
 from agent.config.ssh import HostsConfig, read_hosts
 from agent.config.statebackend import StateBackendConfig, read_state_backend
+from agent.config.store import StoreConfig, read_store
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
 from agent.policy.apply import ApplyMode
@@ -138,6 +139,7 @@ class HostConfig:
     hosts: HostsConfig = field(default_factory=HostsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)  # what `agent run` needs
     windows: Windows | None = None  # None: applies are allowed at any time
+    store: StoreConfig | None = None  # None: the SQLite file in state_dir
 
 
 def resolve_host_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
@@ -201,6 +203,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
             "secrets",
             "hosts",
             "windows",
+            "store",
             *SERVICE_KEYS,
         ]
     )
@@ -221,6 +224,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
     secrets = read_secrets(fields.get("secrets"), base_dir, _path)
     hosts = read_hosts(fields.get("hosts"), base_dir, _path)
     service = read_service({key: fields.get(key) for key in SERVICE_KEYS}, base_dir, _path)
+    store = read_store(fields.get("store"), base_dir, _path)
     if problems or repo is None:
         return None
     return HostConfig(
@@ -235,6 +239,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
         hosts=hosts,
         service=service,
         windows=windows,
+        store=store,
     )
 
 
