@@ -9,5 +9,6 @@ Tests that change a host (install, enable) should undo it or use a fixture of th
 """
 
 from tests.support.nspawn import nspawn_hosts_fixture
+from tests.support.stores import open_store, postgres_cluster  # noqa: F401 (fixtures)
 
 nspawn_hosts = nspawn_hosts_fixture(2, scope="session")

@@ -1,27 +1,36 @@
-"""The run store, the pass lock and crash-safe files, on a real SQLite file."""
+"""The run store (on a real SQLite file, and where it holds for both, on a real PostgreSQL
+database too), the pass lock and crash-safe files."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from agent.core.fsutil import INTERRUPTED_MARKER, StreamedFile, atomic_write, finish_partial
 from agent.errors import PassBusyError, StoreError
 from agent.state.passlock import PassLock
 from agent.state.store import (
+    MIGRATIONS,
+    SCHEMA_VERSION,
     RevisionStatus,
     RunStatus,
     RunStore,
     UnitOutcome,
     UnitStatus,
 )
+from tests.support.postgres import PostgresCluster
+
+OpenStore = Callable[..., RunStore]
 
 
 def test_store_is_private_and_in_wal_mode(tmp_path: Path) -> None:
@@ -33,8 +42,8 @@ def test_store_is_private_and_in_wal_mode(tmp_path: Path) -> None:
     assert mode == "wal"
 
 
-def test_a_unit_result_moves_its_state_only_when_converged(tmp_path: Path) -> None:
-    store = RunStore(tmp_path)
+def test_a_unit_result_moves_its_state_only_when_converged(open_store: OpenStore) -> None:
+    store = open_store()
     run = store.start_run(trigger="test")
     store.finish_unit(
         run,
@@ -55,22 +64,37 @@ def test_a_unit_result_moves_its_state_only_when_converged(tmp_path: Path) -> No
     assert history[1].plan_add == 2
 
 
-def test_revisions_accepted_and_rejected(tmp_path: Path) -> None:
-    store = RunStore(tmp_path)
+def test_revisions_accepted_and_rejected(open_store: OpenStore) -> None:
+    store = open_store()
     assert store.current_revision() is None
     store.record_revision("aaa", RevisionStatus.ACCEPTED)
     store.record_revision("bbb", RevisionStatus.REJECTED, "gitops.yaml:3: bad")
     assert store.current_revision() == "aaa"
     assert store.revision_status("bbb") == (RevisionStatus.REJECTED, "gitops.yaml:3: bad")
+    store.record_revision("bbb", RevisionStatus.ACCEPTED)  # seen again, now accepted
+    assert store.current_revision() == "bbb"
+    assert store.revision_status("bbb") == (RevisionStatus.ACCEPTED, None)
 
 
-def test_a_dead_pass_is_marked_interrupted(tmp_path: Path) -> None:
-    store = RunStore(tmp_path)
+def test_suspensions_and_approvals(open_store: OpenStore) -> None:
+    store = open_store()
+    assert store.suspend("app", by="ops", reason="maintenance") is True
+    assert store.suspend("app", by="ops") is False  # already suspended
+    assert set(store.suspended()) == {"app"} and store.suspended()["app"].by == "ops"
+    assert store.resume("app") is True and store.suspended() == {}
+    held = store.start_run(trigger="test")
+    applied = store.start_run(trigger="approve")
+    store.record_approval(applied, held, ["app", "db"], by="alice")
+    assert sorted(a.unit for a in store.approvals(held)) == ["app", "db"]
+
+
+def test_a_dead_pass_is_marked_interrupted(open_store: OpenStore) -> None:
+    store = open_store()
     run = store.start_run(trigger="test")
     store.start_unit(run, "net", "aaa")
     store.close()
 
-    reopened = RunStore(tmp_path)
+    reopened = open_store()
     assert reopened.recover_interrupted() == [run]
     got = reopened.get_run(run)
     assert got is not None and got.status == RunStatus.INTERRUPTED
@@ -86,6 +110,46 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
     db.close()
     with pytest.raises(StoreError, match="newer gitops-agent"):
         RunStore(tmp_path)
+
+
+def test_postgresql_migrates_from_the_first_schema_and_refuses_a_newer_one(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    url = postgres_cluster.create_database("migrations")
+    with psycopg.connect(url, autocommit=True) as db:  # a store as version 1 left it
+        db.execute("CREATE TABLE gitops_agent_schema (version INTEGER NOT NULL)")
+        db.execute(MIGRATIONS[0].replace("REAL", "DOUBLE PRECISION"))
+        db.execute("INSERT INTO gitops_agent_schema VALUES (1)")
+        db.execute(
+            "INSERT INTO runs (id, started_at, trigger, status) VALUES ('r-1', 1, 't', 'ok')"
+        )
+    store = RunStore(Path("/nonexistent"), url=url)
+    try:
+        run = store.get_run("r-1")
+        assert run is not None and run.trigger == "t"  # the old rows are kept
+        store.finish_unit(store.start_run(trigger="x"), "u", "a", UnitOutcome(UnitStatus.OK))
+    finally:
+        store.close()
+    with psycopg.connect(url, autocommit=True) as db:
+        versions = [r[0] for r in db.execute("SELECT version FROM gitops_agent_schema")]
+        assert max(versions) == SCHEMA_VERSION
+        db.execute("INSERT INTO gitops_agent_schema VALUES (99)")
+    with pytest.raises(StoreError, match="newer gitops-agent"):
+        RunStore(Path("/nonexistent"), url=url)
+
+
+def test_an_unreachable_postgresql_store_is_a_clear_error_without_the_password(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    url = f"postgresql://agent:hunter2-canary@127.0.0.1:{port}/agent?connect_timeout=2"
+    with pytest.raises(StoreError) as caught:
+        RunStore(tmp_path, url=url)
+    text = f"{caught.value.message} {caught.value.hint}"
+    assert "PostgreSQL" in text and f"127.0.0.1:{port}" in text
+    assert "hunter2-canary" not in text
 
 
 def test_pass_lock_excludes_a_second_holder_and_names_the_first(tmp_path: Path) -> None:

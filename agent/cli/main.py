@@ -33,7 +33,7 @@ from agent.errors import (
     StoreError,
 )
 from agent.state.layout import StateLayout
-from agent.state.store import RunStatus, RunStore
+from agent.state.store import RunStatus, RunStore, open_run_store
 
 if TYPE_CHECKING:
     from agent.state.storefile import StoreReport
@@ -558,7 +558,7 @@ class _interrupt_on_signals:
 def _open_store(args: argparse.Namespace) -> tuple[RunStore, StateLayout]:
     """The store, read-only: reading commands never write it nor wait on a writer."""
     host = _host(args)
-    return RunStore(host.state_dir, read_only=True), StateLayout(host.state_dir)
+    return open_run_store(host, read_only=True), StateLayout(host.state_dir)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -646,6 +646,14 @@ def cmd_store(args: argparse.Namespace) -> int:
     from agent.state.storefile import check_store, restore_backup
 
     host = _host(args)
+    if host.store is not None:
+        # The file checks and the backup are the SQLite store's; a database has its own.
+        raise AgentError(
+            f"{host.store.where}: the run store is a PostgreSQL database:"
+            f" `agent store {args.store_command}` is for the SQLite store only",
+            hint="check it with `agent status` (it opens the store read-only);"
+            " back it up and restore it with pg_dump and pg_restore",
+        )
     if args.store_command == "check":
         live, backup, created = check_store(host.state_dir)
         if args.json:

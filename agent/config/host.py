@@ -28,6 +28,7 @@ from agent.config.service import (
 )
 from agent.config.ssh import HostsConfig, read_hosts
 from agent.config.statebackend import StateBackendConfig, read_state_backend
+from agent.config.store import StoreConfig, read_store
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
 from agent.policy.apply import ApplyMode
@@ -143,6 +144,7 @@ class HostConfig:
     service: ServiceConfig = field(default_factory=ServiceConfig)  # what `agent run` needs
     windows: Windows | None = None  # None: applies are allowed at any time
     forge: ForgeConfig | None = None  # commit statuses and comments (docs/forges.md)
+    store: StoreConfig | None = None  # None: the SQLite file in state_dir
 
 
 def resolve_host_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
@@ -207,6 +209,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
             "hosts",
             "windows",
             "forge",
+            "store",
             *SERVICE_KEYS,
         ]
     )
@@ -228,6 +231,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
     hosts = read_hosts(fields.get("hosts"), base_dir, _path)
     service = read_service({key: fields.get(key) for key in SERVICE_KEYS}, base_dir, _path)
     forge = read_forge(fields.get("forge"), base_dir, _path)
+    store = read_store(fields.get("store"), base_dir, _path)
     if problems or repo is None:
         return None
     return HostConfig(
@@ -243,6 +247,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
         service=service,
         windows=windows,
         forge=forge,
+        store=store,
     )
 
 

@@ -10,11 +10,12 @@ config), and a failed or held unit blocks its dependents and no other unit.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from agent.errors import (
 )
 from agent.state.layout import StateLayout
 from agent.state.passlock import PassLock, end_leftovers
-from agent.state.store import RevisionStatus, RunStatus, RunStore, UnitOutcome, UnitStatus
+from agent.state.store import RevisionStatus, RunStatus, UnitOutcome, UnitStatus, open_run_store
 from agent.units.context import StackContext
 from agent.units.fleets import HELD_FILE, FleetReconciler
 from agent.units.secrets import ResolvedSecrets, SecretResolver
@@ -122,7 +123,7 @@ class Reconciler:
         self.layout.prepare()
         # One redactor for everything this agent writes or shows (see agent.core.redact).
         self.redactor = Redactor()
-        self.store = RunStore(host.state_dir, scrub=self.redactor.redact)
+        self.store = open_run_store(host, redactor=self.redactor)
         self.report: Reporter = lambda event: reporter(
             replace(event, message=self.redactor.redact(event.message))
         )
@@ -167,9 +168,7 @@ class Reconciler:
 
     def run_pass(self, request: PassRequest, *, wait: bool = True) -> PassResult:
         """Take the pass lock (waiting for it, or not), recover, and run one pass."""
-        lock = PassLock(self.layout.root)
-        lock.acquire(wait=wait)
-        with lock:
+        with self._exclusive(wait=wait) as lock:
             self._recover()
             run_id = self.store.start_run(
                 trigger=request.trigger,
@@ -193,9 +192,7 @@ class Reconciler:
         """The manifest at the revision in force (None before the first pass took one).
         It checks the revision out, so it holds the pass lock (PassBusyError if a pass
         runs and not `wait`)."""
-        lock = PassLock(self.layout.root)
-        lock.acquire(wait=wait)
-        with lock:
+        with self._exclusive(wait=wait):
             current = self.store.current_revision()
             if current is None:
                 return None
@@ -208,9 +205,7 @@ class Reconciler:
         no fetch, no other unit, no other host. Raises PassFailed when no revision is in
         force yet (a full pass comes first)."""
         request = PassRequest(trigger=trigger, unit=unit, hosts=hosts)
-        lock = PassLock(self.layout.root)
-        lock.acquire(wait=wait)
-        with lock:
+        with self._exclusive(wait=wait) as lock:
             self._recover()
             run_id = self.store.start_run(trigger=trigger, unit_filter=unit, pid=os.getpid())
             lock.record(run_id)
@@ -234,6 +229,14 @@ class Reconciler:
             except Exception as exc:
                 self._close_failed(run_id, exc)
                 raise
+    @contextlib.contextmanager
+    def _exclusive(self, *, wait: bool) -> Iterator[PassLock]:
+        """One pass at a time: the state directory's lock, and with a shared (PostgreSQL)
+        store, the store's too, so that two agents on one store never run at once."""
+        lock = PassLock(self.layout.root)
+        lock.acquire(wait=wait)
+        with lock, self.store.exclusive(wait=wait):
+            yield lock
 
     def _recover(self) -> None:
         """End what a dead pass left running, then mark its runs interrupted (the caller
@@ -258,9 +261,7 @@ class Reconciler:
         """Fetch the branch and return its head: the daemon's poll, which runs a pass only
         if something moved. Takes the pass lock without waiting (PassBusyError while a pass
         runs elsewhere); SourceError if the fetch fails."""
-        lock = PassLock(self.layout.root)
-        lock.acquire(wait=False)
-        with lock:
+        with self._exclusive(wait=False):
             try:
                 return self.source.fetch()
             except GitSourceError as exc:
@@ -277,9 +278,7 @@ class Reconciler:
         moved since: the plan is stale). A state that moved under the plan is found by
         Terraform itself; that unit then fails with "the plan is stale".
         """
-        lock = PassLock(self.layout.root)
-        lock.acquire(wait=wait)
-        with lock:
+        with self._exclusive(wait=wait) as lock:
             self._recover()
             revision, held = self._held_plans(run_id, unit)
             approve_id = self.store.start_run(trigger="approve", unit_filter=unit, pid=os.getpid())

@@ -14,11 +14,13 @@ SQLite error leaves this module as a `StoreError` naming the file and what to do
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,8 +28,13 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
+from agent.config import HostConfig
 from agent.core.fsutil import ensure_private_dir
-from agent.errors import StoreError
+from agent.core.redact import Redactor
+from agent.errors import PassBusyError, StoreError
+from agent.state.pgconn import PgConnection, safe_url
 from agent.state.storefile import (
     DB_FILENAME,
     StoreFull,
@@ -41,6 +48,9 @@ from agent.state.storefile import (
 )
 
 log = logging.getLogger(__name__)
+
+_DB_ERRORS = (sqlite3.Error, psycopg.Error)
+_SHARED_LOCK_RETRY = 1.0  # seconds between tries for a PostgreSQL store's pass lock
 
 BUSY_TIMEOUT = 30.0  # seconds a write waits for another process's transaction
 
@@ -261,8 +271,12 @@ class RunStore:
         *,
         scrub: Callable[[str], str] | None = None,
         read_only: bool = False,
+        url: str | None = None,
     ) -> None:
         """Open (or create) the store; `scrub` redacts every message before it is stored.
+
+        `url` (`postgresql://...`): the store is that PostgreSQL database instead of the
+        SQLite file in `state_dir` (pgconn.py); the same tables, the same migrations.
 
         `read_only` (the reading commands): open without writing anything, without
         migrating, and without waiting on a writer; a store that does not exist yet, or
@@ -271,8 +285,13 @@ class RunStore:
         self._scrub = scrub or (lambda text: text)
         self.state_dir = state_dir
         self.path = state_dir / DB_FILENAME
+        self.location = str(self.path)  # where the store is, for messages
         self.read_only = read_only
         self._lock = threading.Lock()
+        self.postgres = url is not None
+        if url is not None:
+            self._open_postgres(url)
+            return
         if read_only:
             self._db = open_reader(state_dir)
             self._check_schema(self._user_version(), read_only=True)
@@ -289,13 +308,36 @@ class RunStore:
         if new:
             self.backup()
 
+    def _open_postgres(self, url: str) -> None:
+        self.location = safe_url(url)
+        try:
+            self._db = PgConnection(url, read_only=self.read_only)  # type: ignore[assignment]
+            if self.read_only:
+                self._check_schema(self._user_version(), read_only=True)
+            else:
+                self._db.migrate(MIGRATIONS, lambda v: self._check_schema(v, read_only=False))
+        except psycopg.Error as exc:
+            raise self._error(exc, "open the run store") from exc
+
     def close(self) -> None:
         self._db.close()
+
+    def _error(self, exc: Exception, doing: str) -> StoreError:
+        """A database error as a StoreError naming the store and what failed."""
+        if isinstance(exc, sqlite3.Error):
+            return sqlite_error(self.path, exc, doing)
+        return StoreError(
+            f"the run store {self.location} (PostgreSQL): could not {doing}:"
+            f" {str(exc).strip() or type(exc).__name__}",
+            hint="check that the database is up and the agent's role may use it",
+        )
 
     def _clean(self, text: str | None) -> str | None:
         return None if text is None else self._scrub(text)
 
     def _user_version(self) -> int:
+        if self.postgres:
+            return self._db.schema_version()  # type: ignore[attr-defined]
         row = self._one("PRAGMA user_version")
         return int(row[0]) if row else 0
 
@@ -337,25 +379,55 @@ class RunStore:
         try:
             with self._lock, self._db:
                 yield self._db
-        except sqlite3.Error as exc:
-            raise sqlite_error(self.path, exc, "write to the run store") from exc
+        except _DB_ERRORS as exc:
+            raise self._error(exc, "write to the run store") from exc
 
     def _all(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
         try:
             return self._db.execute(sql, params).fetchall()
-        except sqlite3.Error as exc:
-            raise sqlite_error(self.path, exc, "read the run store") from exc
+        except _DB_ERRORS as exc:
+            raise self._error(exc, "read the run store") from exc
 
     def _one(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Row | None:
         rows = self._all(sql, params)
         return rows[0] if rows else None
 
+    @contextmanager
+    def exclusive(self, *, wait: bool) -> Iterator[None]:
+        """Hold the store for one pass. A PostgreSQL store is shared by every agent that
+        names it: a session advisory lock (freed by the server if the agent dies) makes
+        their passes take turns; PassBusyError when it is held and `wait` is False. A
+        SQLite store is one host's, guarded by the state directory's pass lock."""
+        if not self.postgres:
+            yield
+            return
+        db: PgConnection = self._db  # type: ignore[assignment]
+        told = False
+        try:
+            while not db.try_lock():
+                if not wait:
+                    raise PassBusyError(
+                        f"another agent is running a pass on the run store {self.location}",
+                        hint="wait for it; `agent status` shows its run",
+                    )
+                if not told:
+                    log.info("waiting: another agent is running a pass on %s", self.location)
+                    told = True
+                time.sleep(_SHARED_LOCK_RETRY)
+        except psycopg.Error as exc:
+            raise self._error(exc, "take the run store's pass lock") from exc
+        try:
+            yield
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                db.unlock()
+
     def backup(self) -> None:
         """Refresh `agent.db.backup` from this store. Best effort: a failed backup (disk
         full, store damaged) is logged and the previous backup kept; it never fails the
         change it follows."""
-        if self.read_only:
-            return
+        if self.read_only or self.postgres:
+            return  # a PostgreSQL store is backed up the way the database is
         try:
             with self._lock:
                 write_backup(self._db, self.state_dir)
@@ -441,8 +513,10 @@ class RunStore:
 
     def start_unit(self, run_id: str, unit: str, revision: str | None) -> None:
         with self._tx() as db:
+            # (a replace, written so that PostgreSQL runs it too)
+            db.execute("DELETE FROM unit_runs WHERE run_id = ? AND unit = ?", (run_id, unit))
             db.execute(
-                "INSERT OR REPLACE INTO unit_runs (run_id, unit, revision, status, started_at)"
+                "INSERT INTO unit_runs (run_id, unit, revision, status, started_at)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (run_id, unit, revision, UnitStatus.RUNNING, time.time()),
             )
@@ -598,15 +672,16 @@ class RunStore:
         self, sha: str, status: RevisionStatus, error: str | None = None, run_id: str | None = None
     ) -> None:
         with self._tx() as db:
+            db.execute("DELETE FROM revisions WHERE sha = ?", (sha,))
             db.execute(
-                "INSERT OR REPLACE INTO revisions (sha, status, error, seen_at, run_id)"
+                "INSERT INTO revisions (sha, status, error, seen_at, run_id)"
                 " VALUES (?, ?, ?, ?, ?)",
                 (sha, status, self._clean(error), time.time(), run_id),
             )
             if status is RevisionStatus.ACCEPTED:
                 db.execute(
-                    "INSERT OR REPLACE INTO agent_state (key, value)"
-                    " VALUES ('current_revision', ?)",
+                    "INSERT INTO agent_state (key, value) VALUES ('current_revision', ?)"
+                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                     (sha,),
                 )
 
@@ -791,3 +866,18 @@ def _unit_state_row(row: sqlite3.Row) -> UnitStateRow:
         preview_decision=row["preview_decision"],
         preview_at=row["preview_at"],
     )
+
+
+def open_run_store(
+    host: HostConfig, *, redactor: Redactor | None = None, read_only: bool = False
+) -> RunStore:
+    """The run store the host config names: a PostgreSQL database (`store.url_file`) or
+    the SQLite file in `state_dir`. The URL and its password go to `redactor` first; it
+    also scrubs every message the store keeps."""
+    url = host.store.url() if host.store is not None else None
+    if url is not None and redactor is not None:
+        redactor.register(url)
+        if password := urllib.parse.urlsplit(url).password:
+            redactor.register(urllib.parse.unquote(password))
+    scrub = redactor.redact if redactor is not None else None
+    return RunStore(host.state_dir, scrub=scrub, read_only=read_only, url=url)
