@@ -229,6 +229,7 @@ class Reconciler:
             except Exception as exc:
                 self._close_failed(run_id, exc)
                 raise
+
     @contextlib.contextmanager
     def _exclusive(self, *, wait: bool) -> Iterator[PassLock]:
         """One pass at a time: the state directory's lock, and with a shared (PostgreSQL)
