@@ -12,7 +12,15 @@ change can be named):
     hosts      a fleet's hosts (the static list, or as read from a stack output)
     upstream   the outputs of other units that the unit reads (`from_stack`)
     secrets    the resolved values of the unit's secrets
-    terraform  the Terraform binary and its version (stacks)
+    terraform  the Terraform binary, its version and the executable's identity (stacks)
+    backend    where the stack's state is kept: the agent's state file, or the stack's
+               own backend (whose settings are in the stack's files)
+    state      the state's serial and lineage (stacks whose state the agent keeps;
+               "unknown" for a backend only Terraform can read)
+
+`state` is *observed*, not an input from Git: the unit's own apply moves it, so it is
+recorded as it stands after the unit's work, and a difference makes a changed-only pass
+plan (someone else wrote the state) without making the plan a change from Git.
 
 Every part is an HMAC with a key kept in the state directory (0600), so a recorded
 fingerprint cannot be used to confirm a guessed secret or output value.
@@ -38,7 +46,21 @@ from agent.core.fsutil import atomic_write
 from agent.core.redact import Secret
 
 KEY_FILE = "fingerprint.key"
-PARTS = ("stack", "manifest", "files", "hosts", "upstream", "secrets", "terraform")
+PARTS = (
+    "stack",
+    "manifest",
+    "files",
+    "hosts",
+    "upstream",
+    "secrets",
+    "terraform",
+    "backend",
+    "state",
+)
+# Parts the unit's own work moves: they say "plan again", never "a change from Git".
+OBSERVED = frozenset({"state"})
+# A part whose value cannot be known without running Terraform: always "changed".
+UNKNOWN = "unknown"
 
 # `source = "./x"` or `"../x"` anywhere in a .tf file: module sources (and provisioner
 # sources, which are inputs too). Registry and Git sources do not start with a dot.
@@ -78,11 +100,32 @@ class Fingerprint:
         return cls({str(k): str(v) for k, v in parts.items()})
 
     def moved_from(self, previous: Fingerprint | None) -> tuple[str, ...]:
-        """The kinds of input that differ from `previous` (all, if there is none)."""
+        """The kinds of input from Git, secrets or other units that differ from `previous`
+        (all, if there is none). Observed parts are left out, and so are parts `previous`
+        does not have (recorded by an agent that did not take them): those make a pass
+        plan (see `changed_from`) but a plan they cause is not a change from Git."""
+        if previous is None:
+            return tuple(sorted(k for k in self.parts if k not in OBSERVED))
+        kinds = (set(self.parts) & set(previous.parts)) - OBSERVED
+        return tuple(sorted(k for k in kinds if self.parts.get(k) != previous.parts.get(k)))
+
+    def changed_from(self, previous: Fingerprint | None) -> tuple[str, ...]:
+        """Every kind of input that differs from `previous`, or cannot be known (then a
+        changed-only pass must plan the unit): all of them if there is no `previous`."""
         if previous is None:
             return tuple(sorted(self.parts))
         kinds = set(self.parts) | set(previous.parts)
-        return tuple(sorted(k for k in kinds if self.parts.get(k) != previous.parts.get(k)))
+        return tuple(
+            sorted(
+                k
+                for k in kinds
+                if self.parts.get(k) != previous.parts.get(k) or self.parts.get(k) == UNKNOWN
+            )
+        )
+
+    def with_parts(self, parts: Mapping[str, str]) -> Fingerprint:
+        """This fingerprint with `parts` replaced (the observed ones, after the work)."""
+        return Fingerprint({**self.parts, **parts})
 
 
 def load_key(state_dir: Path) -> bytes:
@@ -132,10 +175,13 @@ def stack_fingerprint(
     *,
     upstream: Mapping[str, Any],
     secrets: Mapping[str, Secret],
-    terraform: str,
+    terraform: Any,
+    backend: Any,
+    state: str,
 ) -> Fingerprint:
     """A stack unit's fingerprint; `upstream` holds the `from_stack` values it reads, by
-    variable name; `terraform` names the binary and its version."""
+    variable name; `terraform` names the binary, its version and identity; `backend` says
+    where the state is kept; `state` is `state_part(...)`."""
     return Fingerprint(
         {
             "stack": hasher.files(tree, stack_paths(tree, unit.stack)),
@@ -143,8 +189,39 @@ def stack_fingerprint(
             "upstream": hasher.value(upstream),
             "secrets": hasher.value(secrets),
             "terraform": hasher.value(terraform),
+            "backend": hasher.value(backend),
+            "state": state,
         }
     )
+
+
+# Terraform writes `serial` and `lineage` near the top of a state file; the whole file
+# (megabytes for a big stack) is parsed only when the head does not hold them.
+_SERIAL = re.compile(rb'"serial"\s*:\s*(\d+)')
+_LINEAGE = re.compile(rb'"lineage"\s*:\s*"([^"]*)"')
+_HEAD = 4096
+
+
+def state_part(hasher: Hasher, state_file: Path | None) -> str:
+    """The `state` part: the HMAC of the local state's serial and lineage ("absent" before
+    the first apply), or UNKNOWN when `state_file` is None (a backend only Terraform reads)."""
+    if state_file is None:
+        return UNKNOWN
+    try:
+        with state_file.open("rb") as handle:
+            head = handle.read(_HEAD)
+            serial, lineage = _SERIAL.search(head), _LINEAGE.search(head)
+            if serial and lineage:
+                return hasher.value([int(serial.group(1)), lineage.group(1).decode()])
+            handle.seek(0)
+            document = json.loads(handle.read())
+    except FileNotFoundError:
+        return hasher.value("absent")
+    except (OSError, ValueError):
+        return UNKNOWN
+    if not isinstance(document, dict):
+        return UNKNOWN
+    return hasher.value([document.get("serial"), document.get("lineage")])
 
 
 def fleet_fingerprint(

@@ -23,7 +23,7 @@ from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext, StackOutput
 from agent.units.decide import Decision, PlanFacts, decide
-from agent.units.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint
+from agent.units.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint, state_part
 from agent.units.policy_check import now_utc, stack_policy
 from agent.units.secrets import terraform_variables
 from agent.units.unitrun import run_unit
@@ -34,6 +34,8 @@ from providers.terraform import (
     UnitWorkspace,
     find_terraform,
     install_builtin_providers,
+    keeps_agent_state,
+    state_outputs,
     summarize_plan,
     write_cli_config,
 )
@@ -148,7 +150,17 @@ class StackReconciler:
             work=lambda unit, moved, started: self._plan_and_apply(ctx, unit, moved, started),
             describe=describe_outcome,
             inputs=lambda unit: self.fingerprint(ctx, unit),
+            observed=lambda unit: {"state": self._state_part(ctx, unit)},
         )
+
+    def _state_file(self, ctx: StackContext, unit: Unit) -> Path | None:
+        """The unit's local state file, or None when its stack keeps state elsewhere."""
+        if keeps_agent_state(ctx.tree / unit.stack):
+            return self.layout.unit_state_file(unit.name)
+        return None
+
+    def _state_part(self, ctx: StackContext, unit: Unit) -> str:
+        return state_part(self.hasher, self._state_file(ctx, unit))
 
     def fingerprint(self, ctx: StackContext, unit: Unit) -> Fingerprint:
         """The stack unit's inputs in this pass (reads the outputs it takes from others)."""
@@ -158,13 +170,22 @@ class StackReconciler:
             for name, value in unit.vars.items()
             if isinstance(value, StackOutputRef)
         }
+        binary = self.runner().binary
+        state_file = self._state_file(ctx, unit)
+        backend = (
+            {"kept_by": "agent", "path": str(state_file)}
+            if state_file is not None
+            else {"kept_by": "stack"}  # its settings are in the stack's files (hashed)
+        )
         return stack_fingerprint(
             self.hasher,
             ctx.tree,
             unit,
             upstream=upstream,
             secrets=ctx.secrets.values.get(unit.name, {}),
-            terraform=str(self.runner().binary),
+            terraform=[str(binary), binary.identity()],
+            backend=backend,
+            state=state_part(self.hasher, state_file),
         )
 
     def _plan_and_apply(
@@ -374,11 +395,16 @@ class StackReconciler:
             return ctx.outputs[upstream]
         unit = ctx.manifest.get_unit(upstream)
         assert unit is not None
-        entries = self._terraform(
-            "output",
-            requester,
-            lambda: self.runner().output_entries(self.workspace(ctx, unit), deadline),
-        )
+        # A state the agent keeps is read directly: no Terraform start for a dependent's
+        # inputs (the upstream has finished, so the file is not being written).
+        state_file = self._state_file(ctx, unit)
+        entries = state_outputs(state_file) if state_file is not None else None
+        if entries is None:
+            entries = self._terraform(
+                "output",
+                requester,
+                lambda: self.runner().output_entries(self.workspace(ctx, unit), deadline),
+            )
         outputs = {}
         for name, (value, sensitive) in entries.items():
             if sensitive:
@@ -474,6 +500,7 @@ def describe_outcome(outcome: UnitOutcome) -> str:
         Decision.NOTHING: "no changes",
         Decision.SKIP: "drift check skipped",
         Decision.PLAN_ONLY: "planned (dry run)",
+        Decision.UNCHANGED: "unchanged: inputs as at the last clean plan, nothing run",
     }
     label = (
         labels.get(Decision(outcome.decision), str(outcome.decision)) if outcome.decision else ""
