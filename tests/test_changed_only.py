@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from agent.config import load_host_config
 from agent.reconcile import PassRequest, Reconciler
 from agent.store import RunStore, UnitStatus
 from agent.views import render_status, status_view
+from tests.support.docblocks import block
 from tests.support.infra import InfraRepo, embedded_terraform
 
 A_TF = """
@@ -171,7 +173,11 @@ def test_an_untouched_repository_runs_no_terraform(world: World) -> None:
         assert after[unit].last_decision == before[unit].last_decision
         assert after[unit].unchanged_run_id is not None
     text = render_status(status_view(RunStore(world.state)))
-    assert "unchanged" in text and "nothing run" in text, text
+    # The line docs/daemon.md quotes, naming every unit the pass left alone.
+    documented = block("output", "status-unchanged")
+    quoted = documented.text.splitlines()[-1]
+    shape = re.escape(quoted.split("run r-")[0]) + r"run r-\d{8}T\d{6}-[0-9a-f]{4}, [^)]+\): "
+    assert re.search(shape + "a, b, c, d$", text, re.MULTILINE), (documented.where, text)
 
 
 def test_a_module_outside_the_stack_dir_plans_its_stack(world: World) -> None:
