@@ -36,7 +36,7 @@ os.environ.update(CHECKPOINT_DISABLE="1", TF_CLI_CONFIG_FILE=os.devnull, TF_IN_A
 
 def stack(resources: int) -> str:
     return (
-        'variable "x" {\n  type    = string\n  default = "unset"\n}\noutput "x" { value = var.x }\n'
+        'variable "X" {\n  type    = string\n  default = "unset"\n}\noutput "X" { value = var.X }\n'
         + "".join(
             f'resource "terraform_data" "r{i}" {{\n  input = "v-{i}"\n}}\n'
             for i in range(resources)
