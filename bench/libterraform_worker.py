@@ -102,14 +102,13 @@ def main() -> None:
 
         # Probes.
         os.environ["TF_VAR_X"] = "set-after-load"
-        with out.open("w") as sink:
-            fd = sink.fileno()
-            _invoke_cli([f"-chdir={dirs[0]}", "apply", "-auto-approve", "-no-color"], fd, fd)
-            try:
-                os.fstat(fd)
-                fds = "left open"
-            except OSError:
-                fds = "closed by the library (pass a dup)"
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        _invoke_cli([f"-chdir={dirs[0]}", "apply", "-auto-approve", "-no-color"], fd, os.dup(fd))
+        try:
+            os.close(fd)
+            fds = "left open"
+        except OSError:
+            fds = "closed by the library (pass a dup)"
         text = out.read_text() if out.exists() else ""
         env = "seen" if "set-after-load" in text else "NOT seen (the load froze the environment)"
         cwd = "moved" if Path.cwd() in dirs else "unchanged"
