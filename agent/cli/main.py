@@ -345,6 +345,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from agent.engine.reconcile import PassRequest, Reconciler
     from agent.policy.windows import override_record
     from agent.service.control import check_not_suspended, user_name
+    from agent.units.changed import CLI_CHANGED_ONLY
 
     host = _host(args)
     reporter = ConsoleReporter(sys.stderr)
@@ -368,7 +369,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                 _say_if_busy(reconciler)
             override = override_record(user_name(os.getuid()), reason)
             request = PassRequest(
-                trigger="cli",
+                trigger=CLI_CHANGED_ONLY if args.changed_only else "cli",
                 dry_run=args.dry_run,
                 unit=args.unit,
                 override_window=override,
