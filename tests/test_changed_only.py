@@ -26,6 +26,7 @@ from agent.store import RunStore, UnitStatus
 from agent.views import render_status, status_view
 from tests.support.docblocks import block
 from tests.support.infra import InfraRepo, embedded_terraform
+from tests.test_cli import agent
 
 A_TF = """
 variable "greeting" { type = string }
@@ -178,6 +179,19 @@ def test_an_untouched_repository_runs_no_terraform(world: World) -> None:
     quoted = documented.text.splitlines()[-1]
     shape = re.escape(quoted.split("run r-")[0]) + r"run r-\d{8}T\d{6}-[0-9a-f]{4}, [^)]+\): "
     assert re.search(shape + "a, b, c, d$", text, re.MULTILINE), (documented.where, text)
+
+
+def test_the_cli_asks_for_a_changed_only_pass(world: World) -> None:
+    before = world.log.read_text()
+    result = agent("reconcile", "--now", "--changed-only", config=world.config, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for unit in UNITS:
+        assert f"{unit}: unchanged: inputs as at the last clean plan, nothing run" in (
+            result.stdout
+        ), result.stdout
+    assert world.log.read_text() == before  # not one Terraform command
+    run = RunStore(world.state).runs(limit=1)[0]
+    assert run.trigger == "cli-changed-only"
 
 
 def test_a_module_outside_the_stack_dir_plans_its_stack(world: World) -> None:

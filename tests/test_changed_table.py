@@ -47,3 +47,29 @@ def test_the_state_and_parts_an_older_agent_did_not_take_plan_but_are_not_moves(
     assert new.moved_from(old) == ()  # a plan they cause finds drift, not a change from Git
     assert new.moved_from(None) == ("backend", "stack", "terraform")
     assert Fingerprint({**new.parts, "stack": "s2"}).moved_from(new) == ("stack",)
+
+
+def test_files_a_stack_reads_outside_its_directory_are_inputs(tmp_path: Path) -> None:
+    from agent.fingerprint import stack_paths
+
+    (tmp_path / "stacks/app").mkdir(parents=True)
+    (tmp_path / "modules/net").mkdir(parents=True)
+    (tmp_path / "stacks/app/main.tf").write_text(
+        'module "net" { source = "../../modules/net" }\n'
+        'locals {\n  a = file("${path.module}/../../shared/a.json")\n'
+        '  b = templatefile("../../templates/${var.env}/b.tpl", {})\n'
+        '  c = file("${path.module}/local.txt")\n'
+        '  d = fileset("${path.module}/../${var.x}", "*")\n}\n'
+    )
+    (tmp_path / "modules/net/main.tf").write_text(
+        'locals { n = file("${path.module}/../../shared/net.txt") }\n'
+    )
+    paths = stack_paths(tmp_path, "stacks/app")
+    assert set(paths) == {
+        "stacks/app",
+        "modules/net",
+        "shared/a.json",
+        "templates",  # the static part of an interpolated path: the whole directory
+        "stacks",  # a parent of the stack: hashed whole (doubt plans)
+        "shared/net.txt",  # read by a module, relative to the module
+    }

@@ -5,7 +5,9 @@ because of a commit elsewhere in the repository. The inputs, each hashed apart (
 change can be named):
 
     stack      the stack directory's files, and every local module it references
-               (`source = "./..."` / `"../..."`), transitively
+               (`source = "./..."` / `"../..."`), transitively, and every other path a
+               .tf string names relative to a module or the root (`file("${path.module}/
+               ../x")`): a stack can read any file of the checkout
     manifest   the unit's entry: vars, policies, dependencies, secret references, and
                for a fleet its settings, roles, inline resources and handlers
     files      a fleet's template and source files
@@ -65,6 +67,12 @@ UNKNOWN = "unknown"
 # `source = "./x"` or `"../x"` anywhere in a .tf file: module sources (and provisioner
 # sources, which are inputs too). Registry and Git sources do not start with a dot.
 _LOCAL_SOURCE = re.compile(r'\bsource\s*=\s*"(\.\.?/[^"]*)"')
+# Any other string that names a path relative to the module or the root, e.g.
+# `file("${path.module}/../shared/x.json")` or `templatefile("../t/${var.env}.tpl", ...)`:
+# Terraform runs in a shadow of the whole checkout, so a stack can read files outside its
+# directory. The static part of each such path is hashed (a directory when the path goes
+# on with an interpolation): a file it reads must never leave a unit "unchanged".
+_PATH_STRING = re.compile(r'"((?:\$\{path\.(?:module|root)\}/|\.\.?/)[^"\n]*)"')
 
 
 # `terraform init` writes the lock file into the checkout when the repo has none (the
@@ -278,15 +286,39 @@ def stack_paths(tree: Path, stack: str) -> list[str]:
         directory = (root / rel).resolve()
         if not directory.is_relative_to(root) or not directory.is_dir():
             continue
-        for tf in sorted(directory.glob("*.tf")):
+        for tf in sorted([*directory.glob("*.tf"), *directory.glob("*.tf.json")]):
             try:
                 text = tf.read_text(encoding="utf-8", errors="replace")
             except OSError:
                 continue
-            for source in _LOCAL_SOURCE.findall(text):
-                target = os.path.normpath(os.path.join(rel, source))
-                todo.append(target)
+            modules = set(_LOCAL_SOURCE.findall(text))
+            for source in modules:
+                todo.append(os.path.normpath(os.path.join(rel, source)))
+            for found in _PATH_STRING.findall(text):
+                if found in modules:
+                    continue
+                path = _static_path(found, module=rel, root=stack)
+                if path is not None and path not in seen:
+                    seen.append(path)  # hashed, not followed: a file, or a tree of them
     return seen
+
+
+def _static_path(text: str, *, module: str, root: str) -> str | None:
+    """The part of a path string that is known before Terraform runs, relative to the
+    tree: up to the last `/` before the first interpolation."""
+    for prefix, base in (("${path.module}/", module), ("${path.root}/", root)):
+        if text.startswith(prefix):
+            text, start = text[len(prefix) :], base
+            break
+    else:
+        start = module
+    if "${" in text or "%{" in text:
+        text = text[: min(i for i in (text.find("${"), text.find("%{")) if i >= 0)]
+        text = text.rsplit("/", 1)[0] if "/" in text else ""
+    path = os.path.normpath(os.path.join(start, text))
+    # A parent of the module is hashed whole (the whole repository for "."): doubt plans.
+    inside = path == module or path.startswith(module.rstrip("/") + "/")
+    return None if inside else path  # a path inside the module is hashed with it
 
 
 def _walk(root: Path, rel: str) -> Iterable[tuple[str, Path | None]]:
