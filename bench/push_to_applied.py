@@ -125,8 +125,9 @@ def main() -> None:
             lab.run(changed_only=False, trigger="bench-setup")
             print(f"<!-- setup of {n} stacks: {time.perf_counter() - setup:.1f} s -->", flush=True)
             results: dict[bool, list[tuple[float, int, float]]] = {True: [], False: []}
-            for _ in range(args.repeat):
-                for mode in (True, False):  # interleaved: the load moves under both alike
+            for i in range(args.repeat):
+                # Interleaved, the order swapped each round: the load moves under both alike.
+                for mode in (True, False) if i % 2 == 0 else (False, True):
                     results[mode].append(lab.push_and_apply(changed_only=mode))
             for mode in (True, False):
                 times = [t for t, _, _ in results[mode]]
