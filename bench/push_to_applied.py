@@ -31,8 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from agent.config import load_host_config  # noqa: E402
-from agent.reconcile import PassRequest, Reconciler  # noqa: E402
-from agent.store import RunStore  # noqa: E402
+from agent.engine.reconcile import PassRequest, Reconciler  # noqa: E402
+from agent.state.store import RunStore  # noqa: E402
 from tests.support.infra import InfraRepo, embedded_terraform  # noqa: E402
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli.views import render_status, status_view
 from agent.config import load_host_config
-from agent.reconcile import PassRequest, Reconciler
-from agent.store import RunStore, UnitStatus
-from agent.views import render_status, status_view
+from agent.engine.reconcile import PassRequest, Reconciler
+from agent.state.store import RunStore, UnitStatus
 from tests.support.docblocks import block
 from tests.support.infra import InfraRepo, embedded_terraform
 from tests.test_cli import agent

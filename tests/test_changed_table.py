@@ -50,7 +50,7 @@ def test_the_state_and_parts_an_older_agent_did_not_take_plan_but_are_not_moves(
 
 
 def test_files_a_stack_reads_outside_its_directory_are_inputs(tmp_path: Path) -> None:
-    from agent.fingerprint import stack_paths
+    from agent.units.fingerprint import stack_paths
 
     (tmp_path / "stacks/app").mkdir(parents=True)
     (tmp_path / "modules/net").mkdir(parents=True)

@@ -3,8 +3,8 @@
 
 A changed-only pass plans a unit when:
 
-    its inputs changed      any part of its fingerprint (agent.fingerprint) differs from
-                            the one of its last clean plan or apply, or cannot be known
+    its inputs changed      any part of its fingerprint (agent.units.fingerprint) differs
+                            from the one of its last clean plan or apply, or cannot be known
                             without Terraform (a state kept by a remote backend)
     its last result was     anything but ok (failed, held, interrupted, blocked, never
     not clean               run): it has no clean plan to stand on

@@ -32,7 +32,7 @@ from agent.units.fingerprint import Fingerprint
 Work = Callable[[Unit, bool, float], UnitOutcome]
 # The unit's input fingerprint for this pass (may raise AgentError: the unit fails).
 Inputs = Callable[[Unit], Fingerprint]
-# The observed parts of the fingerprint (see agent.fingerprint.OBSERVED), read again after
+# The observed parts of the fingerprint (see agent.units.fingerprint.OBSERVED), read again after
 # the work: the unit's own apply moves them.
 Observed = Callable[[Unit], Mapping[str, str]]
 
