@@ -154,10 +154,20 @@ class StackReconciler:
         )
 
     def _state_file(self, ctx: StackContext, unit: Unit) -> Path | None:
-        """The unit's local state file, or None when its stack keeps state elsewhere."""
-        if keeps_agent_state(ctx.tree / unit.stack):
+        """The unit's local state file, or None when its state is elsewhere: the stack's
+        own backend, or the host config's `terraform.state_backend`."""
+        if self.state_backend is None and keeps_agent_state(ctx.tree / unit.stack):
             return self.layout.unit_state_file(unit.name)
         return None
+
+    def _backend(self, ctx: StackContext, unit: Unit) -> dict[str, Any]:
+        """Where the unit's state is kept, for its fingerprint."""
+        if not keeps_agent_state(ctx.tree / unit.stack):
+            return {"kept_by": "stack"}  # its settings are in the stack's files (hashed)
+        if self.state_backend is not None:
+            remote = self.state_backend
+            return {"kept_by": "agent", "remote": [remote.kind, remote.settings, remote.prefix]}
+        return {"kept_by": "agent", "path": str(self.layout.unit_state_file(unit.name))}
 
     def _state_part(self, ctx: StackContext, unit: Unit) -> str:
         return state_part(self.hasher, self._state_file(ctx, unit))
@@ -171,12 +181,6 @@ class StackReconciler:
             if isinstance(value, StackOutputRef)
         }
         binary = self.runner().binary
-        state_file = self._state_file(ctx, unit)
-        backend = (
-            {"kept_by": "agent", "path": str(state_file)}
-            if state_file is not None
-            else {"kept_by": "stack"}  # its settings are in the stack's files (hashed)
-        )
         return stack_fingerprint(
             self.hasher,
             ctx.tree,
@@ -184,8 +188,8 @@ class StackReconciler:
             upstream=upstream,
             secrets=ctx.secrets.values.get(unit.name, {}),
             terraform=[str(binary), binary.identity()],
-            backend=backend,
-            state=state_part(self.hasher, state_file),
+            backend=self._backend(ctx, unit),
+            state=state_part(self.hasher, self._state_file(ctx, unit)),
         )
 
     def _plan_and_apply(
