@@ -303,6 +303,46 @@ def test_a_push_plus_a_webhook_is_applied_notified_and_counted(
     assert len(agent.runs()) == 2  # the start pass and the webhook's: 401/413 ran nothing
 
 
+def test_a_webhook_pass_plans_only_the_stack_the_push_touched(
+    agent_factory: Callable[..., AgentProcess],
+) -> None:
+    agent = agent_factory(poll="1h")
+    agent.repo.write("stacks/app/main.tf", data_stack("one"))
+    agent.repo.write("stacks/other/main.tf", data_stack("other"))
+    agent.repo.write(
+        "gitops.yaml",
+        "version: 1\nunits:\n  - {name: app, stack: stacks/app}\n"
+        "  - {name: other, stack: stacks/other}\n",
+    )
+    agent.repo.push("seed")
+    agent.start()
+
+    agent.repo.write("stacks/app/main.tf", data_stack("two"))
+    head = agent.repo.push("two")
+    assert agent.webhook()[0] == 202
+    run = wait_for(lambda: agent.finished_runs("webhook"), what="the webhook's pass")[0]
+    assert run.revision == head and run.status == "succeeded"
+    rows = {r.unit: r.decision for r in RunStore(agent.state).unit_runs(run.id)}
+    assert rows == {"app": "apply", "other": "unchanged"}  # no Terraform ran for `other`
+
+    # Through the daemon: `--changed-only` asks the same of a CLI pass; without it, all plan.
+    result = agent.cli("reconcile", "--now", "--changed-only", "--json")
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert {u: v["decision"] for u, v in answer["units"].items()} == {
+        "app": "unchanged",
+        "other": "unchanged",
+    }
+    assert agent.finished_runs("cli-changed-only")
+    result = agent.cli("reconcile", "--now", "--json")
+    answer = json.loads(result.stdout)
+    assert {u: v["decision"] for u, v in answer["units"].items()} == {
+        "app": "nothing",
+        "other": "nothing",
+    }
+    assert agent.stop() == 0
+
+
 def test_a_push_without_a_webhook_is_applied_within_the_poll_interval(
     agent_factory: Callable[..., AgentProcess],
 ) -> None:

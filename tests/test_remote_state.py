@@ -229,3 +229,34 @@ def test_state_in_postgresql_shared_by_two_agents(
         written = [p for p in state_dir.rglob("*") if p.is_file() and not p.is_symlink()]
         assert not [p for p in written if b"conn-canary-5e1f" in p.read_bytes()]
         assert not (state_dir / "units" / "app" / "terraform.tfstate").exists()
+
+
+def test_a_changed_only_pass_plans_units_whose_state_is_in_the_bucket(
+    tmp_path: Path, s3: object, moto_server: MotoServer
+) -> None:
+    """Another agent (or a person) may have written the state: its serial cannot be read
+    without Terraform, so a changed-only pass never calls such a unit unchanged, and a
+    dependent reads the outputs from the bucket, not from a local file that is not there."""
+    marker = tmp_path / "applied.txt"
+    repo = seeded(tmp_path, marker)
+    repo.write(
+        "stacks/reader/main.tf",
+        'variable "id" { type = string }\noutput "seen" { value = var.id }\n',
+    )
+    repo.write(
+        "gitops.yaml",
+        "version: 1\nunits:\n  - {name: app, stack: stacks/app}\n"
+        "  - {name: reader, stack: stacks/reader, depends_on: [app],"
+        " vars: {id: {from_stack: {unit: app, output: id}}}}\n",
+    )
+    repo.push("reader")
+    reconciler = agent(tmp_path, "a", repo, moto_server)
+    try:
+        assert reconciler.run_pass(PassRequest(trigger="cli")).ok
+        result = reconciler.run_pass(PassRequest(trigger="poll", changed_only=True))
+    finally:
+        reconciler.close()
+    assert result.ok, result.error
+    assert result.outcomes["app"].decision == Decision.NOTHING  # planned, not "unchanged"
+    assert result.outcomes["reader"].decision == Decision.NOTHING  # same output as applied
+    assert marker.read_text() == "applied\n"

@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unit", help="reconcile only this unit (exit 5 if the manifest has none)")
     p.add_argument("--dry-run", action="store_true", help="plan only; apply nothing")
     p.add_argument(
+        "--changed-only",
+        action="store_true",
+        help="plan only units whose inputs changed since their last clean plan or whose drift"
+        " check is due; record the others `unchanged` (what the agent does for pushes)",
+    )
+    p.add_argument(
         "--override-window",
         action="store_true",
         help="apply even outside the change window (needs --reason; recorded with who asked)",
@@ -339,6 +345,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     from agent.engine.reconcile import PassRequest, Reconciler
     from agent.policy.windows import override_record
     from agent.service.control import check_not_suspended, user_name
+    from agent.units.changed import CLI_CHANGED_ONLY
 
     host = _host(args)
     reporter = ConsoleReporter(sys.stderr)
@@ -347,6 +354,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
     reason = _override_reason(args)
     if (client := _daemon(host)) is not None:
         options = {"unit": args.unit, "dry_run": args.dry_run, "wait": args.wait}
+        if args.changed_only:
+            options["changed_only"] = True
         if reason is not None:
             options["override_window"] = reason  # the daemon records who asked (SO_PEERCRED)
         result = _remote_pass(client, host, "reconcile", reporter, lines=args.verbose, **options)
@@ -360,7 +369,11 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
                 _say_if_busy(reconciler)
             override = override_record(user_name(os.getuid()), reason)
             request = PassRequest(
-                trigger="cli", dry_run=args.dry_run, unit=args.unit, override_window=override
+                trigger=CLI_CHANGED_ONLY if args.changed_only else "cli",
+                dry_run=args.dry_run,
+                unit=args.unit,
+                override_window=override,
+                changed_only=args.changed_only,
             )
             result = reconciler.run_pass(request, wait=args.wait)
         finally:

@@ -98,8 +98,13 @@ def run_quickstart(directory: Path | None) -> int:
     reconciler = Reconciler(host, reporter=ConsoleReporter(sys.stderr))
     try:
         # The engine the pass runs: a terraform or tofu on PATH comes before the embedded one.
-        engine = reconciler.stacks.runner().binary.describe()
-        say(f"Running the first reconcile pass with {engine}, offline...")
+        binary = reconciler.stacks.runner().binary
+        say(f"Running the first reconcile pass with {binary.describe()}, offline...")
+        if binary.kind == "embedded":
+            say(
+                "  (the embedded engine loads Python and a 100 MB library for every command;"
+                " a stock terraform or tofu on PATH is the fast path: docs/terraform.md)"
+            )
         result = reconciler.run_pass(PassRequest(trigger="quickstart"))
     finally:
         reconciler.close()

@@ -170,6 +170,15 @@ def render_status(view: dict[str, Any]) -> str:
     ]
     lines.append("")
     lines.append(_table(["UNIT", "REVISION", "LAST RESULT", "DRIFT", "WHEN"], rows))
+    unchanged = [u for u in view["units"] if u.get("unchanged_since")]
+    if unchanged:
+        newest = max(unchanged, key=lambda u: u["unchanged_since"]["at"])["unchanged_since"]
+        lines.append("")
+        lines.append(
+            f"unchanged, nothing run (inputs as at their last clean plan; last checked by"
+            f" run {newest['run']}, {_ago(newest['at'])}): "
+            + ", ".join(u["unit"] for u in unchanged)
+        )
     for unit in view["units"]:
         if unit.get("hosts"):
             lines.append("")

@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from agent.config import HostConfig, Manifest, ManifestCache, ManifestLimits
+from agent.config import DriftPolicy, HostConfig, Manifest, ManifestCache, ManifestLimits
 from agent.core.progress import Event, EventKind, Reporter, silent
 from agent.core.redact import Redactor
 from agent.errors import (
@@ -63,6 +63,9 @@ class PassRequest:
     # With `unit`: converge only these hosts of that fleet, at the revision in force and
     # without fetching (the daemon's look for new EC2 instances, agent/service/hostwatch.py).
     hosts: frozenset[str] | None = None
+    # Plan only the units whose inputs changed or whose drift check is due (agent.units.changed);
+    # the others are recorded `unchanged`. The daemon asks it for pushes and polls.
+    changed_only: bool = False
 
 
 @dataclass
@@ -591,6 +594,8 @@ class Reconciler:
             override_window=ctx.request.override_window,
             outcomes=ctx.outcomes,
             hosts_only=ctx.request.hosts,
+            changed_only=ctx.request.changed_only,
+            drift_intervals=self._drift_intervals(manifest),
         )
         selected = set(names)
         pending = set(names)
@@ -614,6 +619,16 @@ class Reconciler:
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     ctx.outcomes[running.pop(future)] = future.result()
+
+    def _drift_intervals(self, manifest: Manifest) -> dict[str, float | None]:
+        """Each unit's drift interval (its own, else the host's); None for `drift: ignore`."""
+        own = self.host.intervals.units
+        return {
+            unit.name: None
+            if unit.drift is DriftPolicy.IGNORE
+            else (own[unit.name].drift if unit.name in own else self.host.intervals.drift)
+            for unit in manifest.units
+        }
 
     def _block_dependents(
         self,

@@ -10,10 +10,10 @@ the pass that serves the request, as it happens) and `{"type": "info", "message"
 then exactly one `{"type": "result", "result": {...}}` or
 `{"type": "error", "error": {"type", "reference", "message", "hint"}}`.
 
-Ops: `reconcile` {unit, dry_run, wait, lines, override_window (its reason)}, `approve` {run,
-unit}, `suspend` {unit, reason}, `resume` {unit}, `ping`. The peer's uid (SO_PEERCRED) names
-who suspended, approved or overrode a change window. Reading commands (`status`, `logs`,
-`history`) read the store directly.
+Ops: `reconcile` {unit, dry_run, changed_only, wait, lines, override_window (its reason)},
+`approve` {run, unit}, `suspend` {unit, reason}, `resume` {unit}, `ping`. The peer's uid
+(SO_PEERCRED) names who suspended, approved or overrode a change window. Reading commands
+(`status`, `logs`, `history`) read the store directly.
 
 `suspend_unit`/`resume_unit` are the same whether the daemon or the CLI runs them; the
 CLI runs them itself, under the pass lock, when no daemon answers.

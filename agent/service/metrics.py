@@ -53,7 +53,7 @@ PASS_BUCKETS: Final[tuple[float, ...]] = (
 
 PASS_OUTCOMES: Final = tuple(str(s) for s in RunStatus if s is not RunStatus.RUNNING)
 # What starts a pass in the daemon (the `trigger` label); others (quickstart) are counted too.
-PASS_TRIGGERS: Final = ("start", "poll", "drift", "webhook", "cli", "approve")
+PASS_TRIGGERS: Final = ("start", "poll", "drift", "webhook", "cli", "cli-changed-only", "approve")
 # The `outcome` label of a unit result: its decision when it ran to one, else its status.
 UNIT_OUTCOMES: Final = (
     "apply",
@@ -62,6 +62,7 @@ UNIT_OUTCOMES: Final = (
     "nothing",
     "skip",
     "plan-only",
+    "unchanged",
     "failed",
     "blocked",
     "interrupted",
@@ -93,7 +94,7 @@ class AgentMetrics:
         self._unit_results = Counter(
             f"{PREFIX}_unit_results",
             "Unit results: the decision a unit ran to (apply, hold, report, nothing, skip,"
-            " plan-only) or why it did not (failed, blocked, interrupted).",
+            " plan-only, unchanged) or why it did not (failed, blocked, interrupted).",
             ["unit", "kind", "outcome"],
             registry=r,
         )

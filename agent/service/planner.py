@@ -1,5 +1,7 @@
 """What a batch of triggers asks the daemon for: which pass, and which units it leaves out.
 
+Push (webhook) and poll passes are changed-only: they plan only the units whose inputs
+changed, whose last result was not clean or whose drift check is due (agent/units/changed.py).
 Timer passes skip units that keep failing until their backoff has passed (see backoff.py);
 webhooks and the CLI ignore backoff. A poll runs a pass only if the branch head moved since
 the daemon last reconciled every unit, or failed units are due for a retry.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 
 from agent.config import HostConfig, Manifest
 from agent.engine.reconcile import PassRequest, PassResult
@@ -17,6 +20,7 @@ from agent.errors import AgentError, PassBusyError
 from agent.service.backoff import backoff_delay, backoff_state
 from agent.service.triggers import Batch
 from agent.state.store import RunStatus, RunStore, UnitStatus
+from agent.units.changed import changed_only_pass
 
 # A part of the daemon: its lines say `daemon:` as the rest of it does.
 log = logging.getLogger("agent.service.daemon")
@@ -62,7 +66,17 @@ class PassPlanner:
 
     def request_for(self, batch: Batch) -> tuple[PassRequest | None, bool]:
         """The pass to run for `batch` (None: nothing to do), and whether it reconciles every
-        unit at the head it fetches (then that head is "seen" for the next poll)."""
+        unit at the head it fetches (then that head is "seen" for the next poll). Pushes
+        and polls plan only what changed (agent/units/changed.py); drift timers plan all."""
+        request, complete = self._request_for(batch)
+        if request is not None and not request.dry_run:
+            changed_only = changed_only_pass(
+                batch.triggers, drift_timer=batch.drift, unit_drift_timers=bool(batch.unit_drifts)
+            )
+            request = replace(request, changed_only=changed_only)
+        return request, complete
+
+    def _request_for(self, batch: Batch) -> tuple[PassRequest | None, bool]:
         trigger = batch.trigger
         wanted = batch.units | batch.unit_drifts
         if batch.dry_run:

@@ -28,6 +28,7 @@ from agent.service.control import (
 from agent.service.planner import PassPlanner
 from agent.service.triggers import Approval, TriggerQueue, Waiter
 from agent.service.worker import PassWorker
+from agent.units.changed import CLI_CHANGED_ONLY
 
 # A part of the daemon: its lines say `daemon:` as the rest of it does.
 log = logging.getLogger("agent.service.daemon")
@@ -116,14 +117,18 @@ class ControlRequests:
         if self._worker.running:
             waiter.info(f"waiting: {self._worker.running} is running; your pass follows it")
         log.info(
-            "reconcile%s%s asked by %s%s",
+            "reconcile%s%s%s asked by %s%s",
             f" --unit {unit}" if unit else "",
             " --dry-run" if dry_run else "",
+            " --changed-only" if args.get("changed_only") else "",
             peer.name,
             f" (change window override {override})" if override else "",
         )
         options = {"unit": unit, "dry_run": dry_run, "waiter": waiter, "override_window": override}
-        if not self._queue.add("cli", full=unit is None, **options):
+        # `--changed-only` is queued under a trigger of its own, so that merged with a full
+        # request it never turns that one into a changed-only pass.
+        trigger = CLI_CHANGED_ONLY if args.get("changed_only") else "cli"
+        if not self._queue.add(trigger, full=unit is None, **options):
             raise AgentError("the agent is stopping: no new pass")
         waiter.relay(reply)
 

@@ -18,9 +18,19 @@ from agent.core.progress import Event, EventKind
 from agent.engine.reconcile import PassResult
 from agent.errors import AgentError
 from agent.service.control import Reply, encode_result, is_internal
+from agent.units.changed import CLI_CHANGED_ONLY
 
 # Which trigger names a pass when several were coalesced: the most deliberate one.
-_TRIGGER_RANK = ("cli", "approve", "resume", "webhook", "start", "drift", "poll")
+_TRIGGER_RANK = (
+    "cli",
+    CLI_CHANGED_ONLY,
+    "approve",
+    "resume",
+    "webhook",
+    "start",
+    "drift",
+    "poll",
+)
 
 
 class Waiter:

@@ -143,9 +143,18 @@ CREATE INDEX IF NOT EXISTS runs_by_start ON runs (started_at);
 CREATE INDEX IF NOT EXISTS unit_runs_drift ON unit_runs (started_at, unit) WHERE drift = 1;
 """
 
+# Changed-only passes (issue 18): when a plan last looked at the unit (its drift check is
+# due from there), and the last pass that found its inputs unchanged and ran nothing. That
+# pass leaves the last real result as it was.
+_SCHEMA_CHANGED_ONLY = """
+ALTER TABLE unit_state ADD COLUMN planned_at REAL;
+ALTER TABLE unit_state ADD COLUMN unchanged_run_id TEXT;
+ALTER TABLE unit_state ADD COLUMN unchanged_at REAL;
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
-MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3]
+MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_CHANGED_ONLY]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -218,6 +227,9 @@ class UnitStateRow:
     preview_status: str | None = None
     preview_decision: str | None = None
     preview_at: float | None = None
+    planned_at: float | None = None  # when a real plan (or host facts) last looked
+    unchanged_run_id: str | None = None  # the last pass that found nothing to plan
+    unchanged_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -574,14 +586,28 @@ class RunStore:
                     (unit, now, run_id, outcome.status, outcome.decision, now),
                 )
                 return
+            if outcome.decision == UNCHANGED:
+                # Nothing ran: the last real result, drift and converged state stay.
+                db.execute(
+                    "INSERT INTO unit_state (unit, updated_at, unchanged_run_id, unchanged_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (unit) DO UPDATE SET"
+                    " unchanged_run_id = excluded.unchanged_run_id,"
+                    " unchanged_at = excluded.unchanged_at",
+                    (unit, now, run_id, now),
+                )
+                return
             previous = db.execute(
-                "SELECT revision, converged_at, fingerprint, drift FROM unit_state WHERE unit = ?",
+                "SELECT revision, converged_at, fingerprint, drift, planned_at"
+                " FROM unit_state WHERE unit = ?",
                 (unit,),
             ).fetchone()
             state_revision = previous["revision"] if previous else None
             converged_at = previous["converged_at"] if previous else None
             state_fingerprint = previous["fingerprint"] if previous else None
             drift = bool(previous["drift"]) if previous else False
+            planned_at = previous["planned_at"] if previous else None
+            if _plan_looked(outcome):
+                planned_at = now
             if outcome.converged:
                 state_revision, converged_at = revision, now
                 state_fingerprint = fingerprint or state_fingerprint
@@ -589,12 +615,13 @@ class RunStore:
                 drift = outcome.drift
             db.execute(
                 "INSERT INTO unit_state (unit, revision, converged_at, last_run_id,"
-                " last_status, last_decision, drift, updated_at, fingerprint)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (unit) DO UPDATE SET"
+                " last_status, last_decision, drift, updated_at, fingerprint, planned_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (unit) DO UPDATE SET"
                 " revision = excluded.revision, converged_at = excluded.converged_at,"
                 " last_run_id = excluded.last_run_id, last_status = excluded.last_status,"
                 " last_decision = excluded.last_decision, drift = excluded.drift,"
-                " updated_at = excluded.updated_at, fingerprint = excluded.fingerprint",
+                " updated_at = excluded.updated_at, fingerprint = excluded.fingerprint,"
+                " planned_at = excluded.planned_at",
                 (
                     unit,
                     state_revision,
@@ -605,6 +632,7 @@ class RunStore:
                     int(drift),
                     now,
                     state_fingerprint,
+                    planned_at,
                 ),
             )
 
@@ -806,12 +834,17 @@ class RunStore:
             )
 
 
+# The decision of a unit a changed-only pass left alone (agent.decide.Decision.UNCHANGED).
+UNCHANGED = "unchanged"
+
+
 def _plan_looked(outcome: UnitOutcome) -> bool:
     """Whether the outcome comes from a plan (or host facts) that looked at the resources:
     only such a result can say that drift is gone."""
     return outcome.status in (UnitStatus.OK, UnitStatus.HELD) and outcome.decision not in (
         None,
         "skip",
+        UNCHANGED,
     )
 
 
@@ -865,6 +898,9 @@ def _unit_state_row(row: sqlite3.Row) -> UnitStateRow:
         preview_status=row["preview_status"],
         preview_decision=row["preview_decision"],
         preview_at=row["preview_at"],
+        planned_at=row["planned_at"],
+        unchanged_run_id=row["unchanged_run_id"],
+        unchanged_at=row["unchanged_at"],
     )
 
 

@@ -35,6 +35,11 @@ class StackContext:
     outputs: dict[str, dict[str, StackOutput]] = field(default_factory=dict)
     # Converge only these hosts of the fleet (new instances); None: every host.
     hosts_only: frozenset[str] | None = None
+    # A changed-only pass (agent.units.changed): units whose inputs did not change since
+    # their last clean plan, and whose drift check is not due, run nothing.
+    changed_only: bool = False
+    # Each unit's drift interval in seconds (None: `drift: ignore`), for changed-only.
+    drift_intervals: Mapping[str, float | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ class Decision(StrEnum):
     SKIP = "skip"  # drift check skipped (drift: ignore)
     PLAN_ONLY = "plan-only"  # a dry run: planned, never applied
     DENY = "deny"  # a policy rule denied the plan: the unit fails, nothing applied
+    UNCHANGED = "unchanged"  # a changed-only pass found nothing to plan (agent.units.changed)
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,14 +5,24 @@ because of a commit elsewhere in the repository. The inputs, each hashed apart (
 change can be named):
 
     stack      the stack directory's files, and every local module it references
-               (`source = "./..."` / `"../..."`), transitively
+               (`source = "./..."` / `"../..."`), transitively, and every other path a
+               .tf string names relative to a module or the root (`file("${path.module}/
+               ../x")`): a stack can read any file of the checkout
     manifest   the unit's entry: vars, policies, dependencies, secret references, and
                for a fleet its settings, roles, inline resources and handlers
     files      a fleet's template and source files
     hosts      a fleet's hosts (the static list, or as read from a stack output)
     upstream   the outputs of other units that the unit reads (`from_stack`)
     secrets    the resolved values of the unit's secrets
-    terraform  the Terraform binary and its version (stacks)
+    terraform  the Terraform binary, its version and the executable's identity (stacks)
+    backend    where the stack's state is kept: the agent's state file, or the stack's
+               own backend (whose settings are in the stack's files)
+    state      the state's serial and lineage (stacks whose state the agent keeps;
+               "unknown" for a backend only Terraform can read)
+
+`state` is *observed*, not an input from Git: the unit's own apply moves it, so it is
+recorded as it stands after the unit's work, and a difference makes a changed-only pass
+plan (someone else wrote the state) without making the plan a change from Git.
 
 Every part is an HMAC with a key kept in the state directory (0600), so a recorded
 fingerprint cannot be used to confirm a guessed secret or output value.
@@ -38,11 +48,31 @@ from agent.core.fsutil import atomic_write
 from agent.core.redact import Secret
 
 KEY_FILE = "fingerprint.key"
-PARTS = ("stack", "manifest", "files", "hosts", "upstream", "secrets", "terraform")
+PARTS = (
+    "stack",
+    "manifest",
+    "files",
+    "hosts",
+    "upstream",
+    "secrets",
+    "terraform",
+    "backend",
+    "state",
+)
+# Parts the unit's own work moves: they say "plan again", never "a change from Git".
+OBSERVED = frozenset({"state"})
+# A part whose value cannot be known without running Terraform: always "changed".
+UNKNOWN = "unknown"
 
 # `source = "./x"` or `"../x"` anywhere in a .tf file: module sources (and provisioner
 # sources, which are inputs too). Registry and Git sources do not start with a dot.
 _LOCAL_SOURCE = re.compile(r'\bsource\s*=\s*"(\.\.?/[^"]*)"')
+# Any other string that names a path relative to the module or the root, e.g.
+# `file("${path.module}/../shared/x.json")` or `templatefile("../t/${var.env}.tpl", ...)`:
+# Terraform runs in a shadow of the whole checkout, so a stack can read files outside its
+# directory. The static part of each such path is hashed (a directory when the path goes
+# on with an interpolation): a file it reads must never leave a unit "unchanged".
+_PATH_STRING = re.compile(r'"((?:\$\{path\.(?:module|root)\}/|\.\.?/)[^"\n]*)"')
 
 
 # `terraform init` writes the lock file into the checkout when the repo has none (the
@@ -78,11 +108,32 @@ class Fingerprint:
         return cls({str(k): str(v) for k, v in parts.items()})
 
     def moved_from(self, previous: Fingerprint | None) -> tuple[str, ...]:
-        """The kinds of input that differ from `previous` (all, if there is none)."""
+        """The kinds of input from Git, secrets or other units that differ from `previous`
+        (all, if there is none). Observed parts are left out, and so are parts `previous`
+        does not have (recorded by an agent that did not take them): those make a pass
+        plan (see `changed_from`) but a plan they cause is not a change from Git."""
+        if previous is None:
+            return tuple(sorted(k for k in self.parts if k not in OBSERVED))
+        kinds = (set(self.parts) & set(previous.parts)) - OBSERVED
+        return tuple(sorted(k for k in kinds if self.parts.get(k) != previous.parts.get(k)))
+
+    def changed_from(self, previous: Fingerprint | None) -> tuple[str, ...]:
+        """Every kind of input that differs from `previous`, or cannot be known (then a
+        changed-only pass must plan the unit): all of them if there is no `previous`."""
         if previous is None:
             return tuple(sorted(self.parts))
         kinds = set(self.parts) | set(previous.parts)
-        return tuple(sorted(k for k in kinds if self.parts.get(k) != previous.parts.get(k)))
+        return tuple(
+            sorted(
+                k
+                for k in kinds
+                if self.parts.get(k) != previous.parts.get(k) or self.parts.get(k) == UNKNOWN
+            )
+        )
+
+    def with_parts(self, parts: Mapping[str, str]) -> Fingerprint:
+        """This fingerprint with `parts` replaced (the observed ones, after the work)."""
+        return Fingerprint({**self.parts, **parts})
 
 
 def load_key(state_dir: Path) -> bytes:
@@ -132,10 +183,13 @@ def stack_fingerprint(
     *,
     upstream: Mapping[str, Any],
     secrets: Mapping[str, Secret],
-    terraform: str,
+    terraform: Any,
+    backend: Any,
+    state: str,
 ) -> Fingerprint:
     """A stack unit's fingerprint; `upstream` holds the `from_stack` values it reads, by
-    variable name; `terraform` names the binary and its version."""
+    variable name; `terraform` names the binary, its version and identity; `backend` says
+    where the state is kept; `state` is `state_part(...)`."""
     return Fingerprint(
         {
             "stack": hasher.files(tree, stack_paths(tree, unit.stack)),
@@ -143,8 +197,39 @@ def stack_fingerprint(
             "upstream": hasher.value(upstream),
             "secrets": hasher.value(secrets),
             "terraform": hasher.value(terraform),
+            "backend": hasher.value(backend),
+            "state": state,
         }
     )
+
+
+# Terraform writes `serial` and `lineage` near the top of a state file; the whole file
+# (megabytes for a big stack) is parsed only when the head does not hold them.
+_SERIAL = re.compile(rb'"serial"\s*:\s*(\d+)')
+_LINEAGE = re.compile(rb'"lineage"\s*:\s*"([^"]*)"')
+_HEAD = 4096
+
+
+def state_part(hasher: Hasher, state_file: Path | None) -> str:
+    """The `state` part: the HMAC of the local state's serial and lineage ("absent" before
+    the first apply), or UNKNOWN when `state_file` is None (a backend only Terraform reads)."""
+    if state_file is None:
+        return UNKNOWN
+    try:
+        with state_file.open("rb") as handle:
+            head = handle.read(_HEAD)
+            serial, lineage = _SERIAL.search(head), _LINEAGE.search(head)
+            if serial and lineage:
+                return hasher.value([int(serial.group(1)), lineage.group(1).decode()])
+            handle.seek(0)
+            document = json.loads(handle.read())
+    except FileNotFoundError:
+        return hasher.value("absent")
+    except (OSError, ValueError):
+        return UNKNOWN
+    if not isinstance(document, dict):
+        return UNKNOWN
+    return hasher.value([document.get("serial"), document.get("lineage")])
 
 
 def fleet_fingerprint(
@@ -201,15 +286,39 @@ def stack_paths(tree: Path, stack: str) -> list[str]:
         directory = (root / rel).resolve()
         if not directory.is_relative_to(root) or not directory.is_dir():
             continue
-        for tf in sorted(directory.glob("*.tf")):
+        for tf in sorted([*directory.glob("*.tf"), *directory.glob("*.tf.json")]):
             try:
                 text = tf.read_text(encoding="utf-8", errors="replace")
             except OSError:
                 continue
-            for source in _LOCAL_SOURCE.findall(text):
-                target = os.path.normpath(os.path.join(rel, source))
-                todo.append(target)
+            modules = set(_LOCAL_SOURCE.findall(text))
+            for source in modules:
+                todo.append(os.path.normpath(os.path.join(rel, source)))
+            for found in _PATH_STRING.findall(text):
+                if found in modules:
+                    continue
+                path = _static_path(found, module=rel, root=stack)
+                if path is not None and path not in seen:
+                    seen.append(path)  # hashed, not followed: a file, or a tree of them
     return seen
+
+
+def _static_path(text: str, *, module: str, root: str) -> str | None:
+    """The part of a path string that is known before Terraform runs, relative to the
+    tree: up to the last `/` before the first interpolation."""
+    for prefix, base in (("${path.module}/", module), ("${path.root}/", root)):
+        if text.startswith(prefix):
+            text, start = text[len(prefix) :], base
+            break
+    else:
+        start = module
+    if "${" in text or "%{" in text:
+        text = text[: min(i for i in (text.find("${"), text.find("%{")) if i >= 0)]
+        text = text.rsplit("/", 1)[0] if "/" in text else ""
+    path = os.path.normpath(os.path.join(start, text))
+    # A parent of the module is hashed whole (the whole repository for "."): doubt plans.
+    inside = path == module or path.startswith(module.rstrip("/") + "/")
+    return None if inside else path  # a path inside the module is hashed with it
 
 
 def _walk(root: Path, rel: str) -> Iterable[tuple[str, Path | None]]:

@@ -23,7 +23,7 @@ from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext, StackOutput
 from agent.units.decide import Decision, PlanFacts, decide
-from agent.units.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint
+from agent.units.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint, state_part
 from agent.units.policy_check import now_utc, stack_policy
 from agent.units.secrets import terraform_variables
 from agent.units.unitrun import run_unit
@@ -34,6 +34,8 @@ from providers.terraform import (
     UnitWorkspace,
     find_terraform,
     install_builtin_providers,
+    keeps_agent_state,
+    state_outputs,
     summarize_plan,
     write_cli_config,
 )
@@ -148,7 +150,27 @@ class StackReconciler:
             work=lambda unit, moved, started: self._plan_and_apply(ctx, unit, moved, started),
             describe=describe_outcome,
             inputs=lambda unit: self.fingerprint(ctx, unit),
+            observed=lambda unit: {"state": self._state_part(ctx, unit)},
         )
+
+    def _state_file(self, ctx: StackContext, unit: Unit) -> Path | None:
+        """The unit's local state file, or None when its state is elsewhere: the stack's
+        own backend, or the host config's `terraform.state_backend`."""
+        if self.state_backend is None and keeps_agent_state(ctx.tree / unit.stack):
+            return self.layout.unit_state_file(unit.name)
+        return None
+
+    def _backend(self, ctx: StackContext, unit: Unit) -> dict[str, Any]:
+        """Where the unit's state is kept, for its fingerprint."""
+        if not keeps_agent_state(ctx.tree / unit.stack):
+            return {"kept_by": "stack"}  # its settings are in the stack's files (hashed)
+        if self.state_backend is not None:
+            remote = self.state_backend
+            return {"kept_by": "agent", "remote": [remote.kind, remote.settings, remote.prefix]}
+        return {"kept_by": "agent", "path": str(self.layout.unit_state_file(unit.name))}
+
+    def _state_part(self, ctx: StackContext, unit: Unit) -> str:
+        return state_part(self.hasher, self._state_file(ctx, unit))
 
     def fingerprint(self, ctx: StackContext, unit: Unit) -> Fingerprint:
         """The stack unit's inputs in this pass (reads the outputs it takes from others)."""
@@ -158,13 +180,16 @@ class StackReconciler:
             for name, value in unit.vars.items()
             if isinstance(value, StackOutputRef)
         }
+        binary = self.runner().binary
         return stack_fingerprint(
             self.hasher,
             ctx.tree,
             unit,
             upstream=upstream,
             secrets=ctx.secrets.values.get(unit.name, {}),
-            terraform=str(self.runner().binary),
+            terraform=[str(binary), binary.identity()],
+            backend=self._backend(ctx, unit),
+            state=state_part(self.hasher, self._state_file(ctx, unit)),
         )
 
     def _plan_and_apply(
@@ -374,11 +399,16 @@ class StackReconciler:
             return ctx.outputs[upstream]
         unit = ctx.manifest.get_unit(upstream)
         assert unit is not None
-        entries = self._terraform(
-            "output",
-            requester,
-            lambda: self.runner().output_entries(self.workspace(ctx, unit), deadline),
-        )
+        # A state the agent keeps is read directly: no Terraform start for a dependent's
+        # inputs (the upstream has finished, so the file is not being written).
+        state_file = self._state_file(ctx, unit)
+        entries = state_outputs(state_file) if state_file is not None else None
+        if entries is None:
+            entries = self._terraform(
+                "output",
+                requester,
+                lambda: self.runner().output_entries(self.workspace(ctx, unit), deadline),
+            )
         outputs = {}
         for name, (value, sensitive) in entries.items():
             if sensitive:
@@ -474,6 +504,7 @@ def describe_outcome(outcome: UnitOutcome) -> str:
         Decision.NOTHING: "no changes",
         Decision.SKIP: "drift check skipped",
         Decision.PLAN_ONLY: "planned (dry run)",
+        Decision.UNCHANGED: "unchanged: inputs as at the last clean plan, nothing run",
     }
     label = (
         labels.get(Decision(outcome.decision), str(outcome.decision)) if outcome.decision else ""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from agent.config import Unit
@@ -23,6 +23,7 @@ from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import Redactor
 from agent.errors import AgentError
 from agent.state.store import RunStore, UnitOutcome, UnitStateRow, UnitStatus
+from agent.units.changed import plan_reason
 from agent.units.context import StackContext
 from agent.units.decide import Decision, needs_plan
 from agent.units.fingerprint import Fingerprint
@@ -31,6 +32,9 @@ from agent.units.fingerprint import Fingerprint
 Work = Callable[[Unit, bool, float], UnitOutcome]
 # The unit's input fingerprint for this pass (may raise AgentError: the unit fails).
 Inputs = Callable[[Unit], Fingerprint]
+# The observed parts of the fingerprint (see agent.units.fingerprint.OBSERVED), read again after
+# the work: the unit's own apply moves them.
+Observed = Callable[[Unit], Mapping[str, str]]
 
 
 def run_unit(
@@ -44,6 +48,7 @@ def run_unit(
     work: Work,
     describe: Callable[[UnitOutcome], str],
     inputs: Inputs,
+    observed: Observed | None = None,
 ) -> UnitOutcome:
     """Record, check and run one unit's `work`; never raises for the unit's own failure."""
     unit = ctx.manifest.get_unit(name)
@@ -60,10 +65,18 @@ def run_unit(
         try:
             fingerprint = inputs(unit)
             moved = moved_inputs(fingerprint, state, ctx.revision)
-            if not needs_plan(bool(moved), unit.drift):
+            if (
+                ctx.changed_only
+                and not ctx.dry_run
+                and not _must_plan(ctx, unit, fingerprint, state)
+            ):
+                outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.UNCHANGED)
+            elif not needs_plan(bool(moved), unit.drift):
                 outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.SKIP)
             else:
                 outcome = work(unit, bool(moved), started)
+                if observed is not None and outcome.converged:
+                    fingerprint = fingerprint.with_parts(observed(unit))
         except AgentError as exc:
             outcome = UnitOutcome(status=UnitStatus.FAILED, error=exc.message)
         # Errors quote Terraform's output, command output and file text: mask secrets here.
@@ -105,6 +118,21 @@ def moved_inputs(
         # can have moved but secrets and outputs, which that agent did not track either.
         return ()
     return fingerprint.moved_from(Fingerprint.decode(state.fingerprint if state else None))
+
+
+def _must_plan(
+    ctx: StackContext, unit: Unit, fingerprint: Fingerprint, state: UnitStateRow | None
+) -> bool:
+    """Whether a changed-only pass plans `unit` (see agent.units.changed)."""
+    previous = Fingerprint.decode(state.fingerprint if state else None)
+    reason = plan_reason(
+        changed=fingerprint.changed_from(previous),
+        last_status=state.last_status if state else None,
+        planned_at=state.planned_at if state else None,
+        drift_interval=ctx.drift_intervals.get(unit.name),
+        now=time.time(),
+    )
+    return reason is not None
 
 
 def dependencies_converged(ctx: StackContext, unit: Unit) -> bool:

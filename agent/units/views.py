@@ -39,6 +39,10 @@ def unit_view(state: UnitStateRow, layout: StateLayout | None = None) -> dict[st
         "last_run": state.last_run_id,
         "updated_at": state.updated_at,
     }
+    if state.unchanged_run_id and (state.unchanged_at or 0) >= state.updated_at:
+        # A changed-only pass ran nothing for it since its last real result (which stays
+        # the unit's result): said apart, never as a new result.
+        entry["unchanged_since"] = {"run": state.unchanged_run_id, "at": state.unchanged_at}
     if state.preview_run_id:
         # A dry run's result, apart: it never stands for what the unit last did.
         entry["last_preview"] = {

@@ -8,6 +8,7 @@ from providers.terraform.cliconfig import (
 from providers.terraform.locate import TerraformBinary, embedded_terraform, find_terraform
 from providers.terraform.plan import PlanSummary, ResourceChange, summarize_plan
 from providers.terraform.runner import PlanOutcome, TerraformRunner, UnitWorkspace
+from providers.terraform.workdir import keeps_agent_state, state_outputs
 
 __all__ = [
     "PlanOutcome",
@@ -20,6 +21,8 @@ __all__ = [
     "embedded_terraform",
     "find_terraform",
     "install_builtin_providers",
+    "keeps_agent_state",
+    "state_outputs",
     "summarize_plan",
     "write_cli_config",
 ]

@@ -12,7 +12,7 @@ import sysconfig
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from providers.errors import TerraformNotFoundError
 
@@ -40,6 +40,15 @@ class TerraformBinary:
         if self.kind in ("terraform", "tofu"):
             return "PATH"
         return self.kind  # type: ignore[return-value]
+
+    def identity(self) -> list[Any]:
+        """What changes when the engine is replaced in place: the executable's resolved
+        path, size and mtime (and the embedded library's); read anew on every call."""
+        try:
+            stat = os.stat(self.argv[0])
+            return [os.path.realpath(self.argv[0]), stat.st_size, *_identity(self.argv)]
+        except OSError as exc:
+            return [self.argv[0], f"unreadable: {exc.strerror}"]
 
     def describe(self) -> str:
         """`Terraform 1.15.0 (embedded)`, `OpenTofu 1.8.2 (/usr/bin/tofu, from PATH)`: which

@@ -151,3 +151,27 @@ def keeps_agent_state(stack_dir: Path) -> bool:
             ):
                 return False
     return True
+
+
+def state_outputs(state_file: Path) -> dict[str, tuple[object, bool]] | None:
+    """The root outputs in a local state file, as `terraform output -json` gives them:
+    {name: (value, sensitive)}; {} when there is no state yet; None when the file is not
+    a version-4 state this can read (then ask Terraform). Read without starting Terraform:
+    a dependent unit reads its upstream's outputs once the upstream has finished."""
+    try:
+        document = json.loads(state_file.read_bytes())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or document.get("version") != 4:
+        return None
+    outputs = document.get("outputs") or {}
+    if not isinstance(outputs, dict):
+        return None
+    found: dict[str, tuple[object, bool]] = {}
+    for name, entry in outputs.items():
+        if not isinstance(entry, dict) or "value" not in entry:
+            return None
+        found[str(name)] = (entry["value"], bool(entry.get("sensitive")))
+    return found
