@@ -22,6 +22,7 @@ import re
 import shlex
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -354,6 +355,51 @@ class GitSource:
                     f"cannot fetch {self._safe_url}: {name} {path} does not exist or is not a file"
                 )
 
+    # -- other refs (proposed changes) ---------------------------------------------------
+
+    def remote_refs(self, patterns: Iterable[str]) -> dict[str, str]:
+        """The remote's refs matching any of `patterns` ({ref: sha}). A pattern is a full ref
+        name with at most one `*`, which matches any text, `/` included (git's refspec rule).
+        Asks the server (`ls-remote`); fetches nothing."""
+        regexes = [_ref_pattern(p) for p in patterns]
+        repo = self._open()
+        try:
+            out = repo.git.execute(
+                ["git", "ls-remote", "--refs", "origin"],
+                kill_after_timeout=self.timeout,
+            )
+        except git.GitCommandError as err:
+            raise self._network_error(err) from None
+        found: dict[str, str] = {}
+        for line in str(out).splitlines():
+            sha, _, ref = line.partition("\t")
+            if any(r.fullmatch(ref) for r in regexes) and _SHA_RE.fullmatch(sha):
+                found[ref] = sha
+        return found
+
+    def fetch_refs(self, refs: Iterable[str], namespace: str = "refs/proposals/") -> None:
+        """Fetch `refs` (full names) into `namespace` of this clone, forced, and drop the refs
+        of `namespace` not named: the branch this source follows is not touched."""
+        wanted = {ref: namespace + ref.removeprefix("refs/") for ref in refs}
+        repo = self._open()
+        if wanted:
+            specs = [f"+{ref}:{local}" for ref, local in sorted(wanted.items())]
+            try:
+                repo.git.fetch(
+                    "--no-tags",
+                    "--no-recurse-submodules",
+                    "--quiet",
+                    "origin",
+                    *specs,
+                    kill_after_timeout=self.timeout,
+                )
+            except git.GitCommandError as err:
+                raise self._network_error(err) from None
+        local = self._git(repo, "for-each-ref", "--format=%(refname)", namespace)
+        for name in str(local).splitlines():
+            if name and name not in wanted.values():
+                self._git(repo, "update-ref", "-d", name)
+
     # -- reading -------------------------------------------------------------------------
 
     def checkout(self, sha: str) -> Path:
@@ -581,6 +627,14 @@ class GitSource:
 
     def _known_hosts_name(self) -> str:
         return str(self.known_hosts) if self.known_hosts else "~/.ssh/known_hosts (default)"
+
+
+def _ref_pattern(pattern: str) -> re.Pattern[str]:
+    """A ref pattern (at most one `*`, matching anything) as a regular expression."""
+    if not pattern.startswith("refs/") or pattern.count("*") > 1:
+        raise _config_error(f"invalid ref pattern {pattern!r}: a full ref with at most one *")
+    head, star, tail = pattern.partition("*")
+    return re.compile(re.escape(head) + (".+" if star else "") + re.escape(tail))
 
 
 def _stderr(err: git.GitCommandError) -> str:

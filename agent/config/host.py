@@ -18,6 +18,7 @@ from types import MappingProxyType
 
 from agent.config.forge import ForgeConfig, read_forge
 from agent.config.policy import read_repo_rules_path, read_rules, read_windows
+from agent.config.proposals import ProposalsConfig, read_proposals
 from agent.config.secrets import SecretsConfig, read_secrets
 from agent.config.service import (
     SERVICE_KEYS,
@@ -143,6 +144,7 @@ class HostConfig:
     hosts: HostsConfig = field(default_factory=HostsConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)  # what `agent run` needs
     windows: Windows | None = None  # None: applies are allowed at any time
+    proposals: ProposalsConfig | None = None  # None: proposed changes are never planned
     forge: ForgeConfig | None = None  # commit statuses and comments (docs/forges.md)
     store: StoreConfig | None = None  # None: the SQLite file in state_dir
 
@@ -208,6 +210,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
             "secrets",
             "hosts",
             "windows",
+            "proposals",
             "forge",
             "store",
             *SERVICE_KEYS,
@@ -230,6 +233,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
     secrets = read_secrets(fields.get("secrets"), base_dir, _path)
     hosts = read_hosts(fields.get("hosts"), base_dir, _path)
     service = read_service({key: fields.get(key) for key in SERVICE_KEYS}, base_dir, _path)
+    proposals = read_proposals(fields.get("proposals"), policy.max_unit_timeout)
     forge = read_forge(fields.get("forge"), base_dir, _path)
     store = read_store(fields.get("store"), base_dir, _path)
     if problems or repo is None:
@@ -246,6 +250,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
         hosts=hosts,
         service=service,
         windows=windows,
+        proposals=proposals,
         forge=forge,
         store=store,
     )

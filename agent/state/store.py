@@ -152,9 +152,44 @@ ALTER TABLE unit_state ADD COLUMN unchanged_run_id TEXT;
 ALTER TABLE unit_state ADD COLUMN unchanged_at REAL;
 """
 
+# Plans of proposed changes (issue 17): one row per proposal ref and per unit it affected,
+# for the head last planned. Kept apart from runs: a proposal plan is never a pass.
+_SCHEMA_PROPOSALS = """
+CREATE TABLE IF NOT EXISTS proposals (
+    ref TEXT PRIMARY KEY,
+    head TEXT NOT NULL,
+    base TEXT,
+    author TEXT,
+    status TEXT NOT NULL,
+    detail TEXT,
+    plan_id TEXT,
+    seen_at REAL NOT NULL,
+    planned_at REAL
+);
+CREATE TABLE IF NOT EXISTS proposal_units (
+    ref TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    head TEXT NOT NULL,
+    plan_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    plan_add INTEGER,
+    plan_change INTEGER,
+    plan_destroy INTEGER,
+    detail TEXT,
+    finished_at REAL NOT NULL,
+    PRIMARY KEY (ref, unit)
+);
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
-MIGRATIONS: list[str] = [_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_CHANGED_ONLY]
+MIGRATIONS: list[str] = [
+    _SCHEMA_V1,
+    _SCHEMA_V2,
+    _SCHEMA_V3,
+    _SCHEMA_CHANGED_ONLY,
+    _SCHEMA_PROPOSALS,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -383,6 +418,18 @@ class RunStore:
                 raise sqlite_error(
                     self.path, exc, f"upgrade the run store to schema {number + 1}"
                 ) from exc
+
+    def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        """One write transaction, for the records kept beside the runs (agent.proposalstore)."""
+        return self._tx()
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        """Rows of a read (StoreError on failure), for the records kept beside the runs."""
+        return self._all(sql, params)
+
+    def scrub(self, text: str | None) -> str | None:
+        """`text` as the store keeps it: redacted."""
+        return self._clean(text)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

@@ -345,6 +345,11 @@ def _walk(root: Path, rel: str) -> Iterable[tuple[str, Path | None]]:
             yield shown, resolved if resolved.is_relative_to(root) else None
 
 
+def unit_entry(unit: Unit) -> dict[str, Any]:
+    """What the manifest says of `unit`, as plain data (equal when the entry did not change)."""
+    return _unit_entry(unit)
+
+
 def _unit_entry(unit: Unit) -> dict[str, Any]:
     # The line number is left out: a unit added above this one moves it, not its inputs.
     return {

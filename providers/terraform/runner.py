@@ -174,15 +174,19 @@ class TerraformRunner:
         deadline: float | None,
         *,
         refresh_only: bool = False,
+        lock: bool = True,
     ) -> PlanOutcome:
-        """`plan -out=PLAN_FILE -detailed-exitcode`; the caller runs `init_if_needed` first."""
+        """`plan -out=PLAN_FILE -detailed-exitcode`; the caller runs `init_if_needed` first.
+
+        `lock=False` (`-lock=false`): the state is not locked, for a plan of a private copy of
+        the state (a proposed change), which nothing else reads or writes."""
         plan_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         args = [
             "plan",
             "-no-color",
             "-input=false",
             "-detailed-exitcode",
-            f"-lock-timeout={self._lock_timeout_arg()}",
+            f"-lock-timeout={self._lock_timeout_arg()}" if lock else "-lock=false",
             f"-out={plan_file}",
         ]
         if refresh_only:

@@ -1,0 +1,317 @@
+"""Plans of proposed changes: the refs the host config names as proposals, planned at their
+heads against the real current state, never applied (docs/proposals.md).
+
+    poll: fetch (own clone) -> list proposal refs -> fetch their heads -> close the gone
+      each new head (or a head whose base moved):
+        allowed? author, then signature (repo.signing) -- before anything of it is read
+        -> base manifest and head manifest (head invalid: `invalid`, nothing planned)
+        -> affected units: files changed since the revision in force, entries changed in
+           gitops.yaml, and their dependents
+        -> each affected stack unit, in order: ProposalUnitPlanner (agent.proposalplan)
+        -> record (agent.proposalstore); `on_planned` (forge status and comment)
+
+A poll takes the lock of the proposals' work area (`proposals/pass.lock`), never the main
+pass lock: a main pass is never delayed by a proposal, and two polls never run at once.
+The work area (`proposals/`: a clone of its own, TF_DATA_DIRs, state copies, logs) is apart
+from the main checkout, which is never read or moved by a proposal.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.config import HostConfig, Manifest, ManifestCache, ManifestLimits
+from agent.config.proposals import ProposalsConfig
+from agent.errors import AgentError, ConfigError, SourceError
+from agent.fingerprint import stack_paths, unit_entry
+from agent.fsutil import ensure_private_dir
+from agent.layout import StateLayout
+from agent.passlock import PassLock
+from agent.proposalplan import ProposalUnitPlanner, UnitPlan, proposal_environment
+from agent.proposalstore import (
+    SETTLED,
+    ProposalRecords,
+    ProposalRow,
+    ProposalStatus,
+    ProposalUnitStatus,
+)
+from agent.redact import Redactor
+from agent.secrets import SecretResolver
+from agent.stacks import StackReconciler
+from agent.store import RunStore, new_run_id
+from providers.errors import GitSourceError, SignatureError
+from providers.git_source import GitSource
+from providers.git_verify import verify_revision
+from providers.terraform import TerraformRunner
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "gitops.yaml"
+_EMAIL = re.compile(r"<([^<>]*)>\s*$")
+
+# Called after each proposal plan, with its row (forge status and comment: providers/forge).
+PlannedHook = Callable[[ProposalRow], None]
+
+
+@dataclass
+class PollResult:
+    """What one poll did: proposals planned, closed, left for later."""
+
+    planned: list[ProposalRow] = field(default_factory=list)
+    closed: list[str] = field(default_factory=list)
+    over_limit: list[str] = field(default_factory=list)  # more open refs than max_open
+
+
+class ProposalPlanner:
+    """Finds and plans proposals for one host config (`proposals:` must be set)."""
+
+    def __init__(
+        self,
+        host: HostConfig,
+        *,
+        store: RunStore | None = None,
+        redactor: Redactor | None = None,
+        on_planned: PlannedHook | None = None,
+    ) -> None:
+        if host.proposals is None:
+            raise ConfigError(
+                f"{host.path}: proposals: is not set, so no proposal is planned",
+                hint="see docs/proposals.md",
+            )
+        self.host = host
+        self.config: ProposalsConfig = host.proposals
+        self.layout = StateLayout(host.state_dir)
+        self.layout.prepare()
+        self.root = ensure_private_dir(self.layout.root / "proposals")
+        self.redactor = redactor or Redactor()
+        self._own_store = store is None
+        self.store = store or RunStore(host.state_dir, scrub=self.redactor.redact)
+        self.records = ProposalRecords(self.store)
+        self.on_planned = on_planned
+        self.secrets = SecretResolver(host.secrets, self.redactor)
+        self.source = GitSource(
+            host.repo.url,
+            host.repo.branch,
+            self.root / "checkout",
+            deploy_key=host.repo.deploy_key,
+            known_hosts=host.repo.known_hosts,
+            https_ca_bundle=host.repo.https_ca_bundle,
+        )
+        self._manifests = ManifestCache()
+        self._runner: TerraformRunner | None = None
+        self.units = ProposalUnitPlanner(
+            self.runner,
+            self.root,
+            self.layout.unit_state_file,
+            self.redactor,
+            timeout=self.config.timeout,
+        )
+
+    def close(self) -> None:
+        if self._own_store:
+            self.store.close()
+
+    def runner(self) -> TerraformRunner:
+        """The main passes' Terraform and CLI config, with the proposals' own environment."""
+        if self._runner is None:
+            main = StackReconciler(
+                self.host, self.layout, self.store, lambda event: None, self.redactor
+            ).runner()
+            self._runner = TerraformRunner(
+                main.binary,
+                cli_config=main.cli_config,
+                plugin_cache_dir=main.plugin_cache_dir,
+                base_env=proposal_environment(self.root / "home"),
+                grace_period=10.0,
+            )
+        return self._runner
+
+    def run_dir(self, plan_id: str, unit: str) -> Path:
+        """Where a proposal plan keeps one unit's logs (`agent logs UNIT --proposal REF`)."""
+        return self.root / "runs" / plan_id / unit
+
+    # --- polling ------------------------------------------------------------------
+
+    def poll(self, *, only: str | None = None, wait: bool = False) -> PollResult:
+        """Fetch the proposal refs and plan each new head (or only `only`, a ref name).
+
+        Raises PassBusyError when another poll runs (with `wait`, waits for it), SourceError
+        when the remote cannot be read."""
+        lock = PassLock(self.root)
+        lock.acquire(wait=wait, timeout=self.config.timeout * 2 if wait else None)
+        with lock:
+            return self._poll(only)
+
+    def _poll(self, only: str | None) -> PollResult:
+        result = PollResult()
+        try:
+            branch_head = self.source.fetch()
+            found = self.source.remote_refs(self.config.refs)
+            # The followed branch is never a proposal of itself.
+            found.pop(f"refs/heads/{self.host.repo.branch}", None)
+            chosen = sorted(found)[: self.config.max_open]
+            result.over_limit = sorted(found)[self.config.max_open :]
+            self.source.fetch_refs(chosen)
+        except GitSourceError as exc:
+            raise SourceError(f"proposals: {exc}") from exc
+        result.closed = self.records.close_missing(set(chosen))
+        base = self.store.current_revision() or branch_head
+        for ref in chosen:
+            if only is not None and ref != only:
+                continue
+            known = self.records.get(ref)
+            settled = known is not None and ProposalStatus(known.status) in SETTLED
+            if settled and known.head == found[ref] and known.base == base and only is None:
+                continue
+            result.planned.append(self.plan(ref, found[ref], base))
+        for ref in result.over_limit:
+            log.warning("proposal %s not planned: more than %d proposals", ref, len(chosen))
+        return result
+
+    # --- one proposal -------------------------------------------------------------
+
+    def plan(self, ref: str, head: str, base: str) -> ProposalRow:
+        """Plan proposal `ref` at `head` (fetched) against `base`, the revision in force."""
+        plan_id = new_run_id().replace("r-", "p-", 1)
+        try:
+            author = self.source.commit_info(head).author
+        except GitSourceError as exc:
+            author = "?"
+            self.records.start(ref, head, base, author, plan_id)
+            self.records.finish(ref, ProposalStatus.FAILED, str(exc))
+            return self._done(ref)
+        self.records.start(ref, head, base, author, plan_id)
+        refused = self._refusal(head, author)
+        if refused:
+            log.warning("proposal %s at %s refused: %s", ref, head[:12], refused)
+            self.records.finish(ref, ProposalStatus.REFUSED, refused)
+            return self._done(ref)
+        try:
+            status = self._plan_units(ref, head, base, plan_id)
+            self.records.finish(ref, status)
+        except ConfigError as exc:
+            self.records.finish(ref, ProposalStatus.INVALID, exc.message)
+        except (AgentError, GitSourceError) as exc:
+            message = exc.message if isinstance(exc, AgentError) else str(exc)
+            self.records.finish(ref, ProposalStatus.FAILED, message)
+        return self._done(ref)
+
+    def _done(self, ref: str) -> ProposalRow:
+        row = self.records.get(ref)
+        assert row is not None
+        if self.on_planned is not None:
+            try:
+                self.on_planned(row)
+            except Exception:  # a forge that fails must not stop the next proposal's plan
+                log.exception("proposal %s: reporting the plan failed", ref)
+        return row
+
+    def _refusal(self, head: str, author: str) -> str | None:
+        """Why `head` may not be planned, or None. Checked before anything of it is read."""
+        match = _EMAIL.search(author)
+        email = (match.group(1) if match else author).lower()
+        if not any(fnmatch.fnmatchcase(email, pattern) for pattern in self.config.authors):
+            return f"author {email} is not allowed (proposals.authors)"
+        policy = self.host.repo.signing
+        if policy is None:
+            return None
+        try:
+            verified = verify_revision(self.source.checkout_dir, head, policy)
+        except SignatureError as exc:
+            return f"not signed by an allowed key: {exc}"
+        except GitSourceError as exc:
+            return f"cannot verify its signature: {exc}"
+        log.info("proposal head %s signed by %s", head[:12], verified.signer)
+        return None
+
+    def _plan_units(self, ref: str, head: str, base: str, plan_id: str) -> ProposalStatus:
+        limits = ManifestLimits.from_host(self.host)
+        before = self._base_entries(base, limits)
+        tree = self._checkout(head)
+        manifest = self._manifests.load(tree, limits, head)  # ConfigError: invalid
+        changed = set(self.source.changed_paths(base, head)) if before is not None else None
+        status = ProposalStatus.PLANNED
+        for name in affected_units(tree, manifest, changed, before):
+            unit = manifest.get_unit(name)
+            assert unit is not None
+            secrets = None
+            if name in self.config.secrets_for and unit.secrets:
+                resolved = self.secrets.resolve([unit])
+                if name in resolved.errors:
+                    self.records.record_unit(
+                        ref, head, plan_id, name, ProposalUnitStatus.FAILED,
+                        detail=resolved.errors[name],
+                    )  # fmt: skip
+                    continue
+                secrets = resolved.values.get(name, {})
+            elif name in self.config.secrets_for:
+                secrets = {}
+            outcome: UnitPlan = self.units.plan(
+                tree, manifest, unit, self.run_dir(plan_id, name), secrets
+            )
+            if outcome.detail and "main pass holds its state" in outcome.detail:
+                status = ProposalStatus.INCOMPLETE
+            self.records.record_unit(
+                ref, head, plan_id, name, outcome.status, outcome.counts, outcome.detail
+            )
+        return status
+
+    def _base_entries(self, base: str, limits: ManifestLimits) -> dict[str, object] | None:
+        """Each unit's manifest entry at the revision in force; None when it cannot be read
+        (then every unit of the proposal counts as affected)."""
+        try:
+            manifest = self._manifests.load(self._checkout(base), limits, base)
+        except (AgentError, GitSourceError) as exc:
+            log.info("proposals: the manifest at %s is not readable: %s", base[:12], exc)
+            return None
+        return {unit.name: unit_entry(unit) for unit in manifest.units}
+
+    def _checkout(self, sha: str) -> Path:
+        try:
+            return self.source.checkout(sha)
+        except GitSourceError as exc:
+            raise SourceError(f"cannot check out {sha[:12]}: {exc}") from exc
+
+
+def affected_units(
+    tree: Path,
+    manifest: Manifest,
+    changed: set[str] | None,
+    before: dict[str, object] | None,
+) -> list[str]:
+    """The units a proposal touches, in dependency order: a unit whose stack (or a local
+    module it uses) or fleet file changed, whose manifest entry is new or different, and
+    every unit that depends on one of those. `changed` None: all units."""
+    order = list(manifest.order())
+    if changed is None or before is None:
+        return order
+    hit: set[str] = set()
+    for name in order:
+        unit = manifest.get_unit(name)
+        assert unit is not None
+        if before.get(name) != unit_entry(unit):
+            hit.add(name)
+            continue
+        roots = stack_paths(tree, unit.stack) if unit.fleet is None else []
+        if any(_under(path, root) for path in changed for root in roots):
+            hit.add(name)
+        elif unit.fleet is not None and any(
+            path != MANIFEST and not path.startswith(".") for path in changed
+        ):
+            hit.add(name)  # a fleet's templates and sources: any file may be one
+    for name in order:  # in order: a dependency is decided before its dependents
+        unit = manifest.get_unit(name)
+        assert unit is not None
+        if any(dep in hit for dep in unit.depends_on):
+            hit.add(name)
+    return [name for name in order if name in hit]
+
+
+def _under(path: str, root: str) -> bool:
+    root = root.strip("/")
+    return root in ("", ".") or path == root or path.startswith(root + "/")

@@ -1,0 +1,248 @@
+"""Plans of proposed changes, end to end: a real bare remote with proposal refs pushed to it
+(`refs/pull/N/head`, a feature branch), the agent's clone, the embedded Terraform, the run
+store. No mocks: the main pass applies for real, then proposals are planned against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_host_config
+from agent.proposals import ProposalPlanner
+from agent.reconcile import PassRequest, Reconciler
+from agent.store import RunStore
+from tests.support.infra import InfraRepo, git, write_host_config
+
+CANARY = "pr-canary-5c1d0e77-secret-value"
+
+APP_TF = """
+variable "size" {
+  type    = string
+  default = "small"
+}
+resource "terraform_data" "app" {
+  input = var.size
+}
+"""
+DB_TF = """
+variable "db_password" {
+  type = string
+}
+resource "terraform_data" "db" {
+  input = var.db_password
+}
+"""
+OTHER_TF = 'resource "terraform_data" "other" {\n  input = "same"\n}\n'
+
+
+def manifest(size: str = "small") -> str:
+    return f"""\
+    version: 1
+    units:
+      - {{name: app, stack: stacks/app, vars: {{size: {size}}}}}
+      - name: db
+        stack: stacks/db
+        secrets: {{db_password: "file:SECRETS/db"}}
+      - {{name: web, stack: stacks/other, depends_on: [app]}}
+      - {{name: lone, stack: stacks/lone}}
+    """
+
+
+@pytest.fixture
+def world(tmp_path: Path):
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "db").write_text(CANARY)
+    (secrets / "db").chmod(0o600)
+    repo = InfraRepo(tmp_path / "git")
+    repo.write("stacks/app/main.tf", APP_TF)
+    repo.write("stacks/db/main.tf", DB_TF)
+    repo.write("stacks/other/main.tf", OTHER_TF)
+    repo.write("stacks/lone/main.tf", OTHER_TF)
+    repo.write("gitops.yaml", manifest().replace("SECRETS", str(secrets)))
+    repo.push("seed")
+    return repo, secrets
+
+
+def host_config(tmp_path: Path, repo: InfraRepo, secrets: Path, proposals: str) -> Path:
+    extra = f"secrets: {{allowed: ['file:{secrets}/']}}\n" + proposals
+    return write_host_config(tmp_path / "agent.yaml", repo.url, tmp_path / "state", extra)
+
+
+def main_pass(config: Path) -> None:
+    reconciler = Reconciler(load_host_config(config))
+    try:
+        result = reconciler.run_pass(PassRequest(trigger="test"))
+    finally:
+        reconciler.close()
+    assert result.ok, result.error
+
+
+def propose(repo: InfraRepo, ref: str, files: dict[str, str], *, email: str = "") -> str:
+    """Commit `files` on a branch off main and push it to `ref` of the remote."""
+    git(repo.work, "checkout", "-q", "-B", "proposal", "main")
+    for path, text in files.items():
+        repo.write(path, text)
+    git(repo.work, "add", "-A")
+    author = [f"--author=Someone <{email}>"] if email else []
+    git(repo.work, "commit", "-q", *author, "-m", "proposal")
+    git(repo.work, "push", "-q", "--force", "origin", f"HEAD:{ref}")
+    sha = repo.head()
+    git(repo.work, "checkout", "-q", "main")
+    return sha
+
+
+def digests(state: Path) -> dict[str, str]:
+    """Every unit's state file, and the main checkout's HEAD, byte for byte."""
+    found = {
+        str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted((state / "units").glob("*/terraform.tfstate*"))
+    }
+    found["checkout HEAD"] = git(state / "checkout", "rev-parse", "HEAD")
+    return found
+
+
+PROPOSALS = """\
+proposals:
+  refs: ["refs/pull/*/head", "feature/*"]
+  authors: ["*@example.invalid"]
+"""
+
+
+def test_a_proposal_is_planned_and_never_changes_state(tmp_path: Path, world) -> None:
+    repo, secrets = world
+    config = host_config(tmp_path, repo, secrets, PROPOSALS)
+    main_pass(config)
+    state = tmp_path / "state"
+    before = digests(state)
+    head = propose(
+        repo,
+        "refs/pull/7/head",
+        {"gitops.yaml": manifest("large").replace("SECRETS", str(secrets))},
+    )
+
+    planner = ProposalPlanner(load_host_config(config))
+    try:
+        result = planner.poll()
+    finally:
+        planner.close()
+
+    (row,) = result.planned
+    assert (row.ref, row.head, row.status) == ("refs/pull/7/head", head, "planned")
+    units = {u.unit: u for u in row.units}
+    # app's vars changed; web depends on it; db and lone are untouched.
+    assert set(units) == {"app", "web"}
+    assert units["app"].status == "changes" and units["app"].counts == "+0 ~1 -0"
+    assert units["web"].status == "no-changes"
+    plan = (state / "proposals" / "runs" / units["app"].plan_id / "app" / "plan.txt").read_text()
+    assert '"small" -> "large"' in plan
+    assert digests(state) == before  # state files and the main checkout: untouched
+    assert not list(state.rglob("tfplan"))  # saved plans hold variable values: removed
+    assert not list((state / "proposals" / "units").glob("*/terraform.tfstate"))
+    # Nothing was recorded as a pass: `agent history` does not show proposals.
+    assert [r.trigger for r in RunStore(state).runs()] == ["test"]
+
+
+def test_a_second_poll_plans_only_new_heads_and_closes_gone_refs(tmp_path: Path, world) -> None:
+    repo, secrets = world
+    config = host_config(tmp_path, repo, secrets, PROPOSALS)
+    main_pass(config)
+    propose(repo, "refs/heads/feature/x", {"stacks/lone/main.tf": OTHER_TF.replace("same", "new")})
+    planner = ProposalPlanner(load_host_config(config))
+    try:
+        first = planner.poll()
+        again = planner.poll()
+        git(repo.work, "push", "-q", "origin", ":refs/heads/feature/x")
+        gone = planner.poll()
+        listed = planner.records.all()
+    finally:
+        planner.close()
+    assert [r.ref for r in first.planned] == ["refs/heads/feature/x"]
+    assert [u.unit for u in first.planned[0].units] == ["lone"]
+    assert again.planned == []
+    assert gone.closed == ["refs/heads/feature/x"] and listed == []
+
+
+def test_a_disallowed_author_is_not_planned(tmp_path: Path, world) -> None:
+    repo, secrets = world
+    config = host_config(
+        tmp_path,
+        repo,
+        secrets,
+        'proposals: {refs: ["refs/pull/*/head"], authors: ["alice@example.org"]}\n',
+    )
+    main_pass(config)
+    # The stack would run a command on the bastion at plan time: it must not run.
+    marker = tmp_path / "ran"
+    evil = f"""
+    data "external" "x" {{
+      program = ["sh", "-c", "touch {marker}; echo '{{}}'"]
+    }}
+    """
+    propose(repo, "refs/pull/9/head", {"stacks/lone/evil.tf": evil}, email="mallory@evil.invalid")
+    planner = ProposalPlanner(load_host_config(config))
+    try:
+        (row,) = planner.poll().planned
+    finally:
+        planner.close()
+    assert row.status == "refused"
+    assert "mallory@evil.invalid is not allowed" in (row.detail or "")
+    assert row.units == ()
+    assert not marker.exists()
+    assert not (tmp_path / "state" / "proposals" / "runs").exists()
+
+
+def test_a_unit_needing_secrets_is_skipped_unless_the_host_allows_it(tmp_path: Path, world) -> None:
+    repo, secrets = world
+    # The change shows the secret's value in the plan (the variable is not `sensitive`).
+    db_change = {"stacks/db/main.tf": DB_TF.replace("var.db_password", '"${var.db_password}-v2"')}
+    config = host_config(tmp_path, repo, secrets, PROPOSALS)
+    main_pass(config)
+    propose(repo, "refs/pull/3/head", db_change)
+    planner = ProposalPlanner(load_host_config(config))
+    try:
+        (row,) = planner.poll().planned
+    finally:
+        planner.close()
+    (db,) = row.units
+    assert db.unit == "db" and db.status == "skipped"
+    assert (db.detail or "").startswith("skipped: needs secrets (db_password)")
+
+    # Opted in: the plan gets the secret, and it shows nowhere the agent writes.
+    config = host_config(tmp_path, repo, secrets, PROPOSALS + "  secrets_for: [db]\n")
+    propose(repo, "refs/pull/3/head", {**db_change, "stacks/db/extra.tf": "# again\n"})
+    planner = ProposalPlanner(load_host_config(config))
+    try:
+        (row,) = planner.poll().planned
+    finally:
+        planner.close()
+    (db,) = row.units
+    assert db.status == "changes", db.detail
+    state = tmp_path / "state"
+    written = [
+        p
+        for p in (state / "proposals").rglob("*")
+        if p.is_file() and CANARY.encode() in p.read_bytes()
+    ]
+    assert written == []
+    assert CANARY.encode() not in (state / "agent.db").read_bytes()
+    plan = (state / "proposals" / "runs" / db.plan_id / "db" / "plan.txt").read_text()
+    assert '"***" -> "***-v2"' in plan
+
+
+def test_an_invalid_manifest_is_reported_and_nothing_planned(tmp_path: Path, world) -> None:
+    repo, secrets = world
+    config = host_config(tmp_path, repo, secrets, PROPOSALS)
+    main_pass(config)
+    propose(repo, "refs/pull/4/head", {"gitops.yaml": "version: 1\nunits: [{name: x}]\n"})
+    planner = ProposalPlanner(load_host_config(config))
+    try:
+        (row,) = planner.poll().planned
+    finally:
+        planner.close()
+    assert row.status == "invalid"
+    assert "gitops.yaml:2" in (row.detail or "")
+    assert row.units == ()
