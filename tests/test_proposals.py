@@ -6,6 +6,9 @@ store. No mocks: the main pass applies for real, then proposals are planned agai
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -246,3 +249,37 @@ def test_an_invalid_manifest_is_reported_and_nothing_planned(tmp_path: Path, wor
     assert row.status == "invalid"
     assert "gitops.yaml:2" in (row.detail or "")
     assert row.units == ()
+
+
+def agent(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_the_commands_a_reviewer_uses(tmp_path: Path, world) -> None:
+    repo, secrets = world
+    config = host_config(tmp_path, repo, secrets, PROPOSALS)
+    main_pass(config)
+    head = propose(repo, "refs/pull/7/head", {"stacks/other/main.tf": APP_TF})
+
+    planned = agent(config, "proposals", "--plan")
+    listed = agent(config, "proposals", "--json")
+    logs = agent(config, "logs", "web", "--proposal", "pull/7/head")
+    missing = agent(config, "logs", "app", "--proposal", "7")
+
+    assert planned.returncode == 0, planned.stderr
+    assert f"refs/pull/7/head  {head[:12]}  planned  +1 ~0 -1" in planned.stdout
+    assert "  web: changes +1 ~0 -1" in planned.stdout
+    (entry,) = json.loads(listed.stdout)
+    assert entry["units"][0] == {
+        "unit": "web", "status": "changes", "add": 1, "change": 0, "destroy": 1, "detail": None
+    }  # fmt: skip
+    assert logs.returncode == 0, logs.stderr
+    assert "terraform_data.app will be created" in logs.stdout
+    assert "terraform_data.other will be destroyed" in logs.stdout
+    assert missing.returncode == 5
+    assert "did not plan unit 'app'" in missing.stderr and "its units: web" in missing.stderr

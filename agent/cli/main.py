@@ -194,7 +194,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("unit", help="the unit whose output to show")
     p.add_argument("--run", help="a run id (default: the unit's latest run with output)")
+    p.add_argument("--proposal", metavar="REF", help="the unit's plan in proposal REF")
     json_flag(p, "the output")
+
+    p = command(
+        "proposals",
+        "proposed changes (pull/merge requests, branches) and their plans",
+        "  agent proposals\n  agent proposals --plan\n  agent logs app --proposal pull/7/head",
+        "Lists the open proposals the host config's `proposals:` names, each with its head\n"
+        "and each affected unit's plan. --plan fetches them and plans every new head now\n"
+        "(the running agent does so on its poll and on pull/merge-request webhooks).",
+    )
+    p.add_argument("--plan", action="store_true", help="fetch and plan new heads now")
+    p.add_argument("--ref", help="with --plan: plan only this ref (again if unchanged)")
+    p.add_argument("--all", action="store_true", help="closed proposals too")
+    json_flag(p, "the proposals")
 
     p = command(
         "history",
@@ -650,8 +664,41 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from agent.cli.views import logs_view, render_logs
 
     store, layout = _open_store(args)
+    if args.proposal:
+        from agent.proposalstore import ProposalRecords
+        from agent.proposalviews import proposal_logs_view, render_proposal_logs
+
+        records = ProposalRecords(store)
+        found = proposal_logs_view(records, layout.root / "proposals", args.unit, args.proposal)
+        _print_json(found) if args.json else print(render_proposal_logs(found))
+        return EXIT_OK
     view = logs_view(store, layout, args.unit, args.run)
     _print_json(view) if args.json else print(render_logs(view))
+    return EXIT_OK
+
+
+def cmd_proposals(args: argparse.Namespace) -> int:
+    from agent.proposals import ProposalPlanner
+    from agent.proposalstore import ProposalRecords
+    from agent.proposalviews import proposal_dict, render_proposals
+
+    if args.plan:
+        planner = ProposalPlanner(_host(args))
+        try:
+            ref = args.ref
+            if ref and not ref.startswith("refs/"):
+                ref = f"refs/{ref}"
+            polled = planner.poll(only=ref)
+            rows = polled.planned
+        finally:
+            planner.close()
+    else:
+        store, _ = _open_store(args)
+        rows = ProposalRecords(store).all(closed=args.all)
+    if args.json:
+        _print_json([proposal_dict(row) for row in rows])
+    else:
+        print(render_proposals(rows) if rows or not args.plan else "no new proposal head")
     return EXIT_OK
 
 
@@ -783,6 +830,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "logs": cmd_logs,
     "history": cmd_history,
+    "proposals": cmd_proposals,
     "validate": cmd_validate,
     "version": cmd_version,
     "quickstart": cmd_quickstart,
