@@ -146,7 +146,7 @@ class ProposalUnitPlanner:
             return UnitPlan(ProposalUnitStatus.FAILED, detail=self.redactor.redact(message))
         finally:
             copy.unlink(missing_ok=True)
-            (run_dir / "tfplan").unlink(missing_ok=True)  # it holds the variables' values
+            (work / "tfplan").unlink(missing_ok=True)  # it holds the variables' values
 
     def _terraform(
         self,
@@ -169,7 +169,7 @@ class ProposalUnitPlanner:
         ensure_private_dir(run_dir)
         with _Log(run_dir / "init.txt", self.redactor) as init_log:
             runner.init_if_needed(ws, init_log, deadline)
-        plan_file = run_dir / "tfplan"
+        plan_file = work / "tfplan"  # in the work area: the only place the sandbox can write
         with _Log(run_dir / "plan.txt", self.redactor) as plan_log:
             outcome = runner.plan(ws, plan_file, variables, plan_log, deadline, lock=False)
         plan_json: dict[str, Any] = {}

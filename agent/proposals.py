@@ -21,10 +21,12 @@ from __future__ import annotations
 import fnmatch
 import logging
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import providers
 from agent.config import HostConfig, Manifest, ManifestCache, ManifestLimits
 from agent.config.proposals import ProposalsConfig
 from agent.errors import AgentError, ConfigError, SourceError
@@ -47,7 +49,8 @@ from agent.store import RunStore, new_run_id
 from providers.errors import GitSourceError, SignatureError
 from providers.git_source import GitSource
 from providers.git_verify import verify_revision
-from providers.terraform import TerraformRunner
+from providers.sandbox import Sandbox, SandboxError
+from providers.terraform import TerraformRunner, UnitWorkspace
 
 log = logging.getLogger(__name__)
 
@@ -122,12 +125,33 @@ class ProposalPlanner:
             main = StackReconciler(
                 self.host, self.layout, self.store, lambda event: None, self.redactor
             ).runner()
+            home, cache = self.root / "home", ensure_private_dir(self.root / "plugin-cache")
+            wrap = None
+            if self.config.sandbox:
+                sandbox = Sandbox.find(
+                    read_only=[
+                        *(Path(a) for a in main.binary.argv if a.startswith("/")),
+                        Path(sys.prefix),  # the embedded engine's venv, and its Python
+                        Path(sys.base_prefix),
+                        Path(providers.__file__).parent,  # the embedded engine, our providers
+                        self.layout.cli_config.parent,  # the CLI config, the provider mirror
+                    ],
+                    writable=[home, cache],
+                )
+
+                def wrap(ws: UnitWorkspace, argv: list[str]) -> list[str]:
+                    assert ws.root is not None and ws.work_dir is not None
+                    return sandbox.wrap(argv, read_only=[ws.root], writable=[ws.work_dir.parent])
+
+            # A plugin cache of their own: a proposal must not plant providers that main
+            # passes would then run.
             self._runner = TerraformRunner(
                 main.binary,
                 cli_config=main.cli_config,
-                plugin_cache_dir=main.plugin_cache_dir,
-                base_env=proposal_environment(self.root / "home"),
+                plugin_cache_dir=cache,
+                base_env=proposal_environment(home),
                 grace_period=10.0,
+                wrap=wrap,
             )
         return self._runner
 
@@ -196,7 +220,7 @@ class ProposalPlanner:
             self.records.finish(ref, status)
         except ConfigError as exc:
             self.records.finish(ref, ProposalStatus.INVALID, exc.message)
-        except (AgentError, GitSourceError) as exc:
+        except (AgentError, GitSourceError, SandboxError) as exc:
             message = exc.message if isinstance(exc, AgentError) else str(exc)
             self.records.finish(ref, ProposalStatus.FAILED, message)
         return self._done(ref)

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-debs=(git openssh-server openssh-client python3-venv procps passwd sudo gpg gpg-agent debootstrap systemd-container systemd dpkg-dev postgresql chromium chromium-driver)
+debs=(git openssh-server openssh-client python3-venv procps passwd sudo gpg gpg-agent debootstrap systemd-container systemd dpkg-dev postgresql chromium chromium-driver bubblewrap)
 missing=()
 for deb in "${debs[@]}"; do
   dpkg-query -W -f='${Status}' "$deb" 2>/dev/null | grep -q "install ok installed" || missing+=("$deb")

@@ -283,3 +283,35 @@ def test_the_commands_a_reviewer_uses(tmp_path: Path, world) -> None:
     assert "terraform_data.other will be destroyed" in logs.stdout
     assert missing.returncode == 5
     assert "did not plan unit 'app'" in missing.stderr and "its units: web" in missing.stderr
+
+
+def test_a_proposal_reads_nothing_outside_its_repository(tmp_path: Path, world) -> None:
+    repo, secrets = world
+    config = host_config(tmp_path, repo, secrets, PROPOSALS)
+    main_pass(config)
+    state = tmp_path / "state"
+    # Files the agent's user can read: a secret, the host config, the run store, state.
+    targets = {
+        "secret": secrets / "db",
+        "config": config,
+        "store": state / "agent.db",
+        "state": state / "units" / "app" / "terraform.tfstate",
+    }
+    outputs = "".join(
+        f'output "{name}" {{\n  value = fileexists("{path}") ? "READ {name}" : "none"\n}}\n'
+        for name, path in targets.items()
+    )
+    outputs += 'output "inside" {\n  value = file("${path.module}/../app/main.tf")\n}\n'
+    propose(repo, "refs/pull/5/head", {"stacks/lone/outputs.tf": outputs})
+
+    planner = ProposalPlanner(load_host_config(config))
+    try:
+        (row,) = planner.poll().planned
+    finally:
+        planner.close()
+    (lone,) = row.units
+    assert lone.status == "changes", lone.detail
+    plan = (state / "proposals" / "runs" / lone.plan_id / "lone" / "plan.txt").read_text()
+    assert "READ" not in plan
+    assert plan.count('= "none"') == len(targets)
+    assert 'resource "terraform_data" "app"' in plan  # files of the repository: readable

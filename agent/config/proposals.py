@@ -31,14 +31,15 @@ class ProposalsConfig:
     authors: tuple[str, ...]  # fnmatch patterns on the head commit's author e-mail
     secrets_for: frozenset[str] = frozenset()  # units whose proposal plans get their secrets
     timeout: float = DEFAULT_PROPOSAL_TIMEOUT  # per unit plan, init included
-    max_open: int = DEFAULT_MAX_PROPOSALS  # proposals planned per poll, newest refs first
+    max_open: int = DEFAULT_MAX_PROPOSALS  # proposals planned per poll, by ref name
+    sandbox: bool = True  # Terraform runs under bwrap (providers/sandbox.py); False: `none`
 
 
 def read_proposals(value: Value | None, max_timeout: float) -> ProposalsConfig | None:
     """Validate `proposals:` (None when absent: proposals are off)."""
     if value is None or value.is_null:
         return None
-    fields = value.mapping(["refs", "authors", "secrets_for", "timeout", "max_open"])
+    fields = value.mapping(["refs", "authors", "secrets_for", "timeout", "max_open", "sandbox"])
     if fields is None:
         return None
     refs: list[str] = []
@@ -74,6 +75,12 @@ def read_proposals(value: Value | None, max_timeout: float) -> ProposalsConfig |
     max_open = DEFAULT_MAX_PROPOSALS
     if found := fields.get("max_open"):
         max_open = found.integer(minimum=1) or max_open
+    sandbox = True
+    if found := fields.get("sandbox"):
+        text = found.string("bwrap or none")
+        if text not in (None, "bwrap", "none"):
+            found.fail("bwrap or none")
+        sandbox = text != "none"
     if not refs or not authors:
         return None
     return ProposalsConfig(
@@ -82,4 +89,5 @@ def read_proposals(value: Value | None, max_timeout: float) -> ProposalsConfig |
         secrets_for=frozenset(secrets_for),
         timeout=timeout,
         max_open=max_open,
+        sandbox=sandbox,
     )

@@ -129,8 +129,11 @@ class TerraformRunner:
         base_env: Mapping[str, str] | None = None,
         grace_period: float = 60.0,
         children: ChildTracker | None = None,
+        wrap: Callable[[UnitWorkspace, list[str]], list[str]] | None = None,
     ) -> None:
+        """`wrap(ws, argv)`: the command line that runs `argv` for `ws` (a sandbox)."""
         self.binary = binary
+        self._wrap = wrap
         self.cli_config = Path(cli_config)
         self.plugin_cache_dir = Path(plugin_cache_dir)
         self.lock_timeout = lock_timeout
@@ -261,7 +264,8 @@ class TerraformRunner:
 
     def command_argv(self, ws: UnitWorkspace, args: Iterable[str]) -> list[str]:
         """The full command line: no variable values, ever (they go in the environment)."""
-        return [*self.binary.argv, f"-chdir={ws.run_dir}", *args]
+        argv = [*self.binary.argv, f"-chdir={ws.run_dir}", *args]
+        return self._wrap(ws, argv) if self._wrap is not None else argv
 
     def command_env(self, ws: UnitWorkspace, variables: Mapping[str, str]) -> dict[str, str]:
         env = {
