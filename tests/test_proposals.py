@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_host_config
+from agent.passlock import PassLock
+from agent.proposalplan import copy_state
 from agent.proposals import ProposalPlanner
 from agent.reconcile import PassRequest, Reconciler
 from agent.store import RunStore
@@ -315,3 +317,52 @@ def test_a_proposal_reads_nothing_outside_its_repository(tmp_path: Path, world) 
     assert "READ" not in plan
     assert plan.count('= "none"') == len(targets)
     assert 'resource "terraform_data" "app"' in plan  # files of the repository: readable
+
+
+def test_a_poll_runs_while_a_main_pass_holds_the_pass_lock(tmp_path: Path, world) -> None:
+    repo, secrets = world
+    config = host_config(tmp_path, repo, secrets, PROPOSALS)
+    main_pass(config)
+    propose(repo, "refs/pull/8/head", {"stacks/lone/main.tf": APP_TF})
+    main_lock = PassLock(tmp_path / "state")
+    main_lock.acquire(wait=False)
+    planner = ProposalPlanner(load_host_config(config))
+    try:
+        with main_lock:
+            (row,) = planner.poll().planned
+    finally:
+        planner.close()
+    assert row.status == "planned" and [u.status for u in row.units] == ["changes"]
+
+
+HOLDER = """
+import fcntl, sys, time
+with open(sys.argv[1], "rb+") as f:
+    fcntl.lockf(f, fcntl.LOCK_EX)  # as Terraform locks a local state it writes
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def test_the_state_copy_waits_while_terraform_holds_the_state(tmp_path: Path) -> None:
+    state = tmp_path / "terraform.tfstate"
+    state.write_text('{"version": 4, "serial": 3}')
+    copy = tmp_path / "copy" / "terraform.tfstate"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(state)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        assert copy_state(state, copy, wait=0.5) is False
+        assert not copy.exists()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.write("done\n")
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert copy_state(state, copy, wait=0.5) is True
+    assert copy.read_bytes() == state.read_bytes()
+    assert copy.stat().st_mode & 0o777 == 0o600
