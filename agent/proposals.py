@@ -22,9 +22,12 @@ import fnmatch
 import logging
 import re
 import sys
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import providers
 from agent.config import HostConfig, Manifest, ManifestCache, ManifestLimits
@@ -107,6 +110,7 @@ class ProposalPlanner:
         )
         self._manifests = ManifestCache()
         self._runner: TerraformRunner | None = None
+        self._runner_lock = threading.Lock()
         self.units = ProposalUnitPlanner(
             self.runner,
             self.root,
@@ -121,6 +125,10 @@ class ProposalPlanner:
 
     def runner(self) -> TerraformRunner:
         """The main passes' Terraform and CLI config, with the proposals' own environment."""
+        with self._runner_lock:
+            return self._make_runner()
+
+    def _make_runner(self) -> TerraformRunner:
         if self._runner is None:
             main = StackReconciler(
                 self.host, self.layout, self.store, lambda event: None, self.redactor
@@ -259,31 +267,40 @@ class ProposalPlanner:
         tree = self._checkout(head)
         manifest = self._manifests.load(tree, limits, head)  # ConfigError: invalid
         changed = set(self.source.changed_paths(base, head)) if before is not None else None
-        status = ProposalStatus.PLANNED
-        for name in affected_units(tree, manifest, changed, before):
+        names = affected_units(tree, manifest, changed, before)
+        # Units of a proposal are independent of each other (a dependent reads its
+        # dependencies' outputs as applied now), so they plan in parallel, bounded.
+        secrets = self._secrets(manifest, names)
+        workers = max(1, min(self.host.terraform.parallelism, len(names)))
+
+        def plan_unit(name: str) -> UnitPlan:
             unit = manifest.get_unit(name)
             assert unit is not None
-            secrets = None
-            if name in self.config.secrets_for and unit.secrets:
-                resolved = self.secrets.resolve([unit])
-                if name in resolved.errors:
-                    self.records.record_unit(
-                        ref, head, plan_id, name, ProposalUnitStatus.FAILED,
-                        detail=resolved.errors[name],
-                    )  # fmt: skip
-                    continue
-                secrets = resolved.values.get(name, {})
-            elif name in self.config.secrets_for:
-                secrets = {}
-            outcome: UnitPlan = self.units.plan(
-                tree, manifest, unit, self.run_dir(plan_id, name), secrets
-            )
+            if isinstance(found := secrets.get(name), str):
+                return UnitPlan(ProposalUnitStatus.FAILED, detail=found)
+            return self.units.plan(tree, manifest, unit, self.run_dir(plan_id, name), found)
+
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="proposal") as pool:
+            outcomes = list(pool.map(plan_unit, names))
+        status = ProposalStatus.PLANNED
+        for name, outcome in zip(names, outcomes, strict=True):
             if outcome.detail and "main pass holds its state" in outcome.detail:
                 status = ProposalStatus.INCOMPLETE
             self.records.record_unit(
                 ref, head, plan_id, name, outcome.status, outcome.counts, outcome.detail
             )
         return status
+
+    def _secrets(self, manifest: Manifest, names: list[str]) -> dict[str, Any]:
+        """The secrets of the units `secrets_for` lists (a dict of values, or why not as a
+        string); the others get none (None: skipped if they need any)."""
+        units = [u for n in names if n in self.config.secrets_for and (u := manifest.get_unit(n))]
+        resolved = self.secrets.resolve(units)
+        found: dict[str, Any] = {}
+        for unit in units:
+            error = resolved.errors.get(unit.name)
+            found[unit.name] = error if error else resolved.values.get(unit.name, {})
+        return found
 
     def _base_entries(self, base: str, limits: ManifestLimits) -> dict[str, object] | None:
         """Each unit's manifest entry at the revision in force; None when it cannot be read
