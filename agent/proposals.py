@@ -60,8 +60,10 @@ log = logging.getLogger(__name__)
 MANIFEST = "gitops.yaml"
 _EMAIL = re.compile(r"<([^<>]*)>\s*$")
 
-# Called after each proposal plan, with its row (forge status and comment: providers/forge).
+# Called after each proposal plan, with its row (forge status and comment: agent.proposalforge).
 PlannedHook = Callable[[ProposalRow], None]
+# Called when the plan of an allowed head begins: (ref, head).
+StartedHook = Callable[[str, str], None]
 
 
 @dataclass
@@ -83,6 +85,7 @@ class ProposalPlanner:
         store: RunStore | None = None,
         redactor: Redactor | None = None,
         on_planned: PlannedHook | None = None,
+        on_started: StartedHook | None = None,
     ) -> None:
         if host.proposals is None:
             raise ConfigError(
@@ -99,6 +102,7 @@ class ProposalPlanner:
         self.store = store or RunStore(host.state_dir, scrub=self.redactor.redact)
         self.records = ProposalRecords(self.store)
         self.on_planned = on_planned
+        self.on_started = on_started
         self.secrets = SecretResolver(host.secrets, self.redactor)
         self.source = GitSource(
             host.repo.url,
@@ -223,6 +227,11 @@ class ProposalPlanner:
             log.warning("proposal %s at %s refused: %s", ref, head[:12], refused)
             self.records.finish(ref, ProposalStatus.REFUSED, refused)
             return self._done(ref)
+        if self.on_started is not None:
+            try:
+                self.on_started(ref, head)
+            except Exception:  # the forge is told later, or not: the plan goes on
+                log.exception("proposal %s: reporting the start of its plan failed", ref)
         try:
             status = self._plan_units(ref, head, base, plan_id)
             self.records.finish(ref, status)
