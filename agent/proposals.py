@@ -115,6 +115,7 @@ class ProposalPlanner:
         self._manifests = ManifestCache()
         self._runner: TerraformRunner | None = None
         self._runner_lock = threading.Lock()
+        self._stop = threading.Event()
         self.units = ProposalUnitPlanner(
             self.runner,
             self.root,
@@ -122,6 +123,12 @@ class ProposalPlanner:
             self.redactor,
             timeout=self.config.timeout,
         )
+
+    def interrupt(self) -> None:
+        """Start no new unit; the running Terraform processes get one SIGINT each."""
+        self._stop.set()
+        if self._runner is not None:
+            self._runner.interrupt()
 
     def close(self) -> None:
         if self._own_store:
@@ -285,6 +292,8 @@ class ProposalPlanner:
         def plan_unit(name: str) -> UnitPlan:
             unit = manifest.get_unit(name)
             assert unit is not None
+            if self._stop.is_set():
+                return UnitPlan(ProposalUnitStatus.FAILED, detail="interrupted: the agent stops")
             if isinstance(found := secrets.get(name), str):
                 return UnitPlan(ProposalUnitStatus.FAILED, detail=found)
             return self.units.plan(tree, manifest, unit, self.run_dir(plan_id, name), found)

@@ -17,7 +17,10 @@ from agent.config import load_host_config
 from agent.passlock import PassLock
 from agent.proposalplan import copy_state
 from agent.proposals import ProposalPlanner
+from agent.proposalstore import ProposalRecords
+from agent.proposalworker import ProposalWorker
 from agent.reconcile import PassRequest, Reconciler
+from agent.redact import Redactor
 from agent.store import RunStore
 from tests.support.infra import InfraRepo, git, write_host_config
 
@@ -366,3 +369,24 @@ def test_the_state_copy_waits_while_terraform_holds_the_state(tmp_path: Path) ->
     assert copy_state(state, copy, wait=0.5) is True
     assert copy.read_bytes() == state.read_bytes()
     assert copy.stat().st_mode & 0o777 == 0o600
+
+
+def test_the_worker_plans_when_triggered_and_stops(tmp_path: Path, world) -> None:
+    repo, secrets = world
+    config = host_config(tmp_path, repo, secrets, PROPOSALS)
+    main_pass(config)
+    head = propose(repo, "refs/pull/2/head", {"stacks/lone/main.tf": APP_TF})
+    host = load_host_config(config)
+    worker = ProposalWorker.from_host(host, Redactor())
+    assert worker is not None
+    worker.start()
+    try:
+        worker.trigger("refs/pull/2/head")
+        assert worker.wait_for_polls(1, timeout=240)
+    finally:
+        worker.stop()
+    store = RunStore(tmp_path / "state")
+    (row,) = ProposalRecords(store).all()
+    assert (row.head, row.status) == (head, "planned")
+    no_proposals = load_host_config(host_config(tmp_path, repo, secrets, ""))
+    assert ProposalWorker.from_host(no_proposals, Redactor()) is None
