@@ -32,7 +32,7 @@ from typing import Any
 import providers
 from agent.config import HostConfig, Manifest, ManifestCache, ManifestLimits
 from agent.config.proposals import ProposalsConfig
-from agent.errors import AgentError, ConfigError, SourceError
+from agent.errors import AgentError, ConfigError, PassBusyError, SourceError
 from agent.fingerprint import stack_paths, unit_entry
 from agent.fsutil import ensure_private_dir
 from agent.layout import StateLayout
@@ -186,8 +186,15 @@ class ProposalPlanner:
         Raises PassBusyError when another poll runs (with `wait`, waits for it), SourceError
         when the remote cannot be read."""
         lock = PassLock(self.root)
-        lock.acquire(wait=wait, timeout=self.config.timeout * 2 if wait else None)
+        try:
+            lock.acquire(wait=wait, timeout=self.config.timeout * 2 if wait else None)
+        except PassBusyError:
+            raise PassBusyError(
+                f"proposals are being planned already (pid {lock.holder().get('pid', '?')})",
+                hint="see `agent proposals` when it is done",
+            ) from None
         with lock:
+            lock.record("proposals")
             return self._poll(only)
 
     def _poll(self, only: str | None) -> PollResult:
