@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Protocol
 
 from agent.proposalstore import ProposalRow, ProposalStatus, ProposalUnitStatus
-from agent.proposalviews import summary_line
 from agent.redact import Redactor
 
 MARKER = "proposal-plan"
@@ -48,10 +47,10 @@ def status_of(row: ProposalRow) -> tuple[str, str]:
     if status is ProposalStatus.PLANNED:
         failed = [u.unit for u in row.units if u.status == ProposalUnitStatus.FAILED]
         if failed:
-            return "failure", f"plan failed: {', '.join(failed)}; {summary_line(row)}"
+            return "failure", f"plan failed: {', '.join(failed)}; {row.summary}"
         if not row.units:
             return "success", "no unit affected"
-        return "success", f"plan {summary_line(row)}"
+        return "success", f"plan {row.summary}"
     if status is ProposalStatus.INCOMPLETE:
         return "pending", "a main pass holds a unit's state; planned again at the next poll"
     first = (row.detail or status.value).splitlines()[0]
@@ -64,7 +63,7 @@ def comment_of(row: ProposalRow, proposals_dir: Path) -> str:
         f"#### gitops-agent: plan of `{row.head[:12]}`"
         + (f" against `{row.base[:12]}`, the revision in force" if row.base else ""),
         "",
-        f"**{row.status}** {summary_line(row)}" + (f": {row.detail}" if row.detail else ""),
+        f"**{row.status}** {row.summary}" + (f": {row.detail}" if row.detail else ""),
         "",
     ]
     if row.units:

@@ -73,6 +73,14 @@ class ProposalRow:
     planned_at: float | None
     units: tuple[ProposalUnitRow, ...] = ()
 
+    @property
+    def summary(self) -> str:
+        """`+2 ~1 -0` over every unit (a forge's commit status, `agent proposals`)."""
+        add = sum(u.plan_add or 0 for u in self.units)
+        change = sum(u.plan_change or 0 for u in self.units)
+        destroy = sum(u.plan_destroy or 0 for u in self.units)
+        return f"+{add} ~{change} -{destroy}"
+
 
 class ProposalRecords:
     """Proposal rows in one run store."""

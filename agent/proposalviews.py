@@ -42,14 +42,6 @@ def proposal_dict(row: ProposalRow) -> dict[str, Any]:
     }
 
 
-def summary_line(row: ProposalRow) -> str:
-    """`+2 ~1 -0` over every unit of the proposal (a forge's commit status)."""
-    add = sum(u.plan_add or 0 for u in row.units)
-    change = sum(u.plan_change or 0 for u in row.units)
-    destroy = sum(u.plan_destroy or 0 for u in row.units)
-    return f"+{add} ~{change} -{destroy}"
-
-
 def render_proposals(rows: list[ProposalRow]) -> str:
     if not rows:
         return "no open proposals"
@@ -57,7 +49,7 @@ def render_proposals(rows: list[ProposalRow]) -> str:
     for row in rows:
         head = f"{row.ref}  {row.head[:12]}  {row.status}"
         if row.status == "planned":
-            head += f"  {summary_line(row)}"
+            head += f"  {row.summary}"
         lines.append(head + (f": {row.detail}" if row.detail else ""))
         if row.author:
             lines.append(f"  author: {row.author}")
