@@ -25,8 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
 from agent.config import load_host_config  # noqa: E402
-from agent.proposals import ProposalPlanner  # noqa: E402
-from agent.reconcile import PassRequest, Reconciler  # noqa: E402
+from agent.engine.proposals import ProposalPlanner  # noqa: E402
+from agent.engine.reconcile import PassRequest, Reconciler  # noqa: E402
 from tests.support.infra import InfraRepo, git, write_host_config  # noqa: E402
 
 

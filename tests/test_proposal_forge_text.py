@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.proposalforge import MAX_UNIT_CHARS, change_number, comment_of, status_of
-from agent.proposalstore import ProposalRow, ProposalUnitRow
+from agent.service.proposal_forge import MAX_UNIT_CHARS, change_number, comment_of, status_of
+from agent.state.proposals import ProposalRow, ProposalUnitRow
 
 HEAD, BASE = "a" * 40, "b" * 40
 

@@ -14,14 +14,14 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_host_config
-from agent.passlock import PassLock
-from agent.proposalplan import copy_state
-from agent.proposals import ProposalPlanner
-from agent.proposalstore import ProposalRecords
-from agent.proposalworker import ProposalWorker
-from agent.reconcile import PassRequest, Reconciler
-from agent.redact import Redactor
-from agent.store import RunStore
+from agent.core.redact import Redactor
+from agent.engine.proposals import ProposalPlanner
+from agent.engine.reconcile import PassRequest, Reconciler
+from agent.service.proposals import ProposalWorker
+from agent.state.passlock import PassLock
+from agent.state.proposals import ProposalRecords
+from agent.state.store import RunStore
+from agent.units.proposal_unit import copy_state
 from tests.support.infra import InfraRepo, git, write_host_config
 
 CANARY = "pr-canary-5c1d0e77-secret-value"

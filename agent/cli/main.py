@@ -665,8 +665,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     store, layout = _open_store(args)
     if args.proposal:
-        from agent.proposalstore import ProposalRecords
-        from agent.proposalviews import proposal_logs_view, render_proposal_logs
+        from agent.cli.proposals import proposal_logs_view, render_proposal_logs
+        from agent.state.proposals import ProposalRecords
 
         records = ProposalRecords(store)
         found = proposal_logs_view(records, layout.root / "proposals", args.unit, args.proposal)
@@ -678,9 +678,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_proposals(args: argparse.Namespace) -> int:
-    from agent.proposals import ProposalPlanner
-    from agent.proposalstore import ProposalRecords
-    from agent.proposalviews import proposal_dict, render_proposals
+    from agent.cli.proposals import proposal_dict, render_proposals
+    from agent.engine.proposals import ProposalPlanner
+    from agent.state.proposals import ProposalRecords
 
     if args.plan:
         planner = ProposalPlanner(_host(args))

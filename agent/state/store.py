@@ -420,7 +420,7 @@ class RunStore:
                 ) from exc
 
     def transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
-        """One write transaction, for the records kept beside the runs (agent.proposalstore)."""
+        """One write transaction, for the records kept beside the runs (agent.state.proposals)."""
         return self._tx()
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:

@@ -15,10 +15,10 @@ import logging
 import threading
 
 from agent.config import HostConfig
+from agent.core.redact import Redactor
+from agent.engine.proposals import PlannedHook, ProposalPlanner, StartedHook
 from agent.errors import AgentError
-from agent.proposals import PlannedHook, ProposalPlanner, StartedHook
-from agent.redact import Redactor
-from agent.store import RunStore
+from agent.state.store import RunStore
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from enum import StrEnum
 
-from agent.store import RunStore
+from agent.state.store import RunStore
 
 
 class ProposalStatus(StrEnum):

@@ -7,8 +7,8 @@ heads against the real current state, never applied (docs/proposals.md).
         -> base manifest and head manifest (head invalid: `invalid`, nothing planned)
         -> affected units: files changed since the revision in force, entries changed in
            gitops.yaml, and their dependents
-        -> each affected stack unit, in order: ProposalUnitPlanner (agent.proposalplan)
-        -> record (agent.proposalstore); `on_planned` (forge status and comment)
+        -> each affected stack unit, in order: ProposalUnitPlanner (agent.units.proposal_unit)
+        -> record (agent.state.proposals); `on_planned` (forge status and comment)
 
 A poll takes the lock of the proposals' work area (`proposals/pass.lock`), never the main
 pass lock: a main pass is never delayed by a proposal, and two polls never run at once.
@@ -32,23 +32,23 @@ from typing import Any
 import providers
 from agent.config import HostConfig, Manifest, ManifestCache, ManifestLimits
 from agent.config.proposals import ProposalsConfig
+from agent.core.fsutil import ensure_private_dir
+from agent.core.redact import Redactor
 from agent.errors import AgentError, ConfigError, PassBusyError, SourceError
-from agent.fingerprint import stack_paths, unit_entry
-from agent.fsutil import ensure_private_dir
-from agent.layout import StateLayout
-from agent.passlock import PassLock
-from agent.proposalplan import ProposalUnitPlanner, UnitPlan, proposal_environment
-from agent.proposalstore import (
+from agent.state.layout import StateLayout
+from agent.state.passlock import PassLock
+from agent.state.proposals import (
     SETTLED,
     ProposalRecords,
     ProposalRow,
     ProposalStatus,
     ProposalUnitStatus,
 )
-from agent.redact import Redactor
-from agent.secrets import SecretResolver
-from agent.stacks import StackReconciler
-from agent.store import RunStore, new_run_id
+from agent.state.store import RunStore, new_run_id
+from agent.units.fingerprint import stack_paths, unit_entry
+from agent.units.proposal_unit import ProposalUnitPlanner, UnitPlan, proposal_environment
+from agent.units.secrets import SecretResolver
+from agent.units.stacks import StackReconciler
 from providers.errors import GitSourceError, SignatureError
 from providers.git_source import GitSource
 from providers.git_verify import verify_revision
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "gitops.yaml"
 _EMAIL = re.compile(r"<([^<>]*)>\s*$")
 
-# Called after each proposal plan, with its row (forge status and comment: agent.proposalforge).
+# Called after each proposal plan, with its row (the forge: agent.service.proposal_forge).
 PlannedHook = Callable[[ProposalRow], None]
 # Called when the plan of an allowed head begins: (ref, head).
 StartedHook = Callable[[str, str], None]

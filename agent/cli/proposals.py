@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import NotFoundError
-from agent.proposalstore import ProposalRecords, ProposalRow
+from agent.state.proposals import ProposalRecords, ProposalRow
 
 MAX_LOG_CHARS = 200_000  # the rest of a huge plan is cut with a note
 

@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Protocol
 
-from agent.proposalstore import ProposalRow, ProposalStatus, ProposalUnitStatus
-from agent.redact import Redactor
+from agent.core.redact import Redactor
+from agent.state.proposals import ProposalRow, ProposalStatus, ProposalUnitStatus
 
 MARKER = "proposal-plan"
 MAX_UNIT_CHARS = 6000  # of one unit's plan in the comment; `agent logs` has the whole

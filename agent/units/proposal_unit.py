@@ -31,11 +31,11 @@ from typing import Any
 
 from agent.config import Manifest, StackOutputRef, Unit
 from agent.config.manifest import plain_value
+from agent.core.fsutil import StreamedFile, atomic_write, ensure_private_dir
+from agent.core.redact import LineRedactor, Redactor, Secret
 from agent.errors import AgentError
-from agent.fsutil import StreamedFile, atomic_write, ensure_private_dir
-from agent.proposalstore import ProposalUnitStatus
-from agent.redact import LineRedactor, Redactor, Secret
-from agent.secrets import terraform_variables
+from agent.state.proposals import ProposalUnitStatus
+from agent.units.secrets import terraform_variables
 from providers.errors import ProviderError
 from providers.terraform import TerraformRunner, UnitWorkspace, summarize_plan
 
