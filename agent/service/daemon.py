@@ -45,6 +45,7 @@ from agent.service.logfmt import EventLog, RunContext
 from agent.service.metrics import AgentMetrics
 from agent.service.notify import NotificationSink, Notifier
 from agent.service.planner import PassPlanner
+from agent.service.proposals import ProposalWorker
 from agent.service.requests import ControlRequests
 from agent.service.triggers import TriggerQueue
 from agent.service.webhooks import PushEvent, WebhookSource
@@ -107,6 +108,8 @@ class Daemon:
             stopping=self._stopping,
             forge=self.forge,
         )
+        # Proposed changes are planned on a thread of their own (never the pass worker's).
+        self.proposals = ProposalWorker.from_host(host, self.redactor, store=self.store)
         self.http = self._http_server()
         self.web = WebPage.from_host(host, self.redactor)  # None unless `web:` is set
         self.control = ControlServer(
@@ -183,6 +186,8 @@ class Daemon:
             self.scheduler.add_job(
                 self.hostwatch.tick, every(intervals.hosts), id="hosts", max_instances=1
             )
+        if self.proposals is not None:
+            self.scheduler.add_job(self.proposals.trigger, every(intervals.poll), id="proposals")
 
     # --- running --------------------------------------------------------------------------
 
@@ -227,6 +232,9 @@ class Daemon:
         if self.forge is not None:
             self.forge.start()
         self.worker.start()
+        if self.proposals is not None:
+            self.proposals.start()
+            self.proposals.trigger()  # proposals opened while the agent was down
         self._schedule()
         self.scheduler.start()
         listening = f", listening on {self.http.url}" if self.http is not None else ""
@@ -261,6 +269,8 @@ class Daemon:
         self.reconciler.interrupt()
         if busy:
             log.info("waiting up to %gs for %s to stop", self.service.daemon.stop_timeout, busy)
+        if self.proposals is not None:
+            self.proposals.stop(self.service.daemon.stop_timeout)
         drained = self.worker.join(self.service.daemon.stop_timeout)
         self.control.stop()
         self.notifier.stop(NOTIFY_STOP_TIMEOUT)
