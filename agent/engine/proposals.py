@@ -215,6 +215,11 @@ class ProposalPlanner:
             if only is not None and ref != only:
                 continue
             known = self.records.get(ref)
+            if known is not None and known.status == ProposalStatus.CLOSED:
+                if known.head == found[ref]:
+                    continue  # closed on the forge; a new head (reopened) is planned
+            elif self.source.is_ancestor(found[ref], branch_head):
+                continue  # merged already: the branch has it (forges keep the refs)
             settled = known is not None and ProposalStatus(known.status) in SETTLED
             if settled and known.head == found[ref] and known.base == base and only is None:
                 continue

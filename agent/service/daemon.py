@@ -45,6 +45,7 @@ from agent.service.logfmt import EventLog, RunContext
 from agent.service.metrics import AgentMetrics
 from agent.service.notify import NotificationSink, Notifier
 from agent.service.planner import PassPlanner
+from agent.service.proposal_forge import ProposalForgeReport
 from agent.service.proposals import ProposalWorker
 from agent.service.requests import ControlRequests
 from agent.service.triggers import TriggerQueue
@@ -108,8 +109,22 @@ class Daemon:
             stopping=self._stopping,
             forge=self.forge,
         )
-        # Proposed changes are planned on a thread of their own (never the pass worker's).
-        self.proposals = ProposalWorker.from_host(host, self.redactor, store=self.store)
+        # Proposed changes are planned on a thread of their own (never the pass worker's);
+        # with a forge, each plan becomes a commit status and a comment on its change.
+        report = (
+            ProposalForgeReport(
+                self.forge.client, host.forge.context, host.state_dir / "proposals", self.redactor
+            )
+            if self.forge is not None and host.forge is not None
+            else None
+        )
+        self.proposals = ProposalWorker.from_host(
+            host,
+            self.redactor,
+            store=self.store,
+            on_started=report.started if report else None,
+            on_planned=report.finished if report else None,
+        )
         self.http = self._http_server()
         self.web = WebPage.from_host(host, self.redactor)  # None unless `web:` is set
         self.control = ControlServer(
@@ -160,6 +175,7 @@ class Daemon:
             tracked_branch=self.host.repo.branch,
             hooks=hooks,
             on_push=self._on_push,
+            on_proposal=self.proposals.on_event if self.proposals is not None else None,
             metrics=self.metrics.render,
             health=self.worker.health,
             max_body=http.max_body,

@@ -51,10 +51,12 @@ from urllib.parse import urlsplit
 
 from agent.errors import AgentError
 from agent.service.webhooks import (
+    ProposalEvent,
     PushEvent,
     WebhookRejected,
     WebhookSource,
     delivery_id,
+    parse_event,
     sanitize,
     verify_and_parse,
 )
@@ -119,6 +121,7 @@ class AgentHTTPServer:
         tracked_branch: str,
         hooks: Mapping[str, WebhookSource],
         on_push: Callable[[PushEvent], None],
+        on_proposal: Callable[[ProposalEvent], None] | None = None,
         metrics: Callable[[], tuple[bytes, str]] | None = None,
         health: Callable[[], str] | None = None,
         max_body: int = DEFAULT_MAX_BODY,
@@ -151,6 +154,9 @@ class AgentHTTPServer:
         self.header_timeout = min(header_timeout, request_timeout)
         self._requested_port = port
         self._on_push = on_push
+        # Pull/merge request events (None: answered 202 and ignored, as before). It must
+        # only record a trigger: it runs on the request's thread.
+        self.on_proposal = on_proposal
         self._dispatcher = _Dispatcher(on_push)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -546,8 +552,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body(delivery)
         if body is None:
             return
+        parse = verify_and_parse if app.on_proposal is None else parse_event
         try:
-            event = verify_and_parse(source, dict(self.headers.items()), body)
+            event = parse(source, dict(self.headers.items()), body)
         except WebhookRejected as rejected:
             text = rejected.reason + (f" ({rejected.hint})" if rejected.hint else "")
             self._reject(rejected.status, text, delivery=delivery)
@@ -555,6 +562,13 @@ class _Handler(BaseHTTPRequestHandler):
         if event is None:
             log.info("webhook %s: ping answered (delivery %s)", name, delivery or "-")
             self._answer(200, "pong: the webhook reaches the agent and its secret matches\n")
+            return
+        if isinstance(event, ProposalEvent):
+            assert app.on_proposal is not None
+            app.on_proposal(event)
+            what = f"{sanitize(event.ref)} at {event.head_sha[:12]} ({sanitize(event.action)})"
+            log.info("webhook %s: proposal %s (delivery %s)", name, what, delivery or "-")
+            self._answer(202, f"accepted: proposal {what}\n")
             return
         what = f"{sanitize(event.ref) or 'a trigger'} at {(event.revision or '-')[:12]}"
         if not event.concerns(app.tracked_branch):

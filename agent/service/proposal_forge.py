@@ -10,29 +10,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Protocol
 
 from agent.core.redact import Redactor
 from agent.state.proposals import ProposalRow, ProposalStatus, ProposalUnitStatus
+from providers.forge import CommitState, ForgeClient
 
 MARKER = "proposal-plan"
 MAX_UNIT_CHARS = 6000  # of one unit's plan in the comment; `agent logs` has the whole
 _CHANGE = re.compile(r"^refs/(?:pull|merge-requests)/(\d+)/head$")
-
-
-class Forge(Protocol):
-    """What is used of `providers.forge.ForgeClient`."""
-
-    def set_status(
-        self,
-        sha: str,
-        state: str,
-        description: str,
-        context: str,
-        target_url: str | None = None,
-    ) -> None: ...
-
-    def upsert_comment(self, change: int, marker: str, body: str) -> None: ...
 
 
 def change_number(ref: str) -> int | None:
@@ -41,7 +26,7 @@ def change_number(ref: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def status_of(row: ProposalRow) -> tuple[str, str]:
+def status_of(row: ProposalRow) -> tuple[CommitState, str]:
     """(state, description) of the commit status for a finished proposal plan."""
     status = ProposalStatus(row.status)
     if status is ProposalStatus.PLANNED:
@@ -97,7 +82,9 @@ def comment_of(row: ProposalRow, proposals_dir: Path) -> str:
 class ProposalForgeReport:
     """Sends a proposal plan's status and comment to the forge (the planner's hooks)."""
 
-    def __init__(self, forge: Forge, context: str, proposals_dir: Path, redactor: Redactor) -> None:
+    def __init__(
+        self, forge: ForgeClient, context: str, proposals_dir: Path, redactor: Redactor
+    ) -> None:
         self.forge = forge
         self.context = f"{context}/proposal"
         self.proposals_dir = proposals_dir

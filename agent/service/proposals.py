@@ -18,6 +18,7 @@ from agent.config import HostConfig
 from agent.core.redact import Redactor
 from agent.engine.proposals import PlannedHook, ProposalPlanner, StartedHook
 from agent.errors import AgentError
+from agent.service.webhooks import ProposalEvent
 from agent.state.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,7 @@ class ProposalWorker:
     def __init__(self, planner: ProposalPlanner) -> None:
         self.planner = planner
         self._wanted: set[str] = set()
+        self._closed: set[str] = set()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="proposals", daemon=True)
@@ -63,6 +65,16 @@ class ProposalWorker:
             self._wanted.add(ref or _ALL)
             self._cond.notify()
 
+    def on_event(self, event: ProposalEvent) -> None:
+        """A pull/merge request webhook: plan its ref, or forget it once closed or merged.
+        Nothing of the event decides what is planned: the poll fetches and checks the ref."""
+        if event.action in ("closed", "merged"):
+            with self._cond:
+                self._closed.add(event.ref)
+                self._cond.notify()
+        else:
+            self.trigger(event.ref)
+
     def stop(self, timeout: float = 30.0) -> None:
         """No new poll; the running Terraform gets SIGINT; wait up to `timeout`."""
         with self._cond:
@@ -75,11 +87,17 @@ class ProposalWorker:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._wanted and not self._stopping:
+                while not self._wanted and not self._closed and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
                 wanted, self._wanted = self._wanted, set()
+                closed, self._closed = self._closed, set()
+            for ref in sorted(closed):
+                try:
+                    self.planner.records.close(ref)
+                except AgentError as exc:
+                    log.warning("proposals: %s", exc.message)
             refs = [None] if _ALL in wanted else sorted(wanted)
             for ref in refs:
                 try:

@@ -137,6 +137,13 @@ class ProposalRecords:
                 ),
             )
 
+    def close(self, ref: str) -> None:
+        """The forge says the proposal was closed or merged: it is no longer listed."""
+        with self.store.transaction() as db:
+            db.execute(
+                "UPDATE proposals SET status = ? WHERE ref = ?", (ProposalStatus.CLOSED, ref)
+            )
+
     def close_missing(self, open_refs: set[str]) -> list[str]:
         """Mark closed every proposal whose ref is no longer on the remote; their names."""
         rows = self.store.query("SELECT ref FROM proposals WHERE status != ?", ("closed",))
