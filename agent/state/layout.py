@@ -17,6 +17,9 @@
   hosts/<host>.json       what the agent manages on a host, shared by the fleet units
                           (providers/hosts/ledger.py)
   terraform/cli.tfrc      the Terraform CLI config the agent writes
+  proposals/              plans of proposed changes (agent/engine/proposals.py): a clone,
+                          units/<unit>/, runs/<plan-id>/<unit>/, plugin-cache/, home/,
+                          pass.lock (its own: never the pass lock)
   plugin-cache/           shared provider cache (host config terraform.plugin_cache_dir)
 """
 
