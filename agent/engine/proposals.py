@@ -122,6 +122,7 @@ class ProposalPlanner:
             self.layout.unit_state_file,
             self.redactor,
             timeout=self.config.timeout,
+            remote_state=host.terraform.state_backend is not None,
         )
 
     def interrupt(self) -> None:

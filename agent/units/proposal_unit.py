@@ -38,6 +38,7 @@ from agent.state.proposals import ProposalUnitStatus
 from agent.units.secrets import terraform_variables
 from providers.errors import ProviderError
 from providers.terraform import TerraformRunner, UnitWorkspace, summarize_plan
+from providers.terraform.workdir import keeps_agent_state
 
 STATE_COPY_WAIT = 30.0  # seconds to wait for a main pass's Terraform to let go of a state
 _KEPT_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "SSL_CERT_FILE", "SSL_CERT_DIR")
@@ -102,8 +103,11 @@ class ProposalUnitPlanner:
         redactor: Redactor,
         *,
         timeout: float,
+        remote_state: bool = False,
     ) -> None:
+        """`remote_state`: the host config names a `terraform.state_backend`."""
         self._runner = runner
+        self.remote_state = remote_state
         self.root = root
         self._unit_state = unit_state
         self.redactor = redactor
@@ -128,6 +132,14 @@ class ProposalUnitPlanner:
             return UnitPlan(
                 ProposalUnitStatus.SKIPPED,
                 detail=f"skipped: needs secrets ({names}); proposals.secrets_for does not list it",
+            )
+        if self.remote_state and keeps_agent_state(tree / unit.stack):
+            # Its state is in the host's backend, whose credentials may write every unit's
+            # state: a proposal gets none, and an empty local state would plan a re-create.
+            return UnitPlan(
+                ProposalUnitStatus.SKIPPED,
+                detail="skipped: its state is in terraform.state_backend, whose credentials"
+                " proposal plans do not get",
             )
         work = self.root / "units" / unit.name
         copy = work / "terraform.tfstate"
