@@ -125,8 +125,13 @@ def test_a_push_then_a_webhook_gives_a_status_and_one_comment_updated_in_place(
                 "context": "gitops-agent/test/proposal",
             }
             assert forge.statuses(heads[-1])[0]["state"] == "pending"
-            (comment,) = wait_for(lambda: forge.comments(5), what="the comment")
-            assert f"plan of `{heads[-1][:12]}`" in comment.body, comment.body
+            # The status goes first, then the comment: wait for the one about this head.
+            (comment,) = wait_for(
+                lambda h=heads[-1]: [
+                    c for c in forge.comments(5) if f"plan of `{h[:12]}`" in c.body
+                ],
+                what="the comment about this head",
+            )
             assert f'"{value}"' in comment.body and "| app | changes +0 ~1 -0 |" in comment.body
         print(f"webhook -> status of the second head: {seconds:.2f} s")
         assert len(forge.comments(5)) == 1  # updated in place, never a second one
