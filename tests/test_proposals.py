@@ -406,3 +406,42 @@ def test_a_unit_whose_state_is_in_the_hosts_backend_is_skipped(tmp_path: Path, w
     (lone,) = row.units
     assert lone.status == "skipped"
     assert "state is in terraform.state_backend" in (lone.detail or "")
+
+
+def ssh_key(path: Path, name: str) -> Path:
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(path)],
+        check=True,
+        timeout=30,
+    )
+    return path
+
+
+def test_with_repo_signing_only_heads_signed_by_an_allowed_key_are_planned(
+    tmp_path: Path, world
+) -> None:
+    repo, secrets = world
+    allowed = ssh_key(tmp_path / "ops", "ops@example.org")
+    stranger = ssh_key(tmp_path / "stranger", "stranger@example.org")
+    signers = tmp_path / "allowed_signers"
+    signers.write_text(f"ops@example.org {allowed.with_suffix('.pub').read_text()}")
+    config = host_config(tmp_path, repo, secrets, PROPOSALS)
+    signing = f"  branch: main\n  signing: {{ssh_allowed_signers: {signers}}}\n"
+    config.write_text(config.read_text().replace("  branch: main\n", signing))
+    git(repo.work, "config", "gpg.format", "ssh")
+    git(repo.work, "config", "commit.gpgsign", "true")
+    heads = {}
+    for ref, key in (("refs/pull/1/head", allowed), ("refs/pull/2/head", stranger)):
+        git(repo.work, "config", "user.signingkey", str(key))
+        heads[ref] = propose(repo, ref, {"stacks/lone/main.tf": APP_TF})
+
+    planner = ProposalPlanner(load_host_config(config))
+    try:
+        rows = {row.ref: row for row in planner.poll().planned}
+    finally:
+        planner.close()
+    assert rows["refs/pull/1/head"].status == "planned"
+    assert [u.unit for u in rows["refs/pull/1/head"].units] == ["lone"]
+    refused = rows["refs/pull/2/head"]
+    assert refused.status == "refused" and refused.units == ()
+    assert (refused.detail or "").startswith("not signed by an allowed key")
