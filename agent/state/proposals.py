@@ -120,9 +120,14 @@ class ProposalRecords:
         add, change, destroy = counts if counts is not None else (None, None, None)
         with self.store.transaction() as db:
             db.execute(
-                "INSERT OR REPLACE INTO proposal_units (ref, unit, head, plan_id, status,"
+                # Portable SQL: the store may be PostgreSQL (agent/state/pgconn.py).
+                "INSERT INTO proposal_units (ref, unit, head, plan_id, status,"
                 " plan_add, plan_change, plan_destroy, detail, finished_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (ref, unit) DO UPDATE SET"
+                " head = excluded.head, plan_id = excluded.plan_id, status = excluded.status,"
+                " plan_add = excluded.plan_add, plan_change = excluded.plan_change,"
+                " plan_destroy = excluded.plan_destroy, detail = excluded.detail,"
+                " finished_at = excluded.finished_at",
                 (
                     ref,
                     unit,
