@@ -266,6 +266,9 @@ class UnitOutcome:
     preview: bool = False
     moved: tuple[str, ...] = ()  # the kinds of input that moved (see agent.units.fingerprint)
     drift_overwritten: bool = False  # drift applied over by a change from Git
+    # Held with nothing to approve: a fleet's changes wait for the change window (not stored:
+    # it words the pass's notification).
+    waiting: bool = False
 
 
 def new_run_id(now: float | None = None) -> str:

@@ -322,7 +322,12 @@ class FleetReconciler:
         )
         if wait and outcome.status is UnitStatus.OK and outcome.plan_change:
             return replace(
-                outcome, status=UnitStatus.HELD, decision=Decision.HOLD, converged=False, error=wait
+                outcome,
+                status=UnitStatus.HELD,
+                decision=Decision.HOLD,
+                converged=False,
+                error=wait,
+                waiting=True,
             )
         if note and outcome.status is UnitStatus.OK and outcome.plan_change:
             return replace(outcome, error=note)  # the override lifted the window for these
