@@ -39,6 +39,8 @@ from providers.terraform import (
     summarize_plan,
     write_cli_config,
 )
+from providers.terraform.sensitive import mask_plan
+from providers.terraform.variables import declared_variables
 
 PLAN_FILE = "tfplan"
 
@@ -112,7 +114,11 @@ class StackReconciler:
         if self._stop.is_set():
             raise TerraformError(f"unit {unit.name}: interrupted before the next Terraform step")
 
-    def workspace(self, ctx: StackContext, unit: Unit) -> UnitWorkspace:
+    def workspace(
+        self, ctx: StackContext, unit: Unit, sensitive: frozenset[str] | None = None
+    ) -> UnitWorkspace:
+        """Where Terraform runs for `unit`; `sensitive`: the variables to mark sensitive
+        there (None: leave the marks of the last plan)."""
         ensure_private_dir(self.layout.unit_dir(unit.name))
         return UnitWorkspace(
             stack_dir=ctx.tree / unit.stack,
@@ -121,6 +127,7 @@ class StackReconciler:
             root=ctx.tree,  # Terraform runs in a shadow of the stack: see terraform/workdir.py
             backend=self.state_backend,
             unit=unit.name,
+            sensitive_vars=sensitive,
         )
 
     # --- one unit -----------------------------------------------------------------
@@ -197,9 +204,9 @@ class StackReconciler:
     ) -> UnitOutcome:
         runner = self.runner()
         deadline = started + unit.timeout
-        ws = self.workspace(ctx, unit)
+        variables, sensitive = self._variables(ctx, unit, deadline)
+        ws = self.workspace(ctx, unit, sensitive)
         run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, unit.name))
-        variables = self._variables(ctx, unit, deadline)
 
         self._phase(ctx, unit, "init")
         with self._log(ctx, unit, run_dir / "init.txt") as init_log:
@@ -222,7 +229,8 @@ class StackReconciler:
                 plan_json = self._terraform(
                     "show", unit, lambda: runner.show_json(ws, plan_file, deadline)
                 )
-                redacted = self.redactor.redact_obj(plan_json)
+                # Terraform's sensitivity marks first: they cover numbers and booleans too.
+                redacted = self.redactor.redact_obj(mask_plan(plan_json))
                 atomic_write(run_dir / "plan.json", json.dumps(redacted, indent=1))
             else:
                 # An empty plan needs no reading (and `show` costs as much as a plan).
@@ -357,17 +365,30 @@ class StackReconciler:
 
     # --- helpers ------------------------------------------------------------------
 
-    def _variables(self, ctx: StackContext, unit: Unit, deadline: float) -> dict[str, str]:
-        """The unit's vars as TF_VAR_* values: literals, and outputs of other stacks."""
+    def _variables(
+        self, ctx: StackContext, unit: Unit, deadline: float
+    ) -> tuple[dict[str, str], frozenset[str]]:
+        """The unit's vars as TF_VAR_* values (literals, and outputs of other stacks), and
+        the names of those fed from a sensitive output: Terraform is told they are
+        sensitive (terraform/workdir.py), so it never prints them, numbers included."""
         variables: dict[str, str] = {}
+        sensitive: set[str] = set()
         for name, value in unit.vars.items():
             if isinstance(value, StackOutputRef):
-                value = self._stack_output(ctx, unit, name, value, deadline).value
+                output = self._stack_output(ctx, unit, name, value, deadline)
+                value = output.value
+                if output.sensitive:
+                    sensitive.add(name)
             if value is None:
                 continue  # null: the variable keeps its default
             variables[f"TF_VAR_{name}"] = value if isinstance(value, str) else _hcl(value)
         variables.update(terraform_variables(ctx.secrets.values.get(unit.name, {})))
-        return variables
+        # An override of a variable the stack does not declare fails the plan; the manifest
+        # check refuses such vars, and a stack it could not read keeps every mark.
+        declared = declared_variables(ctx.tree / unit.stack)
+        if declared is not None:
+            sensitive &= declared
+        return variables, frozenset(sensitive)
 
     def _stack_output(
         self, ctx: StackContext, unit: Unit, var: str, ref: StackOutputRef, deadline: float
@@ -391,10 +412,10 @@ class StackReconciler:
     def _read_outputs(
         self, ctx: StackContext, requester: Unit, upstream: str, deadline: float
     ) -> dict[str, StackOutput]:
-        """Stack unit `upstream`'s outputs, read once per pass. A sensitive output's value
-        is registered with the redactor: the unit that receives it gets it as a plain
-        TF_VAR_ value, which Terraform would print unless the variable is declared
-        `sensitive = true` (something only the stack's author can do)."""
+        """Stack unit `upstream`'s outputs, read once per pass. A sensitive output's strings
+        are registered with the redactor (they may reach logs by other ways than Terraform's
+        output: errors, templates on hosts); the stack that receives one marks its variable
+        sensitive (see `_variables`)."""
         if upstream in ctx.outputs:
             return ctx.outputs[upstream]
         unit = ctx.manifest.get_unit(upstream)
