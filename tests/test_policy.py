@@ -236,6 +236,15 @@ def test_a_fleet_outside_the_window_changes_nothing_until_overridden(tmp_path: P
     assert held.status is UnitStatus.HELD  # type: ignore[attr-defined]
     assert f"outside change window (opens {tomorrow:%a %Y-%m-%d} 00:00 UTC)" == held.error  # type: ignore[attr-defined]
     assert not target.exists()
+    # What the daemon notifies: the changes wait for the window; there is nothing to approve.
+    from agent.notify import unit_events
+
+    (note,) = unit_events("app", held, run_id="r-1", revision="abc")  # type: ignore[arg-type]
+    opens = f"opens {tomorrow:%a %Y-%m-%d} 00:00 UTC"
+    assert note.kind == "hold"
+    assert note.summary == f"changes wait: outside change window ({opens})"
+    assert "they apply in the first pass after the window opens" in note.detail
+    assert "approve" not in note.summary + note.detail
 
     forced = run(PassRequest(trigger="test", override_window="by tester: INC-9"))
     assert forced.status is UnitStatus.OK, forced.error  # type: ignore[attr-defined]
