@@ -26,7 +26,7 @@ from agent.units.decide import Decision, PlanFacts, decide
 from agent.units.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint, state_part
 from agent.units.policy_check import now_utc, stack_policy
 from agent.units.secrets import terraform_variables
-from agent.units.unitrun import run_unit
+from agent.units.unitrun import finish_unit, run_unit
 from providers.errors import ProviderError
 from providers.proctrack import ChildTracker
 from providers.terraform import (
@@ -141,9 +141,16 @@ class StackReconciler:
             error=f"not run: it depends on {dependency!r}, which is {dep_outcome.status}",
             preview=ctx.dry_run,  # a dry run's block says nothing about the last real result
         )
-        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
-        self._finished(ctx, name, outcome, None)
-        return outcome
+        return finish_unit(
+            ctx,
+            name,
+            outcome,
+            store=self.store,
+            report=self.report,
+            redactor=self.redactor,
+            describe=describe_outcome,
+            started=None,
+        )
 
     def reconcile(self, ctx: StackContext, name: str) -> UnitOutcome:
         """Plan, decide and (maybe) apply one unit; never raises for the unit's own failure."""
@@ -349,12 +356,22 @@ class StackReconciler:
             outcome = UnitOutcome(
                 status=UnitStatus.INTERRUPTED if self._stop.is_set() else UnitStatus.FAILED,
                 decision=Decision.APPLY,
-                error=self.redactor.redact(message),
+                error=message,
                 **counts,
             )
-        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
-        self._finished(ctx, name, outcome, time.monotonic() - started)
-        return outcome
+        # Applied, the unit is at the inputs the held plan was made from: the next pass
+        # sees nothing moved (unless something moved since).
+        return finish_unit(
+            ctx,
+            name,
+            outcome,
+            store=self.store,
+            report=self.report,
+            redactor=self.redactor,
+            describe=describe_outcome,
+            started=started,
+            fingerprint=held.fingerprint if held else None,
+        )
 
     def _drop_older_plans(self, unit: str, run_id: str) -> None:
         """A unit held again: the plans earlier runs held for it can no longer be approved
@@ -455,20 +472,6 @@ class StackReconciler:
 
     def _phase(self, ctx: StackContext, unit: Unit, phase: str) -> None:
         self.report(Event(EventKind.UNIT_PHASE, run_id=ctx.run_id, unit=unit.name, message=phase))
-
-    def _finished(
-        self, ctx: StackContext, name: str, outcome: UnitOutcome, seconds: float | None
-    ) -> None:
-        self.report(
-            Event(
-                EventKind.UNIT_FINISHED,
-                run_id=ctx.run_id,
-                unit=name,
-                message=describe_outcome(outcome),
-                seconds=seconds,
-                result=outcome,
-            )
-        )
 
     def finish_cut_logs(self, run_id: str) -> None:
         """Close the logs a killed pass left half written, with a marker line."""
