@@ -8,6 +8,7 @@ No mocks. A unit "moved" when one of its own inputs changed since it last conver
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -739,6 +740,16 @@ def test_values_of_sensitive_outputs_stay_sensitive_in_the_stack_that_reads_them
     assert "echo = (sensitive value)" in plan
     assert 'public   = "public-value-7f3e"' in plan
     assert "***" not in plan
+    # The plan JSON the agent keeps (and rules read) masks what Terraform marks, the number
+    # too; numbers are never given to the redactor (masking every 1 would mask everything).
+    kept = json.loads((run_dir / "plan.json").read_text())
+    assert kept["variables"]["port"]["value"] == "(sensitive value)"
+    (change,) = kept["resource_changes"]
+    assert change["change"]["after"]["input"] == {
+        "greeting": "(sensitive value)",
+        "port": "(sensitive value)",
+        "public": "public-value-7f3e",
+    }
     cli = [sys.executable, "-m", "agent.cli", "--config", str(world.config)]
     shown = [
         subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60, check=True)
