@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.store import RunStore
+from agent.state.store import RunStore
 from tests.support.infra import InfraRepo, write_host_config
 from tests.tfhelpers import LOCALFILE_REQUIRED
 

@@ -243,7 +243,7 @@ def test_a_fleet_outside_the_window_changes_nothing_until_overridden(tmp_path: P
     assert f"outside change window (opens {tomorrow:%a %Y-%m-%d} 00:00 UTC)" == held.error  # type: ignore[attr-defined]
     assert not target.exists()
     # What the daemon notifies: the changes wait for the window; there is nothing to approve.
-    from agent.notify import unit_events
+    from agent.service.notify import unit_events
 
     (note,) = unit_events("app", held, run_id="r-1", revision="abc")  # type: ignore[arg-type]
     opens = f"opens {tomorrow:%a %Y-%m-%d} 00:00 UTC"
@@ -252,7 +252,7 @@ def test_a_fleet_outside_the_window_changes_nothing_until_overridden(tmp_path: P
     assert "they apply in the first pass after the window opens" in note.detail
     assert "approve" not in note.summary + note.detail
     # And `agent approve` says why it has nothing to apply.
-    from agent.reconcile import ApprovalRefused
+    from agent.engine.reconcile import ApprovalRefused
 
     reconciler = Reconciler(load_host_config(config))
     try:
