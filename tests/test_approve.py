@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.state.store import RunStore
 from tests.support.infra import InfraRepo, write_host_config
 from tests.tfhelpers import LOCALFILE_REQUIRED
 
@@ -126,8 +127,18 @@ def test_a_held_destroy_is_applied_by_approve_and_only_once(tmp_path: Path) -> N
     again = world.agent("approve", run)
     assert again.returncode == 1
     assert f"the plan of files in run {run} was already approved" in again.stderr
-    # The next pass finds nothing to do.
-    assert "files: no changes" in world.agent("reconcile", "--now").stdout
+    # The approval converged the unit to the inputs its plan was made from (issue 13): the
+    # next pass finds nothing to do and nothing moved.
+    store = RunStore(world.state)
+    (held_row,) = store.unit_runs(run)
+    state = store.unit_state("files")
+    assert state is not None and held_row.fingerprint
+    assert state.fingerprint == held_row.fingerprint and state.last_run_id == approve_run
+    after = world.agent("reconcile", "--now")
+    assert "files: no changes" in after.stdout
+    after_run = re.search(r"^run (r-\S+): ", after.stdout, re.M).group(1)  # type: ignore[union-attr]
+    (row,) = store.unit_runs(after_run)
+    assert (row.decision, row.moved) == ("nothing", None)
 
 
 def test_an_approval_after_the_state_moved_is_refused_as_stale(world: World) -> None:

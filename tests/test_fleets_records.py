@@ -290,6 +290,9 @@ def test_a_held_removal_waits_for_approval_and_the_rest_converges(world: dict) -
     assert approved.outcomes["web"].status is UnitStatus.OK, approved.outcomes["web"]
     assert not old.exists() and new.exists()
     assert f"path:{old}" not in record(world)["objects"]
+    # Converged at the inputs the held pass saw: the next pass finds nothing moved.
+    again = run(world, "hold")
+    assert again.outcomes["web"].status is UnitStatus.OK and again.outcomes["web"].moved == ()
 
 
 def test_an_approval_is_stale_when_the_host_moved(world: dict) -> None:

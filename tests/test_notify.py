@@ -438,6 +438,9 @@ OK, HELD, FAILED = UnitStatus.OK, UnitStatus.HELD, UnitStatus.FAILED
         (UnitOutcome(HELD, "hold", error="destroys resources", plan_add=0, plan_change=0,
                      plan_destroy=2),
          [("hold", "plan held for approval (+0 ~0 -2)")]),
+        (UnitOutcome(HELD, "hold", error="outside change window (opens Mon 2026-12-07 09:00 UTC)",
+                     waiting=True),
+         [("hold", "changes wait: outside change window (opens Mon 2026-12-07 09:00 UTC)")]),
         (UnitOutcome(FAILED, error="terraform apply failed:\nError: boom"),
          [("failure", "terraform apply failed:")]),
         (UnitOutcome(OK, "apply", drift=True, drift_overwritten=True, plan_add=0,
@@ -460,7 +463,8 @@ def test_unit_results_make_the_expected_events(
     if outcome.status is FAILED:
         assert events[0].detail == "terraform apply failed:\nError: boom"
     if outcome.status is HELD:
-        assert "agent approve r-1" in events[0].detail
+        # Only a saved plan can be approved: a fleet waiting for its window has none.
+        assert ("agent approve r-1" in events[0].detail) is not outcome.waiting
 
 
 def test_a_pass_level_event_reads_well_in_slack() -> None:

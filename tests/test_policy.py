@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from agent.policy.windows import WEEKDAYS
 from tests.support.infra import InfraRepo, write_host_config
 
@@ -225,10 +227,14 @@ def test_a_fleet_outside_the_window_changes_nothing_until_overridden(tmp_path: P
         f"windows:\n  allow:\n    - days: [{WEEKDAYS[tomorrow.weekday()]}]\n",
     )
 
+    runs: list[str] = []
+
     def run(request: PassRequest) -> object:
         reconciler = Reconciler(load_host_config(config))
         try:
-            return reconciler.run_pass(request).outcomes["app"]
+            result = reconciler.run_pass(request)
+            runs.append(result.run_id)
+            return result.outcomes["app"]
         finally:
             reconciler.close()
 
@@ -236,6 +242,25 @@ def test_a_fleet_outside_the_window_changes_nothing_until_overridden(tmp_path: P
     assert held.status is UnitStatus.HELD  # type: ignore[attr-defined]
     assert f"outside change window (opens {tomorrow:%a %Y-%m-%d} 00:00 UTC)" == held.error  # type: ignore[attr-defined]
     assert not target.exists()
+    # What the daemon notifies: the changes wait for the window; there is nothing to approve.
+    from agent.service.notify import unit_events
+
+    (note,) = unit_events("app", held, run_id="r-1", revision="abc")  # type: ignore[arg-type]
+    opens = f"opens {tomorrow:%a %Y-%m-%d} 00:00 UTC"
+    assert note.kind == "hold"
+    assert note.summary == f"changes wait: outside change window ({opens})"
+    assert "they apply in the first pass after the window opens" in note.detail
+    assert "approve" not in note.summary + note.detail
+    # And `agent approve` says why it has nothing to apply.
+    from agent.engine.reconcile import ApprovalRefused
+
+    reconciler = Reconciler(load_host_config(config))
+    try:
+        with pytest.raises(ApprovalRefused, match="waits for its change window") as refused:
+            reconciler.approve(runs[0])
+    finally:
+        reconciler.close()
+    assert "--override-window" in (refused.value.hint or "")
 
     forced = run(PassRequest(trigger="test", override_window="by tester: INC-9"))
     assert forced.status is UnitStatus.OK, forced.error  # type: ignore[attr-defined]

@@ -8,7 +8,10 @@ No mocks. A unit "moved" when one of its own inputs changed since it last conver
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from agent.cli.quickstart import lay_out
 from agent.config import load_host_config
 from agent.engine.reconcile import PassRequest, PassResult, Reconciler
 from agent.service.daemon import Daemon
+from agent.service.notify import unit_events
 from agent.service.triggers import Batch
 from agent.state.store import RunStore, UnitStatus
 from tests.support.infra import InfraRepo, embedded_terraform, git, write_host_config
@@ -661,6 +665,120 @@ def test_a_sensitive_output_read_with_from_stack_is_never_printed(tmp_path: Path
     assert any("hello.txt" in text for text in texts)
 
 
+SENSITIVE_PORT = 48213  # a number no other part of the test prints
+SECRET_BASE_TF = """
+variable "greeting" {
+  type      = string
+  sensitive = true
+}
+output "greeting" {
+  value     = var.greeting
+  sensitive = true
+}
+variable "port" {
+  type      = number
+  sensitive = true
+}
+output "port" {
+  value     = var.port
+  sensitive = true
+}
+output "public" { value = "public-value-7f3e" }
+"""
+# app declares its variables plainly: the agent tells Terraform they are sensitive. Its
+# outputs of them must say `sensitive = true` (Terraform refuses the plan otherwise).
+SECRET_APP_TF = """
+variable "greeting" { type = string }
+variable "port" { type = number }
+variable "public" { type = string }
+resource "terraform_data" "use" {
+  input = { greeting = var.greeting, port = var.port, public = var.public }
+}
+output "echo" {
+  value     = var.greeting
+  sensitive = true
+}
+output "port" {
+  value     = var.port
+  sensitive = true
+}
+"""
+
+
+def test_values_of_sensitive_outputs_stay_sensitive_in_the_stack_that_reads_them(
+    tmp_path: Path,
+) -> None:
+    world = GreetingWorld(tmp_path)
+    world.repo.write("stacks/base/main.tf", SECRET_BASE_TF)
+    world.repo.write("stacks/app/main.tf", SECRET_APP_TF)
+    world.repo.write(
+        "gitops.yaml",
+        textwrap.dedent(f"""\
+            version: 1
+            units:
+              - name: base
+                stack: stacks/base
+                vars: {{greeting: "{CANARY}", port: {SENSITIVE_PORT}}}
+              - name: app
+                stack: stacks/app
+                vars:
+                  greeting: {{from_stack: {{unit: base, output: greeting}}}}
+                  port: {{from_stack: {{unit: base, output: port}}}}
+                  public: {{from_stack: {{unit: base, output: public}}}}
+            """),
+    )
+    world.repo.push("seed")
+
+    result = world.reconcile()
+
+    assert result.ok, result.error
+    run_dir = world.state / "runs" / result.run_id / "app"
+    plan = (run_dir / "plan.txt").read_text()
+    # Terraform itself hides them (so not even the redactor's mask shows where they were),
+    # the number too; a plain output's value is shown as it is.
+    assert "greeting = (sensitive value)" in plan and "port     = (sensitive value)" in plan
+    assert "echo = (sensitive value)" in plan
+    assert 'public   = "public-value-7f3e"' in plan
+    assert "***" not in plan
+    # The plan JSON the agent keeps (and rules read) masks what Terraform marks, the number
+    # too; numbers are never given to the redactor (masking every 1 would mask everything).
+    kept = json.loads((run_dir / "plan.json").read_text())
+    assert kept["variables"]["port"]["value"] == "(sensitive value)"
+    (change,) = kept["resource_changes"]
+    assert change["change"]["after"]["input"] == {
+        "greeting": "(sensitive value)",
+        "port": "(sensitive value)",
+        "public": "public-value-7f3e",
+    }
+    cli = [sys.executable, "-m", "agent.cli", "--config", str(world.config)]
+    shown = [
+        subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60, check=True)
+        for args in (["logs", "app"], ["status"], ["history"])
+    ]
+    assert "(sensitive value)" in shown[0].stdout
+    notes = [
+        note
+        for name, outcome in result.outcomes.items()
+        for note in unit_events(name, outcome, run_id=result.run_id, revision=result.revision)
+    ]
+    assert [n.kind for n in notes] == ["apply", "apply"]
+    texts = [
+        *(p.read_text() for p in run_dir.parent.glob("*/*") if p.suffix in (".txt", ".json")),
+        *(out.stdout + out.stderr for out in shown),
+        *(f"{n.summary} {n.detail}" for n in notes),
+    ]
+    assert not any(CANARY in text or str(SENSITIVE_PORT) in text for text in texts)
+    # The store (and its journal) never saw them either.
+    for path in world.state.glob("agent.db*"):
+        assert CANARY.encode() not in path.read_bytes()
+    # A value the stack no longer receives from a sensitive output is no longer marked.
+    world.repo.write("stacks/base/main.tf", SECRET_BASE_TF.replace("sensitive = true", ""))
+    world.repo.write("stacks/app/main.tf", SECRET_APP_TF.replace("sensitive = true", ""))
+    world.repo.push("nothing is secret any more")
+    assert world.reconcile().ok
+    assert not list(world.state.glob("units/app/workdir/**/zz_gitops_agent_sensitive_*"))
+
+
 def test_a_unit_pass_blocks_a_unit_whose_dependency_is_held(tmp_path: Path) -> None:
     world = GreetingWorld(tmp_path, "policy: {destroy: hold}\n")
     world.seed(
@@ -755,7 +873,7 @@ def test_resume_queues_a_pass_for_the_unit(tmp_path: Path) -> None:
 
     try:
         daemon.store.suspend("app", by="tester")
-        daemon.handle("resume", {"unit": "app"}, Peer(), Reply())  # type: ignore[arg-type]
+        daemon.requests.handle("resume", {"unit": "app"}, Peer(), Reply())  # type: ignore[arg-type]
         queued = daemon.queue.pending()
         batch = daemon.queue.take() if queued else None
     finally:

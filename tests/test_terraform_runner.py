@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from providers.terraform import (
 )
 from providers.terraform.locate import EMBEDDED_SCRIPT
 from providers.terraform.runner import FINGERPRINT_FILE, hcl_top_level_blocks, init_inputs
-from providers.terraform.workdir import OVERRIDE_FILE, keeps_agent_state
+from providers.terraform.workdir import OVERRIDE_FILE, SENSITIVE_FILE, keeps_agent_state
 from tests.tfhelpers import (
     Lines,
     deadline_in,
@@ -395,10 +396,43 @@ def test_the_shadow_follows_the_checkout_and_reaches_modules_above_the_stack(
     assert sorted(p.name for p in ws.stack_dir.iterdir()) == ["main.tf", "out2.tf"]
     assert not (checkout / ".terraform.lock.hcl").exists()
 
-    # The agent's file name is reserved: a stack cannot set the state path through it.
-    write_files(ws.stack_dir, {OVERRIDE_FILE: "# mine\n"})
-    with pytest.raises(TerraformCommandError, match="reserves this file name"):
-        runner.init_if_needed(ws, Lines(), deadline_in(60))
+    # The agent's file names are reserved: a stack cannot set the state path through them.
+    for name in (OVERRIDE_FILE, SENSITIVE_FILE):
+        write_files(ws.stack_dir, {name: "# mine\n"})
+        with pytest.raises(TerraformCommandError, match=f"{name}: the agent reserves"):
+            runner.init_if_needed(ws, Lines(), deadline_in(60))
+        (ws.stack_dir / name).unlink()
+
+
+def test_variables_marked_sensitive_are_never_printed_by_terraform(tmp_path: Path) -> None:
+    runner = make_runner(tmp_path)
+    files = {
+        "main.tf": """
+            variable "word" { type = string }
+            variable "n" { type = number }
+            resource "terraform_data" "a" { input = "${var.word}-${var.n}" }
+            """
+    }
+    ws = make_workspace(tmp_path, files)
+    marked = dataclasses.replace(ws, sensitive_vars=frozenset({"word", "n"}))
+    variables = {"TF_VAR_word": "plain-word-5e1f", "TF_VAR_n": "73019"}
+    plan_file = tmp_path / "tfplan"
+    runner.init_if_needed(marked, Lines(), deadline_in(60))
+    lines = Lines()
+    runner.plan(marked, plan_file, variables, lines, deadline_in(60))
+    text = "\n".join(lines)
+    assert "input  = (sensitive value)" in text
+    assert "plain-word-5e1f" not in text and "73019" not in text
+    assert (marked.run_dir / SENSITIVE_FILE).is_file()
+    # The marks stay for a workspace that names none (reading outputs, applying a saved
+    # plan); an empty set removes them.
+    runner.apply(ws, plan_file, variables, Lines(), deadline_in(60))
+    assert (ws.run_dir / SENSITIVE_FILE).is_file()
+    # (Terraform keeps showing an attribute its state recorded as sensitive.)
+    unmarked = dataclasses.replace(ws, sensitive_vars=frozenset())
+    runner.init_if_needed(unmarked, Lines(), deadline_in(60))  # syncs the shadow
+    runner.plan(unmarked, plan_file, {**variables, "TF_VAR_n": "2"}, Lines(), deadline_in(60))
+    assert not (ws.run_dir / SENSITIVE_FILE).exists()
 
 
 def test_a_syntax_error_carries_terraforms_message(tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from agent.errors import (
     SourceError,
     VerificationError,
 )
+from agent.policy.windows import WINDOW_CLOSED
 from agent.state.layout import StateLayout
 from agent.state.passlock import PassLock, end_leftovers
 from agent.state.store import RevisionStatus, RunStatus, UnitOutcome, UnitStatus, open_run_store
@@ -353,6 +354,14 @@ class Reconciler:
             )
         plans = {n: _held_file(self.layout.unit_run_dir(run_id, n)) for n in names}
         for name, plan in plans.items():
+            if not plan.exists() and (rows[name].error or "").startswith(WINDOW_CLOSED):
+                # A fleet waiting for its change window saved nothing to approve.
+                raise ApprovalRefused(
+                    f"unit {name} waits for its change window in run {run_id}"
+                    f" ({rows[name].error}): there is no saved plan to approve; it applies in"
+                    " the first pass after the window opens",
+                    hint="to apply now: agent reconcile --now --override-window --reason TEXT",
+                )
             if not plan.exists():
                 raise ApprovalRefused(self._why_no_plan(run_id, name))
         return run.revision, plans

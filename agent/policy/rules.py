@@ -26,6 +26,8 @@ from typing import Any
 import celpy
 from celpy import celtypes
 
+from providers.terraform.sensitive import mask_value
+
 MAX_RULES = 200
 MAX_EXPRESSION_CHARS = 4000
 MAX_CHANGES = 5000
@@ -141,15 +143,7 @@ def plan_input(plan_json: Mapping[str, Any], unit: str) -> dict[str, Any]:
 
 def _mask(value: Any, sensitive: Any) -> Any:
     """`value` with every part Terraform marks sensitive replaced by SENSITIVE."""
-    if sensitive is True:
-        return SENSITIVE
-    if isinstance(value, Mapping):
-        marks = sensitive if isinstance(sensitive, Mapping) else {}
-        return {str(k): _mask(v, marks.get(k)) for k, v in value.items()}
-    if isinstance(value, list):
-        marks = sensitive if isinstance(sensitive, list) else []
-        return [_mask(v, marks[i] if i < len(marks) else None) for i, v in enumerate(value)]
-    return value
+    return mask_value(value, sensitive, SENSITIVE)
 
 
 def evaluate(

@@ -23,6 +23,8 @@ WEEKDAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 _HOURS_RE = re.compile(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-4]):([0-5]\d)")
 # How far ahead "opens ..." looks: a window that never opens in a week is reported as such.
 LOOKAHEAD = dt.timedelta(days=8)
+# How a closed window's hold reason begins (notifications recognise it).
+WINDOW_CLOSED = "outside change window"
 
 
 class FreezeDrift(StrEnum):
@@ -86,7 +88,7 @@ class Windows:
             if opens
             else f"does not open in the next {LOOKAHEAD.days} days"
         )
-        return f"outside change window ({when})"
+        return f"{WINDOW_CLOSED} ({when})"
 
 
 @functools.lru_cache(maxsize=256)

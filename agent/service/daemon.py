@@ -127,12 +127,10 @@ class Daemon:
         )
         self.http = self._http_server()
         self.web = WebPage.from_host(host, self.redactor)  # None unless `web:` is set
-        self.control = ControlServer(
-            self.service.control_socket,
-            ControlRequests(
-                host, self.reconciler, self.queue, self.planner, self.worker, self._stopping
-            ),
+        self.requests = ControlRequests(
+            host, self.reconciler, self.queue, self.planner, self.worker, self._stopping
         )
+        self.control = ControlServer(self.service.control_socket, self.requests)
         self.scheduler = BackgroundScheduler(
             timezone=UTC,
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},

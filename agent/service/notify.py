@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 from agent import __version__
 from agent.core.redact import Redactor
 from agent.errors import ConfigError
+from agent.policy.windows import WINDOW_CLOSED
 from agent.state.store import UnitOutcome, UnitStatus
 from providers.text import plural
 
@@ -661,8 +662,17 @@ def unit_events(
     if outcome.status is UnitStatus.FAILED:
         error = (outcome.error or "failed").strip()
         return [make("failure", error.splitlines()[0] if error else "failed", error)]
+    if outcome.status is UnitStatus.HELD and outcome.waiting:
+        # A fleet has no saved plan to approve: its changes wait for the window.
+        reason = (outcome.error or "held").strip()
+        detail = reason
+        if reason.startswith(WINDOW_CLOSED):
+            detail += "\nthey apply in the first pass after the window opens"
+        return [make("hold", f"changes wait{counts}: {reason.splitlines()[0]}", detail)]
     if outcome.status is UnitStatus.HELD:
         detail = f"{outcome.error or ''}\napprove it with: agent approve {run_id}".strip()
+        if WINDOW_CLOSED in (outcome.error or ""):
+            detail += "\n(or let it apply in the first pass after the change window opens)"
         return [make("hold", f"plan held for approval{counts}", detail)]
     if outcome.status is not UnitStatus.OK:
         return []

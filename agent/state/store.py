@@ -181,6 +181,12 @@ CREATE TABLE IF NOT EXISTS proposal_units (
 );
 """
 
+# The input fingerprint each unit run planned with: approving a held plan converges the
+# unit to the inputs that plan was made from (issue 13).
+_SCHEMA_RUN_FINGERPRINT = """
+ALTER TABLE unit_runs ADD COLUMN fingerprint TEXT;
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -189,6 +195,7 @@ MIGRATIONS: list[str] = [
     _SCHEMA_V3,
     _SCHEMA_CHANGED_ONLY,
     _SCHEMA_PROPOSALS,
+    _SCHEMA_RUN_FINGERPRINT,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -245,6 +252,7 @@ class UnitRunRow:
     preview: bool = False
     moved: str | None = None
     drift_overwritten: bool = False
+    fingerprint: str | None = None  # the inputs it planned with (agent.fingerprint, encoded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,6 +309,9 @@ class UnitOutcome:
     preview: bool = False
     moved: tuple[str, ...] = ()  # the kinds of input that moved (see agent.units.fingerprint)
     drift_overwritten: bool = False  # drift applied over by a change from Git
+    # Held with nothing to approve: a fleet's changes wait for the change window (not stored:
+    # it words the pass's notification).
+    waiting: bool = False
 
 
 def new_run_id(now: float | None = None) -> str:
@@ -591,9 +602,10 @@ class RunStore:
         """Record a unit's result and move its `unit_state`, in one transaction.
 
         A preview (dry run) sets only the preview columns. A real result sets the last
-        result; the converged revision and `fingerprint` move only when the outcome says
-        it converged; the drift flag changes only when a plan looked (a skipped, failed
-        or blocked unit keeps the drift last seen).
+        result; the converged revision and `fingerprint` (kept with the unit's run too, for
+        an approval of its plan) move only when the outcome says it converged; the drift
+        flag changes only when a plan looked (a skipped, failed or blocked unit keeps the
+        drift last seen).
         """
         now = time.time()
         with self._tx() as db:
@@ -605,7 +617,7 @@ class RunStore:
             db.execute(
                 "UPDATE unit_runs SET status = ?, decision = ?, drift = ?, plan_add = ?,"
                 " plan_change = ?, plan_destroy = ?, error = ?, finished_at = ?, preview = ?,"
-                " moved = ?, drift_overwritten = ? WHERE run_id = ? AND unit = ?",
+                " moved = ?, drift_overwritten = ?, fingerprint = ? WHERE run_id = ? AND unit = ?",
                 (
                     outcome.status,
                     outcome.decision,
@@ -618,6 +630,7 @@ class RunStore:
                     int(outcome.preview),
                     ",".join(outcome.moved) or None,
                     int(outcome.drift_overwritten),
+                    fingerprint,
                     run_id,
                     unit,
                 ),
@@ -927,6 +940,7 @@ def _unit_run_row(row: sqlite3.Row) -> UnitRunRow:
         preview=bool(row["preview"]),
         moved=row["moved"],
         drift_overwritten=bool(row["drift_overwritten"]),
+        fingerprint=row["fingerprint"],
     )
 
 

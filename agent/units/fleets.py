@@ -48,7 +48,7 @@ from agent.units.ec2fleet import Ec2Hosts
 from agent.units.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
 from agent.units.fleetlog import HostLog
 from agent.units.policy_check import fleet_hold, now_utc
-from agent.units.unitrun import run_unit
+from agent.units.unitrun import finish_unit, held_fingerprint, run_unit
 from providers.errors import ProviderError, RepoFileError
 from providers.hosts import ledger
 from providers.hosts.engine import converge
@@ -233,20 +233,18 @@ class FleetReconciler:
             outcome = UnitOutcome(status=UnitStatus.FAILED, decision=Decision.APPLY, error=message)
         finally:
             held_file.unlink(missing_ok=True)
-        if outcome.error:
-            outcome = replace(outcome, error=self.redactor.redact(outcome.error))
-        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
-        self.report(
-            Event(
-                EventKind.UNIT_FINISHED,
-                run_id=ctx.run_id,
-                unit=name,
-                message=describe_fleet(outcome),
-                seconds=time.monotonic() - started,
-                result=outcome,
-            )
+        # Converged, the fleet is at the inputs of the pass that held the removals.
+        return finish_unit(
+            ctx,
+            name,
+            outcome,
+            store=self.store,
+            report=self.report,
+            redactor=self.redactor,
+            describe=describe_fleet,
+            started=started,
+            fingerprint=held_fingerprint(self.store, held_run_id, name),
         )
-        return outcome
 
     # --- the steps ------------------------------------------------------------------
 
@@ -322,7 +320,12 @@ class FleetReconciler:
         )
         if wait and outcome.status is UnitStatus.OK and outcome.plan_change:
             return replace(
-                outcome, status=UnitStatus.HELD, decision=Decision.HOLD, converged=False, error=wait
+                outcome,
+                status=UnitStatus.HELD,
+                decision=Decision.HOLD,
+                converged=False,
+                error=wait,
+                waiting=True,
             )
         if note and outcome.status is UnitStatus.OK and outcome.plan_change:
             return replace(outcome, error=note)  # the override lifted the window for these

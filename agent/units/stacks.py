@@ -26,7 +26,7 @@ from agent.units.decide import Decision, PlanFacts, decide
 from agent.units.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint, state_part
 from agent.units.policy_check import now_utc, stack_policy
 from agent.units.secrets import terraform_variables
-from agent.units.unitrun import run_unit
+from agent.units.unitrun import finish_unit, run_unit
 from providers.errors import ProviderError
 from providers.proctrack import ChildTracker
 from providers.terraform import (
@@ -39,6 +39,8 @@ from providers.terraform import (
     summarize_plan,
     write_cli_config,
 )
+from providers.terraform.sensitive import mask_plan
+from providers.terraform.variables import declared_variables
 
 PLAN_FILE = "tfplan"
 
@@ -112,7 +114,11 @@ class StackReconciler:
         if self._stop.is_set():
             raise TerraformError(f"unit {unit.name}: interrupted before the next Terraform step")
 
-    def workspace(self, ctx: StackContext, unit: Unit) -> UnitWorkspace:
+    def workspace(
+        self, ctx: StackContext, unit: Unit, sensitive: frozenset[str] | None = None
+    ) -> UnitWorkspace:
+        """Where Terraform runs for `unit`; `sensitive`: the variables to mark sensitive
+        there (None: leave the marks of the last plan)."""
         ensure_private_dir(self.layout.unit_dir(unit.name))
         return UnitWorkspace(
             stack_dir=ctx.tree / unit.stack,
@@ -121,6 +127,7 @@ class StackReconciler:
             root=ctx.tree,  # Terraform runs in a shadow of the stack: see terraform/workdir.py
             backend=self.state_backend,
             unit=unit.name,
+            sensitive_vars=sensitive,
         )
 
     # --- one unit -----------------------------------------------------------------
@@ -134,9 +141,16 @@ class StackReconciler:
             error=f"not run: it depends on {dependency!r}, which is {dep_outcome.status}",
             preview=ctx.dry_run,  # a dry run's block says nothing about the last real result
         )
-        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
-        self._finished(ctx, name, outcome, None)
-        return outcome
+        return finish_unit(
+            ctx,
+            name,
+            outcome,
+            store=self.store,
+            report=self.report,
+            redactor=self.redactor,
+            describe=describe_outcome,
+            started=None,
+        )
 
     def reconcile(self, ctx: StackContext, name: str) -> UnitOutcome:
         """Plan, decide and (maybe) apply one unit; never raises for the unit's own failure."""
@@ -197,9 +211,9 @@ class StackReconciler:
     ) -> UnitOutcome:
         runner = self.runner()
         deadline = started + unit.timeout
-        ws = self.workspace(ctx, unit)
+        variables, sensitive = self._variables(ctx, unit, deadline)
+        ws = self.workspace(ctx, unit, sensitive)
         run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, unit.name))
-        variables = self._variables(ctx, unit, deadline)
 
         self._phase(ctx, unit, "init")
         with self._log(ctx, unit, run_dir / "init.txt") as init_log:
@@ -222,7 +236,8 @@ class StackReconciler:
                 plan_json = self._terraform(
                     "show", unit, lambda: runner.show_json(ws, plan_file, deadline)
                 )
-                redacted = self.redactor.redact_obj(plan_json)
+                # Terraform's sensitivity marks first: they cover numbers and booleans too.
+                redacted = self.redactor.redact_obj(mask_plan(plan_json))
                 atomic_write(run_dir / "plan.json", json.dumps(redacted, indent=1))
             else:
                 # An empty plan needs no reading (and `show` costs as much as a plan).
@@ -341,12 +356,22 @@ class StackReconciler:
             outcome = UnitOutcome(
                 status=UnitStatus.INTERRUPTED if self._stop.is_set() else UnitStatus.FAILED,
                 decision=Decision.APPLY,
-                error=self.redactor.redact(message),
+                error=message,
                 **counts,
             )
-        self.store.finish_unit(ctx.run_id, name, ctx.revision, outcome)
-        self._finished(ctx, name, outcome, time.monotonic() - started)
-        return outcome
+        # Applied, the unit is at the inputs the held plan was made from: the next pass
+        # sees nothing moved (unless something moved since).
+        return finish_unit(
+            ctx,
+            name,
+            outcome,
+            store=self.store,
+            report=self.report,
+            redactor=self.redactor,
+            describe=describe_outcome,
+            started=started,
+            fingerprint=held.fingerprint if held else None,
+        )
 
     def _drop_older_plans(self, unit: str, run_id: str) -> None:
         """A unit held again: the plans earlier runs held for it can no longer be approved
@@ -357,17 +382,30 @@ class StackReconciler:
 
     # --- helpers ------------------------------------------------------------------
 
-    def _variables(self, ctx: StackContext, unit: Unit, deadline: float) -> dict[str, str]:
-        """The unit's vars as TF_VAR_* values: literals, and outputs of other stacks."""
+    def _variables(
+        self, ctx: StackContext, unit: Unit, deadline: float
+    ) -> tuple[dict[str, str], frozenset[str]]:
+        """The unit's vars as TF_VAR_* values (literals, and outputs of other stacks), and
+        the names of those fed from a sensitive output: Terraform is told they are
+        sensitive (terraform/workdir.py), so it never prints them, numbers included."""
         variables: dict[str, str] = {}
+        sensitive: set[str] = set()
         for name, value in unit.vars.items():
             if isinstance(value, StackOutputRef):
-                value = self._stack_output(ctx, unit, name, value, deadline).value
+                output = self._stack_output(ctx, unit, name, value, deadline)
+                value = output.value
+                if output.sensitive:
+                    sensitive.add(name)
             if value is None:
                 continue  # null: the variable keeps its default
             variables[f"TF_VAR_{name}"] = value if isinstance(value, str) else _hcl(value)
         variables.update(terraform_variables(ctx.secrets.values.get(unit.name, {})))
-        return variables
+        # An override of a variable the stack does not declare fails the plan; the manifest
+        # check refuses such vars, and a stack it could not read keeps every mark.
+        declared = declared_variables(ctx.tree / unit.stack)
+        if declared is not None:
+            sensitive &= declared
+        return variables, frozenset(sensitive)
 
     def _stack_output(
         self, ctx: StackContext, unit: Unit, var: str, ref: StackOutputRef, deadline: float
@@ -391,10 +429,10 @@ class StackReconciler:
     def _read_outputs(
         self, ctx: StackContext, requester: Unit, upstream: str, deadline: float
     ) -> dict[str, StackOutput]:
-        """Stack unit `upstream`'s outputs, read once per pass. A sensitive output's value
-        is registered with the redactor: the unit that receives it gets it as a plain
-        TF_VAR_ value, which Terraform would print unless the variable is declared
-        `sensitive = true` (something only the stack's author can do)."""
+        """Stack unit `upstream`'s outputs, read once per pass. A sensitive output's strings
+        are registered with the redactor (they may reach logs by other ways than Terraform's
+        output: errors, templates on hosts); the stack that receives one marks its variable
+        sensitive (see `_variables`)."""
         if upstream in ctx.outputs:
             return ctx.outputs[upstream]
         unit = ctx.manifest.get_unit(upstream)
@@ -434,20 +472,6 @@ class StackReconciler:
 
     def _phase(self, ctx: StackContext, unit: Unit, phase: str) -> None:
         self.report(Event(EventKind.UNIT_PHASE, run_id=ctx.run_id, unit=unit.name, message=phase))
-
-    def _finished(
-        self, ctx: StackContext, name: str, outcome: UnitOutcome, seconds: float | None
-    ) -> None:
-        self.report(
-            Event(
-                EventKind.UNIT_FINISHED,
-                run_id=ctx.run_id,
-                unit=name,
-                message=describe_outcome(outcome),
-                seconds=seconds,
-                result=outcome,
-            )
-        )
 
     def finish_cut_logs(self, run_id: str) -> None:
         """Close the logs a killed pass left half written, with a marker line."""

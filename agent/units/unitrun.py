@@ -79,9 +79,6 @@ def run_unit(
                     fingerprint = fingerprint.with_parts(observed(unit))
         except AgentError as exc:
             outcome = UnitOutcome(status=UnitStatus.FAILED, error=exc.message)
-        # Errors quote Terraform's output, command output and file text: mask secrets here.
-        if outcome.error:
-            outcome = replace(outcome, error=redactor.redact(outcome.error))
         if stop.is_set() and outcome.status is UnitStatus.FAILED:
             outcome = replace(outcome, status=UnitStatus.INTERRUPTED)
     outcome = replace(outcome, moved=moved)
@@ -89,20 +86,44 @@ def run_unit(
         outcome = replace(outcome, preview=True, converged=False)
     elif outcome.converged and not dependencies_converged(ctx, unit):
         outcome = replace(outcome, converged=False)
-    store.finish_unit(
-        ctx.run_id,
+    return finish_unit(
+        ctx,
         name,
-        ctx.revision,
         outcome,
+        store=store,
+        report=report,
+        redactor=redactor,
+        describe=describe,
+        started=started,
         fingerprint=fingerprint.encode() if fingerprint else None,
     )
+
+
+def finish_unit(
+    ctx: StackContext,
+    name: str,
+    outcome: UnitOutcome,
+    *,
+    store: RunStore,
+    report: Reporter,
+    redactor: Redactor,
+    describe: Callable[[UnitOutcome], str],
+    started: float | None,
+    fingerprint: str | None = None,
+) -> UnitOutcome:
+    """Record a unit's result (and the inputs it planned with) and report it: the end of
+    every unit's run, a pass's or an approval's. Returns the outcome as recorded."""
+    # Errors quote Terraform's output, command output and file text: mask secrets here.
+    if outcome.error:
+        outcome = replace(outcome, error=redactor.redact(outcome.error))
+    store.finish_unit(ctx.run_id, name, ctx.revision, outcome, fingerprint=fingerprint)
     report(
         Event(
             EventKind.UNIT_FINISHED,
             run_id=ctx.run_id,
             unit=name,
             message=describe(outcome),
-            seconds=time.monotonic() - started,
+            seconds=None if started is None else time.monotonic() - started,
             result=outcome,
         )
     )
@@ -142,3 +163,8 @@ def dependencies_converged(ctx: StackContext, unit: Unit) -> bool:
         if outcome is None or outcome.preview or outcome.status is not UnitStatus.OK:
             return False
     return True
+
+
+def held_fingerprint(store: RunStore, run_id: str, unit: str) -> str | None:
+    """The inputs `unit` planned with in run `run_id` (None: not recorded)."""
+    return next((r.fingerprint for r in store.unit_runs(run_id) if r.unit == unit), None)

@@ -78,6 +78,10 @@ class UnitWorkspace:
     # The remote backend the host config names (backend.py); None: `state_file`.
     backend: StateBackend | None = None
     unit: str = ""
+    # Variables to mark `sensitive = true` in the shadow (the values of sensitive outputs of
+    # other stacks); None leaves the marks of the last plan (an approved plan is applied
+    # with them, and reading outputs needs none).
+    sensitive_vars: frozenset[str] | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -87,7 +91,9 @@ class UnitWorkspace:
     def sync(self) -> Path:
         """Bring the shadow up to date with the checkout; the directory to run in."""
         block = self.backend.block(self.unit) if self.backend is not None else None
-        return sync_shadow(self._root, self.stack_dir, self._work_dir, self.state_file, block)
+        return sync_shadow(
+            self._root, self.stack_dir, self._work_dir, self.state_file, block, self.sensitive_vars
+        )
 
     @property
     def _root(self) -> Path:

@@ -12,12 +12,17 @@ a shadow of the stack in the unit's own directory:
       stacks/                          ...a real directory on the way to the stack...
         app/                           ...the stack's place: a symlink per entry, plus
           zz_gitops_agent_state_override.tf    terraform { backend "local" { path = ... } }
+          zz_gitops_agent_sensitive_override.tf  variable "x" { sensitive = true }
 
 Relative module sources (`../../modules/x`) and `path.module` files resolve as in the
-checkout (`..` of a real directory is its real parent). The override is only written for a
-stack that declares no backend, or a `local` one without a `path`: a stack with its own
-backend keeps it. The same state file as before, so no state moves. Init writes the lock
-file here when the repository has none, never into the checkout.
+checkout (`..` of a real directory is its real parent). The state override is only written
+for a stack that declares no backend, or a `local` one without a `path`: a stack with its own
+backend keeps it. The sensitive override marks the variables the agent feeds from another
+stack's sensitive outputs `sensitive = true` (an override file may change a declared
+variable's attributes), so that Terraform prints `(sensitive value)` where they are used
+instead of the value, as it does in the stack that produced them. The same state file as
+before, so no state moves. Init writes the lock file here when the repository has none,
+never into the checkout.
 
 The shadow is synced (not rebuilt) before each command sequence: missing or stale symlinks
 are replaced atomically, entries gone from the checkout removed, so two syncs at once (two
@@ -37,6 +42,8 @@ from providers.atomic import atomic_write
 from providers.errors import TerraformCommandError
 
 OVERRIDE_FILE = "zz_gitops_agent_state_override.tf"
+SENSITIVE_FILE = "zz_gitops_agent_sensitive_override.tf"
+RESERVED = (OVERRIDE_FILE, SENSITIVE_FILE)
 _SKIP = (".git",)  # never needed by Terraform
 _BACKEND = re.compile(r'^\s*backend\s+"([^"]+)"\s*\{', re.MULTILINE)
 _CLOUD = re.compile(r"^\s*cloud\s*\{", re.MULTILINE)
@@ -49,17 +56,25 @@ def shadow_dir(root: Path, stack_dir: Path, work_dir: Path) -> Path:
 
 
 def sync_shadow(
-    root: Path, stack_dir: Path, work_dir: Path, state_file: Path, backend_block: str | None = None
+    root: Path,
+    stack_dir: Path,
+    work_dir: Path,
+    state_file: Path,
+    backend_block: str | None = None,
+    sensitive: frozenset[str] | None = None,
 ) -> Path:
     """Lay out (or bring up to date) the shadow of `stack_dir` under `work_dir`; return the
     directory to run Terraform in. The state goes to `state_file`, or to the remote backend
-    of `backend_block` (backend.py) when one is given. Raises TerraformCommandError if the
-    stack holds a file of the agent's reserved name."""
-    if (stack_dir / OVERRIDE_FILE).exists():
-        raise TerraformCommandError(
-            f"{stack_dir.relative_to(root) / OVERRIDE_FILE}: the agent reserves this file name"
-            " for the state path it sets; rename the file"
-        )
+    of `backend_block` (backend.py) when one is given. `sensitive`: the variables to mark
+    sensitive (None leaves the mark file as it is: reading outputs or applying a saved
+    plan). Raises TerraformCommandError if the stack holds a file of one of the agent's
+    reserved names."""
+    for reserved in RESERVED:
+        if (stack_dir / reserved).exists():
+            raise TerraformCommandError(
+                f"{stack_dir.relative_to(root) / reserved}: the agent reserves this file name"
+                " for the settings it adds to the stack; rename the file"
+            )
     work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     source, shadow = root, work_dir
     for part in stack_dir.relative_to(root).parts:
@@ -68,17 +83,35 @@ def sync_shadow(
         if shadow.is_symlink():  # it was a sibling's link before the stack moved here
             shadow.unlink()
         shadow.mkdir(exist_ok=True, mode=0o700)
-    _sync_links(source, shadow, keep=OVERRIDE_FILE)
-    override = shadow / OVERRIDE_FILE
-    if keeps_agent_state(stack_dir):
-        text = backend_block or _override_text(state_file)
-        with contextlib.suppress(FileNotFoundError):
-            if override.read_text() == text:
-                return shadow
-        atomic_write(override, text)
-    else:
-        override.unlink(missing_ok=True)
+    _sync_links(source, shadow, keep=RESERVED)
+    _write_or_remove(
+        shadow / OVERRIDE_FILE,
+        (backend_block or _override_text(state_file)) if keeps_agent_state(stack_dir) else None,
+    )
+    if sensitive is not None:
+        _write_or_remove(shadow / SENSITIVE_FILE, _sensitive_text(sensitive))
     return shadow
+
+
+def _write_or_remove(path: Path, text: str | None) -> None:
+    """`path` holds `text` afterwards (unchanged files are not rewritten), or is gone."""
+    if text is None:
+        path.unlink(missing_ok=True)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text() == text:
+            return
+    atomic_write(path, text)
+
+
+def _sensitive_text(names: frozenset[str]) -> str | None:
+    if not names:
+        return None
+    blocks = "".join(f'variable "{name}" {{\n  sensitive = true\n}}\n' for name in sorted(names))
+    return (
+        "# Written by gitops-agent: these variables carry sensitive outputs of other stacks.\n"
+        + blocks
+    )
 
 
 def _override_text(state_file: Path) -> str:
@@ -88,12 +121,13 @@ def _override_text(state_file: Path) -> str:
     )
 
 
-def _sync_links(source: Path, shadow: Path, *, keep: str) -> None:
-    """Make `shadow` hold a symlink to each entry of `source` (but `keep`, a real entry)."""
+def _sync_links(source: Path, shadow: Path, *, keep: str | tuple[str, ...]) -> None:
+    """Make `shadow` hold a symlink to each entry of `source` (but `keep`, real entries)."""
+    kept = (keep,) if isinstance(keep, str) else keep
     wanted = {
         entry.name: entry.path
         for entry in os.scandir(source)
-        if entry.name != keep and entry.name not in _SKIP
+        if entry.name not in kept and entry.name not in _SKIP
     }
     for name, target in wanted.items():
         link = shadow / name
@@ -109,7 +143,7 @@ def _sync_links(source: Path, shadow: Path, *, keep: str) -> None:
     for entry in os.scandir(shadow):
         # Only links are removed: a file Terraform wrote here (the lock file of a stack
         # whose repository has none) stays.
-        if entry.name not in wanted and entry.name != keep and entry.is_symlink():
+        if entry.name not in wanted and entry.name not in kept and entry.is_symlink():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
 
