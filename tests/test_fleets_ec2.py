@@ -11,12 +11,15 @@ No mocks.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -354,6 +357,7 @@ def test_the_daemon_converges_a_scaled_up_instance_within_the_hosts_interval(
         config.read_text()
         + "intervals: {poll: 1h, drift: 1h, hosts: 2s}\n"
         + f"control_socket: {tmp / 'ctl.sock'}\ndaemon: {{jitter: 0}}\n"
+        + f"http: {{listen: '127.0.0.1:{free_port()}'}}\n"
     )
     log_path = tmp / "agent.log"
     with log_path.open("ab") as log:
@@ -387,6 +391,13 @@ def test_the_daemon_converges_a_scaled_up_instance_within_the_hosts_interval(
         assert (run.status, run.unit_filter) == ("succeeded", "web")
         assert (tmp / "known_hosts").read_text().count("\n") == 1  # the CA alone
         assert (tmp / "state" / "units" / "web" / "hosts" / f"{new_id}.json").exists()
+        # Reported as a pass is: the hosts run is counted in the metrics.
+        listen = re.search(r"http: \{listen: '([^']+)'\}", config.read_text())
+        assert listen is not None
+        with urllib.request.urlopen(f"http://{listen.group(1)}/metrics", timeout=10) as page:
+            metrics = page.read().decode()
+        counted = r'gitops_agent_passes_total\{outcome="succeeded",trigger="hosts"\} 1'
+        assert re.search(counted, metrics), metrics
     finally:
         agent.send_signal(signal.SIGTERM)  # by PID: the process this test started
         try:
@@ -394,6 +405,12 @@ def test_the_daemon_converges_a_scaled_up_instance_within_the_hosts_interval(
         except subprocess.TimeoutExpired:
             agent.kill()
             agent.wait(10)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_until(

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from agent.config.fleet import HostsFromEc2
-from agent.engine.reconcile import Reconciler
+from agent.engine.reconcile import PassResult, Reconciler
 from agent.errors import AgentError, PassBusyError
 from agent.units.fleets import FleetOutcome, host_states, retire_hosts
 
@@ -107,8 +107,11 @@ class HostWatch:
         base: float = RETRY_BASE,
         cap: float = RETRY_CAP,
         clock: Callable[[], float] = time.monotonic,
+        on_result: Callable[[PassResult], None] | None = None,
     ) -> None:
         self.reconciler = reconciler
+        # Metrics, notifications and forge statuses of each hosts run, as of a pass.
+        self.on_result = on_result
         self.base = base
         self.cap = cap
         self.clock = clock
@@ -165,6 +168,8 @@ class HostWatch:
         except AgentError as exc:  # the unit left the manifest in between, ...
             log.warning("unit %s: converging new hosts: %s", unit, exc.message)
             return decision
+        if self.on_result is not None:
+            self.on_result(result)
         outcome = result.outcomes.get(unit)
         ok = {
             h.host

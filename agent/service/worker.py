@@ -157,7 +157,7 @@ class PassWorker:
         finally:
             with self._sub_lock:
                 self._subscribers = []
-        self._after(result)
+        self.finished(result)
         return result
 
     def _unexpected(self, exc: Exception) -> AgentError:
@@ -201,8 +201,9 @@ class PassWorker:
         for waiter in subscribers:
             waiter.event(event)
 
-    def _after(self, result: PassResult) -> None:
-        """Metrics, notifications and the systemd status line of a finished pass."""
+    def finished(self, result: PassResult) -> None:
+        """Metrics, notifications and the systemd status line of a finished pass (also
+        of a run the worker did not start: new EC2 hosts converged between passes)."""
         self.last = result
         kinds = (
             {u.name: u.kind for u in self._planner.manifest.units}
