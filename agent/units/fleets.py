@@ -988,6 +988,8 @@ def describe_fleet(outcome: UnitOutcome) -> str:
     if outcome.status is UnitStatus.HELD:
         return f"held: {outcome.error}"
     decision = Decision(outcome.decision) if outcome.decision else Decision.SKIP
+    if decision is Decision.ORPHAN:
+        return f"orphaned: {outcome.error}"
     if decision is Decision.SKIP:
         return "drift check skipped"
     hosts = outcome.hosts if isinstance(outcome, FleetOutcome) else ()

@@ -185,7 +185,7 @@ class Pruner:
         self.report(Event(EventKind.UNIT_STARTED, run_id=request.run_id, unit=name))
         describe = describe_fleet if row.kind == "fleet" else describe_outcome
         if mode is PruneMode.ORPHAN:
-            outcome = UnitOutcome(status=UnitStatus.OK, decision="orphan", error=ORPHANED)
+            outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.ORPHAN, error=ORPHANED)
         else:
             try:
                 definition = self.definition(request, row)
@@ -247,7 +247,7 @@ class Pruner:
 
     def settle(self, name: str, outcome: UnitOutcome, run_id: str) -> None:
         """Where the removed unit stands after `outcome` (a pass's, or an approval's)."""
-        if outcome.decision == "orphan":
+        if outcome.decision == Decision.ORPHAN:
             status = RemovedStatus.ORPHANED
         elif outcome.status is UnitStatus.HELD:
             status = RemovedStatus.HELD

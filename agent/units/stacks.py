@@ -557,6 +557,7 @@ def describe_outcome(outcome: UnitOutcome) -> str:
         Decision.SKIP: "drift check skipped",
         Decision.PLAN_ONLY: "planned (dry run)",
         Decision.UNCHANGED: "unchanged: inputs as at the last clean plan, nothing run",
+        Decision.ORPHAN: "orphaned",
     }
     label = (
         labels.get(Decision(outcome.decision), str(outcome.decision)) if outcome.decision else ""
