@@ -244,8 +244,35 @@ def test_orphan_keeps_everything_and_records_it_once(tmp_path: Path) -> None:
 def test_prune_policy_is_validated(tmp_path: Path) -> None:
     world = World(tmp_path, prune="destroy")
     result = world.agent("status")
-    assert result.returncode != 0
-    assert "policy.prune" in result.stderr or "prune" in result.stderr, result.stderr
+    assert result.returncode == 3
+    line = world.config.read_text().splitlines().index("policy: {prune: destroy}") + 1
+    assert (
+        f"{world.config}:{line}: policy.prune: expected one of hold, auto, orphan; got 'destroy'"
+        in result.stderr
+    ), result.stderr
+
+
+def test_a_definition_the_host_config_no_longer_allows_is_shown_not_skipped(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path, prune="auto")
+    world.start()
+    # The operator narrows what the repository may use; then `gone` is removed.
+    text = world.config.read_text()
+    world.config.write_text(text + "allowed_paths: [stacks/keep]\n")
+    world.manifest("keep")
+    world.repo.remove("stacks/gone")
+    world.repo.push("remove gone and web")
+
+    outcomes = world.run_pass()
+    gone = outcomes["gone"]
+    assert gone.status is UnitStatus.FAILED
+    assert "not valid under this host config" in (gone.error or "")
+    assert sorted(p.name for p in world.files.iterdir()) == ["g1", "g2", "k1"]
+    removed = world.status()["gone"]["removed"]
+    assert removed["status"] == "pruning"
+    assert "stacks/gone" in removed["error"]
+    assert "removed: pruning" in world.agent("status").stdout
 
 
 @pytest.mark.parametrize("prune", ["hold", "auto"])

@@ -29,7 +29,7 @@ from agent.config import HostConfig, Manifest, ManifestLimits, Unit, load_manife
 from agent.config.fleet import HostSpec
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import Redactor
-from agent.errors import AgentError, ConfigError, SourceError
+from agent.errors import AgentError, ConfigError, PruneError
 from agent.policy.prune import PruneMode, RemovedStatus
 from agent.state.layout import StateLayout
 from agent.state.store import RemovedUnitRow, RunStore, UnitOutcome, UnitStatus
@@ -144,20 +144,20 @@ class Pruner:
             # Never converged: the revision its last real run used defines it.
             real = [r for r in self.store.unit_history(name, limit=20) if not r.preview]
             defined_at = next((r.revision for r in real if r.revision), None)
+        # Recorded even when its definition cannot be read: the prune then fails with the
+        # reason, shown by `agent status`, rather than the unit being skipped unseen.
+        kind = "fleet" if (self.layout.unit_dir(name) / "hosts").is_dir() else "stack"
         if defined_at is None:
-            log.warning("unit %s left gitops.yaml but no revision of it is known", name)
-            return None
+            defined_at = request.revision  # (nothing better: its prune says it is unknown)
         try:
             unit = self._old_manifest_at(name, defined_at).get_unit(name)
+            kind = unit.kind if unit is not None else kind
         except AgentError as exc:
             log.warning("unit %s left gitops.yaml; its definition cannot be read: %s", name, exc)
-            return None
-        if unit is None:
-            return None
         mode = self.host.policy.prune
         self.store.mark_removed(
             name,
-            kind=unit.kind,
+            kind=kind,
             defined_at=defined_at,
             removed_at=request.revision,
             policy=mode,
@@ -229,7 +229,7 @@ class Pruner:
         row = self.store.removed_units().get(name)
         try:
             if row is None:
-                raise SourceError(f"{name} is no longer a removed unit")
+                raise PruneError(f"{name} is no longer a removed unit")
             # A saved plan holds its variables: no secret is read again.
             definition = self.definition(request, row, secrets=False)
         except AgentError as exc:
@@ -273,11 +273,15 @@ class Pruner:
         manifest = self._old_manifest(row)
         unit = manifest.get_unit(row.unit)
         if unit is None:
-            raise SourceError(f"{row.unit} is not in gitops.yaml at {row.defined_at[:12]}")
+            raise PruneError(
+                f"{row.unit}: its last definition is not known (not in gitops.yaml at"
+                f" {row.defined_at[:12]}); nothing was removed",
+                hint="add the unit back to gitops.yaml, or `agent suspend` it to leave it",
+            )
         if unit.fleet is None:
             resolved = self.secrets.resolve([unit] if secrets else [])
             if row.unit in resolved.errors:
-                raise SourceError(resolved.errors[row.unit])
+                raise PruneError(resolved.errors[row.unit])
             ctx = StackContext(
                 run_id=request.run_id,
                 revision=request.revision,
@@ -352,7 +356,7 @@ class Pruner:
         try:
             self.source.export(row.defined_at, tree)
         except GitSourceError as exc:
-            raise SourceError(f"{row.unit}: cannot read its last definition: {exc}") from exc
+            raise PruneError(f"{row.unit}: cannot read its last definition: {exc}") from exc
         marker.write_text(row.defined_at)
         return tree
 
@@ -367,6 +371,7 @@ class Pruner:
         try:
             return load_manifest(tree, ManifestLimits.from_host(self.host))
         except ConfigError as exc:
-            raise SourceError(
-                f"the revision that last defined it is no longer valid: {exc.message}"
+            raise PruneError(
+                "the revision that last defined it is not valid under this host config:"
+                f" {exc.message}"
             ) from exc
