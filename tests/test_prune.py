@@ -284,3 +284,51 @@ def test_a_dry_run_never_prunes(tmp_path: Path, prune: str) -> None:
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in world.files.iterdir()) == ["g1", "g2", "k1"]
     assert "removed" not in world.status()["gone"]
+
+
+def test_a_removed_stack_is_planned_with_its_secrets_which_never_reach_the_log(
+    tmp_path: Path,
+) -> None:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    token = secrets / "token"
+    token.write_text("s3cr3t-prune-value\n")
+    token.chmod(0o600)
+    world = World(tmp_path)
+    world.config.write_text(world.config.read_text() + f"secrets: {{allowed: [file:{secrets}/]}}\n")
+    # A variable with no default: Terraform needs its value for a destroy plan too.
+    world.repo.write(
+        "stacks/gone/main.tf",
+        LOCALFILE_REQUIRED
+        + 'variable "token" {}\n'
+        + f'resource "localfile_file" "g1" {{\n  path = "{world.files}/g1"\n'
+        + "  content = var.token\n}\n",
+    )
+    world.repo.write("stacks/keep/main.tf", files_stack(world.files, ["k1"]))
+    world.repo.write(
+        "gitops.yaml",
+        "version: 1\nunits:\n  - {name: keep, stack: stacks/keep}\n"
+        f"  - {{name: gone, stack: stacks/gone, secrets: {{token: 'file:{token}'}}}}\n",
+    )
+    world.repo.push("a stack with a secret")
+    assert world.run_pass()["gone"].status is UnitStatus.OK
+    assert (world.files / "g1").read_text() == "s3cr3t-prune-value"
+
+    world.manifest("keep")
+    world.repo.remove("stacks/gone")
+    world.repo.push("remove gone")
+    held = world.run_pass()["gone"]
+    assert held.status is UnitStatus.HELD, held.error
+    run_id = world.status()["gone"]["removed"]["run"]
+    plan_log = world.agent("logs", "gone", "--run", run_id)
+    assert plan_log.returncode == 0, plan_log.stderr
+    assert "localfile_file.g1 will be destroyed" in plan_log.stdout
+    assert "s3cr3t-prune-value" not in plan_log.stdout
+    for path in (world.state / "runs" / run_id / "gone").iterdir():
+        if path.name != "tfplan":  # Terraform's own plan file, 0600, gone once applied
+            assert b"s3cr3t-prune-value" not in path.read_bytes(), path
+
+    approved = world.agent("approve", run_id)
+    assert approved.returncode == 0, approved.stdout + approved.stderr
+    assert not (world.files / "g1").exists()
+    assert not (world.state / "runs" / run_id / "gone" / "tfplan").exists()
