@@ -44,7 +44,7 @@ class World:
         self.files = tmp / "managed"
         self.hostdir = tmp / "host"
         self.state = tmp / "state"
-        policy = f"policy: {{prune: {prune}}}\n" if prune else ""
+        policy = f"policy:\n  prune: {prune}\n" if prune else ""
         self.config = write_host_config(
             tmp / "agent.yaml",
             self.repo.url,
@@ -245,7 +245,7 @@ def test_prune_policy_is_validated(tmp_path: Path) -> None:
     world = World(tmp_path, prune="destroy")
     result = world.agent("status")
     assert result.returncode == 3
-    line = world.config.read_text().splitlines().index("policy: {prune: destroy}") + 1
+    line = world.config.read_text().splitlines().index("  prune: destroy") + 1
     assert (
         f"{world.config}:{line}: policy.prune: expected one of hold, auto, orphan; got 'destroy'"
         in result.stderr
@@ -332,3 +332,25 @@ def test_a_removed_stack_is_planned_with_its_secrets_which_never_reach_the_log(
     assert approved.returncode == 0, approved.stdout + approved.stderr
     assert not (world.files / "g1").exists()
     assert not (world.state / "runs" / run_id / "gone" / "tfplan").exists()
+
+
+def test_a_deny_rule_on_the_destroy_plan_stops_the_prune(tmp_path: Path) -> None:
+    world = World(tmp_path, prune="auto")
+    world.config.write_text(
+        world.config.read_text()
+        + "  rules:\n"
+        + "    - name: keep-g1\n"
+        + "      expression: >-\n"
+        + '        changes.exists(c, "delete" in c.actions && c.address.endsWith(".g1"))\n'
+        + "      message: g1 is never destroyed by the agent\n"
+        + "      effect: deny\n"
+    )
+    world.start()
+    world.remove("gone")
+
+    gone = world.run_pass()["gone"]
+    assert gone.status is UnitStatus.FAILED
+    assert "keep-g1" in (gone.error or "") and "g1 is never destroyed" in (gone.error or "")
+    assert sorted(p.name for p in world.files.iterdir()) == ["g1", "g2", "k1"]
+    removed = world.status()["gone"]["removed"]
+    assert removed["status"] == "pruning" and "keep-g1" in removed["error"]

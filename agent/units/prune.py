@@ -109,9 +109,7 @@ class Pruner:
             if name in suspended:
                 log.info("removed unit %s is suspended: not pruned", name)
                 continue
-            outcome = self._prune(request, name)
-            if outcome is not None:
-                outcomes[name] = outcome
+            outcomes[name] = self._prune(request, name, stop)
         return outcomes
 
     def _removed_now(self, request: PruneRequest, current: set[str]) -> list[str]:
@@ -177,7 +175,7 @@ class Pruner:
             log.info("%s", message)
             self.report(Event(EventKind.UNIT_LINE, unit=name, message=message))
 
-    def _prune(self, request: PruneRequest, name: str) -> UnitOutcome | None:
+    def _prune(self, request: PruneRequest, name: str, stop: Callable[[], bool]) -> UnitOutcome:
         mode = self.host.policy.prune
         row = self.store.removed_units()[name]
         started = time.monotonic()
@@ -194,6 +192,8 @@ class Pruner:
                 outcome = UnitOutcome(status=UnitStatus.FAILED, error=exc.message)
         if outcome.error:
             outcome = replace(outcome, error=self.redactor.redact(outcome.error))
+        if stop() and outcome.status is UnitStatus.FAILED:
+            outcome = replace(outcome, status=UnitStatus.INTERRUPTED)
         outcome = replace(outcome, converged=False)  # it converges to nothing: no revision
         self.store.finish_unit(request.run_id, name, request.revision, outcome)
         self.settle(name, outcome, request.run_id)
@@ -218,7 +218,11 @@ class Pruner:
             definition.ctx, definition.unit, hold=mode is PruneMode.HOLD
         )
         if outcome.status is UnitStatus.HELD:
-            outcome = replace(outcome, error=FLEET_HELD)
+            # Held by policy.prune (the fleet's own text names policy.destroy), or by a
+            # closed change window (its text says when it opens).
+            held = mode is PruneMode.HOLD and "policy.destroy" in (outcome.error or "")
+            why = FLEET_HELD if held else f"removed from gitops.yaml: {outcome.error}"
+            outcome = replace(outcome, error=why)
         return outcome
 
     def apply_held(

@@ -293,7 +293,9 @@ class StackReconciler:
                 gate=gate,
             )
             if prune is PruneMode.HOLD and verdict.decision is Decision.HOLD:
-                verdict = replace(verdict, reason=PRUNE_HELD)
+                # Held by policy.prune, and by whatever else holds it (rules, a window).
+                others = gate.holds(destroys_anything=True, is_drift=False)
+                verdict = replace(verdict, reason="; ".join([PRUNE_HELD, *others]))
             notes = "; ".join(policy.notes) or None
             counts = {
                 "plan_add": summary.add,
