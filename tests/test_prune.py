@@ -165,8 +165,9 @@ def test_a_revert_before_approval_brings_the_unit_back_without_destroying(
 ) -> None:
     world = World(tmp_path)
     world.start()
-    world.remove("gone")
-    world.run_pass()
+    world.remove("gone", "web")
+    held = world.run_pass()
+    assert held["gone"].status is UnitStatus.HELD and held["web"].status is UnitStatus.HELD
     held_run = world.status()["gone"]["removed"]["run"]
 
     subprocess.run(["git", "-C", str(world.repo.work), "revert", "--no-edit", "HEAD"], check=True)
@@ -177,11 +178,16 @@ def test_a_revert_before_approval_brings_the_unit_back_without_destroying(
     assert outcomes["gone"].status is UnitStatus.OK, outcomes["gone"].error
     assert outcomes["gone"].plan_destroy in (None, 0)
     assert sorted(p.name for p in world.files.iterdir()) == ["g1", "g2", "k1"]
-    assert "removed" not in world.status()["gone"]
-    # The held destroy can no longer be approved.
-    refused = world.agent("approve", held_run, "--unit", "gone")
-    assert refused.returncode != 0
+    assert outcomes["web"].status is UnitStatus.OK, outcomes["web"].error
+    status = world.status()
+    assert "removed" not in status["gone"] and "removed" not in status["web"]
+    # The held removals can no longer be approved.
+    for unit in ("gone", "web"):
+        refused = world.agent("approve", held_run, "--unit", unit)
+        assert refused.returncode != 0
+        assert "stale" in refused.stderr or "gone" in refused.stderr, refused.stderr
     assert sorted(p.name for p in world.files.iterdir()) == ["g1", "g2", "k1"]
+    assert (world.hostdir / "site.conf").read_text() == "served"
 
 
 def test_auto_destroys_a_removed_stack_and_removes_a_removed_fleets_files(
