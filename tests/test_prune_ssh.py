@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from agent.config import load_host_config
-from agent.reconcile import PassRequest, Reconciler
-from agent.store import UnitStatus
+from agent.engine.reconcile import PassRequest, Reconciler
+from agent.state.store import UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
 from tests.support.sshd import SshServer, chown_tree, ensure_user, make_client_key, public_key
 

@@ -120,7 +120,7 @@ class Policy:
     apply: ApplyMode | None = None
     rules: tuple[Rule, ...] = ()  # evaluated on every plan; the repository cannot remove them
     repo_rules: str | None = None  # a file of the repository with more rules
-    # What happens to a unit the repository removed (agent/prune.py).
+    # What happens to a unit the repository removed (agent/units/prune.py).
     prune: PruneMode = PruneMode.HOLD
 
     @property

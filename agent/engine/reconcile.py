@@ -1,7 +1,7 @@
 """The reconcile pass: an ordered list of named steps.
 
     fetch -> verify -> load manifest -> units (plan, decide, apply per unit)
-          -> prune (units the repository removed, agent/prune.py) -> record
+          -> prune (units the repository removed, agent/units/prune.py) -> record
 
 Each step reads and fills a `PassContext`; a step that cannot go on raises, and the
 pass records why. The unit step walks the dependency graph: a unit starts when all

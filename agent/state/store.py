@@ -876,7 +876,7 @@ class RunStore:
             for r in rows
         ]
 
-    # --- removed units (agent/prune.py) -----------------------------------------
+    # --- removed units (agent/units/prune.py) -----------------------------------------
 
     def mark_removed(
         self, unit: str, *, kind: str, defined_at: str, removed_at: str, policy: str, status: str

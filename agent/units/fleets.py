@@ -248,7 +248,7 @@ class FleetReconciler:
 
     def remove_all(self, ctx: StackContext, unit: Unit, *, hold: bool) -> UnitOutcome:
         """Remove from its hosts what a unit the repository removed put there (`unit` is its
-        last definition with no resources and static hosts, see agent/prune.py), or show
+        last definition with no resources and static hosts, see agent/units/prune.py), or show
         the removals and hold them for `agent approve`."""
         return self._converge(ctx, unit, _fleet(unit), True, hold_removals=hold)
 

@@ -213,7 +213,7 @@ class StackReconciler:
         self, ctx: StackContext, unit: Unit, mode: PruneMode, started: float
     ) -> UnitOutcome:
         """Plan the destroy of a unit the repository removed (`ctx` holds its last
-        definition) and apply it, or hold it, as `policy.prune` says (agent/prune.py)."""
+        definition) and apply it, or hold it, as `policy.prune` says (agent/units/prune.py)."""
         return self._plan_and_apply(ctx, unit, True, started, prune=mode)
 
     def _plan_and_apply(
