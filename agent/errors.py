@@ -95,7 +95,7 @@ class HostInventoryError(AgentError):
 
 class PruneError(AgentError):
     """A removed unit's removal cannot run: its last definition or its secrets cannot be
-    read (agent/prune.py)."""
+    read (agent/units/prune.py)."""
 
     reference = "prune-failed"
     retryable = True
