@@ -91,3 +91,11 @@ class HostInventoryError(AgentError):
     def __init__(self, message: str, *, hint: str | None = None, retryable: bool = True) -> None:
         super().__init__(message, hint=hint)
         self.retryable = retryable
+
+
+class PruneError(AgentError):
+    """A removed unit's removal cannot run: its last definition or its secrets cannot be
+    read (agent/units/prune.py)."""
+
+    reference = "prune-failed"
+    retryable = True

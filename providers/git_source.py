@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import math
 import os
 import re
 import shlex
 import shutil
+import tarfile
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -408,6 +410,23 @@ class GitSource:
         commit = self._resolve_commit(repo, sha)
         self._git(repo, "checkout", "--force", "--detach", "--quiet", commit, "--")
         return self.checkout_dir
+
+    def export(self, sha: str, dest: Path) -> Path:
+        """Write the tree of `sha` into `dest` (replaced whole), apart from the checkout: a
+        removed unit's definition stays readable while the checkout moves on."""
+        repo = self._open()
+        commit = self._resolve_commit(repo, sha)
+        data = self._git(repo, "archive", "--format=tar", commit, raw=True)
+        assert isinstance(data, bytes)
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True, mode=0o700)
+        with tarfile.open(fileobj=io.BytesIO(data)) as archive:
+            # The `data` filter refuses members that would land outside `partial`.
+            archive.extractall(partial, filter="data")
+        shutil.rmtree(dest, ignore_errors=True)
+        partial.rename(dest)
+        return dest
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
         """Whether `descendant` is `ancestor` or contains it (a fast-forward from it).

@@ -37,6 +37,19 @@ def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str,
     runs = store.runs(limit=1)
     last = runs[0] if runs else None
     units = [unit_view(state, layout) for state in store.unit_states()]
+    removed = store.removed_units()
+    for unit in units:
+        if (gone := removed.get(unit["unit"])) is not None:
+            # No longer in gitops.yaml: pruning, held or orphaned (docs/policy.md, "Prune").
+            unit["removed"] = {
+                "status": gone.status,
+                "policy": gone.policy,
+                "removed_at": gone.removed_at,
+                "defined_at": gone.defined_at,
+                "since": gone.since,
+                "run": gone.run_id,
+                "error": gone.error,
+            }
     return {
         "revision": store.current_revision(),
         "last_run": _run_entry(asdict(last)) if last else None,
@@ -162,7 +175,9 @@ def render_status(view: dict[str, Any]) -> str:
         [
             u["unit"],
             _short(u["revision"]) or "-",
-            _result(u["last_result"], u["last_decision"]),
+            f"removed: {u['removed']['status']}"
+            if u.get("removed")
+            else _result(u["last_result"], u["last_decision"]),
             "yes" if u["drift"] else "reverted" if u.get("drift_reverted") else "no",
             _ago(u["updated_at"]),
         ]
@@ -179,6 +194,12 @@ def render_status(view: dict[str, Any]) -> str:
             f" run {newest['run']}, {_ago(newest['at'])}): "
             + ", ".join(u["unit"] for u in unchanged)
         )
+    gone = [u for u in view["units"] if u.get("removed")]
+    if gone:
+        lines.append("")
+        lines.append("removed from gitops.yaml:")
+        for unit in gone:
+            lines.append(f"  {unit['unit']}: {_removed_line(unit['unit'], unit['removed'])}")
     for unit in view["units"]:
         if unit.get("hosts"):
             lines.append("")
@@ -195,6 +216,17 @@ def render_status(view: dict[str, Any]) -> str:
             ]
             lines.append(_table(["HOST", "ADDRESS", "REVISION", "LAST RESULT", "WHEN"], host_rows))
     return "\n".join(lines)
+
+
+def _removed_line(name: str, removed: dict[str, Any]) -> str:
+    status = removed["status"]
+    since = f"since {_short(removed['removed_at'])} ({_ago(removed['since'])})"
+    if status == "held":
+        return f"held: its removal waits, `agent approve {removed['run']} --unit {name}`; {since}"
+    if status == "orphaned":
+        return f"orphaned: what it created was left as it is; {since}"
+    error = f": {_first_line(removed['error'])}" if removed.get("error") else ""
+    return f"pruning{error}; {since}"
 
 
 def _host_result(host: dict[str, Any]) -> str:

@@ -33,6 +33,7 @@ from agent.config.store import StoreConfig, read_store
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
 from agent.policy.apply import ApplyMode
+from agent.policy.prune import PruneMode
 from agent.policy.rules import Rule
 from agent.policy.windows import Windows
 from providers.errors import RepoFileError
@@ -119,6 +120,8 @@ class Policy:
     apply: ApplyMode | None = None
     rules: tuple[Rule, ...] = ()  # evaluated on every plan; the repository cannot remove them
     repo_rules: str | None = None  # a file of the repository with more rules
+    # What happens to a unit the repository removed (agent/units/prune.py).
+    prune: PruneMode = PruneMode.HOLD
 
     @property
     def ceiling(self) -> ApplyMode:
@@ -392,7 +395,7 @@ def _intervals(value: Value | None) -> Intervals:
 
 
 def _policy(value: Value | None, source_name: str) -> Policy:
-    keys = ["destroy", "max_unit_timeout", "apply", "rules", "repo_rules"]
+    keys = ["destroy", "max_unit_timeout", "apply", "rules", "repo_rules", "prune"]
     fields = value.mapping(keys) if value else None
     if fields is None:
         return Policy()
@@ -406,12 +409,15 @@ def _policy(value: Value | None, source_name: str) -> Policy:
     elif apply is ApplyMode.AUTO and destroy is DestroyPolicy.HOLD:
         assert apply_value is not None
         apply_value.fail("approve-destroy or approve (policy.destroy is hold)", "'auto'")
+    prune_value = fields.get("prune")
+    prune = (prune_value.choice(PruneMode) if prune_value else None) or PruneMode.HOLD
     return Policy(
         destroy=destroy,
         max_unit_timeout=(limit.duration() if limit else None) or DEFAULT_MAX_UNIT_TIMEOUT,
         apply=apply,
         rules=read_rules(fields.get("rules"), source_name),
         repo_rules=read_repo_rules_path(fields.get("repo_rules")),
+        prune=prune,
     )
 
 

@@ -1,6 +1,7 @@
 """The reconcile pass: an ordered list of named steps.
 
-    fetch -> verify -> load manifest -> units (plan, decide, apply per unit) -> record
+    fetch -> verify -> load manifest -> units (plan, decide, apply per unit)
+          -> prune (units the repository removed, agent/units/prune.py) -> record
 
 Each step reads and fills a `PassContext`; a step that cannot go on raises, and the
 pass records why. The unit step walks the dependency graph: a unit starts when all
@@ -36,6 +37,7 @@ from agent.state.passlock import PassLock, end_leftovers
 from agent.state.store import RevisionStatus, RunStatus, UnitOutcome, UnitStatus, open_run_store
 from agent.units.context import StackContext
 from agent.units.fleets import HELD_FILE, FleetReconciler
+from agent.units.prune import Pruner, PruneRequest
 from agent.units.secrets import ResolvedSecrets, SecretResolver
 from agent.units.stacks import PLAN_FILE, StackReconciler
 from providers.errors import GitSourceError, SignatureError
@@ -149,6 +151,17 @@ class Reconciler:
         self.fleets = FleetReconciler(
             host, self.layout, self.store, self.report, self.redactor, self.stacks.outputs_of
         )
+        self.pruner = Pruner(
+            host,
+            self.layout,
+            self.store,
+            self.source,
+            self.secrets,
+            self.stacks,
+            self.fleets,
+            self.report,
+            self.redactor,
+        )
         # A revision is validated once: later passes at it reuse the manifest.
         self._manifests = ManifestCache()
         self._stop = threading.Event()
@@ -158,6 +171,7 @@ class Reconciler:
             ("load-manifest", self._load_manifest),
             ("secrets", self._resolve_secrets),
             ("units", self._units),
+            ("prune", self._prune),
         ]
 
     def close(self) -> None:
@@ -300,6 +314,14 @@ class Reconciler:
                 stack_ctx = StackContext(
                     approve_id, revision, self.layout.checkout, ctx.manifest, False
                 )
+                removed = [n for n in held if ctx.manifest.get_unit(n) is None]
+                if removed:
+                    request = PruneRequest(approve_id, revision, ctx.manifest)
+                    for name in removed:
+                        if not self._stop.is_set():
+                            ctx.outcomes[name] = self.pruner.apply_held(
+                                request, name, run_id, held[name]
+                            )
                 for name in [n for n in ctx.manifest.order() if n in held]:
                     if self._stop.is_set():
                         break
@@ -638,6 +660,17 @@ class Reconciler:
             else (own[unit.name].drift if unit.name in own else self.host.intervals.drift)
             for unit in manifest.units
         }
+
+    def _prune(self, ctx: PassContext) -> None:
+        """Prune, hold or orphan the units the repository removed (a full, real pass only:
+        a dry run or a pass of one unit leaves them as they are)."""
+        assert ctx.manifest is not None and ctx.target is not None
+        if ctx.request.dry_run or ctx.request.unit is not None or self._stop.is_set():
+            return
+        request = PruneRequest(
+            ctx.run_id, ctx.target, ctx.manifest, override_window=ctx.request.override_window
+        )
+        ctx.outcomes.update(self.pruner.run(request, self._stop.is_set))
 
     def _block_dependents(
         self,

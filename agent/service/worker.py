@@ -205,11 +205,10 @@ class PassWorker:
         """Metrics, notifications and the systemd status line of a finished pass (also
         of a run the worker did not start: new EC2 hosts converged between passes)."""
         self.last = result
-        kinds = (
-            {u.name: u.kind for u in self._planner.manifest.units}
-            if self._planner.manifest
-            else None
-        )
+        # A removed unit's prune counts under the kind it last had (agent/units/prune.py).
+        kinds = {row.unit: row.kind for row in self.store.removed_units().values()}
+        if self._planner.manifest:
+            kinds.update({u.name: u.kind for u in self._planner.manifest.units})
         try:
             record_run(self.metrics, self.store, result.run_id, kinds=kinds)
         except ValueError:

@@ -187,6 +187,23 @@ _SCHEMA_RUN_FINGERPRINT = """
 ALTER TABLE unit_runs ADD COLUMN fingerprint TEXT;
 """
 
+# Units the repository removed (docs/policy.md, "Prune"): where each stands, and the
+# revision whose definition its removal uses. A row leaves only when the unit comes back.
+_SCHEMA_REMOVED_UNITS = """
+CREATE TABLE IF NOT EXISTS removed_units (
+    unit TEXT PRIMARY KEY,
+    kind TEXT NOT NULL,            -- stack | fleet
+    defined_at TEXT NOT NULL,      -- the revision whose definition the removal uses
+    removed_at TEXT NOT NULL,      -- the first revision in force without it
+    since REAL NOT NULL,
+    policy TEXT NOT NULL,          -- policy.prune when it was found removed
+    status TEXT NOT NULL,          -- pruning | held | orphaned | pruned
+    run_id TEXT,                   -- the last run that acted on it
+    error TEXT,
+    updated_at REAL NOT NULL
+);
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -196,6 +213,7 @@ MIGRATIONS: list[str] = [
     _SCHEMA_CHANGED_ONLY,
     _SCHEMA_PROPOSALS,
     _SCHEMA_RUN_FINGERPRINT,
+    _SCHEMA_REMOVED_UNITS,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -290,6 +308,20 @@ class ApprovalRow:
     unit: str
     approved_at: float
     by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedUnitRow:
+    unit: str
+    kind: str
+    defined_at: str
+    removed_at: str
+    since: float
+    policy: str
+    status: str
+    run_id: str | None
+    error: str | None
+    updated_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -843,6 +875,49 @@ class RunStore:
             ApprovalRow(r["run_id"], r["held_run_id"], r["unit"], r["approved_at"], r["by"])
             for r in rows
         ]
+
+    # --- removed units (agent/units/prune.py) -----------------------------------------
+
+    def mark_removed(
+        self, unit: str, *, kind: str, defined_at: str, removed_at: str, policy: str, status: str
+    ) -> None:
+        """Record that the repository no longer has `unit` (once: a row kept is left)."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO removed_units (unit, kind, defined_at, removed_at, since, policy,"
+                " status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (unit) DO NOTHING",
+                (unit, kind, defined_at, removed_at, now, policy, status, now),
+            )
+
+    def set_removed_status(
+        self, unit: str, status: str, *, run_id: str | None, error: str | None = None
+    ) -> None:
+        """Where a removed unit stands after a run acted on it. `pruned` also forgets the
+        unit's state row (its runs stay in the history): a unit of that name added again
+        starts afresh."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE removed_units SET status = ?, run_id = ?, error = ?, updated_at = ?"
+                " WHERE unit = ?",
+                (status, run_id, self._clean(error), time.time(), unit),
+            )
+            if status == "pruned":
+                db.execute("DELETE FROM unit_state WHERE unit = ?", (unit,))
+
+    def unit_returned(self, unit: str) -> bool:
+        """The repository has `unit` again: it is no longer removed. False if it was not."""
+        with self._tx() as db:
+            return db.execute("DELETE FROM removed_units WHERE unit = ?", (unit,)).rowcount == 1
+
+    def removed_units(self) -> dict[str, RemovedUnitRow]:
+        """The units the repository removed, by name (pruned ones too)."""
+        rows = self._all("SELECT * FROM removed_units ORDER BY unit")
+        return {
+            r["unit"]: RemovedUnitRow(**{key: r[key] for key in r.keys()})  # noqa: SIM118
+            for r in rows
+        }
 
     # --- recovery -------------------------------------------------------------
 

@@ -27,6 +27,7 @@ class Decision(StrEnum):
     PLAN_ONLY = "plan-only"  # a dry run: planned, never applied
     DENY = "deny"  # a policy rule denied the plan: the unit fails, nothing applied
     UNCHANGED = "unchanged"  # a changed-only pass found nothing to plan (agent.units.changed)
+    ORPHAN = "orphan"  # a removed unit left as it is (policy.prune: orphan, agent/units/prune.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -246,10 +246,22 @@ class FleetReconciler:
             fingerprint=held_fingerprint(self.store, held_run_id, name),
         )
 
+    def remove_all(self, ctx: StackContext, unit: Unit, *, hold: bool) -> UnitOutcome:
+        """Remove from its hosts what a unit the repository removed put there (`unit` is its
+        last definition with no resources and static hosts, see agent/units/prune.py), or show
+        the removals and hold them for `agent approve`."""
+        return self._converge(ctx, unit, _fleet(unit), True, hold_removals=hold)
+
     # --- the steps ------------------------------------------------------------------
 
     def _converge(
-        self, ctx: StackContext, unit: Unit, fleet: Fleet, revision_moved: bool
+        self,
+        ctx: StackContext,
+        unit: Unit,
+        fleet: Fleet,
+        revision_moved: bool,
+        *,
+        hold_removals: bool | None = None,
     ) -> UnitOutcome:
         hosts = self._hosts(ctx, unit, fleet)
         if isinstance(fleet.hosts, HostsFromEc2) and ctx.hosts_only is None:
@@ -270,7 +282,9 @@ class FleetReconciler:
             else (None, None)
         )
         apply = apply and wait is None
-        hold = apply and self.host.policy.destroy is DestroyPolicy.HOLD
+        if hold_removals is None:
+            hold_removals = self.host.policy.destroy is DestroyPolicy.HOLD
+        hold = apply and hold_removals
         unit_vars = self._unit_vars(ctx, unit)
 
         run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, unit.name))
@@ -974,6 +988,8 @@ def describe_fleet(outcome: UnitOutcome) -> str:
     if outcome.status is UnitStatus.HELD:
         return f"held: {outcome.error}"
     decision = Decision(outcome.decision) if outcome.decision else Decision.SKIP
+    if decision is Decision.ORPHAN:
+        return f"orphaned: {outcome.error}"
     if decision is Decision.SKIP:
         return "drift check skipped"
     hosts = outcome.hosts if isinstance(outcome, FleetOutcome) else ()

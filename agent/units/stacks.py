@@ -10,15 +10,17 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent.config import HostConfig, StackOutputRef, Unit
+from agent.config import DestroyPolicy, HostConfig, StackOutputRef, Unit
 from agent.config.manifest import plain_value
 from agent.core.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import LineRedactor, Redactor
 from agent.errors import AgentError, TerraformError
+from agent.policy.prune import PruneMode
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext, StackOutput
@@ -43,6 +45,7 @@ from providers.terraform.sensitive import mask_plan
 from providers.terraform.variables import declared_variables
 
 PLAN_FILE = "tfplan"
+PRUNE_HELD = "removed from gitops.yaml: its destroy waits for `agent approve` (policy.prune: hold)"
 
 
 class StackReconciler:
@@ -206,8 +209,21 @@ class StackReconciler:
             state=state_part(self.hasher, self._state_file(ctx, unit)),
         )
 
+    def destroy_removed(
+        self, ctx: StackContext, unit: Unit, mode: PruneMode, started: float
+    ) -> UnitOutcome:
+        """Plan the destroy of a unit the repository removed (`ctx` holds its last
+        definition) and apply it, or hold it, as `policy.prune` says (agent/units/prune.py)."""
+        return self._plan_and_apply(ctx, unit, True, started, prune=mode)
+
     def _plan_and_apply(
-        self, ctx: StackContext, unit: Unit, revision_moved: bool, started: float
+        self,
+        ctx: StackContext,
+        unit: Unit,
+        revision_moved: bool,
+        started: float,
+        *,
+        prune: PruneMode | None = None,
     ) -> UnitOutcome:
         runner = self.runner()
         deadline = started + unit.timeout
@@ -226,7 +242,11 @@ class StackReconciler:
         plan_file = run_dir / PLAN_FILE
         with self._log(ctx, unit, run_dir / "plan.txt") as plan_log:
             planned = self._terraform(
-                "plan", unit, lambda: runner.plan(ws, plan_file, variables, plan_log, deadline)
+                "plan",
+                unit,
+                lambda: runner.plan(
+                    ws, plan_file, variables, plan_log, deadline, destroy=prune is not None
+                ),
             )
         plan_file.chmod(0o600)
         held = False
@@ -254,6 +274,12 @@ class StackReconciler:
             )
             if policy.report:
                 atomic_write(run_dir / "policy.txt", self.redactor.redact(policy.report))
+            gate, destroy = policy.gate, self.host.policy.destroy
+            if prune is not None:
+                # A removed unit's destroy follows policy.prune, not its apply mode (the
+                # repository no longer defines it); rules and windows still count.
+                gate = replace(gate, apply=None)
+                destroy = DestroyPolicy.HOLD if prune is PruneMode.HOLD else DestroyPolicy.ALLOW
             verdict = decide(
                 PlanFacts(
                     revision_moved=revision_moved,
@@ -262,10 +288,14 @@ class StackReconciler:
                     resources_drifted=bool(summary.drift),
                 ),
                 drift=unit.drift,
-                destroy=self.host.policy.destroy,
+                destroy=destroy,
                 dry_run=ctx.dry_run,
-                gate=policy.gate,
+                gate=gate,
             )
+            if prune is PruneMode.HOLD and verdict.decision is Decision.HOLD:
+                # Held by policy.prune, and by whatever else holds it (rules, a window).
+                others = gate.holds(destroys_anything=True, is_drift=False)
+                verdict = replace(verdict, reason="; ".join([PRUNE_HELD, *others]))
             notes = "; ".join(policy.notes) or None
             counts = {
                 "plan_add": summary.add,
@@ -529,6 +559,7 @@ def describe_outcome(outcome: UnitOutcome) -> str:
         Decision.SKIP: "drift check skipped",
         Decision.PLAN_ONLY: "planned (dry run)",
         Decision.UNCHANGED: "unchanged: inputs as at the last clean plan, nothing run",
+        Decision.ORPHAN: "orphaned",
     }
     label = (
         labels.get(Decision(outcome.decision), str(outcome.decision)) if outcome.decision else ""

@@ -184,11 +184,13 @@ class TerraformRunner:
         *,
         refresh_only: bool = False,
         lock: bool = True,
+        destroy: bool = False,
     ) -> PlanOutcome:
         """`plan -out=PLAN_FILE -detailed-exitcode`; the caller runs `init_if_needed` first.
 
         `lock=False` (`-lock=false`): the state is not locked, for a plan of a private copy of
-        the state (a proposed change), which nothing else reads or writes."""
+        the state (a proposed change), which nothing else reads or writes. `destroy`
+        (`-destroy`): a plan that destroys everything in the state (a removed unit)."""
         plan_file.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         args = [
             "plan",
@@ -200,6 +202,8 @@ class TerraformRunner:
         ]
         if refresh_only:
             args.append("-refresh-only")
+        if destroy:
+            args.append("-destroy")
         result = self._run(ws, args, variables, on_line, deadline)
         if result.exit_code in (0, 2) and not (result.interrupted or result.timed_out):
             return PlanOutcome(result.exit_code)

@@ -1,0 +1,381 @@
+"""Units the repository removed: what happens to what they created (`policy.prune`).
+
+A unit that has a real result in the store but is not in the manifest in force was
+removed from `gitops.yaml`. Once per pass (a full, real one), after the units step:
+
+    found removed -> its last definition (the revision it last converged at, exported
+    apart from the checkout) -> per policy.prune:
+      hold    plan the removal and hold it for `agent approve` (the default)
+      auto    remove it: a stack's `plan -destroy` applied to its own state; a fleet's
+              objects removed from each host, as the host ledger records them
+      orphan  forget it: nothing is touched, and the store records that it was left
+
+A unit that comes back (a `git revert` of the removal) is no longer removed: its held
+removal is dropped, unapproved, and it reconciles as before with its state untouched.
+Nothing is forgotten silently: the state file and the history stay; only a unit whose
+removal finished (`pruned`) leaves `agent status`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from agent.config import HostConfig, Manifest, ManifestLimits, Unit, load_manifest
+from agent.config.fleet import HostSpec
+from agent.core.progress import Event, EventKind, Reporter
+from agent.core.redact import Redactor
+from agent.errors import AgentError, ConfigError, PruneError
+from agent.policy.prune import PruneMode, RemovedStatus
+from agent.state.layout import StateLayout
+from agent.state.store import RemovedUnitRow, RunStore, UnitOutcome, UnitStatus
+from agent.units.context import StackContext
+from agent.units.decide import Decision
+from agent.units.fleets import HELD_FILE, FleetReconciler, describe_fleet
+from agent.units.secrets import SecretResolver
+from agent.units.stacks import PLAN_FILE, StackReconciler, describe_outcome
+from providers.errors import GitSourceError
+from providers.git_source import GitSource
+
+log = logging.getLogger(__name__)
+
+ORPHANED = (
+    "removed from gitops.yaml: what it created was left as it is (policy.prune: orphan);"
+    " its state stays in the state directory"
+)
+FLEET_HELD = "removed from gitops.yaml: its removals wait for `agent approve` (policy.prune: hold)"
+
+
+@dataclass(frozen=True, slots=True)
+class PruneRequest:
+    """What the pass hands the prune step."""
+
+    run_id: str
+    revision: str  # the revision in force for this pass
+    manifest: Manifest  # its manifest
+    override_window: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Definition:
+    """A removed unit as its last revision defined it, ready to run."""
+
+    ctx: StackContext
+    unit: Unit
+
+
+class Pruner:
+    """Finds removed units and prunes, holds or orphans them; one instance per Reconciler."""
+
+    def __init__(
+        self,
+        host: HostConfig,
+        layout: StateLayout,
+        store: RunStore,
+        source: GitSource,
+        secrets: SecretResolver,
+        stacks: StackReconciler,
+        fleets: FleetReconciler,
+        report: Reporter,
+        redactor: Redactor,
+    ) -> None:
+        self.host = host
+        self.layout = layout
+        self.store = store
+        self.source = source
+        self.secrets = secrets
+        self.stacks = stacks
+        self.fleets = fleets
+        self.report = report
+        self.redactor = redactor
+
+    # --- the pass step -----------------------------------------------------------------
+
+    def run(self, request: PruneRequest, stop: Callable[[], bool]) -> dict[str, UnitOutcome]:
+        """Take back the units that returned, then act on every removed one."""
+        current = set(request.manifest.names())
+        removed = self.store.removed_units()
+        for name in sorted(current & set(removed)):
+            self._returned(name, removed[name])
+        suspended = set(self.store.suspended())
+        outcomes: dict[str, UnitOutcome] = {}
+        for name in self._removed_now(request, current):
+            if stop():
+                break
+            if name in suspended:
+                log.info("removed unit %s is suspended: not pruned", name)
+                continue
+            outcomes[name] = self._prune(request, name, stop)
+        return outcomes
+
+    def _removed_now(self, request: PruneRequest, current: set[str]) -> list[str]:
+        """Units with a real result that the manifest lacks, newly found ones recorded;
+        dependents before what they depend on (by their last definitions)."""
+        removed = self.store.removed_units()
+        found: list[tuple[int, str]] = []
+        for state in self.store.unit_states():
+            name = state.unit
+            if name in current or state.last_run_id is None:
+                continue  # in force, or only ever previewed: nothing was created
+            row = removed.get(name)
+            if row is None:
+                row = self._record_removed(request, name)
+                if row is None:
+                    continue
+            if row.status in (RemovedStatus.ORPHANED, RemovedStatus.PRUNED):
+                continue
+            try:
+                position = self._old_manifest(row).order().index(name)
+            except (AgentError, ValueError):
+                position = 0
+            found.append((position, name))
+        return [name for _, name in sorted(found, reverse=True)]
+
+    def _record_removed(self, request: PruneRequest, name: str) -> RemovedUnitRow | None:
+        state = self.store.unit_state(name)
+        defined_at = state.revision if state else None
+        if defined_at is None:
+            # Never converged: the revision its last real run used defines it.
+            real = [r for r in self.store.unit_history(name, limit=20) if not r.preview]
+            defined_at = next((r.revision for r in real if r.revision), None)
+        # Recorded even when its definition cannot be read: the prune then fails with the
+        # reason, shown by `agent status`, rather than the unit being skipped unseen.
+        kind = "fleet" if (self.layout.unit_dir(name) / "hosts").is_dir() else "stack"
+        if defined_at is None:
+            defined_at = request.revision  # (nothing better: its prune says it is unknown)
+        try:
+            unit = self._old_manifest_at(name, defined_at).get_unit(name)
+            kind = unit.kind if unit is not None else kind
+        except AgentError as exc:
+            log.warning("unit %s left gitops.yaml; its definition cannot be read: %s", name, exc)
+        mode = self.host.policy.prune
+        self.store.mark_removed(
+            name,
+            kind=kind,
+            defined_at=defined_at,
+            removed_at=request.revision,
+            policy=mode,
+            status=RemovedStatus.PRUNING,
+        )
+        log.info("unit %s was removed from gitops.yaml (policy.prune: %s)", name, mode)
+        return self.store.removed_units().get(name)
+
+    def _returned(self, name: str, row: RemovedUnitRow) -> None:
+        """A removed unit is in the manifest again: its held removal can no longer apply."""
+        self.store.unit_returned(name)
+        for held in (PLAN_FILE, HELD_FILE):
+            for path in self.layout.runs.glob(f"*/{name}/{held}"):
+                path.unlink(missing_ok=True)
+        if row.status != RemovedStatus.PRUNED:
+            message = f"{name} is back in gitops.yaml; its removal ({row.status}) was dropped"
+            log.info("%s", message)
+            self.report(Event(EventKind.UNIT_LINE, unit=name, message=message))
+
+    def _prune(self, request: PruneRequest, name: str, stop: Callable[[], bool]) -> UnitOutcome:
+        mode = self.host.policy.prune
+        row = self.store.removed_units()[name]
+        started = time.monotonic()
+        self.store.start_unit(request.run_id, name, request.revision)
+        self.report(Event(EventKind.UNIT_STARTED, run_id=request.run_id, unit=name))
+        describe = describe_fleet if row.kind == "fleet" else describe_outcome
+        if mode is PruneMode.ORPHAN:
+            outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.ORPHAN, error=ORPHANED)
+        else:
+            try:
+                definition = self.definition(request, row)
+                outcome = self._remove(definition, row, mode, started)
+            except AgentError as exc:
+                outcome = UnitOutcome(status=UnitStatus.FAILED, error=exc.message)
+        if outcome.error:
+            outcome = replace(outcome, error=self.redactor.redact(outcome.error))
+        if stop() and outcome.status is UnitStatus.FAILED:
+            outcome = replace(outcome, status=UnitStatus.INTERRUPTED)
+        outcome = replace(outcome, converged=False)  # it converges to nothing: no revision
+        self.store.finish_unit(request.run_id, name, request.revision, outcome)
+        self.settle(name, outcome, request.run_id)
+        self.report(
+            Event(
+                EventKind.UNIT_FINISHED,
+                run_id=request.run_id,
+                unit=name,
+                message=describe(outcome),
+                seconds=time.monotonic() - started,
+                result=outcome,
+            )
+        )
+        return outcome
+
+    def _remove(
+        self, definition: Definition, row: RemovedUnitRow, mode: PruneMode, started: float
+    ) -> UnitOutcome:
+        if row.kind == "stack":
+            return self.stacks.destroy_removed(definition.ctx, definition.unit, mode, started)
+        outcome = self.fleets.remove_all(
+            definition.ctx, definition.unit, hold=mode is PruneMode.HOLD
+        )
+        if outcome.status is UnitStatus.HELD:
+            # Held by policy.prune (the fleet's own text names policy.destroy), or by a
+            # closed change window (its text says when it opens).
+            held = mode is PruneMode.HOLD and "policy.destroy" in (outcome.error or "")
+            why = FLEET_HELD if held else f"removed from gitops.yaml: {outcome.error}"
+            outcome = replace(outcome, error=why)
+        return outcome
+
+    def apply_held(
+        self, request: PruneRequest, name: str, held_run_id: str, held_file: Path
+    ) -> UnitOutcome:
+        """`agent approve` of a removed unit's held removal: apply exactly what run
+        `held_run_id` showed (a stack's saved destroy plan, a fleet's removals)."""
+        row = self.store.removed_units().get(name)
+        try:
+            if row is None:
+                raise PruneError(f"{name} is no longer a removed unit")
+            # A saved plan holds its variables: no secret is read again.
+            definition = self.definition(request, row, secrets=False)
+        except AgentError as exc:
+            outcome = UnitOutcome(
+                status=UnitStatus.FAILED,
+                decision=Decision.APPLY,
+                error=self.redactor.redact(exc.message),
+            )
+            self.store.finish_unit(request.run_id, name, request.revision, outcome)
+            return outcome
+        apply_saved = self.stacks.apply_saved if row.kind == "stack" else self.fleets.apply_saved
+        outcome = apply_saved(definition.ctx, name, held_run_id, held_file)
+        self.settle(name, outcome, request.run_id)
+        return outcome
+
+    def settle(self, name: str, outcome: UnitOutcome, run_id: str) -> None:
+        """Where the removed unit stands after `outcome` (a pass's, or an approval's)."""
+        if outcome.decision == Decision.ORPHAN:
+            status = RemovedStatus.ORPHANED
+        elif outcome.status is UnitStatus.HELD:
+            status = RemovedStatus.HELD
+        elif outcome.status is UnitStatus.OK and outcome.decision in (
+            Decision.APPLY,
+            Decision.NOTHING,
+        ):
+            status = RemovedStatus.PRUNED
+        else:
+            status = RemovedStatus.PRUNING  # failed or stopped: tried again next pass
+        error = outcome.error if status is not RemovedStatus.PRUNED else None
+        self.store.set_removed_status(name, status, run_id=run_id, error=error)
+
+    # --- a removed unit's last definition ----------------------------------------------
+
+    def definition(
+        self, request: PruneRequest, row: RemovedUnitRow, *, secrets: bool = True
+    ) -> Definition:
+        """The unit as it was last defined, with a context to run it in: a stack runs in
+        an export of that revision with its secrets; a fleet runs in the current pass's
+        context (what other units own now must not be removed), its hosts taken from
+        what it recorded."""
+        manifest = self._old_manifest(row)
+        unit = manifest.get_unit(row.unit)
+        if unit is None:
+            raise PruneError(
+                f"{row.unit}: its last definition is not known (not in gitops.yaml at"
+                f" {row.defined_at[:12]}); nothing was removed",
+                hint="add the unit back to gitops.yaml, or `agent suspend` it to leave it",
+            )
+        if unit.fleet is None:
+            resolved = self.secrets.resolve([unit] if secrets else [])
+            if row.unit in resolved.errors:
+                raise PruneError(resolved.errors[row.unit])
+            ctx = StackContext(
+                run_id=request.run_id,
+                revision=request.revision,
+                tree=self._tree(row),
+                manifest=manifest,
+                dry_run=False,
+                secrets=resolved,
+                override_window=request.override_window,
+            )
+            return Definition(ctx, unit)
+        fleet = unit.fleet
+        hosts = self._fleet_hosts(unit)
+        bare = replace(
+            unit,
+            depends_on=(),
+            vars={},
+            secrets={},
+            fleet=replace(fleet, hosts=hosts, roles=(), resources=(), vars={}),
+        )
+        now = request.manifest
+        ctx = StackContext(
+            run_id=request.run_id,
+            revision=request.revision,
+            tree=self.layout.checkout,
+            manifest=replace(now, units=(*[u for u in now.units if u.name != unit.name], bare)),
+            dry_run=False,
+            override_window=request.override_window,
+        )
+        return Definition(ctx, bare)
+
+    def _fleet_hosts(self, unit: Unit) -> tuple[HostSpec, ...]:
+        """The hosts whose records hold objects of `unit`, addressed as it last saw them."""
+        assert unit.fleet is not None
+        static = (
+            {h.name: h for h in unit.fleet.hosts} if isinstance(unit.fleet.hosts, tuple) else {}
+        )
+        hosts: list[HostSpec] = []
+        for record in sorted((self.layout.root / "hosts").glob("*.json")):
+            try:
+                objects = json.loads(record.read_text()).get("objects", {})
+            except (OSError, ValueError):
+                continue
+            if not any(entry.get("unit") == unit.name for entry in objects.values()):
+                continue
+            name = record.stem
+            spec = static.get(name)
+            if spec is None:
+                try:
+                    seen = json.loads(
+                        (self.layout.unit_dir(unit.name) / "hosts" / record.name).read_text()
+                    )
+                except (OSError, ValueError):
+                    log.warning("%s: the address of host %s is not known", unit.name, name)
+                    continue
+                spec = HostSpec(name=name, address=str(seen["address"]))
+            hosts.append(
+                HostSpec(name=spec.name, address=spec.address, port=spec.port, user=spec.user)
+            )
+        return tuple(hosts)
+
+    def _tree(self, row: RemovedUnitRow) -> Path:
+        """An export of the revision that defines the removed unit (made once)."""
+        where = self.layout.unit_dir(row.unit) / "removed"
+        marker = where / "revision"
+        tree = where / "tree"
+        try:
+            if marker.read_text() == row.defined_at and tree.is_dir():
+                return tree
+        except OSError:
+            pass
+        where.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            self.source.export(row.defined_at, tree)
+        except GitSourceError as exc:
+            raise PruneError(f"{row.unit}: cannot read its last definition: {exc}") from exc
+        marker.write_text(row.defined_at)
+        return tree
+
+    def _old_manifest(self, row: RemovedUnitRow) -> Manifest:
+        return self._load(self._tree(row))
+
+    def _old_manifest_at(self, name: str, revision: str) -> Manifest:
+        row = RemovedUnitRow(name, "", revision, "", 0.0, "", "", None, None, 0.0)
+        return self._old_manifest(row)
+
+    def _load(self, tree: Path) -> Manifest:
+        try:
+            return load_manifest(tree, ManifestLimits.from_host(self.host))
+        except ConfigError as exc:
+            raise PruneError(
+                "the revision that last defined it is not valid under this host config:"
+                f" {exc.message}"
+            ) from exc
