@@ -256,7 +256,7 @@ def test_a_pushed_destroy_is_held_and_the_page_shows_the_plan(world: World) -> N
     assert any("terraform_data.release will be destroyed" in line.text for line in destroyed)
     world.screenshot("held-destroy")
     world.open("/")
-    assert world.statuses()["app"] == "held"
+    world.wait(lambda: world.statuses().get("app") == "held", "app held on the overview")
 
 
 def test_a_failed_unit_shows_its_error_and_blocked_dependents(world: World) -> None:
@@ -270,9 +270,15 @@ def test_a_failed_unit_shows_its_error_and_blocked_dependents(world: World) -> N
     result = world.reconcile()
     assert result.outcomes["base"].status == "failed"
     world.wait(lambda: world.statuses().get("base") == "failed", "base failed, live")
-    assert world.statuses()["app"] == "blocked"
+    world.wait(lambda: world.statuses().get("app") == "blocked", "app blocked by it")
     world.screenshot("failed-overview")
-    world.browser.find_element("css selector", "#unit-base h3 a").click()
+
+    def open_base() -> bool:
+        # The live page may swap the card out between finding the link and clicking.
+        world.browser.find_element("css selector", "#unit-base h3 a").click()
+        return True
+
+    world.wait(open_base, "the base unit's link clicked")
     error = world.wait(lambda: world.browser.find_element("id", "failure").text, "the error")
     assert "tonumber" in error or "number" in error
     blocked = world.browser.find_element("id", "blocked").text

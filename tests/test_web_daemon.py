@@ -117,7 +117,13 @@ def test_an_operator_follows_a_pass_a_drift_and_a_held_destroy_live(
         )
         wait(lambda: statuses().get("unit-app") == "held", "app held, on the open page")
         assert browser.execute_script("return window.notReloaded === true;")
-        browser.find_element("css selector", "#unit-app h3 a").click()
+
+        def open_app() -> bool:
+            # The live page may swap the card out between finding the link and clicking.
+            browser.find_element("css selector", "#unit-app h3 a").click()
+            return True
+
+        wait(open_app, "the app unit's link clicked")
         command = wait(lambda: browser.find_element("id", "approve-command").text, "command")
         assert re.fullmatch(r"agent approve r-\S+ --unit app", command)
         browser.save_screenshot(str(ARTIFACTS / "daemon-held.png"))

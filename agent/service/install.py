@@ -83,7 +83,7 @@ class Step:
 
 def shipped_file(name: str) -> str:
     """The text of a file of the package's `agent.systemd` data (the repo's `systemd/`)."""
-    source = Path(__file__).resolve().parents[1] / "systemd" / name
+    source = Path(__file__).resolve().parents[2] / "systemd" / name  # agent/service/ -> root
     if source.is_file():  # an editable install reads the source tree
         return source.read_text()
     return (resources.files("agent.systemd") / name).read_text()
