@@ -15,6 +15,7 @@ never shallow: the fast-forward check needs the history.
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import io
 import math
@@ -175,10 +176,14 @@ def _trust_local_repository(url: str, config_file: Path) -> dict[str, str]:
     if not config_file.is_file() or config_file.read_text() != text:
         config_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = config_file.with_name(config_file.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, config_file)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            os.replace(tmp, config_file)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise GitSourceError(f"cannot write {config_file}: {err.strerror or err}") from None
     return {"GIT_CONFIG_GLOBAL": str(config_file)}
 
 
@@ -221,7 +226,6 @@ class GitSource:
         )
         if status != 0 or branch.startswith("-"):
             raise _config_error(f"invalid branch name {branch!r} for {self._safe_url}")
-        self._env = self._git_environment()
         self._repo: git.Repo | None = None
 
     def __repr__(self) -> str:
@@ -311,6 +315,12 @@ class GitSource:
             )
         except git.GitCommandError as err:
             raise self._network_error(err) from None
+
+    @functools.cached_property
+    def _env(self) -> dict[str, str]:
+        """Git's environment, made at first use, inside a pass: for a local repository it
+        writes a file into the state directory, which must not fail the agent's start."""
+        return self._git_environment()
 
     def _git_environment(self) -> dict[str, str]:
         env = {

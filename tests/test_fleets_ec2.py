@@ -394,10 +394,14 @@ def test_the_daemon_converges_a_scaled_up_instance_within_the_hosts_interval(
         # Reported as a pass is: the hosts run is counted in the metrics.
         listen = re.search(r"http: \{listen: '([^']+)'\}", config.read_text())
         assert listen is not None
-        with urllib.request.urlopen(f"http://{listen.group(1)}/metrics", timeout=10) as page:
-            metrics = page.read().decode()
         counted = r'gitops_agent_passes_total\{outcome="succeeded",trigger="hosts"\} 1'
-        assert re.search(counted, metrics), metrics
+
+        def metrics_count_it() -> bool:
+            # (the store records the run before the daemon reports it: look until it has)
+            with urllib.request.urlopen(f"http://{listen.group(1)}/metrics", timeout=10) as page:
+                return bool(re.search(counted, page.read().decode()))
+
+        wait_until(metrics_count_it, agent, log_path, "the hosts run counted in /metrics")
     finally:
         agent.send_signal(signal.SIGTERM)  # by PID: the process this test started
         try:

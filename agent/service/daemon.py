@@ -95,8 +95,6 @@ class Daemon:
         )
         self.forge = make_reporter(host.forge, self.redactor)
         self.queue = TriggerQueue()
-        # New EC2 instances between passes (docs/dynamic-hosts.md).
-        self.hostwatch = HostWatch(self.reconciler)
         self._stopping = threading.Event()
         self.planner = PassPlanner(host, self.store, self.reconciler.fetch_head)
         self.worker = PassWorker(
@@ -125,6 +123,8 @@ class Daemon:
             on_started=report.started if report else None,
             on_planned=report.finished if report else None,
         )
+        # New EC2 instances between passes (docs/dynamic-hosts.md), reported as passes are.
+        self.hostwatch = HostWatch(self.reconciler, on_result=self.worker.finished)
         self.http = self._http_server()
         self.web = WebPage.from_host(host, self.redactor)  # None unless `web:` is set
         self.requests = ControlRequests(

@@ -36,7 +36,8 @@ import json
 import os
 import re
 import secrets as random
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,11 +150,28 @@ def load_key(state_dir: Path) -> bytes:
     return key
 
 
-class Hasher:
-    """Keyed hashes of inputs; one per agent (the key never changes while it runs)."""
+_KEY_LOCK = threading.Lock()  # the stack and fleet hashers share one key file
 
-    def __init__(self, key: bytes) -> None:
-        self._key = key
+
+class Hasher:
+    """Keyed hashes of inputs; one per agent (the key never changes while it runs).
+
+    `key` may be a function that loads it: it is called at the first hash, inside a pass,
+    so that an agent whose disk is full starts and reports that from its store."""
+
+    def __init__(self, key: bytes | Callable[[], bytes]) -> None:
+        self._source = key
+        self._loaded: bytes | None = key if isinstance(key, bytes) else None
+
+    @property
+    def _key(self) -> bytes:
+        if self._loaded is None:
+            with _KEY_LOCK:
+                if self._loaded is None:
+                    source = self._source
+                    assert callable(source)
+                    self._loaded = source()
+        return self._loaded
 
     def value(self, value: Any) -> str:
         """The HMAC of a JSON-able value (secrets revealed only into the hash)."""

@@ -144,7 +144,7 @@ class FleetReconciler:
         self._stop = threading.Event()
         # Units run in parallel and several may share a host: one writer of the records.
         self._records = threading.Lock()
-        self.hasher = Hasher(load_key(layout.root))
+        self.hasher = Hasher(lambda: load_key(layout.root))
         self.ec2 = Ec2Hosts(host.hosts)
 
     def interrupt(self) -> None:

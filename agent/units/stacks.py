@@ -70,7 +70,7 @@ class StackReconciler:
         self._runner: TerraformRunner | None = None
         self._runner_lock = threading.Lock()
         self._stop = threading.Event()
-        self.hasher = Hasher(load_key(layout.root))
+        self.hasher = Hasher(lambda: load_key(layout.root))
         # Read now: a missing connection-string file stops the start, naming the key.
         backend = host.terraform.state_backend
         self.state_backend = backend.open(redactor.register) if backend else None
