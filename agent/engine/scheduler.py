@@ -1,0 +1,120 @@
+"""The units step of a pass: walk the dependency graph, start a unit when all it depends
+on converged, run independent units in parallel (bounded by the host config), and block
+the dependents of a unit that failed or is held, and no other unit."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+
+from agent.config import DriftPolicy, HostConfig, Manifest
+from agent.engine.passes import CONVERGED, PassContext
+from agent.state.layout import StateLayout
+from agent.state.store import RunStore, UnitOutcome, UnitStatus
+from agent.units.context import StackContext
+from agent.units.fleets import FleetReconciler
+from agent.units.stacks import StackReconciler
+
+
+class UnitScheduler:
+    """Runs the selected units of a pass in dependency order."""
+
+    def __init__(
+        self,
+        host: HostConfig,
+        layout: StateLayout,
+        store: RunStore,
+        stacks: StackReconciler,
+        fleets: FleetReconciler,
+        stop: threading.Event,
+    ) -> None:
+        self.host = host
+        self.layout = layout
+        self.store = store
+        self.stacks = stacks
+        self.fleets = fleets
+        self._stop = stop
+
+    def run(self, ctx: PassContext, names: list[str]) -> None:
+        """Reconcile the units in dependency order, independent ones in parallel."""
+        assert ctx.manifest is not None and ctx.target is not None
+        manifest = ctx.manifest
+        stack_ctx = StackContext(
+            run_id=ctx.run_id,
+            revision=ctx.target,
+            tree=self.layout.checkout,
+            manifest=manifest,
+            dry_run=ctx.request.dry_run,
+            secrets=ctx.secrets,
+            override_window=ctx.request.override_window,
+            outcomes=ctx.outcomes,
+            hosts_only=ctx.request.hosts,
+            changed_only=ctx.request.changed_only,
+            drift_intervals=self.drift_intervals(manifest),
+        )
+        selected = set(names)
+        pending = set(names)
+        running: dict[Future[UnitOutcome], str] = {}
+        with ThreadPoolExecutor(
+            max_workers=self.host.terraform.parallelism, thread_name_prefix="unit"
+        ) as pool:
+            while pending or running:
+                self._block_dependents(stack_ctx, pending, ctx.outcomes, selected)
+                if self._stop.is_set():
+                    pending.clear()
+                for name in [n for n in names if n in pending]:
+                    deps = manifest.get_unit(name).depends_on
+                    if all(d not in selected or d in ctx.outcomes for d in deps):
+                        pending.discard(name)
+                        kind = manifest.get_unit(name).kind
+                        reconciler = self.fleets if kind == "fleet" else self.stacks
+                        running[pool.submit(reconciler.reconcile, stack_ctx, name)] = name
+                if not running:
+                    continue
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    ctx.outcomes[running.pop(future)] = future.result()
+
+    def drift_intervals(self, manifest: Manifest) -> dict[str, float | None]:
+        """Each unit's drift interval (its own, else the host's); None for `drift: ignore`."""
+        own = self.host.intervals.units
+        return {
+            unit.name: None
+            if unit.drift is DriftPolicy.IGNORE
+            else (own[unit.name].drift if unit.name in own else self.host.intervals.drift)
+            for unit in manifest.units
+        }
+
+    def _block_dependents(
+        self,
+        stack_ctx: StackContext,
+        pending: set[str],
+        outcomes: dict[str, UnitOutcome],
+        selected: set[str],
+    ) -> None:
+        """Block pending units whose dependency finished without converging (transitively).
+        A dependency this pass leaves out (`--unit`, backoff) counts by its last real
+        result: held or failed, it blocks its dependents here as in a full pass."""
+        manifest = stack_ctx.manifest
+        changed = True
+        while changed:
+            changed = False
+            for name in sorted(pending):
+                failed: list[tuple[str, UnitOutcome]] = []
+                for d in manifest.get_unit(name).depends_on:
+                    if d in selected and d in outcomes and outcomes[d].status not in CONVERGED:
+                        failed.append((d, outcomes[d]))
+                    elif d not in selected and (last := self._last_real(d)) is not None:
+                        failed.append((d, last))
+                if failed:
+                    pending.discard(name)
+                    outcomes[name] = self.stacks.block(stack_ctx, name, *failed[0])
+                    changed = True
+
+    def _last_real(self, unit: str) -> UnitOutcome | None:
+        """The last real result of a unit left out of this pass, if it did not converge."""
+        state = self.store.unit_state(unit)
+        blocking = (UnitStatus.HELD, UnitStatus.FAILED, UnitStatus.BLOCKED)
+        if state is None or state.last_status not in blocking:
+            return None
+        return UnitOutcome(status=UnitStatus(state.last_status))
