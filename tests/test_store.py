@@ -19,9 +19,8 @@ import pytest
 from agent.core.fsutil import INTERRUPTED_MARKER, StreamedFile, atomic_write, finish_partial
 from agent.errors import PassBusyError, StoreError
 from agent.state.passlock import PassLock
+from agent.state.schema import MIGRATIONS, SCHEMA_VERSION
 from agent.state.store import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
     RevisionStatus,
     RunStatus,
     RunStore,
