@@ -25,7 +25,7 @@ import pytest
 
 from agent.config import load_host_config
 from agent.service.daemon import Daemon
-from agent.state import store as store_module
+from agent.state import database as store_database
 from agent.state.store import RunStore
 from providers.proctrack import MARKER, ChildTracker, marked, proc_stat
 from providers.terraform.runner import clear_dead_lock, lock_info_file
@@ -164,7 +164,7 @@ class DaemonLab:
 
 @pytest.fixture
 def daemon_lab(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[DaemonLab]:
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT", BUSY)
+    monkeypatch.setattr(store_database, "BUSY_TIMEOUT", BUSY)
     lab = DaemonLab(tmp_path)
     lab.daemon.start()
     try:

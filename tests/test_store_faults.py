@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import StoreError
-from agent.state import store as store_module
+from agent.state import database as store_database
 from agent.state import storefile
 from agent.state.passlock import PassLock
 from agent.state.store import SCHEMA_VERSION, RevisionStatus, RunStatus, RunStore
@@ -409,7 +409,7 @@ def test_read_commands_answer_while_another_process_writes(
 def test_a_locked_store_names_the_lock_not_permissions(
     writer_holding_lock: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store_module, "BUSY_TIMEOUT", 0.2)
+    monkeypatch.setattr(store_database, "BUSY_TIMEOUT", 0.2)
     state = writer_holding_lock.parent / "state"
     store = RunStore(state)
     with pytest.raises(StoreError) as caught:
