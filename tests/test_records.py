@@ -872,7 +872,7 @@ def test_resume_queues_a_pass_for_the_unit(tmp_path: Path) -> None:
         name = "tester"
 
     try:
-        daemon.store.suspend("app", by="tester")
+        daemon.store.suspensions.add("app", by="tester")
         daemon.requests.handle("resume", {"unit": "app"}, Peer(), Reply())  # type: ignore[arg-type]
         queued = daemon.queue.pending()
         batch = daemon.queue.take() if queued else None

@@ -77,14 +77,17 @@ def test_revisions_accepted_and_rejected(open_store: OpenStore) -> None:
 
 def test_suspensions_and_approvals(open_store: OpenStore) -> None:
     store = open_store()
-    assert store.suspend("app", by="ops", reason="maintenance") is True
-    assert store.suspend("app", by="ops") is False  # already suspended
-    assert set(store.suspended()) == {"app"} and store.suspended()["app"].by == "ops"
-    assert store.resume("app") is True and store.suspended() == {}
+    assert store.suspensions.add("app", by="ops", reason="maintenance") is True
+    assert store.suspensions.add("app", by="ops") is False  # already suspended
+    assert (
+        set(store.suspensions.by_unit()) == {"app"}
+        and store.suspensions.by_unit()["app"].by == "ops"
+    )
+    assert store.suspensions.remove("app") is True and store.suspensions.by_unit() == {}
     held = store.start_run(trigger="test")
     applied = store.start_run(trigger="approve")
-    store.record_approval(applied, held, ["app", "db"], by="alice")
-    assert sorted(a.unit for a in store.approvals(held)) == ["app", "db"]
+    store.approvals.record(applied, held, ["app", "db"], by="alice")
+    assert sorted(a.unit for a in store.approvals.of(held)) == ["app", "db"]
 
 
 def test_a_dead_pass_is_marked_interrupted(open_store: OpenStore) -> None:

@@ -129,7 +129,7 @@ def test_a_store_that_existed_is_never_silently_recreated(tmp_path: Path, damage
     for n in range(40):  # a few pages of rows, so offset 8192 lands inside the tables
         store.record_revision(f"{n:040x}", RevisionStatus.REJECTED, "bad " * 60)
     store.finish_run(store.start_run(trigger="test"), RunStatus.SUCCEEDED)
-    store.suspend("app", reason="held")
+    store.suspensions.add("app", reason="held")
     store.close()
     db = tmp_path / "agent.db"
     assert db.stat().st_size > 3 * 8192
@@ -283,7 +283,7 @@ def assert_disk_full(error: StoreError, state: Path) -> None:
 def test_a_full_disk_is_a_clear_error_and_the_store_goes_on_afterwards(small_fs: Path) -> None:
     state = small_fs / "state"
     store = RunStore(state)  # open, as the daemon keeps it, when the disk fills up
-    store.suspend("app")
+    store.suspensions.add("app")
     filler = fill(small_fs)
     with pytest.raises(StoreError) as caught:
         for n in range(1000):  # bounded: the WAL runs into the full disk long before
@@ -303,7 +303,7 @@ def test_a_full_disk_is_a_clear_error_and_the_store_goes_on_afterwards(small_fs:
     filler.unlink()
     more.unlink()
     reopened = RunStore(state)  # nothing was damaged: it opens and takes writes again
-    assert "app" in reopened.suspended()
+    assert "app" in reopened.suspensions.by_unit()
     run = reopened.start_run(trigger="test")
     reopened.finish_run(run, RunStatus.SUCCEEDED)
     reopened.close()
@@ -413,7 +413,7 @@ def test_a_locked_store_names_the_lock_not_permissions(
     state = writer_holding_lock.parent / "state"
     store = RunStore(state)
     with pytest.raises(StoreError) as caught:
-        store.suspend("app")
+        store.suspensions.add("app")
     store.close()
     assert f"another agent process holds a write transaction on {state / 'agent.db'}" in (
         caught.value.message
@@ -436,8 +436,8 @@ def test_a_reader_neither_upgrades_nor_writes_the_store(tmp_path: Path) -> None:
     set_schema(tmp_path, SCHEMA_VERSION)
     reader = RunStore(tmp_path, read_only=True)
     with pytest.raises(StoreError, match="read-only"):
-        reader.suspend("app")
-    assert reader.suspended() == {}
+        reader.suspensions.add("app")
+    assert reader.suspensions.by_unit() == {}
 
 
 # --- item 4: file modes do not depend on the umask ----------------------------------------
@@ -573,7 +573,7 @@ def test_the_daemon_refuses_a_damaged_store_and_restore_refuses_a_running_daemon
 
 def test_check_says_what_it_found_and_a_damaged_backup_is_not_restored(tmp_path: Path) -> None:
     store = RunStore(tmp_path)
-    store.suspend("app")
+    store.suspensions.add("app")
     store.close()
     live, backup, created = storefile.check_store(tmp_path)
     assert (live.state, backup.state) == ("ok", "ok")

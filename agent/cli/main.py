@@ -594,7 +594,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     store, layout = _open_store(args)
     view = status_view(store, layout)
-    suspended = store.suspended()
+    suspended = store.suspensions.by_unit()
     view["suspended"] = {unit: asdict(row) for unit, row in suspended.items()}
     if args.json:
         _print_json(view)

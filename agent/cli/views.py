@@ -37,7 +37,7 @@ def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str,
     runs = store.runs(limit=1)
     last = runs[0] if runs else None
     units = [unit_view(state, layout) for state in store.unit_states()]
-    removed = store.removed_units()
+    removed = store.removed.by_unit()
     for unit in units:
         if (gone := removed.get(unit["unit"])) is not None:
             # No longer in gitops.yaml: pruning, held or orphaned (docs/policy.md, "Prune").

@@ -60,7 +60,7 @@ class Approvals:
                     f"unit {name} was not held for approval in run {run_id}"
                     f" (its result: {rows[name].status})"
                 )
-        suspended = [n for n in names if n in self.store.suspended()]
+        suspended = [n for n in names if n in self.store.suspensions.by_unit()]
         if suspended:
             name = suspended[0]
             raise ApprovalRefused(
@@ -88,7 +88,7 @@ class Approvals:
         return run.revision, plans
 
     def _why_no_plan(self, run_id: str, unit: str) -> str:
-        for approval in self.store.approvals(run_id):
+        for approval in self.store.approvals.of(run_id):
             if approval.unit == unit:
                 by = f" by {approval.by}" if approval.by else ""
                 return (

@@ -245,7 +245,7 @@ class Reconciler:
             revision, held = self.approvals.held_plans(run_id, unit)
             approve_id = self.store.start_run(trigger="approve", unit_filter=unit, pid=os.getpid())
             lock.record(approve_id)
-            self.store.record_approval(approve_id, run_id, list(held), by=by)
+            self.store.approvals.record(approve_id, run_id, list(held), by=by)
             ctx = PassContext(request=PassRequest(trigger="approve", unit=unit), run_id=approve_id)
 
             def load(ctx: PassContext) -> None:
@@ -331,7 +331,7 @@ class Reconciler:
                 hint=f"its units: {', '.join(names)}",
             )
         wanted = names if ctx.request.unit is None else [ctx.request.unit]
-        suspended = set(self.store.suspended())
+        suspended = set(self.store.suspensions.by_unit())
         left_out = [n for n in wanted if n in suspended or n in ctx.request.skip]
         ctx.suspended = [n for n in wanted if n in suspended]
         if left_out:

@@ -476,7 +476,7 @@ def check_not_suspended(store: RunStore, unit: str | None) -> None:
     """Refuse a command that names a suspended unit."""
     if unit is None:
         return
-    row = store.suspended().get(unit)
+    row = store.suspensions.by_unit().get(unit)
     if row is not None:
         raise UnitSuspended(
             f"unit {unit} is suspended ({describe_suspension(row)}): passes leave it out",
@@ -504,8 +504,8 @@ def suspend_unit(
     """Suspend `unit`, one of `known` (`known_units`), else NotFoundError."""
     if unit not in known:
         raise _unknown(unit, known)
-    changed = store.suspend(unit, by=by, reason=reason)
-    row = store.suspended()[unit]
+    changed = store.suspensions.add(unit, by=by, reason=reason)
+    row = store.suspensions.by_unit()[unit]
     if changed:
         log.info("unit %s suspended by %s%s", unit, by or "?", f": {reason}" if reason else "")
     message = (
@@ -518,7 +518,7 @@ def suspend_unit(
 
 def resume_unit(store: RunStore, unit: str, known: list[str], *, by: str | None) -> dict[str, Any]:
     """Lift the suspension of `unit` (NotFoundError if it is neither suspended nor known)."""
-    if store.resume(unit):
+    if store.suspensions.remove(unit):
         log.info("unit %s resumed by %s", unit, by or "?")
         message = f"unit {unit} resumed: the next pass reconciles it"
         return {"unit": unit, "suspended": False, "changed": True, "message": message}

@@ -206,7 +206,7 @@ class PassWorker:
         of a run the worker did not start: new EC2 hosts converged between passes)."""
         self.last = result
         # A removed unit's prune counts under the kind it last had (agent/units/prune.py).
-        kinds = {row.unit: row.kind for row in self.store.removed_units().values()}
+        kinds = {row.unit: row.kind for row in self.store.removed.by_unit().values()}
         if self._planner.manifest:
             kinds.update({u.name: u.kind for u in self._planner.manifest.units})
         try:

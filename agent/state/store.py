@@ -19,9 +19,12 @@ import logging
 import sqlite3
 import time
 import urllib.parse
+from collections.abc import Callable
+from pathlib import Path
 
 from agent.config import HostConfig
 from agent.core.redact import Redactor
+from agent.state.approvals import ApprovalLog
 from agent.state.database import StoreDatabase
 from agent.state.records import (
     UNCHANGED,
@@ -41,12 +44,14 @@ from agent.state.records import (
     unit_run_row,
     unit_state_row,
 )
+from agent.state.removed import RemovedUnits
 from agent.state.schema import SCHEMA_VERSION
 from agent.state.storefile import (
     DB_FILENAME,
     StoreFull,
     release_reserve,
 )
+from agent.state.suspensions import Suspensions
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,20 @@ class RunStore(StoreDatabase):
     """The run store of one state directory (SQLite) or of every agent that names it
     (PostgreSQL): runs, unit results, unit state, revisions, suspensions, approvals and
     removed units. Safe to share between threads."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        scrub: Callable[[str], str] | None = None,
+        read_only: bool = False,
+        url: str | None = None,
+    ) -> None:
+        """Open (or create) the store: see StoreDatabase for the arguments."""
+        super().__init__(state_dir, scrub=scrub, read_only=read_only, url=url)
+        self.suspensions = Suspensions(self)
+        self.approvals = ApprovalLog(self)
+        self.removed = RemovedUnits(self)
 
     # --- runs -----------------------------------------------------------------
 
@@ -363,102 +382,6 @@ class RunStore(StoreDatabase):
         """The last revision accepted (validated and taken into force)."""
         row = self._one("SELECT value FROM agent_state WHERE key = 'current_revision'")
         return row["value"] if row else None
-
-    # --- suspensions and approvals ----------------------------------------------
-
-    def suspend(self, unit: str, *, by: str | None = None, reason: str | None = None) -> bool:
-        """Mark `unit` suspended (every pass leaves it out); False if it already was."""
-        with self._tx() as db:
-            cursor = db.execute(
-                "INSERT INTO suspended_units (unit, since, by, reason) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (unit) DO NOTHING",
-                (unit, time.time(), by, self._clean(reason)),
-            )
-            changed = cursor.rowcount == 1
-        # Suspensions must survive a damaged store: back up right away, not after a pass.
-        if changed:
-            self.backup()
-        return changed
-
-    def resume(self, unit: str) -> bool:
-        """Lift a suspension; False if `unit` was not suspended."""
-        with self._tx() as db:
-            changed = (
-                db.execute("DELETE FROM suspended_units WHERE unit = ?", (unit,)).rowcount == 1
-            )
-        if changed:
-            self.backup()
-        return changed
-
-    def suspended(self) -> dict[str, SuspensionRow]:
-        """The suspended units, by name."""
-        rows = self._all("SELECT * FROM suspended_units ORDER BY unit")
-        return {r["unit"]: SuspensionRow(r["unit"], r["since"], r["by"], r["reason"]) for r in rows}
-
-    def record_approval(
-        self, run_id: str, held_run_id: str, units: list[str], *, by: str | None = None
-    ) -> None:
-        """Record that run `run_id` applies the plans `held_run_id` held for `units`."""
-        now = time.time()
-        with self._tx() as db:
-            db.executemany(
-                "INSERT INTO approvals (run_id, held_run_id, unit, approved_at, by)"
-                " VALUES (?, ?, ?, ?, ?)",
-                [(run_id, held_run_id, unit, now, by) for unit in units],
-            )
-
-    def approvals(self, held_run_id: str) -> list[ApprovalRow]:
-        """The approvals of the plans `held_run_id` held, oldest first."""
-        rows = self._all(
-            "SELECT * FROM approvals WHERE held_run_id = ? ORDER BY approved_at", (held_run_id,)
-        )
-        return [
-            ApprovalRow(r["run_id"], r["held_run_id"], r["unit"], r["approved_at"], r["by"])
-            for r in rows
-        ]
-
-    # --- removed units (agent/units/prune.py) -----------------------------------------
-
-    def mark_removed(
-        self, unit: str, *, kind: str, defined_at: str, removed_at: str, policy: str, status: str
-    ) -> None:
-        """Record that the repository no longer has `unit` (once: a row kept is left)."""
-        now = time.time()
-        with self._tx() as db:
-            db.execute(
-                "INSERT INTO removed_units (unit, kind, defined_at, removed_at, since, policy,"
-                " status, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (unit) DO NOTHING",
-                (unit, kind, defined_at, removed_at, now, policy, status, now),
-            )
-
-    def set_removed_status(
-        self, unit: str, status: str, *, run_id: str | None, error: str | None = None
-    ) -> None:
-        """Where a removed unit stands after a run acted on it. `pruned` also forgets the
-        unit's state row (its runs stay in the history): a unit of that name added again
-        starts afresh."""
-        with self._tx() as db:
-            db.execute(
-                "UPDATE removed_units SET status = ?, run_id = ?, error = ?, updated_at = ?"
-                " WHERE unit = ?",
-                (status, run_id, self._clean(error), time.time(), unit),
-            )
-            if status == "pruned":
-                db.execute("DELETE FROM unit_state WHERE unit = ?", (unit,))
-
-    def unit_returned(self, unit: str) -> bool:
-        """The repository has `unit` again: it is no longer removed. False if it was not."""
-        with self._tx() as db:
-            return db.execute("DELETE FROM removed_units WHERE unit = ?", (unit,)).rowcount == 1
-
-    def removed_units(self) -> dict[str, RemovedUnitRow]:
-        """The units the repository removed, by name (pruned ones too)."""
-        rows = self._all("SELECT * FROM removed_units ORDER BY unit")
-        return {
-            r["unit"]: RemovedUnitRow(**{key: r[key] for key in r.keys()})  # noqa: SIM118
-            for r in rows
-        }
 
     # --- recovery -------------------------------------------------------------
 

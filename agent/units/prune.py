@@ -98,10 +98,10 @@ class Pruner:
     def run(self, request: PruneRequest, stop: Callable[[], bool]) -> dict[str, UnitOutcome]:
         """Take back the units that returned, then act on every removed one."""
         current = set(request.manifest.names())
-        removed = self.store.removed_units()
+        removed = self.store.removed.by_unit()
         for name in sorted(current & set(removed)):
             self._returned(name, removed[name])
-        suspended = set(self.store.suspended())
+        suspended = set(self.store.suspensions.by_unit())
         outcomes: dict[str, UnitOutcome] = {}
         for name in self._removed_now(request, current):
             if stop():
@@ -115,7 +115,7 @@ class Pruner:
     def _removed_now(self, request: PruneRequest, current: set[str]) -> list[str]:
         """Units with a real result that the manifest lacks, newly found ones recorded;
         dependents before what they depend on (by their last definitions)."""
-        removed = self.store.removed_units()
+        removed = self.store.removed.by_unit()
         found: list[tuple[int, str]] = []
         for state in self.store.unit_states():
             name = state.unit
@@ -153,7 +153,7 @@ class Pruner:
         except AgentError as exc:
             log.warning("unit %s left gitops.yaml; its definition cannot be read: %s", name, exc)
         mode = self.host.policy.prune
-        self.store.mark_removed(
+        self.store.removed.mark(
             name,
             kind=kind,
             defined_at=defined_at,
@@ -162,11 +162,11 @@ class Pruner:
             status=RemovedStatus.PRUNING,
         )
         log.info("unit %s was removed from gitops.yaml (policy.prune: %s)", name, mode)
-        return self.store.removed_units().get(name)
+        return self.store.removed.by_unit().get(name)
 
     def _returned(self, name: str, row: RemovedUnitRow) -> None:
         """A removed unit is in the manifest again: its held removal can no longer apply."""
-        self.store.unit_returned(name)
+        self.store.removed.returned(name)
         for held in (PLAN_FILE, HELD_FILE):
             for path in self.layout.runs.glob(f"*/{name}/{held}"):
                 path.unlink(missing_ok=True)
@@ -177,7 +177,7 @@ class Pruner:
 
     def _prune(self, request: PruneRequest, name: str, stop: Callable[[], bool]) -> UnitOutcome:
         mode = self.host.policy.prune
-        row = self.store.removed_units()[name]
+        row = self.store.removed.by_unit()[name]
         started = time.monotonic()
         self.store.start_unit(request.run_id, name, request.revision)
         self.report(Event(EventKind.UNIT_STARTED, run_id=request.run_id, unit=name))
@@ -230,7 +230,7 @@ class Pruner:
     ) -> UnitOutcome:
         """`agent approve` of a removed unit's held removal: apply exactly what run
         `held_run_id` showed (a stack's saved destroy plan, a fleet's removals)."""
-        row = self.store.removed_units().get(name)
+        row = self.store.removed.by_unit().get(name)
         try:
             if row is None:
                 raise PruneError(f"{name} is no longer a removed unit")
@@ -263,7 +263,7 @@ class Pruner:
         else:
             status = RemovedStatus.PRUNING  # failed or stopped: tried again next pass
         error = outcome.error if status is not RemovedStatus.PRUNED else None
-        self.store.set_removed_status(name, status, run_id=run_id, error=error)
+        self.store.removed.set_status(name, status, run_id=run_id, error=error)
 
     # --- a removed unit's last definition ----------------------------------------------
 

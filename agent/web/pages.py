@@ -109,7 +109,7 @@ def overview_page(
         last["duration_s"] = round(finished - last["started_at"], 3) if finished else None
     revision = store.current_revision()
     last_rows = store.last_unit_runs()
-    suspended = store.suspended()
+    suspended = store.suspensions.by_unit()
     if manifest is not None:
         order = list(manifest.order())
         deps = {u.name: u.depends_on for u in manifest.units}
@@ -205,7 +205,7 @@ def unit_page(
     word = unit_status(
         state,
         drifted=bool(entry.get("drift")),
-        suspended=name in store.suspended(),
+        suspended=name in store.suspensions.by_unit(),
         known=manifest is None or known,
     )
     logs = logs_view(store, layout, name, run) if run is not None else None
