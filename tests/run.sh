@@ -23,4 +23,5 @@ fi
 .venv/bin/python -m tests.support.rootfs  # nspawn test hosts' cached root, if missing
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-exec .venv/bin/python -m pytest "$@"
+# The slowest tests are listed at the end, to keep the suite within its time budget.
+exec .venv/bin/python -m pytest --durations=25 "$@"

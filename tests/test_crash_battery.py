@@ -19,8 +19,9 @@ from pathlib import Path
 
 from tests.support.crashlab import CrashLab, Episode, plan_episodes
 
-KILLS = 20
-TERMS = 10
+# Enough to cut a pass in each phase most runs; hundreds: bench/crash_battery.py.
+KILLS = 12
+TERMS = 6
 LABS = 4
 SPAN = (0.0, 1.5)  # seconds after the anchor (launch, plan started, apply started)
 
@@ -52,8 +53,8 @@ def test_kill_and_term_at_random_points_leave_nothing_behind(tmp_path: Path) -> 
     print(f"crash battery seed {seed} (replay: CRASH_SEED={seed})")
     episodes = run_battery(tmp_path, seed, KILLS, TERMS, LABS)
 
-    assert sum(e.mode.endswith("kill") for e in episodes) >= 20
-    assert sum(e.mode.endswith("term") for e in episodes) >= 10
+    assert sum(e.mode.endswith("kill") for e in episodes) >= KILLS
+    assert sum(e.mode.endswith("term") for e in episodes) >= TERMS
     phases = {p: sum(e.phase == p for e in episodes) for p in ("start", "plan", "apply", "done")}
     print(f"cut in: {phases}")
     failed = [f"{e.describe()}: {'; '.join(e.problems)}" for e in episodes if e.problems]

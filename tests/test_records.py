@@ -838,7 +838,9 @@ def test_a_units_own_drift_timer_is_not_lost_when_it_coalesces_with_the_global_o
         first = daemon.reconciler.run_pass(PassRequest(trigger="start"))
         assert first.ok, first.error
         daemon.planner.seen_head = first.head
-        daemon.planner.manifest = daemon.reconciler._manifest_at(first.revision, _limits(daemon))
+        daemon.planner.manifest = daemon.reconciler.revisions.manifest_at(
+            first.revision, _limits(daemon)
+        )
 
         both = Batch(triggers={"drift"}, drift=True, unit_drifts={"app"}, count=2)
         request, _ = daemon.planner.request_for(both)

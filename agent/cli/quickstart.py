@@ -98,7 +98,7 @@ def run_quickstart(directory: Path | None) -> int:
     reconciler = Reconciler(host, reporter=ConsoleReporter(sys.stderr))
     try:
         # The engine the pass runs: a terraform or tofu on PATH comes before the embedded one.
-        binary = reconciler.stacks.runner().binary
+        binary = reconciler.stacks.workspaces.runner().binary
         say(f"Running the first reconcile pass with {binary.describe()}, offline...")
         if binary.kind == "embedded":
             say(

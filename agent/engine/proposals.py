@@ -48,7 +48,7 @@ from agent.state.store import RunStore, new_run_id
 from agent.units.fingerprint import stack_paths, unit_entry
 from agent.units.proposal_unit import ProposalUnitPlanner, UnitPlan, proposal_environment
 from agent.units.secrets import SecretResolver
-from agent.units.stacks import StackReconciler
+from agent.units.stackwork import StackWorkspaces
 from providers.errors import GitSourceError, SignatureError
 from providers.git_source import GitSource
 from providers.git_verify import verify_revision
@@ -142,9 +142,7 @@ class ProposalPlanner:
 
     def _make_runner(self) -> TerraformRunner:
         if self._runner is None:
-            main = StackReconciler(
-                self.host, self.layout, self.store, lambda event: None, self.redactor
-            ).runner()
+            main = StackWorkspaces(self.host, self.layout, self.redactor).runner()
             home, cache = self.root / "home", ensure_private_dir(self.root / "plugin-cache")
             wrap = None
             if self.config.sandbox:

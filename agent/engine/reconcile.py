@@ -87,7 +87,7 @@ class Reconciler:
             host, self.layout, self.store, self.report, self.redactor, children=self.children
         )
         self.fleets = FleetReconciler(
-            host, self.layout, self.store, self.report, self.redactor, self.stacks.outputs_of
+            host, self.layout, self.store, self.report, self.redactor, self.stacks.inputs.outputs_of
         )
         self.pruner = Pruner(
             host,

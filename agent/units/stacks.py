@@ -14,8 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from agent.config import DestroyPolicy, HostConfig, StackOutputRef, Unit
-from agent.config.manifest import plain_value
+from agent.config import DestroyPolicy, HostConfig, Unit
 from agent.core.fsutil import StreamedFile, atomic_write, ensure_private_dir, finish_partial
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import LineRedactor, Redactor
@@ -23,26 +22,18 @@ from agent.errors import AgentError, TerraformError
 from agent.policy.prune import PruneMode
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
-from agent.units.context import StackContext, StackOutput
+from agent.units.context import StackContext
 from agent.units.decide import Decision, PlanFacts, decide
-from agent.units.fingerprint import Fingerprint, Hasher, load_key, stack_fingerprint, state_part
 from agent.units.policy_check import now_utc, stack_policy
-from agent.units.secrets import terraform_variables
+from agent.units.stackinputs import StackInputs
+from agent.units.stackwork import StackWorkspaces
 from agent.units.unitrun import finish_unit, run_unit
 from providers.errors import ProviderError
 from providers.proctrack import ChildTracker
 from providers.terraform import (
-    TerraformRunner,
-    UnitWorkspace,
-    find_terraform,
-    install_builtin_providers,
-    keeps_agent_state,
-    state_outputs,
     summarize_plan,
-    write_cli_config,
 )
 from providers.terraform.sensitive import mask_plan
-from providers.terraform.variables import declared_variables
 
 PLAN_FILE = "tfplan"
 PRUNE_HELD = "removed from gitops.yaml: its destroy waits for `agent approve` (policy.prune: hold)"
@@ -67,71 +58,18 @@ class StackReconciler:
         self.layout = layout
         self.store = store
         self.report = reporter
-        self._runner: TerraformRunner | None = None
-        self._runner_lock = threading.Lock()
         self._stop = threading.Event()
-        self.hasher = Hasher(lambda: load_key(layout.root))
-        # Read now: a missing connection-string file stops the start, naming the key.
-        backend = host.terraform.state_backend
-        self.state_backend = backend.open(redactor.register) if backend else None
-
-    # --- Terraform, set up once -------------------------------------------------
-
-    def runner(self) -> TerraformRunner:
-        with self._runner_lock:
-            if self._runner is None:
-                try:
-                    binary = find_terraform(
-                        self.host.terraform.binary,
-                        version_cache=self.layout.root / "terraform" / "versions.json",
-                    )
-                except ProviderError as exc:
-                    raise TerraformError(
-                        str(exc), hint="set terraform.binary in the host config"
-                    ) from exc
-                cache = self.host.terraform.plugin_cache_dir
-                ensure_private_dir(cache)
-                mirror = self.layout.provider_mirror
-                write_cli_config(
-                    self.layout.cli_config,
-                    plugin_cache_dir=cache,
-                    mirror_dir=mirror,
-                    mirrored=install_builtin_providers(mirror),
-                )
-                self._runner = TerraformRunner(
-                    binary,
-                    cli_config=self.layout.cli_config,
-                    plugin_cache_dir=cache,
-                    lock_timeout=self.host.terraform.lock_timeout,
-                    children=self.children,
-                )
-            return self._runner
+        self.workspaces = StackWorkspaces(host, layout, redactor, children=children)
+        self.inputs = StackInputs(self.workspaces, redactor)
 
     def interrupt(self) -> None:
         """No new Terraform command starts; the running ones get one SIGINT each."""
         self._stop.set()
-        if self._runner is not None:
-            self._runner.interrupt()
+        self.workspaces.interrupt()
 
     def _check_stop(self, unit: Unit) -> None:
         if self._stop.is_set():
             raise TerraformError(f"unit {unit.name}: interrupted before the next Terraform step")
-
-    def workspace(
-        self, ctx: StackContext, unit: Unit, sensitive: frozenset[str] | None = None
-    ) -> UnitWorkspace:
-        """Where Terraform runs for `unit`; `sensitive`: the variables to mark sensitive
-        there (None: leave the marks of the last plan)."""
-        ensure_private_dir(self.layout.unit_dir(unit.name))
-        return UnitWorkspace(
-            stack_dir=ctx.tree / unit.stack,
-            data_dir=self.layout.unit_data_dir(unit.name),
-            state_file=self.layout.unit_state_file(unit.name),
-            root=ctx.tree,  # Terraform runs in a shadow of the stack: see terraform/workdir.py
-            backend=self.state_backend,
-            unit=unit.name,
-            sensitive_vars=sensitive,
-        )
 
     # --- one unit -----------------------------------------------------------------
 
@@ -166,47 +104,8 @@ class StackReconciler:
             stop=self._stop,
             work=lambda unit, moved, started: self._plan_and_apply(ctx, unit, moved, started),
             describe=describe_outcome,
-            inputs=lambda unit: self.fingerprint(ctx, unit),
-            observed=lambda unit: {"state": self._state_part(ctx, unit)},
-        )
-
-    def _state_file(self, ctx: StackContext, unit: Unit) -> Path | None:
-        """The unit's local state file, or None when its state is elsewhere: the stack's
-        own backend, or the host config's `terraform.state_backend`."""
-        if self.state_backend is None and keeps_agent_state(ctx.tree / unit.stack):
-            return self.layout.unit_state_file(unit.name)
-        return None
-
-    def _backend(self, ctx: StackContext, unit: Unit) -> dict[str, Any]:
-        """Where the unit's state is kept, for its fingerprint."""
-        if not keeps_agent_state(ctx.tree / unit.stack):
-            return {"kept_by": "stack"}  # its settings are in the stack's files (hashed)
-        if self.state_backend is not None:
-            remote = self.state_backend
-            return {"kept_by": "agent", "remote": [remote.kind, remote.settings, remote.prefix]}
-        return {"kept_by": "agent", "path": str(self.layout.unit_state_file(unit.name))}
-
-    def _state_part(self, ctx: StackContext, unit: Unit) -> str:
-        return state_part(self.hasher, self._state_file(ctx, unit))
-
-    def fingerprint(self, ctx: StackContext, unit: Unit) -> Fingerprint:
-        """The stack unit's inputs in this pass (reads the outputs it takes from others)."""
-        deadline = time.monotonic() + unit.timeout
-        upstream = {
-            name: self._stack_output(ctx, unit, name, value, deadline).value
-            for name, value in unit.vars.items()
-            if isinstance(value, StackOutputRef)
-        }
-        binary = self.runner().binary
-        return stack_fingerprint(
-            self.hasher,
-            ctx.tree,
-            unit,
-            upstream=upstream,
-            secrets=ctx.secrets.values.get(unit.name, {}),
-            terraform=[str(binary), binary.identity()],
-            backend=self._backend(ctx, unit),
-            state=state_part(self.hasher, self._state_file(ctx, unit)),
+            inputs=lambda unit: self.inputs.fingerprint(ctx, unit),
+            observed=lambda unit: {"state": self.workspaces.state_part(ctx, unit)},
         )
 
     def destroy_removed(
@@ -225,10 +124,10 @@ class StackReconciler:
         *,
         prune: PruneMode | None = None,
     ) -> UnitOutcome:
-        runner = self.runner()
+        runner = self.workspaces.runner()
         deadline = started + unit.timeout
-        variables, sensitive = self._variables(ctx, unit, deadline)
-        ws = self.workspace(ctx, unit, sensitive)
+        variables, sensitive = self.inputs.variables(ctx, unit, deadline)
+        ws = self.workspaces.workspace(ctx, unit, sensitive)
         run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, unit.name))
 
         self._phase(ctx, unit, "init")
@@ -360,8 +259,8 @@ class StackReconciler:
         self.report(Event(EventKind.UNIT_STARTED, run_id=ctx.run_id, unit=name))
         try:
             self._check_stop(unit)
-            runner = self.runner()
-            ws = self.workspace(ctx, unit)
+            runner = self.workspaces.runner()
+            ws = self.workspaces.workspace(ctx, unit)
             run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, name))
             self._phase(ctx, unit, "apply")
             try:
@@ -411,80 +310,6 @@ class StackReconciler:
                 plan.unlink(missing_ok=True)
 
     # --- helpers ------------------------------------------------------------------
-
-    def _variables(
-        self, ctx: StackContext, unit: Unit, deadline: float
-    ) -> tuple[dict[str, str], frozenset[str]]:
-        """The unit's vars as TF_VAR_* values (literals, and outputs of other stacks), and
-        the names of those fed from a sensitive output: Terraform is told they are
-        sensitive (terraform/workdir.py), so it never prints them, numbers included."""
-        variables: dict[str, str] = {}
-        sensitive: set[str] = set()
-        for name, value in unit.vars.items():
-            if isinstance(value, StackOutputRef):
-                output = self._stack_output(ctx, unit, name, value, deadline)
-                value = output.value
-                if output.sensitive:
-                    sensitive.add(name)
-            if value is None:
-                continue  # null: the variable keeps its default
-            variables[f"TF_VAR_{name}"] = value if isinstance(value, str) else _hcl(value)
-        variables.update(terraform_variables(ctx.secrets.values.get(unit.name, {})))
-        # An override of a variable the stack does not declare fails the plan; the manifest
-        # check refuses such vars, and a stack it could not read keeps every mark.
-        declared = declared_variables(ctx.tree / unit.stack)
-        if declared is not None:
-            sensitive &= declared
-        return variables, frozenset(sensitive)
-
-    def _stack_output(
-        self, ctx: StackContext, unit: Unit, var: str, ref: StackOutputRef, deadline: float
-    ) -> StackOutput:
-        outputs = self._read_outputs(ctx, unit, ref.unit, deadline)
-        if ref.output not in outputs:
-            known = ", ".join(sorted(outputs)) or "none"
-            raise TerraformError(
-                f"unit {unit.name}: vars.{var} reads output {ref.output!r} of stack unit"
-                f" {ref.unit!r}, which has no such output (outputs: {known})",
-                hint=f"has {ref.unit!r} been applied? is the output declared?",
-            )
-        return outputs[ref.output]
-
-    def outputs_of(self, ctx: StackContext, requester: Unit, upstream: str) -> dict[str, Any]:
-        """The outputs of stack unit `upstream` (a fleet reads its hosts from them)."""
-        deadline = time.monotonic() + requester.timeout
-        outputs = self._read_outputs(ctx, requester, upstream, deadline)
-        return {name: output.value for name, output in outputs.items()}
-
-    def _read_outputs(
-        self, ctx: StackContext, requester: Unit, upstream: str, deadline: float
-    ) -> dict[str, StackOutput]:
-        """Stack unit `upstream`'s outputs, read once per pass. A sensitive output's strings
-        are registered with the redactor (they may reach logs by other ways than Terraform's
-        output: errors, templates on hosts); the stack that receives one marks its variable
-        sensitive (see `_variables`)."""
-        if upstream in ctx.outputs:
-            return ctx.outputs[upstream]
-        unit = ctx.manifest.get_unit(upstream)
-        assert unit is not None
-        # A state the agent keeps is read directly: no Terraform start for a dependent's
-        # inputs (the upstream has finished, so the file is not being written).
-        state_file = self._state_file(ctx, unit)
-        entries = state_outputs(state_file) if state_file is not None else None
-        if entries is None:
-            entries = self._terraform(
-                "output",
-                requester,
-                lambda: self.runner().output_entries(self.workspace(ctx, unit), deadline),
-            )
-        outputs = {}
-        for name, (value, sensitive) in entries.items():
-            if sensitive:
-                for text in _strings(value):
-                    self.redactor.register(text)
-            outputs[name] = StackOutput(value, sensitive)
-        ctx.outputs[upstream] = outputs
-        return outputs
 
     def _terraform(self, command: str, unit: Unit, call: Any) -> Any:
         try:
@@ -565,23 +390,3 @@ def describe_outcome(outcome: UnitOutcome) -> str:
         labels.get(Decision(outcome.decision), str(outcome.decision)) if outcome.decision else ""
     )
     return f"{label}{counts}{drift}{notes}"
-
-
-def _strings(value: Any) -> list[str]:
-    """The value as Terraform passes it on (string or JSON), and every string in it."""
-    if isinstance(value, str):
-        return [value] if value else []
-    # Numbers and booleans are not registered: masking every "1" would hide everything.
-    found = [json.dumps(value)] if isinstance(value, dict | list) else []
-    if isinstance(value, dict):
-        for item in value.values():
-            found += _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            found += _strings(item)
-    return [text for text in found if text.strip()]
-
-
-def _hcl(value: Any) -> str:
-    # Terraform parses a TF_VAR_ value of a non-string variable as HCL; JSON is HCL.
-    return json.dumps(plain_value(value))
