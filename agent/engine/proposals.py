@@ -47,6 +47,7 @@ from agent.state.proposals import (
 from agent.state.store import RunStore, new_run_id
 from agent.units.fingerprint import stack_paths, unit_entry
 from agent.units.proposal_unit import ProposalUnitPlanner, UnitPlan, proposal_environment
+from agent.units.remote_state_pull import RemoteStatePuller
 from agent.units.secrets import SecretResolver
 from agent.units.stackwork import StackWorkspaces
 from providers.errors import GitSourceError, SignatureError
@@ -116,20 +117,29 @@ class ProposalPlanner:
         self._runner: TerraformRunner | None = None
         self._runner_lock = threading.Lock()
         self._stop = threading.Event()
+        self._main_runner: TerraformRunner | None = None
+        backend = host.terraform.state_backend
         self.units = ProposalUnitPlanner(
             self.runner,
             self.root,
             self.layout.unit_state_file,
             self.redactor,
             timeout=self.config.timeout,
-            remote_state=host.terraform.state_backend is not None,
+            # The agent's own Terraform and environment, outside the sandbox: it pulls
+            # the states the proposals' Terraform plans against without the credentials.
+            remote_state=RemoteStatePuller(
+                self.main_runner, backend.open(self.redactor.register), self.root
+            )
+            if backend is not None
+            else None,
         )
 
     def interrupt(self) -> None:
         """Start no new unit; the running Terraform processes get one SIGINT each."""
         self._stop.set()
-        if self._runner is not None:
-            self._runner.interrupt()
+        for runner in (self._runner, self._main_runner):
+            if runner is not None:
+                runner.interrupt()
 
     def close(self) -> None:
         if self._own_store:
@@ -140,9 +150,19 @@ class ProposalPlanner:
         with self._runner_lock:
             return self._make_runner()
 
+    def main_runner(self) -> TerraformRunner:
+        """The main passes' Terraform, environment and credentials: never for proposal code."""
+        with self._runner_lock:
+            return self._trusted_runner()
+
+    def _trusted_runner(self) -> TerraformRunner:
+        if self._main_runner is None:
+            self._main_runner = StackWorkspaces(self.host, self.layout, self.redactor).runner()
+        return self._main_runner
+
     def _make_runner(self) -> TerraformRunner:
         if self._runner is None:
-            main = StackWorkspaces(self.host, self.layout, self.redactor).runner()
+            main = self._trusted_runner()
             home, cache = self.root / "home", ensure_private_dir(self.root / "plugin-cache")
             wrap = None
             if self.config.sandbox:

@@ -1,0 +1,143 @@
+"""Proposal plans of units whose state is in the host's `terraform.state_backend` (S3 on
+moto server, Terraform's own lock file). The agent pulls the state outside the sandbox; the
+proposal's Terraform plans in bubblewrap against that copy, with no AWS credential, and the
+object in the bucket is never written. No mocks: a real main pass applies into the bucket
+first, then a pushed proposal is planned by the real planner.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+
+from agent.config import load_host_config
+from agent.engine.proposals import ProposalPlanner
+from agent.engine.reconcile import PassRequest, Reconciler
+from tests.support.infra import InfraRepo, git, write_host_config
+from tests.support.moto import REGION, MotoServer, fake_aws_credentials
+
+BUCKET = "infra-state"
+KEYS = ("team/app.tfstate", "team/web.tfstate")
+
+APP_TF = """
+variable "size" {
+  type    = string
+  default = "small"
+}
+resource "terraform_data" "app" {
+  input = var.size
+}
+output "size" {
+  value = terraform_data.app.output
+}
+"""
+WEB_TF = """
+variable "app_size" {
+  type = string
+}
+resource "terraform_data" "web" {
+  input = "web for ${var.app_size}"
+}
+"""
+MANIFEST = """\
+version: 1
+units:
+  - {name: app, stack: stacks/app}
+  - name: web
+    stack: stacks/web
+    depends_on: [app]
+    vars: {app_size: {from_stack: {unit: app, output: size}}}
+"""
+# The environment of the proposal's Terraform, as every provider and `external` program it
+# starts inherits it (the `external` provider cannot be downloaded here: no registry).
+ENV_PROBE = 'output "environment" {\n  value = file("/proc/self/environ")\n}\n'
+
+
+@pytest.fixture(scope="module")
+def moto_server() -> Iterator[MotoServer]:
+    with MotoServer() as server:
+        yield server
+
+
+@pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch, moto_server: MotoServer) -> object:
+    moto_server.reset()
+    fake_aws_credentials(monkeypatch)  # the agent's credentials: the main pass uses them
+    client = boto3.client("s3", endpoint_url=moto_server.url, region_name=REGION)
+    client.create_bucket(Bucket=BUCKET)
+    return client
+
+
+def objects(client: object) -> dict[str, str]:
+    """Every object in the bucket: key -> sha256 of its bytes."""
+    listing = client.list_objects_v2(Bucket=BUCKET)  # type: ignore[attr-defined]
+    found = {}
+    for item in listing.get("Contents", []):
+        body = client.get_object(Bucket=BUCKET, Key=item["Key"])["Body"].read()  # type: ignore[attr-defined]
+        found[item["Key"]] = hashlib.sha256(body).hexdigest()
+    return found
+
+
+def host_config(tmp_path: Path, repo: InfraRepo, moto: MotoServer) -> Path:
+    proposals = 'proposals: {refs: ["refs/pull/*/head"], authors: ["*@example.invalid"]}\n'
+    config = write_host_config(tmp_path / "agent.yaml", repo.url, tmp_path / "state", proposals)
+    s3 = f'{{bucket: {BUCKET}, region: {REGION}, key_prefix: team/, endpoint: "{moto.url}"}}'
+    backend = f"terraform:\n  state_backend:\n    s3: {s3}\n"
+    config.write_text(config.read_text().replace("terraform:\n", backend, 1))
+    return config
+
+
+def test_a_proposal_plans_against_a_pulled_copy_of_the_remote_state(
+    tmp_path: Path, s3: object, moto_server: MotoServer
+) -> None:
+    repo = InfraRepo(tmp_path / "git")
+    repo.write("stacks/app/main.tf", APP_TF)
+    repo.write("stacks/web/main.tf", WEB_TF)
+    repo.write("gitops.yaml", MANIFEST)
+    repo.push("seed")
+    config = host_config(tmp_path, repo, moto_server)
+    reconciler = Reconciler(load_host_config(config))
+    try:
+        result = reconciler.run_pass(PassRequest(trigger="test"))
+    finally:
+        reconciler.close()
+    assert result.ok, result.error
+    before = objects(s3)
+    assert sorted(before) == list(KEYS)
+
+    git(repo.work, "checkout", "-q", "-b", "proposal")
+    repo.write("stacks/app/main.tf", APP_TF.replace('"small"', '"large"'))
+    repo.write("stacks/app/probe.tf", ENV_PROBE)
+    git(repo.work, "add", "-A")
+    git(repo.work, "commit", "-q", "-m", "bigger app")
+    git(repo.work, "push", "-q", "origin", "HEAD:refs/pull/3/head")
+    git(repo.work, "checkout", "-q", "main")
+
+    planner = ProposalPlanner(load_host_config(config))
+    try:
+        (row,) = planner.poll().planned
+    finally:
+        planner.close()
+    units = {u.unit: u for u in row.units}
+    assert row.status == "planned", (row.detail, units)
+    app, web = units["app"], units["web"]
+    # The real diff against the applied state: one in-place change, not a re-create of all.
+    assert (app.status, app.plan_add, app.plan_change, app.plan_destroy) == (
+        "changes", 0, 1, 0,
+    ), app.detail  # fmt: skip
+    assert web.status == "no-changes", web.detail  # its upstream's output, read from S3
+    runs = tmp_path / "state" / "proposals" / "runs" / app.plan_id
+    plan = (runs / "app" / "plan.txt").read_text()
+    assert '~ input  = "small" -> "large"' in plan, plan
+    # The sandbox's environment: HOME is there, no credential of any kind.
+    assert "HOME=" in plan, plan
+    assert "AWS_" not in plan and "testing" not in plan, plan
+    # Never written: the objects are byte for byte as the main pass left them, and no lock.
+    assert objects(s3) == before
+    # The copies are gone once planned (tfdata/ holds only Terraform's backend settings).
+    left = (tmp_path / "state" / "proposals").rglob("*.tfstate")
+    assert [p for p in left if p.parent.name != "tfdata"] == []
