@@ -118,6 +118,20 @@ def test_proposals_in_the_host_config_bring_the_sandbox_dropin_and_take_it_away(
     assert set(tree(root)) == {"etc/gitops-agent/agent.yaml"}
 
 
+def test_the_install_output_quoted_in_the_docs(tmp_path: Path) -> None:
+    from tests.support.docblocks import block
+
+    quoted = block("output", "service-install-proposals-dropin")
+    root = tmp_path / "root"
+    config = root / "etc/gitops-agent/agent.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(PROPOSALS)
+    result = agent("service", "install", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.replace(str(root), "")
+    assert quoted.text.strip() in printed, f"{quoted.where}: not what install prints:\n{printed}"
+
+
 def test_a_host_config_that_is_not_yaml_stops_the_install_with_its_line(tmp_path: Path) -> None:
     root = tmp_path / "root"
     config = root / "etc/gitops-agent/agent.yaml"
