@@ -340,7 +340,11 @@ def test_without_the_dropin_bubblewrap_cannot_start_in_the_unit(bastion: Bastion
     )
     (unit,) = row["units"]  # type: ignore[index]
     assert unit["status"] == "failed", row
-    assert "bwrap" in unit["detail"] and "namespace" in unit["detail"], unit
+    assert (
+        "bubblewrap cannot start here: bwrap: No permissions to create new namespace"
+        in (unit["detail"])
+    ), unit
+    assert "`agent service install` writes the drop-in" in unit["detail"], unit
 
 
 def test_install_writes_the_dropin_and_the_service_plans_proposals_in_bubblewrap(

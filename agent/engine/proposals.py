@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import re
 import sys
 import threading
@@ -74,6 +75,17 @@ class PollResult:
     planned: list[ProposalRow] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
     over_limit: list[str] = field(default_factory=list)  # more open refs than max_open
+
+
+def _under_systemd_hint() -> str:
+    """Where a service's sandbox is what stops bwrap, what fixes it."""
+    if not os.environ.get("INVOCATION_ID"):  # set by systemd for the processes of a unit
+        return ""
+    return (
+        "; under systemd, `agent service install` writes the drop-in that lets bubblewrap"
+        " start (gitops-agent.service.d/proposals-sandbox.conf, docs/systemd.md), then"
+        " `systemctl restart gitops-agent`"
+    )
 
 
 class ProposalPlanner:
@@ -176,6 +188,10 @@ class ProposalPlanner:
                     ],
                     writable=[home, cache],
                 )
+                try:
+                    sandbox.check()
+                except SandboxError as exc:
+                    raise SandboxError(f"{exc}{_under_systemd_hint()}") from None
 
                 def wrap(ws: UnitWorkspace, argv: list[str]) -> list[str]:
                     assert ws.root is not None and ws.work_dir is not None
