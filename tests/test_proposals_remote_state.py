@@ -199,3 +199,5 @@ def test_a_proposal_plans_against_a_pulled_copy_of_the_pg_state(
     # The connection string reached the agent's pull, never the sandbox.
     assert "PG_CONN_STR" not in plan and "conn-canary-9b2e" not in plan, plan
     assert stored() == before
+    written = [p for p in (tmp_path / "state").rglob("*") if p.is_file() and not p.is_symlink()]
+    assert not [p for p in written if b"conn-canary-9b2e" in p.read_bytes()]
