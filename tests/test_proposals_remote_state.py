@@ -54,6 +54,7 @@ units:
     depends_on: [app]
     vars: {app_size: {from_stack: {unit: app, output: size}}}
 """
+NEW_UNIT = "  - {name: extra, stack: stacks/web, vars: {app_size: tiny}}\n"
 # The environment of the proposal's Terraform, as every provider and `external` program it
 # starts inherits it (the `external` provider cannot be downloaded here: no registry).
 ENV_PROBE = 'output "environment" {\n  value = file("/proc/self/environ")\n}\n'
@@ -111,11 +112,13 @@ def main_pass(config: Path) -> None:
     assert result.ok, result.error
 
 
-def propose_bigger_app(repo: InfraRepo) -> None:
+def propose_bigger_app(repo: InfraRepo, manifest: str | None = None) -> None:
     """refs/pull/3/head: the app's default size changes, and the environment probe."""
     git(repo.work, "checkout", "-q", "-b", "proposal")
     repo.write("stacks/app/main.tf", APP_TF.replace('"small"', '"large"'))
     repo.write("stacks/app/probe.tf", ENV_PROBE)
+    if manifest is not None:
+        repo.write("gitops.yaml", manifest)
     git(repo.work, "add", "-A")
     git(repo.work, "commit", "-q", "-m", "bigger app")
     git(repo.work, "push", "-q", "origin", "HEAD:refs/pull/3/head")
@@ -157,11 +160,14 @@ def test_a_proposal_plans_against_a_pulled_copy_of_the_s3_state(
     main_pass(config)
     before = objects(s3)
     assert sorted(before) == list(KEYS)
-    propose_bigger_app(repo)
+    # A new unit too: the backend has no state for it yet, so it plans a create.
+    propose_bigger_app(repo, MANIFEST + NEW_UNIT)
 
     units, plan = plan_proposal(config)
     web = units["web"]
     assert web.status == "no-changes", web.detail  # its upstream's output, read from S3
+    new = units["extra"]
+    assert (new.status, new.plan_add, new.plan_change) == ("changes", 1, 0), new.detail
     # The agent had AWS credentials (the main pass used them); the sandbox has none.
     assert "AWS_" not in plan and "testing" not in plan, plan
     # Never written: the objects are byte for byte as the main pass left them, and no lock.

@@ -249,17 +249,16 @@ class ProposalUnitPlanner:
     ) -> Any:
         """An upstream output as applied now (the proposal's own upstream changes are not
         applied, so its plan sees today's values). A sensitive one counts as a secret."""
-        path = self._unit_state(ref.unit)
         if upstream is not None and self._remote(tree, upstream):
-            path = self.root / "units" / unit.name / f"upstream-{ref.unit}.tfstate"
-            self._pull(ref.unit, path, deadline)
-        try:
-            outputs = json.loads(path.read_bytes()).get("outputs", {}) if path.exists() else {}
-        except ValueError:
-            outputs = {}
-        finally:
-            if path.parent == self.root / "units" / unit.name:
-                path.unlink(missing_ok=True)
+            # Pulled like the unit's own state; gone before any proposal code runs.
+            scratch = self.root / "units" / unit.name / f"upstream-{ref.unit}.tfstate"
+            try:
+                self._pull(ref.unit, scratch, deadline)
+                outputs = _state_outputs(scratch)
+            finally:
+                scratch.unlink(missing_ok=True)
+        else:
+            outputs = _state_outputs(self._unit_state(ref.unit))
         entry = outputs.get(ref.output)
         if entry is None:
             raise AgentError(
@@ -273,6 +272,14 @@ class ProposalUnitPlanner:
             for text in [value] if isinstance(value, str) else [json.dumps(value)]:
                 self.redactor.register(text)
         return entry.get("value")
+
+
+def _state_outputs(path: Path) -> dict[str, Any]:
+    """The `outputs` of a state file ({} when there is none, or it is not JSON)."""
+    try:
+        return json.loads(path.read_bytes()).get("outputs", {}) if path.exists() else {}
+    except ValueError:
+        return {}
 
 
 class _NeedsSecrets(Exception):
