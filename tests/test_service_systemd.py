@@ -346,6 +346,8 @@ def test_without_the_dropin_bubblewrap_cannot_start_in_the_unit(bastion: Bastion
         in (unit["detail"])
     ), unit
     assert "`agent service install` writes the drop-in" in unit["detail"], unit
+    said = [e for e in bastion.journal() if "proposals: no plan can run" in e["MESSAGE"]]
+    assert len(said) == 1 and said[0]["PRIORITY"] == "3", said  # once, as an error
 
 
 def test_install_writes_the_dropin_and_the_service_plans_proposals_in_bubblewrap(

@@ -130,6 +130,7 @@ class ProposalPlanner:
         self._runner_lock = threading.Lock()
         self._stop = threading.Event()
         self._main_runner: TerraformRunner | None = None
+        self._sandbox_reported = False
         backend = host.terraform.state_backend
         self.units = ProposalUnitPlanner(
             self.runner,
@@ -191,7 +192,11 @@ class ProposalPlanner:
                 try:
                     sandbox.check()
                 except SandboxError as exc:
-                    raise SandboxError(f"{exc}{_under_systemd_hint()}") from None
+                    failed = SandboxError(f"{exc}{_under_systemd_hint()}")
+                    if not self._sandbox_reported:  # each unit fails with it; the journal once
+                        self._sandbox_reported = True
+                        log.error("proposals: no plan can run: %s", failed)
+                    raise failed from None
 
                 def wrap(ws: UnitWorkspace, argv: list[str]) -> list[str]:
                     assert ws.root is not None and ws.work_dir is not None
