@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ _ETC = (
     "/etc/alternatives",
 )
 _TOP = ("/bin", "/lib", "/lib64", "/lib32", "/libx32", "/sbin")
+CHECK_TIMEOUT = 15.0  # seconds for `bwrap ... true`; measured ~10 ms
 
 
 class SandboxError(ProviderError):
@@ -60,6 +62,27 @@ class Sandbox:
                 " install it (apt-get install bubblewrap)"
             )
         return cls(found, tuple(read_only), tuple(writable))
+
+    def check(self, timeout: float = CHECK_TIMEOUT) -> None:
+        """Start `true` in the sandbox; SandboxError with bwrap's own words when it cannot
+        start here (a service whose sandbox refuses namespaces or the mount calls).
+
+        Once, before the first command: a bwrap that fails half-way (after it forked) can
+        leave its child waiting until the command's timeout, minutes later."""
+        argv = self.wrap(["true"])
+        try:
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+            )
+        except subprocess.TimeoutExpired:
+            raise SandboxError(f"bwrap did not start `true` within {timeout:.0f} s") from None
+        except OSError as exc:
+            raise SandboxError(f"cannot run {self.bwrap}: {exc}") from None
+        if proc.returncode != 0:
+            said = (proc.stderr or proc.stdout).strip().splitlines()
+            raise SandboxError(
+                f"bubblewrap cannot start here: {said[-1] if said else f'exit {proc.returncode}'}"
+            )
 
     def wrap(
         self,

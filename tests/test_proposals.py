@@ -392,22 +392,6 @@ def test_the_worker_plans_when_triggered_and_stops(tmp_path: Path, world) -> Non
     assert ProposalWorker.from_host(no_proposals, Redactor()) is None
 
 
-def test_a_unit_whose_state_is_in_the_hosts_backend_is_skipped(tmp_path: Path, world) -> None:
-    repo, secrets = world
-    config = host_config(tmp_path, repo, secrets, PROPOSALS)
-    backend = "terraform:\n  state_backend: {s3: {bucket: infra-state, region: eu-west-1}}\n"
-    config.write_text(config.read_text().replace("terraform:\n", backend, 1))
-    propose(repo, "refs/pull/6/head", {"stacks/lone/main.tf": APP_TF})
-    planner = ProposalPlanner(load_host_config(config))
-    try:
-        (row,) = planner.poll().planned
-    finally:
-        planner.close()
-    (lone,) = row.units
-    assert lone.status == "skipped"
-    assert "state is in terraform.state_backend" in (lone.detail or "")
-
-
 def ssh_key(path: Path, name: str) -> Path:
     subprocess.run(
         ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", name, "-f", str(path)],

@@ -80,6 +80,68 @@ def test_uninstall_removes_the_files_and_keeps_config_and_state(tmp_path: Path) 
     assert "Kept: /etc/gitops-agent" in result.stdout
 
 
+DROPIN = "etc/systemd/system/gitops-agent.service.d/proposals-sandbox.conf"
+PROPOSALS = 'repo: {url: file:///srv/infra.git}\nproposals: {refs: [feature/*], authors: ["*"]}\n'
+
+
+def test_proposals_in_the_host_config_bring_the_sandbox_dropin_and_take_it_away(
+    tmp_path: Path,
+) -> None:
+    root = tmp_path / "root"
+    config = root / "etc/gitops-agent/agent.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(PROPOSALS)
+    result = agent("service", "install", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    dropin = root / DROPIN
+    directives = [line for line in dropin.read_text().splitlines() if "=" in line[:30]]
+    assert directives == [
+        "RestrictNamespaces=user mnt pid ipc uts cgroup",
+        "SystemCallFilter=mount umount2 pivot_root capset",
+    ]
+    assert f"install {dropin} ({config} has proposals: with the bubblewrap sandbox)" in (
+        result.stdout
+    )
+    assert "RestrictNamespaces=user mnt pid ipc uts cgroup: bubblewrap puts" in result.stdout
+    assert "systemctl restart gitops-agent" in result.stdout
+
+    config.write_text(PROPOSALS.replace('["*"]}', '["*"], sandbox: none}'))
+    result = agent("service", "install", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert f"remove {dropin} ({config} has proposals: with sandbox: none)" in result.stdout
+    assert not dropin.exists()
+
+    config.write_text(PROPOSALS)
+    assert agent("service", "install", "--root", str(root)).returncode == 0
+    result = agent("service", "uninstall", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    assert set(tree(root)) == {"etc/gitops-agent/agent.yaml"}
+
+
+def test_the_install_output_quoted_in_the_docs(tmp_path: Path) -> None:
+    from tests.support.docblocks import block
+
+    quoted = block("output", "service-install-proposals-dropin")
+    root = tmp_path / "root"
+    config = root / "etc/gitops-agent/agent.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(PROPOSALS)
+    result = agent("service", "install", "--root", str(root))
+    assert result.returncode == 0, result.stderr
+    printed = result.stdout.replace(str(root), "")
+    assert quoted.text.strip() in printed, f"{quoted.where}: not what install prints:\n{printed}"
+
+
+def test_a_host_config_that_is_not_yaml_stops_the_install_with_its_line(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    config = root / "etc/gitops-agent/agent.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("repo: {url: file:///x}\nproposals: [unclosed\n")
+    result = agent("service", "install", "--root", str(root))
+    assert result.returncode != 0
+    assert f"{config}:3: not valid YAML" in result.stderr, result.stderr
+
+
 def test_the_starter_config_names_what_is_missing(tmp_path: Path) -> None:
     root = tmp_path / "root"
     assert agent("service", "install", "--root", str(root)).returncode == 0

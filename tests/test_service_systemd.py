@@ -9,6 +9,8 @@ Terraform on a stack of a `file://` repository owned by root, and the tests read
 operator reads: `systemctl show`, /proc, the journal, `agent status`, `/healthz`.
 
 The tests run in order on the one host (module scope), each leaving the service running.
+The last ones turn proposals on: `agent service install` then writes the drop-in that lets
+bubblewrap start inside the unit's sandbox, and the service plans a proposal in it.
 """
 
 from __future__ import annotations
@@ -135,8 +137,8 @@ def bastion(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bastion]:
     project = wheelhouse.project_wheel(tmp_path_factory.mktemp("wheel"))
     port = _free_port()
     with NspawnHost() as host:
-        if not (host.root / "usr/bin/git").exists():  # the agent runs git
-            why = "the cached test root has no git (built before `git` joined rootfs.RECIPE)"
+        if not (host.root / "usr/bin/bwrap").exists():  # the agent runs git and bwrap
+            why = "the cached test root has no bwrap (built before it joined rootfs.RECIPE)"
             if os.environ.get("CI"):
                 pytest.fail(why)
             pytest.skip(why)
@@ -281,3 +283,111 @@ def test_the_journal_has_the_agents_lines_with_their_priorities(bastion: Bastion
         (e["PRIORITY"], e["MESSAGE"]) for e in agent
     ]
     assert not any(e["MESSAGE"].startswith("<") for e in agent)  # prefixes were parsed
+
+
+CANARY = "canary-7d41c0de-not-for-proposals"
+# Files the service's user can read, which a proposal's code must not see.
+PRIVATE = {
+    "credential": "/run/credentials/gitops-agent.service/gitops_canary",
+    "config": "/etc/gitops-agent/agent.yaml",
+    "store": "/var/lib/gitops-agent/agent.db",
+}
+PROBES = "".join(
+    f'output "{name}" {{\n  value = fileexists("{path}") ? "READ {name}" : "none"\n}}\n'
+    for name, path in PRIVATE.items()
+)
+DROPIN = "/etc/systemd/system/gitops-agent.service.d/proposals-sandbox.conf"
+EXPOSURE: dict[str, float] = {}  # `systemd-analyze security` figures, across the tests below
+
+
+def _exposure(bastion: Bastion) -> float:
+    out = bastion.sh("systemd-analyze security gitops-agent --no-pager")
+    last = [line for line in out.splitlines() if "Overall exposure level" in line][-1]
+    return float(last.split(":", 1)[1].split()[0])
+
+
+def _propose(bastion: Bastion, branch: str) -> None:
+    """A branch that adds the probes to the app stack (and changes nothing else)."""
+    (bastion.host.root / "root/infra/stacks/app/probes.tf").write_text(PROBES)
+    bastion.sh(
+        f"cd /root/infra && git checkout -q -b {branch} && git add -A"
+        f" && git commit -qm 'probes ({branch})' && git push -q origin HEAD:{branch}"
+        " && git checkout -q main"
+    )
+
+
+def _proposal(bastion: Bastion, ref: str) -> dict[str, object] | None:
+    rows = bastion.agent_json("proposals")
+    found = [r for r in rows if r["ref"] == ref]  # type: ignore[index, union-attr]
+    return found[0] if found and found[0]["status"] not in ("pending", "planning") else None
+
+
+def _config_with(bastion: Bastion, extra: str) -> None:
+    path = bastion.host.root / "etc/gitops-agent/agent.yaml"
+    base = path.read_text().split("proposals:")[0]
+    path.write_text(base + extra)
+
+
+def test_without_the_dropin_bubblewrap_cannot_start_in_the_unit(bastion: Bastion) -> None:
+    bastion.sh(
+        f"printf %s {CANARY} > /etc/gitops-agent/credentials/canary"
+        " && chmod 0600 /etc/gitops-agent/credentials/canary"
+    )
+    _config_with(bastion, 'proposals: {refs: ["feature/*"], authors: ["*"]}\n')
+    _propose(bastion, "feature/before")
+    bastion.sh("systemctl restart gitops-agent", timeout=180.0)  # it polls proposals at start
+    row = bastion.wait_for(
+        "the proposal's plan", lambda: _proposal(bastion, "refs/heads/feature/before")
+    )
+    (unit,) = row["units"]  # type: ignore[index]
+    assert unit["status"] == "failed", row
+    assert (
+        "bubblewrap cannot start here: bwrap: No permissions to create new namespace"
+        in (unit["detail"])
+    ), unit
+    assert "`agent service install` writes the drop-in" in unit["detail"], unit
+    said = [e for e in bastion.journal() if "proposals: no plan can run" in e["MESSAGE"]]
+    assert len(said) == 1 and said[0]["PRIORITY"] == "3", said  # once, as an error
+
+
+def test_install_writes_the_dropin_and_the_service_plans_proposals_in_bubblewrap(
+    bastion: Bastion,
+) -> None:
+    before = EXPOSURE["shipped"] = _exposure(bastion)
+    out = bastion.sh(f"{AGENT} service install")
+    assert f"install {DROPIN}" in out, out
+    assert "RestrictNamespaces=user mnt pid ipc uts cgroup: bubblewrap" in out
+    assert "SystemCallFilter=mount umount2 pivot_root capset: bubblewrap" in out
+    after = _exposure(bastion)
+    props = bastion.show("RestrictNamespaces", "PrivateUsers", "NoNewPrivileges")
+    assert props["RestrictNamespaces"] == "cgroup ipc mnt pid user uts", props
+    assert props["PrivateUsers"] == "yes" and props["NoNewPrivileges"] == "yes", props
+    print(f"systemd-analyze security gitops-agent: {before} without the drop-in, {after} with it")
+    assert before < after <= 3.0
+
+    _propose(bastion, "feature/probes")
+    bastion.sh("systemctl restart gitops-agent", timeout=180.0)
+    ref = "refs/heads/feature/probes"
+    row = bastion.wait_for("the proposal's plan", lambda: _proposal(bastion, ref))
+    (unit,) = row["units"]  # type: ignore[index]
+    assert (row["status"], unit["status"]) == ("planned", "changes"), row  # type: ignore[index]
+    plan = bastion.sh(f"{AS_AGENT} logs app --proposal {ref}")
+    assert "READ" not in plan and CANARY not in plan, plan
+    assert plan.count('= "none"') == len(PRIVATE), plan
+    # The service's user reads all three: only the sandbox kept them from the proposal.
+    for path in PRIVATE.values():
+        if "credentials" not in path:  # systemd hands that one to the service only
+            bastion.sh(f"runuser -u gitops-agent -- test -r {path}")
+    pid = int(bastion.show("MainPID")["MainPID"])
+    assert CANARY in bastion.sh(f"cat /proc/{pid}/root{PRIVATE['credential']}")
+
+
+def test_install_removes_the_dropin_when_proposals_go(bastion: Bastion) -> None:
+    _config_with(bastion, "")
+    out = bastion.sh(f"{AGENT} service install")
+    assert f"remove {DROPIN}" in out and "has no proposals:" in out, out
+    assert bastion.sh(f"test -e {DROPIN} && echo left || echo gone").strip() == "gone"
+    # Install reloaded systemd: the unit's settings are the shipped ones again (the running
+    # process keeps its own until `systemctl restart`, as install says).
+    assert "user" not in bastion.show("RestrictNamespaces")["RestrictNamespaces"]
+    assert _exposure(bastion) == EXPOSURE["shipped"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import os
 import re
 import sys
 import threading
@@ -47,6 +48,7 @@ from agent.state.proposals import (
 from agent.state.store import RunStore, new_run_id
 from agent.units.fingerprint import stack_paths, unit_entry
 from agent.units.proposal_unit import ProposalUnitPlanner, UnitPlan, proposal_environment
+from agent.units.remote_state_pull import RemoteStatePuller
 from agent.units.secrets import SecretResolver
 from agent.units.stackwork import StackWorkspaces
 from providers.errors import GitSourceError, SignatureError
@@ -73,6 +75,17 @@ class PollResult:
     planned: list[ProposalRow] = field(default_factory=list)
     closed: list[str] = field(default_factory=list)
     over_limit: list[str] = field(default_factory=list)  # more open refs than max_open
+
+
+def _under_systemd_hint() -> str:
+    """Where a service's sandbox is what stops bwrap, what fixes it."""
+    if not os.environ.get("INVOCATION_ID"):  # set by systemd for the processes of a unit
+        return ""
+    return (
+        "; under systemd, `agent service install` writes the drop-in that lets bubblewrap"
+        " start (gitops-agent.service.d/proposals-sandbox.conf, docs/systemd.md), then"
+        " `systemctl restart gitops-agent`"
+    )
 
 
 class ProposalPlanner:
@@ -116,20 +129,30 @@ class ProposalPlanner:
         self._runner: TerraformRunner | None = None
         self._runner_lock = threading.Lock()
         self._stop = threading.Event()
+        self._main_runner: TerraformRunner | None = None
+        self._sandbox_reported = False
+        backend = host.terraform.state_backend
         self.units = ProposalUnitPlanner(
             self.runner,
             self.root,
             self.layout.unit_state_file,
             self.redactor,
             timeout=self.config.timeout,
-            remote_state=host.terraform.state_backend is not None,
+            # The agent's own Terraform and environment, outside the sandbox: it pulls
+            # the states the proposals' Terraform plans against without the credentials.
+            remote_state=RemoteStatePuller(
+                self.main_runner, backend.open(self.redactor.register), self.root
+            )
+            if backend is not None
+            else None,
         )
 
     def interrupt(self) -> None:
         """Start no new unit; the running Terraform processes get one SIGINT each."""
         self._stop.set()
-        if self._runner is not None:
-            self._runner.interrupt()
+        for runner in (self._runner, self._main_runner):
+            if runner is not None:
+                runner.interrupt()
 
     def close(self) -> None:
         if self._own_store:
@@ -140,9 +163,19 @@ class ProposalPlanner:
         with self._runner_lock:
             return self._make_runner()
 
+    def main_runner(self) -> TerraformRunner:
+        """The main passes' Terraform, environment and credentials: never for proposal code."""
+        with self._runner_lock:
+            return self._trusted_runner()
+
+    def _trusted_runner(self) -> TerraformRunner:
+        if self._main_runner is None:
+            self._main_runner = StackWorkspaces(self.host, self.layout, self.redactor).runner()
+        return self._main_runner
+
     def _make_runner(self) -> TerraformRunner:
         if self._runner is None:
-            main = StackWorkspaces(self.host, self.layout, self.redactor).runner()
+            main = self._trusted_runner()
             home, cache = self.root / "home", ensure_private_dir(self.root / "plugin-cache")
             wrap = None
             if self.config.sandbox:
@@ -156,6 +189,14 @@ class ProposalPlanner:
                     ],
                     writable=[home, cache],
                 )
+                try:
+                    sandbox.check()
+                except SandboxError as exc:
+                    failed = SandboxError(f"{exc}{_under_systemd_hint()}")
+                    if not self._sandbox_reported:  # each unit fails with it; the journal once
+                        self._sandbox_reported = True
+                        log.error("proposals: no plan can run: %s", failed)
+                    raise failed from None
 
                 def wrap(ws: UnitWorkspace, argv: list[str]) -> list[str]:
                     assert ws.root is not None and ws.work_dir is not None

@@ -30,6 +30,7 @@ from importlib import resources
 from pathlib import Path
 
 from agent.errors import AgentError
+from agent.service.sandbox_dropin import DROPIN, DROPIN_TEXT, LOOSENED, sandbox_need
 
 UNIT_FILE = "gitops-agent.service"
 SHIPPED_EXEC = "/opt/gitops-agent/bin/agent"
@@ -140,13 +141,14 @@ def plan_install(
     steps.append(
         _write_step(config, STARTER_CONFIG, mode=0o640, replace=False, group="gitops-agent")
     )
+    steps.append(_sandbox_dropin_step(root, config))
     if run_tools:
         steps.append(_tool_step("reload systemd's units", "systemctl", "daemon-reload"))
     return steps
 
 
 def plan_uninstall(root: Path = Path("/"), *, run_tools: bool | None = None) -> list[Step]:
-    """Stop and disable the service and remove the three installed files.
+    """Stop and disable the service, remove the installed files and the sandbox drop-in.
 
     The host config, credentials and state directory stay: they are the operator's data.
     """
@@ -156,15 +158,34 @@ def plan_uninstall(root: Path = Path("/"), *, run_tools: bool | None = None) -> 
         steps.append(
             _tool_step("stop and disable gitops-agent", "systemctl", "disable", "--now", UNIT_FILE)
         )
-    for target in _TARGETS.values():
+    for target in (*_TARGETS.values(), DROPIN):
         path = root / target
         if path.exists():
             steps.append(Step(f"remove {path}", path.unlink))
-        else:
+        elif target != DROPIN:
             steps.append(Step(f"{path}: not there"))
     if run_tools:
         steps.append(_tool_step("reload systemd's units", "systemctl", "daemon-reload"))
     return steps
+
+
+def _sandbox_dropin_step(root: Path, config: Path) -> Step:
+    """Write the proposals' sandbox drop-in when the host config plans proposals under
+    bubblewrap, remove it when not (agent.service.sandbox_dropin says what and why)."""
+    path = root / DROPIN
+    need = sandbox_need(config)
+    loosened = "".join(f"\n             {directive}: {why}" for directive, why in LOOSENED)
+    restart = "\n             (a running service needs `systemctl restart gitops-agent`)"
+    if not need.needed:
+        if not path.exists():
+            return Step(f"{path}: not needed ({need.reason})")
+        return Step(
+            f"remove {path} ({need.reason}): the shipped sandbox applies again{restart}",
+            path.unlink,
+        )
+    step = _write_step(path, DROPIN_TEXT, mode=0o644, replace=True)
+    why = f" ({need.reason}); it loosens, for bubblewrap only:{loosened}"
+    return Step(step.description + why + (restart if step.changes else ""), step.run)
 
 
 def carry_out(steps: list[Step], *, dry_run: bool, say: Callable[[str], None]) -> None:

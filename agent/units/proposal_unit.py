@@ -10,8 +10,11 @@ state file in place (truncate + write), so a plan that reads it while a main pas
 could read half a file; the copy is taken under a shared `fcntl` lock, which Terraform's own
 exclusive lock on that file excludes, so it is whole. A refresh during the plan only updates
 Terraform's in-memory state; a plan with `-out` persists nothing, and what it could persist
-would land in the copy. A stack with a backend of its own (S3, pg) is planned with
-`-lock=false` against it: a plan never writes remote state either.
+would land in the copy. A unit whose state is in the host's `terraform.state_backend` is
+copied by the trusted agent (`terraform state pull`, agent.units.remote_state_pull) and
+planned against that copy the same way, with no backend credential in the sandbox. A stack
+with a backend of its own (S3, pg) is planned with `-lock=false` against it, with no
+credential from the agent: a plan never writes remote state either.
 
 Terraform runs with an environment of its own (`proposal_environment`): PATH, locale,
 proxies and a private HOME, never the agent's credentials (AWS_*, VAULT_*, ~/.aws).
@@ -35,6 +38,7 @@ from agent.core.fsutil import StreamedFile, atomic_write, ensure_private_dir
 from agent.core.redact import LineRedactor, Redactor, Secret
 from agent.errors import AgentError
 from agent.state.proposals import ProposalUnitStatus
+from agent.units.remote_state_pull import RemoteStatePuller
 from agent.units.secrets import terraform_variables
 from providers.errors import ProviderError
 from providers.terraform import TerraformRunner, UnitWorkspace, summarize_plan
@@ -103,9 +107,10 @@ class ProposalUnitPlanner:
         redactor: Redactor,
         *,
         timeout: float,
-        remote_state: bool = False,
+        remote_state: RemoteStatePuller | None = None,
     ) -> None:
-        """`remote_state`: the host config names a `terraform.state_backend`."""
+        """`remote_state`: pulls the states of units kept in the host config's
+        `terraform.state_backend` (None: the host config names none)."""
         self._runner = runner
         self.remote_state = remote_state
         self.root = root
@@ -133,24 +138,21 @@ class ProposalUnitPlanner:
                 ProposalUnitStatus.SKIPPED,
                 detail=f"skipped: needs secrets ({names}); proposals.secrets_for does not list it",
             )
-        if self.remote_state and keeps_agent_state(tree / unit.stack):
-            # Its state is in the host's backend, whose credentials may write every unit's
-            # state: a proposal gets none, and an empty local state would plan a re-create.
-            return UnitPlan(
-                ProposalUnitStatus.SKIPPED,
-                detail="skipped: its state is in terraform.state_backend, whose credentials"
-                " proposal plans do not get",
-            )
         work = self.root / "units" / unit.name
         copy = work / "terraform.tfstate"
+        deadline = time.monotonic() + min(self.timeout, unit.timeout)
         try:
-            variables = self._variables(manifest, unit, secrets)
-            if not copy_state(self._unit_state(unit.name), copy):
+            variables = self._variables(manifest, unit, secrets, tree, deadline)
+            if self._remote(tree, unit):
+                # Its state is in the host's backend, whose credentials may write every
+                # unit's state: the agent pulls a copy, the sandbox never sees them.
+                self._pull(unit.name, copy, deadline)
+            elif not copy_state(self._unit_state(unit.name), copy):
                 return UnitPlan(
                     ProposalUnitStatus.SKIPPED,
                     detail="skipped: a main pass holds its state; planned again at the next poll",
                 )
-            return self._terraform(tree, unit, work, copy, run_dir, variables)
+            return self._terraform(tree, unit, work, copy, run_dir, variables, deadline)
         except _NeedsSecrets as exc:
             return UnitPlan(ProposalUnitStatus.SKIPPED, detail=f"skipped: needs secrets ({exc})")
         except (AgentError, ProviderError, ValueError, OSError) as exc:
@@ -168,9 +170,9 @@ class ProposalUnitPlanner:
         copy: Path,
         run_dir: Path,
         variables: dict[str, str],
+        deadline: float,
     ) -> UnitPlan:
         runner = self._runner()
-        deadline = time.monotonic() + min(self.timeout, unit.timeout)
         ws = UnitWorkspace(
             stack_dir=tree / unit.stack,
             data_dir=work / "tfdata",
@@ -196,14 +198,38 @@ class ProposalUnitPlanner:
         )
         return UnitPlan(status, counts)
 
+    def _remote(self, tree: Path, unit: Unit) -> bool:
+        """True when `unit`'s state is in the host's `terraform.state_backend`."""
+        return (
+            self.remote_state is not None
+            and unit.stack is not None
+            and keeps_agent_state(tree / unit.stack)
+        )
+
+    def _pull(self, unit: str, target: Path, deadline: float) -> None:
+        assert self.remote_state is not None
+        try:
+            self.remote_state.pull(unit, target, deadline)
+        except ProviderError as exc:
+            where = self.remote_state.backend.where(unit)
+            raise AgentError(f"reading its state from {where} failed: {exc}") from exc
+
     def _variables(
-        self, manifest: Manifest, unit: Unit, secrets: Mapping[str, Secret] | None
+        self,
+        manifest: Manifest,
+        unit: Unit,
+        secrets: Mapping[str, Secret] | None,
+        tree: Path,
+        deadline: float,
     ) -> dict[str, str]:
         """Literal vars, outputs of other stacks read from their current state, secrets."""
         variables: dict[str, str] = {}
         for name, value in unit.vars.items():
             if isinstance(value, StackOutputRef):
-                value = self._output(unit, name, value, secrets is not None)
+                upstream = manifest.get_unit(value.unit)
+                value = self._output(
+                    unit, name, value, secrets is not None, upstream, tree, deadline
+                )
             if value is None:
                 continue
             text = value if isinstance(value, str) else json.dumps(plain_value(value))
@@ -211,14 +237,28 @@ class ProposalUnitPlanner:
         variables.update(terraform_variables(secrets or {}))
         return variables
 
-    def _output(self, unit: Unit, var: str, ref: StackOutputRef, trusted: bool) -> Any:
+    def _output(
+        self,
+        unit: Unit,
+        var: str,
+        ref: StackOutputRef,
+        trusted: bool,
+        upstream: Unit | None,
+        tree: Path,
+        deadline: float,
+    ) -> Any:
         """An upstream output as applied now (the proposal's own upstream changes are not
         applied, so its plan sees today's values). A sensitive one counts as a secret."""
-        path = self._unit_state(ref.unit)
-        try:
-            outputs = json.loads(path.read_bytes()).get("outputs", {}) if path.exists() else {}
-        except ValueError:
-            outputs = {}
+        if upstream is not None and self._remote(tree, upstream):
+            # Pulled like the unit's own state; gone before any proposal code runs.
+            scratch = self.root / "units" / unit.name / f"upstream-{ref.unit}.tfstate"
+            try:
+                self._pull(ref.unit, scratch, deadline)
+                outputs = _state_outputs(scratch)
+            finally:
+                scratch.unlink(missing_ok=True)
+        else:
+            outputs = _state_outputs(self._unit_state(ref.unit))
         entry = outputs.get(ref.output)
         if entry is None:
             raise AgentError(
@@ -232,6 +272,14 @@ class ProposalUnitPlanner:
             for text in [value] if isinstance(value, str) else [json.dumps(value)]:
                 self.redactor.register(text)
         return entry.get("value")
+
+
+def _state_outputs(path: Path) -> dict[str, Any]:
+    """The `outputs` of a state file ({} when there is none, or it is not JSON)."""
+    try:
+        return json.loads(path.read_bytes()).get("outputs", {}) if path.exists() else {}
+    except ValueError:
+        return {}
 
 
 class _NeedsSecrets(Exception):

@@ -259,6 +259,14 @@ class TerraformRunner:
             name: (entry.get("value"), bool(entry.get("sensitive"))) for name, entry in raw.items()
         }
 
+    def state_pull(self, ws: UnitWorkspace, deadline: float | None) -> str:
+        """The state as its backend stores it (`state pull`; "" when there is none yet).
+        Reads only: Terraform takes no lock for it, so a running apply is not delayed."""
+        self.init_if_needed(ws, lambda line: None, deadline)
+        result = self._run(ws, ["state", "pull"], {}, None, deadline)
+        self._check("state", result)
+        return result.stdout
+
     def interrupt(self) -> None:
         """Send one SIGINT to every running Terraform process of this runner.
 

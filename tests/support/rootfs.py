@@ -59,8 +59,10 @@ RECIPE: dict[str, object] = {
         "sudo",
         "python3",
         "iproute2",
-        # The bastion test installs the agent itself into a host: it runs git.
+        # The bastion test installs the agent itself into a host: it runs git, and plans
+        # proposals under bubblewrap.
         "git",
+        "bubblewrap",
     ],
     # Timers that would start apt or fs jobs in the middle of a test.
     "mask": [
