@@ -69,7 +69,7 @@ def history_view(
         results = []
         for row in rows:
             entry = asdict(row)
-            if layout is not None and (hosts := host_results(layout, row.run_id, unit)):
+            if layout is not None and (hosts := host_results(layout, row.run_id, unit, store)):
                 entry["hosts"] = hosts
             results.append(entry)
         return {"unit": unit, "results": results}

@@ -11,6 +11,7 @@ from agent.engine.passes import ApprovalRefused, PassContext
 from agent.errors import NotFoundError
 from agent.policy.windows import WINDOW_CLOSED
 from agent.state.layout import StateLayout
+from agent.state.runfiles import RunFiles
 from agent.state.store import RunStore, UnitStatus
 from agent.units.context import StackContext
 from agent.units.fleets import HELD_FILE, FleetReconciler
@@ -73,6 +74,12 @@ class Approvals:
                 f" (it planned {(run.revision or 'nothing')[:12]}, {(current or 'none')[:12]} is"
                 " in force now); run `agent reconcile --now` to plan again"
             )
+        approved = {a.unit for a in self.store.approvals.of(run_id)}
+        for name in names:
+            if name in approved:  # here or on another agent of a shared store
+                raise ApprovalRefused(self._why_no_plan(run_id, name))
+            # A plan held on another agent of a shared store comes back here.
+            RunFiles(self.store, self.layout).restore(run_id, name)
         plans = {n: _held_file(self.layout.unit_run_dir(run_id, n)) for n in names}
         for name, plan in plans.items():
             if not plan.exists() and (rows[name].error or "").startswith(WINDOW_CLOSED):
@@ -126,6 +133,7 @@ class Approvals:
                 else self.stacks.apply_saved
             )
             ctx.outcomes[name] = apply_saved(stack_ctx, name, run_id, held[name])
+        RunFiles(self.store, self.layout).drop_consumed(run_id, held)
 
 
 def _held_file(unit_run_dir: Path) -> Path:

@@ -250,6 +250,9 @@ class Reconciler:
 
             def load(ctx: PassContext) -> None:
                 ctx.head = ctx.target = revision
+                if not self.source.has_commit(revision):
+                    # Held on another agent of a shared store (which verified it): fetch it.
+                    self._fetch_for_approval(revision)
                 ctx.manifest = self.revisions.manifest_at(
                     revision, ManifestLimits.from_host(self.host)
                 )
@@ -262,6 +265,12 @@ class Reconciler:
             except Exception as exc:
                 self._close_failed(approve_id, exc)
                 raise
+
+    def _fetch_for_approval(self, revision: str) -> None:
+        try:
+            self.source.fetch()
+        except GitSourceError as exc:
+            raise SourceError(f"cannot fetch {revision[:12]} to apply its plan: {exc}") from exc
 
     def _run_steps(
         self, ctx: PassContext, steps: list[tuple[str, Step]] | None = None

@@ -24,6 +24,7 @@ from psycopg.rows import RowMaker
 _MIGRATION_LOCK = 0x6769746F7073
 _PASS_LOCK = 0x6769746F7070
 _REAL = re.compile(r"\bREAL\b")
+_BLOB = re.compile(r"\bBLOB\b")
 
 
 class Row(tuple):
@@ -60,6 +61,11 @@ def _param(value: Any) -> Any:
 
 def _sql(text: str) -> str:
     return text.replace("%", "%%").replace("?", "%s")
+
+
+def _pg_types(step: str) -> str:
+    """A migration step's SQLite types as PostgreSQL spells them."""
+    return _BLOB.sub("BYTEA", _REAL.sub("DOUBLE PRECISION", step))
 
 
 def safe_url(url: str) -> str:
@@ -141,7 +147,7 @@ class PgConnection:
             version = self.schema_version()
             check(version)
             for number in range(version, len(steps)):
-                self._conn.execute(_REAL.sub("DOUBLE PRECISION", steps[number]).encode())
+                self._conn.execute(_pg_types(steps[number]).encode())
                 self._conn.execute(
                     "INSERT INTO gitops_agent_schema (version) VALUES (%s)", [number + 1]
                 )

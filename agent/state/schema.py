@@ -156,6 +156,19 @@ CREATE TABLE IF NOT EXISTS removed_units (
 );
 """
 
+# A unit run's files, for every agent of a shared PostgreSQL store (agent/state/runfiles.py).
+_SCHEMA_RUN_FILES = """
+CREATE TABLE IF NOT EXISTS run_files (
+    run_id TEXT NOT NULL,
+    unit TEXT NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,         -- bytes on disk (content may be cut to the cap)
+    content BLOB NOT NULL,
+    stored_at REAL NOT NULL,
+    PRIMARY KEY (run_id, unit, name)
+);
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -166,5 +179,6 @@ MIGRATIONS: list[str] = [
     _SCHEMA_PROPOSALS,
     _SCHEMA_RUN_FINGERPRINT,
     _SCHEMA_REMOVED_UNITS,
+    _SCHEMA_RUN_FILES,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -113,6 +113,7 @@ class RunStore(StoreDatabase):
     def discard_run(self, run_id: str) -> None:
         """Forget a run that reconciled nothing (it named a unit the manifest lacks)."""
         with self._tx() as db:
+            db.execute("DELETE FROM run_files WHERE run_id = ?", (run_id,))
             db.execute("DELETE FROM unit_runs WHERE run_id = ?", (run_id,))
             db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 

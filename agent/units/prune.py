@@ -32,6 +32,7 @@ from agent.core.redact import Redactor
 from agent.errors import AgentError, ConfigError, PruneError
 from agent.policy.prune import PruneMode, RemovedStatus
 from agent.state.layout import StateLayout
+from agent.state.runfiles import RunFiles
 from agent.state.store import RemovedUnitRow, RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext
 from agent.units.decide import Decision
@@ -170,6 +171,7 @@ class Pruner:
         for held in (PLAN_FILE, HELD_FILE):
             for path in self.layout.runs.glob(f"*/{name}/{held}"):
                 path.unlink(missing_ok=True)
+        RunFiles(self.store, self.layout).drop_held(name)
         if row.status != RemovedStatus.PRUNED:
             message = f"{name} is back in gitops.yaml; its removal ({row.status}) was dropped"
             log.info("%s", message)
@@ -195,6 +197,7 @@ class Pruner:
         if stop() and outcome.status is UnitStatus.FAILED:
             outcome = replace(outcome, status=UnitStatus.INTERRUPTED)
         outcome = replace(outcome, converged=False)  # it converges to nothing: no revision
+        RunFiles(self.store, self.layout).save_unit(request.run_id, name)
         self.store.finish_unit(request.run_id, name, request.revision, outcome)
         self.settle(name, outcome, request.run_id)
         self.report(

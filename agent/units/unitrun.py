@@ -22,6 +22,7 @@ from agent.config import Unit
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import Redactor
 from agent.errors import AgentError
+from agent.state.runfiles import RunFiles
 from agent.state.store import RunStore, UnitOutcome, UnitStateRow, UnitStatus
 from agent.units.changed import plan_reason
 from agent.units.context import StackContext
@@ -116,6 +117,8 @@ def finish_unit(
     # Errors quote Terraform's output, command output and file text: mask secrets here.
     if outcome.error:
         outcome = replace(outcome, error=redactor.redact(outcome.error))
+    # Its files first: a result any agent sees has its logs and plan (shared store).
+    RunFiles(store).save_unit(ctx.run_id, name)
     store.finish_unit(ctx.run_id, name, ctx.revision, outcome, fingerprint=fingerprint)
     report(
         Event(

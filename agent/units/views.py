@@ -12,6 +12,7 @@ from typing import Any
 
 from agent.errors import NotFoundError
 from agent.state.layout import StateLayout
+from agent.state.runfiles import RunFiles
 from agent.state.store import RunStore, UnitRunRow, UnitStateRow, UnitStatus
 from agent.units.decide import Decision
 from agent.units.fleets import HOST_RESULTS_FILE, host_states
@@ -56,10 +57,17 @@ def unit_view(state: UnitStateRow, layout: StateLayout | None = None) -> dict[st
     return entry
 
 
-def host_results(layout: StateLayout, run_id: str, unit: str) -> list[dict[str, Any]]:
-    """Each host's counts in a fleet unit's run (none for a stack, or an older run)."""
+def host_results(
+    layout: StateLayout, run_id: str, unit: str, store: RunStore | None = None
+) -> list[dict[str, Any]]:
+    """Each host's counts in a fleet unit's run (none for a stack, or an older run); with
+    `store`, from a shared store when another agent ran it."""
     try:
-        data = json.loads((layout.unit_run_dir(run_id, unit) / HOST_RESULTS_FILE).read_text())
+        if store is None:
+            text = (layout.unit_run_dir(run_id, unit) / HOST_RESULTS_FILE).read_text()
+        else:
+            text = RunFiles(store, layout).read_text(run_id, unit, HOST_RESULTS_FILE) or ""
+        data = json.loads(text)
     except (OSError, ValueError):
         return []
     return data if isinstance(data, list) else []
@@ -75,18 +83,18 @@ def logs_view(
     store: RunStore, layout: StateLayout, unit: str, run_id: str | None
 ) -> dict[str, Any]:
     """The Terraform output of a unit in a run (default: its latest run that planned)."""
-    row = _unit_run_with_logs(store, layout, unit, run_id)
-    unit_dir = layout.unit_run_dir(row.run_id, unit)
+    files_of = RunFiles(store, layout)
+    row = _unit_run_with_logs(store, files_of, unit, run_id)
     files = {}
-    for name in LOG_FILES:
-        path = unit_dir / name
-        if path.exists():
-            files[name] = path.read_text(encoding="utf-8", errors="replace")
+    for name in LOG_FILES:  # from this agent's disk, else from a shared store
+        text = files_of.read_text(row.run_id, unit, name)
+        if text is not None:
+            files[name] = text
     return {"unit": unit, "run": row.run_id, "result": asdict(row), "files": files}
 
 
 def _unit_run_with_logs(
-    store: RunStore, layout: StateLayout, unit: str, run_id: str | None
+    store: RunStore, files: RunFiles, unit: str, run_id: str | None
 ) -> UnitRunRow:
     if run_id is not None:
         if store.get_run(run_id) is None:
@@ -100,7 +108,5 @@ def _unit_run_with_logs(
         raise NotFoundError(
             f"no run has reconciled a unit named {unit!r}", hint="see `agent status`"
         )
-    for row in history:
-        if any((layout.unit_run_dir(row.run_id, unit) / n).exists() for n in LOG_FILES):
-            return row
-    return history[0]
+    found = files.first_with(unit, [row.run_id for row in history], LOG_FILES)
+    return next((row for row in history if row.run_id == found), history[0])

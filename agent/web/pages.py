@@ -17,6 +17,7 @@ from typing import Any
 from agent.config.manifest import Manifest
 from agent.errors import NotFoundError
 from agent.state.layout import StateLayout
+from agent.state.runfiles import RunFiles
 from agent.state.store import RevisionStatus, RunStore, UnitRunRow, UnitStateRow, UnitStatus
 from agent.units.decide import Decision
 from agent.units.fleets import HELD_FILE
@@ -194,13 +195,14 @@ def unit_page(
     pages = max(1, -(-total // PAGE_SIZE))
     page = min(max(1, page), pages)
     runs = []
+    files = RunFiles(store, layout)  # from this agent's disk, else from a shared store
     rows = store.unit_history(name, PAGE_SIZE, (page - 1) * PAGE_SIZE)
     for row in rows:
         summary = asdict(row)
-        summary["hosts"] = host_results(layout, row.run_id, name)
+        summary["hosts"] = host_results(layout, row.run_id, name, store)
         runs.append(_run_summary(summary))
     if run is None:  # the newest run on this page that left output (a page's worth of stats)
-        run = next((r.run_id for r in rows if _has_logs(layout, r.run_id, name)), None)
+        run = files.first_with(name, [r.run_id for r in rows], LOG_FILES)
     entry = unit_view(state, layout) if state else {}
     word = unit_status(
         state,
@@ -221,7 +223,7 @@ def unit_page(
             ],
         }
     unit = manifest.get_unit(name) if manifest is not None else None
-    held = _held(layout, name, state) if word == "held" and state else None
+    held = _held(files, name, state) if word == "held" and state else None
     blocked: list[str] = []
     last = store.last_unit_run(name)
     if word == "failed" and last is not None:
@@ -242,7 +244,7 @@ def unit_page(
         "blocked": blocked,
         "held": held,
         "hosts": [_host(h) for h in entry.get("hosts") or []],
-        "host_diff": _host_diff(layout, name, last),
+        "host_diff": _host_diff(files, name, last),
         "runs": runs,
         "page": page,
         "pages": pages,
@@ -250,11 +252,6 @@ def unit_page(
         "output": output,
         "drift": [_run_summary(asdict(r)) for r in store.drift_events(name, 10)],
     }
-
-
-def _has_logs(layout: StateLayout, run_id: str, unit: str) -> bool:
-    unit_dir = layout.unit_run_dir(run_id, unit)
-    return any((unit_dir / name).exists() for name in LOG_FILES)
 
 
 def _cap(text: str) -> str:
@@ -301,19 +298,17 @@ def _host(host: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _held(layout: StateLayout, name: str, state: UnitStateRow) -> dict[str, Any] | None:
-    """The plan a run held: what `agent approve` would apply, and the command."""
+def _held(files: RunFiles, name: str, state: UnitStateRow) -> dict[str, Any] | None:
+    """The plan a run held: what `agent approve` would apply, and the command (the files
+    from this agent's disk, else from a shared store)."""
     run = state.last_run_id
     if run is None or state.last_decision not in (Decision.HOLD, None):
         return None
-    unit_dir = layout.unit_run_dir(run, name)
-    plan = ""
-    if (unit_dir / "plan.txt").is_file():
-        plan = (unit_dir / "plan.txt").read_text(encoding="utf-8", errors="replace")
+    plan = files.read_text(run, name, "plan.txt") or ""
     removals = None
-    if (unit_dir / HELD_FILE).is_file():
+    if (held := files.read_text(run, name, HELD_FILE)) is not None:
         try:
-            removals = json.loads((unit_dir / HELD_FILE).read_text())
+            removals = json.loads(held)
         except ValueError:
             removals = None
     return {
@@ -324,13 +319,12 @@ def _held(layout: StateLayout, name: str, state: UnitStateRow) -> dict[str, Any]
     }
 
 
-def _host_diff(layout: StateLayout, name: str, last: UnitRunRow | None) -> list[tuple[str, str]]:
+def _host_diff(files: RunFiles, name: str, last: UnitRunRow | None) -> list[tuple[str, str]]:
     if last is None:
         return []
-    path = layout.unit_run_dir(last.run_id, name) / "hosts.txt"
-    if not path.is_file():
+    text = files.read_text(last.run_id, name, "hosts.txt")
+    if text is None:
         return []
-    text = path.read_text(encoding="utf-8", errors="replace")
     return [classify_line(line) for line in _cap(text).splitlines()]
 
 

@@ -1,0 +1,140 @@
+"""Logs and plan files of a PostgreSQL store, read from any agent (docs/store.md): a destroy
+held on bastion A is shown by `agent logs` and the web page on bastion B, approved and
+applied on B from the plan A saved; A then refuses to apply it again. Terraform state is in
+PostgreSQL (the `pg` backend), so both bastions plan against the same state. A SQLite store
+keeps nothing of these files."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+
+from agent.config import load_host_config
+from agent.engine.reconcile import PassRequest, Reconciler
+from agent.state.layout import StateLayout
+from agent.state.store import RunStore, UnitStatus
+from agent.web.pages import unit_page
+from tests.support.infra import InfraRepo, write_host_config
+from tests.support.postgres import PostgresCluster
+from tests.support.stores import postgres_cluster  # noqa: F401 (fixture)
+
+STACK = 'resource "terraform_data" "{name}" {{\n  input = "kept-{name}"\n}}\n'
+
+
+def stack(names: list[str]) -> str:
+    return "".join(STACK.format(name=name) for name in names)
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "GITOPS_AGENT_CONFIG"},
+    )
+
+
+def secret_file(path: Path, text: str) -> Path:
+    path.write_text(text + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def test_a_plan_held_on_one_bastion_is_read_and_approved_on_another(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    store_url = postgres_cluster.create_database("files_store")
+    state_url = postgres_cluster.create_database("files_state")
+    url_file = secret_file(tmp_path / "store-url", store_url)
+    conn_file = secret_file(tmp_path / "state-conn", state_url)
+    repo = InfraRepo(tmp_path / "git")
+    repo.write("stacks/app/main.tf", stack(["a", "b"]))
+    repo.write("gitops.yaml", "version: 1\nunits:\n  - {name: app, stack: stacks/app}\n")
+    repo.push("seed")
+    extra = f"control_socket: {tmp_path}/none.sock\nstore:\n  url_file: {url_file}\n"
+    configs = {}
+    for name in ("a", "b"):
+        config = write_host_config(tmp_path / f"{name}.yaml", repo.url, tmp_path / name, extra)
+        text = config.read_text().replace(
+            "  lock_timeout: 10s\n",
+            f"  lock_timeout: 10s\n  state_backend:\n    pg: {{conn_str_file: {conn_file}}}\n",
+        )
+        config.write_text(text)
+        configs[name] = config
+
+    bastion_a = Reconciler(load_host_config(configs["a"]))
+    try:
+        assert bastion_a.run_pass(PassRequest(trigger="cli")).ok
+        repo.write("stacks/app/main.tf", stack(["a"]))
+        repo.push("drop b")
+        held = bastion_a.run_pass(PassRequest(trigger="cli"))
+    finally:
+        bastion_a.close()
+    assert held.outcomes["app"].status is UnitStatus.HELD, held.outcomes
+    on_a = tmp_path / "a" / "runs" / held.run_id / "app"
+    assert (on_a / "tfplan").is_file()
+    assert not (tmp_path / "b" / "runs").exists()  # B never ran anything
+
+    # B reads A's output from the store: the same bytes as on A's disk.
+    logs = cli(configs["b"], "logs", "app")
+    assert logs.returncode == 0, logs.stderr
+    assert "terraform_data.b will be destroyed" in logs.stdout
+    as_json = cli(configs["b"], "logs", "app", "--run", held.run_id, "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    view = json.loads(as_json.stdout)
+    assert view["files"]["plan.txt"] == (on_a / "plan.txt").read_text()
+    store_b = RunStore(tmp_path / "b", url=store_url, read_only=True)
+    try:
+        page = unit_page(store_b, StateLayout(tmp_path / "b"), None, lambda sha: None, "app")
+    finally:
+        store_b.close()
+    assert page["held"]["command"] == f"agent approve {held.run_id} --unit app"
+    assert any("terraform_data.b will be destroyed" in text for _, text in page["held"]["plan"])
+    assert page["output"]["run"] == held.run_id
+
+    # B applies the plan A saved; nothing else is planned.
+    approved = cli(configs["b"], "approve", held.run_id)
+    assert approved.returncode == 0, approved.stderr
+    with psycopg.connect(store_url) as db:
+        rows = db.execute(
+            "SELECT run_id, name FROM run_files WHERE unit = 'app' ORDER BY run_id, name"
+        ).fetchall()
+        status = db.execute("SELECT last_status, last_decision FROM unit_state").fetchone()
+        [(approve_run,)] = db.execute("SELECT run_id FROM approvals").fetchall()
+    assert status == ("ok", "apply")
+    names = {run: [n for r, n in rows if r == run] for run, _ in rows}
+    assert "tfplan" not in names[held.run_id]  # consumed: no second apply from the store
+    assert "apply.txt" in names[approve_run]
+
+    # A sees B's apply log, and refuses to apply its own copy of the plan again.
+    logs_a = cli(configs["a"], "logs", "app", "--run", approve_run)
+    assert logs_a.returncode == 0, logs_a.stderr
+    assert "Destruction complete" in logs_a.stdout or "Apply complete" in logs_a.stdout
+    again = cli(configs["a"], "approve", held.run_id)
+    assert again.returncode != 0
+    assert f"the plan of app in run {held.run_id} was already approved" in again.stderr
+
+
+def test_a_sqlite_store_keeps_the_files_on_disk_only(tmp_path: Path) -> None:
+    repo = InfraRepo(tmp_path / "git")
+    repo.write("stacks/app/main.tf", stack(["a"]))
+    repo.write("gitops.yaml", "version: 1\nunits:\n  - {name: app, stack: stacks/app}\n")
+    repo.push("seed")
+    config = write_host_config(tmp_path / "agent.yaml", repo.url, tmp_path / "state")
+    reconciler = Reconciler(load_host_config(config))
+    try:
+        result = reconciler.run_pass(PassRequest(trigger="cli"))
+    finally:
+        reconciler.close()
+    assert result.ok, result.error
+    assert (tmp_path / "state" / "runs" / result.run_id / "app" / "plan.txt").is_file()
+    with sqlite3.connect(tmp_path / "state" / "agent.db") as db:
+        assert db.execute("SELECT count(*) FROM run_files").fetchone() == (0,)
