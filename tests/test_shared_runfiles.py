@@ -22,7 +22,6 @@ from agent.state.store import RunStore, UnitStatus
 from agent.web.pages import unit_page
 from tests.support.infra import InfraRepo, write_host_config
 from tests.support.postgres import PostgresCluster
-from tests.support.stores import postgres_cluster  # noqa: F401 (fixture)
 
 STACK = 'resource "terraform_data" "{name}" {{\n  input = "kept-{name}"\n}}\n'
 
