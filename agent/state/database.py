@@ -20,7 +20,7 @@ import psycopg
 
 from agent.core.fsutil import ensure_private_dir
 from agent.errors import PassBusyError, StoreError
-from agent.state.pgconn import PgConnection, safe_url
+from agent.state.pgconn import READER_RETRY_FOR, RETRY_FOR, PgConnection, safe_url
 from agent.state.schema import MIGRATIONS, SCHEMA_VERSION
 from agent.state.storefile import (
     DB_FILENAME,
@@ -90,7 +90,8 @@ class StoreDatabase:
     def _open_postgres(self, url: str) -> None:
         self.location = safe_url(url)
         try:
-            self._db = PgConnection(url, read_only=self.read_only)  # type: ignore[assignment]
+            wait = READER_RETRY_FOR if self.read_only else RETRY_FOR  # for a restarted server
+            self._db = PgConnection(url, read_only=self.read_only, retry_for=wait)  # type: ignore[assignment]
             if self.read_only:
                 self._check_schema(self._user_version(), read_only=True)
             else:

@@ -10,12 +10,16 @@ sqlite3). Migrations take an advisory lock, so agents starting together migrate 
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import logging
 import re
+import threading
+import time
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg.rows import RowMaker
@@ -25,6 +29,15 @@ _MIGRATION_LOCK = 0x6769746F7073
 _PASS_LOCK = 0x6769746F7070
 _REAL = re.compile(r"\bREAL\b")
 _BLOB = re.compile(r"\bBLOB\b")
+
+# How long a statement waits for the server to come back (a restart takes seconds); the
+# reading commands wait less (agent.state.store).
+RETRY_FOR = 60.0
+READER_RETRY_FOR = 3.0
+_FIRST_DELAY, _MAX_DELAY = 0.2, 5.0
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Row(tuple):
@@ -77,31 +90,193 @@ def safe_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
+class PassLockLost(psycopg.OperationalError):
+    """The server went away during a pass and another agent took the pass lock before this
+    one was back: nothing more of the pass may be recorded (its run is then `interrupted`)."""
+
+
+class _Result:
+    """A statement's rows, fetched at once (so that a replay can compare them)."""
+
+    def __init__(self, rows: list[Row], rowcount: int) -> None:
+        self.rows = rows
+        self.rowcount = rowcount
+
+    def fetchone(self) -> Row | None:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Row]:
+        return list(self.rows)
+
+    def __iter__(self) -> Iterator[Row]:
+        return iter(list(self.rows))
+
+    def same_as(self, other: _Result) -> bool:
+        return self.rowcount == other.rowcount and [tuple(r) for r in self.rows] == [
+            tuple(r) for r in other.rows
+        ]
+
+
+_Step = tuple[str, Any, bool, _Result]  # (sql, params, many, what it returned)
+
+
 class PgConnection:
-    """One PostgreSQL connection shaped like the sqlite3 connection the store uses."""
+    """One PostgreSQL connection shaped like the sqlite3 connection the store uses.
 
-    def __init__(self, url: str, *, read_only: bool = False) -> None:
+    It outlives a server restart: a statement that finds the connection broken reconnects
+    (backoff from 0.2 s to 5 s, for at most `retry_for` seconds) and runs again. A statement
+    outside a transaction is a read or a lock call, safe to repeat. A transaction is retried
+    whole: its statements are replayed on the new connection with the values first sent, and
+    every result must come back as it did (else the store changed meanwhile, and the
+    transaction fails). A commit whose answer was lost is looked up by its transaction id
+    (`txid_status`), so it is never applied twice. The pass lock, if held, is taken again on
+    the new connection; if another agent took it meanwhile, PassLockLost.
+    """
+
+    def __init__(self, url: str, *, read_only: bool = False, retry_for: float = RETRY_FOR) -> None:
         self.where = safe_url(url)
-        self._conn: psycopg.Connection[Row] = psycopg.connect(
-            url, autocommit=True, row_factory=_rows, connect_timeout=10
+        self._url = url
+        self._read_only = read_only
+        self.retry_for = retry_for
+        self.reconnects = 0  # how many times the server was found gone (logs, tests)
+        self._generation = 0  # which connection this is (+1 at each reconnect)
+        self._reconnecting = threading.Lock()
+        # The open transaction: its thread, statements, id, and the connection it began on.
+        self._steps: list[_Step] | None = None
+        self._tx_thread = 0
+        self._tx_generation = 0
+        self._xid: int | None = None
+        self._locked = False
+        self._lock_lost = False
+        self._conn = self._connect_retrying(time.monotonic() + retry_for)
+
+    # --- connecting -----------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection[Row]:
+        conn: psycopg.Connection[Row] = psycopg.connect(
+            self._url, autocommit=True, row_factory=_rows, connect_timeout=10
         )
-        if read_only:
-            self._conn.execute("SET default_transaction_read_only = on")
-        self._tx: psycopg.Transaction | None = None
+        if self._read_only:
+            conn.execute("SET default_transaction_read_only = on")
+        return conn
 
-    # --- what sqlite3.Connection offers ---------------------------------------------
+    def _connect_retrying(self, deadline: float) -> psycopg.Connection[Row]:
+        delay = _FIRST_DELAY
+        while True:
+            try:
+                return self._connect()
+            except psycopg.OperationalError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "the run store %s is not reachable (%s): trying again in %.1fs",
+                    self.where,
+                    _first_line(exc),
+                    delay,
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, _MAX_DELAY)
 
-    def execute(self, sql: str, params: Sequence[Any] = ()) -> psycopg.Cursor[Row]:
-        return self._conn.execute(_sql(sql), [_param(p) for p in params])
+    def _reconnect(self, deadline: float, generation: int) -> None:
+        """A new connection for the broken one (unless another thread made it already);
+        the pass lock taken again if it was held."""
+        with self._reconnecting:
+            if generation != self._generation:
+                return
+            with contextlib.suppress(psycopg.Error):
+                self._conn.close()
+            self._conn = self._connect_retrying(deadline)
+            self._generation += 1
+            self.reconnects += 1
+            log.warning("the run store %s is back: reconnected", self.where)
+            if self._locked:
+                row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", [_PASS_LOCK]).fetchone()
+                if not (row and row[0]):
+                    self._locked, self._lock_lost = False, True
+                    log.error("the pass lock was taken by another agent while the server was away")
 
-    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> psycopg.Cursor[Row]:
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """`call()`, again on a new connection each time the connection breaks."""
+        deadline = time.monotonic() + self.retry_for
+        while True:
+            conn, generation = self._conn, self._generation
+            try:
+                return call()
+            except PassLockLost:
+                raise
+            except psycopg.Error as exc:
+                gone = conn.broken or conn.closed or generation != self._generation
+                if not gone or time.monotonic() >= deadline:
+                    raise
+                log.warning("the run store %s went away: %s", self.where, _first_line(exc))
+                self._reconnect(deadline, generation)
+
+    # --- statements -------------------------------------------------------------------
+
+    def _run(self, sql: str, params: Any, many: bool = False) -> _Result:
         cursor = self._conn.cursor()
-        cursor.executemany(_sql(sql), [[_param(p) for p in params] for params in seq])
-        return cursor
+        if many:
+            cursor.executemany(sql, params)
+        else:
+            cursor.execute(sql, params)
+        rows = cursor.fetchall() if cursor.description else []
+        return _Result(rows, cursor.rowcount)
+
+    def _step(self, sql: str, params: Any, many: bool) -> _Result:
+        if self._steps is None or self._tx_thread != threading.get_ident():
+            # A read or a lock call (not part of a transaction): run again as it is.
+            return self._retrying(lambda: self._run(sql, params, many))
+
+        def run() -> _Result:
+            if self._tx_generation != self._generation:
+                self._replay()  # the transaction began on a connection that is gone
+            return self._run(sql, params, many)
+
+        result = self._retrying(run)
+        self._steps.append((sql, params, many, result))
+        return result
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> _Result:
+        return self._step(_sql(sql), [_param(p) for p in params], False)
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> _Result:
+        rows = [[_param(p) for p in params] for params in seq]
+        return self._step(_sql(sql), rows, True)
+
+    # --- transactions (`with connection:`, as with sqlite3) ----------------------------
+
+    def _begin(self) -> None:
+        if self._lock_lost:
+            raise PassLockLost(
+                "the server restarted during this pass and another agent took the pass lock"
+                " meanwhile: nothing more of this pass is recorded"
+            )
+        self._tx_generation = self._generation
+        cursor = self._conn.cursor()
+        cursor.execute("BEGIN; SELECT txid_current()")  # one round trip
+        cursor.nextset()
+        row = cursor.fetchone()
+        self._xid = int(row[0]) if row else None
+
+    def _replay(self) -> None:
+        """The open transaction again on this (new) connection: each statement must give
+        what it gave the first time, else nothing of it is written."""
+        assert self._steps is not None
+        self._begin()
+        for sql, params, many, first in self._steps:
+            if not self._run(sql, params, many).same_as(first):
+                self._run("ROLLBACK", None)
+                raise psycopg.OperationalError(
+                    "the store changed while the server was away: this write was not made"
+                )
 
     def __enter__(self) -> PgConnection:
-        self._tx = self._conn.transaction()
-        self._tx.__enter__()
+        self._steps, self._tx_thread = [], threading.get_ident()
+        try:
+            self._retrying(self._begin)
+        except BaseException:
+            self._steps = None
+            raise
         return self
 
     def __exit__(
@@ -110,26 +285,47 @@ class PgConnection:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        tx, self._tx = self._tx, None
-        assert tx is not None
-        tx.__exit__(exc_type, exc, tb)
+        try:
+            if exc_type is None:
+                self._retrying(self._commit)
+            elif self._tx_generation == self._generation:
+                with contextlib.suppress(psycopg.Error):
+                    self._run("ROLLBACK", None)
+        finally:
+            self._steps, self._xid = None, None
+
+    def _commit(self) -> None:
+        if self._tx_generation != self._generation:
+            if self._xid is not None:
+                found = self._run("SELECT txid_status(%s)", [self._xid]).fetchone()
+                if found and found[0] == "committed":
+                    return  # the answer to COMMIT was lost, not the commit
+            self._replay()
+        self._run("COMMIT", None)
 
     def close(self) -> None:
         self._conn.close()
 
     def try_lock(self) -> bool:
         """Take the pass lock of this database (held by this session until `unlock`, or
-        until the connection ends: a dead agent's lock is freed by the server)."""
-        row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", [_PASS_LOCK]).fetchone()
-        return bool(row and row[0])
+        until the connection ends: a dead agent's lock is freed by the server; a restart of
+        the server is survived, see the class)."""
+        self._lock_lost = False
+        row = self.execute("SELECT pg_try_advisory_lock(?)", [_PASS_LOCK]).fetchone()
+        self._locked = bool(row and row[0])
+        return self._locked
 
     def unlock(self) -> None:
-        self._conn.execute("SELECT pg_advisory_unlock(%s)", [_PASS_LOCK])
+        self._locked, self._lock_lost = False, False
+        self.execute("SELECT pg_advisory_unlock(?)", [_PASS_LOCK])
 
     # --- the schema -------------------------------------------------------------------
 
     def schema_version(self) -> int:
         """0 for a database the agent has not set up yet."""
+        return self._retrying(self._schema_version)
+
+    def _schema_version(self) -> int:
         found = self._conn.execute("SELECT to_regclass('gitops_agent_schema')").fetchone()
         if found is None or found[0] is None:
             return 0
@@ -137,17 +333,26 @@ class PgConnection:
         return int(row[0]) if row and row[0] is not None else 0
 
     def migrate(self, steps: Sequence[str], check: Any) -> None:
-        """Run the steps this database has not had, each in one transaction, under a lock
-        (`check(version)` refuses a schema newer than this code's)."""
-        with self._conn.transaction():
-            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK])
-            self._conn.execute(
-                "CREATE TABLE IF NOT EXISTS gitops_agent_schema (version INTEGER NOT NULL)"
-            )
-            version = self.schema_version()
-            check(version)
-            for number in range(version, len(steps)):
-                self._conn.execute(_pg_types(steps[number]).encode())
+        """Run the steps this database has not had, in one transaction (retried whole if the
+        server goes away), under a lock (`check(version)` refuses a schema newer than this
+        code's)."""
+
+        def run() -> None:
+            with self._conn.transaction():
+                self._conn.execute("SELECT pg_advisory_xact_lock(%s)", [_MIGRATION_LOCK])
                 self._conn.execute(
-                    "INSERT INTO gitops_agent_schema (version) VALUES (%s)", [number + 1]
+                    "CREATE TABLE IF NOT EXISTS gitops_agent_schema (version INTEGER NOT NULL)"
                 )
+                version = self._schema_version()
+                check(version)
+                for number in range(version, len(steps)):
+                    self._conn.execute(_pg_types(steps[number]).encode())
+                    self._conn.execute(
+                        "INSERT INTO gitops_agent_schema (version) VALUES (%s)", [number + 1]
+                    )
+
+        self._retrying(run)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -47,6 +47,7 @@ class PostgresCluster(TestService):
             raise RuntimeError("no PostgreSQL server installed (apt-get install postgresql)")
         self.bin = found
         self.port = 0
+        self._options = ""
         self._dir: Path | None = None
         self._user = pwd.getpwnam("postgres")
 
@@ -94,8 +95,19 @@ class PostgresCluster(TestService):
             " -c full_page_writes=off -c synchronous_commit=off"
         )
         os.chown(self._dir, self._user.pw_uid, self._user.pw_gid)
+        self._options = options
+        self.resume()
+
+    def pause(self) -> None:
+        """Stop the server as an operator's restart does (`pg_ctl stop -m fast`: every
+        session is ended), keeping its data and port for `resume`."""
+        self._as_postgres(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop")
+
+    def resume(self) -> None:
+        """Start the server (again), on the same port; returns once it accepts connections."""
+        assert self._dir is not None
         self._as_postgres(
-            str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options,
+            str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", self._options,
             "-l", str(self._dir / "server.log"), "-w", "-t", "60", "start",
         )  # fmt: skip
 
