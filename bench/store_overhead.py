@@ -6,15 +6,30 @@ backup API + a check of the copy). All three read the whole file, so they grow w
 history. This fills a real store with N passes of 5 units each and times them.
 
     .venv/bin/python bench/store_overhead.py --runs 2000,20000,100000
+
+`--pass` measures instead what a PostgreSQL store (docs/store.md) costs a one-agent
+no-change pass against the SQLite file: N stacks applied once into each, then no-change
+passes in the agent's process (as the daemon runs them), SQLite and PostgreSQL in turn,
+both a full pass (every stack planned) and a changed-only pass (the poll's: nothing
+moved, so no Terraform runs and the store's round trips are most of the pass). The server
+is a throwaway cluster on 127.0.0.1 (tests/support/postgres.py).
+
+    .venv/bin/python bench/store_overhead.py --pass [--stacks 20] [--repeat 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.config import load_host_config
+from agent.engine.reconcile import PassRequest, Reconciler
 from agent.state.store import RunStore
 
 
@@ -49,10 +64,68 @@ def measure(state: Path) -> tuple[float, float, float]:
     return (opened - started) * 1000, (read - opened) * 1000, (backed_up - read) * 1000
 
 
+def stack_tf(resources: int) -> str:
+    return "".join(
+        f'resource "terraform_data" "r{i}" {{\n  input = "value-{i}"\n}}\n'
+        for i in range(resources)
+    )
+
+
+def pass_overhead(stacks: int, repeat: int) -> None:
+    from tests.support.infra import InfraRepo, write_host_config
+    from tests.support.postgres import PostgresCluster
+
+    with tempfile.TemporaryDirectory(prefix="bench-store-pass-") as tmp, PostgresCluster() as pg:
+        root = Path(tmp)
+        repo = InfraRepo(root / "git")
+        for i in range(stacks):
+            repo.write(f"stacks/s{i:02d}/main.tf", stack_tf(5))
+        units = "".join(f"  - {{name: s{i:02d}, stack: stacks/s{i:02d}}}\n" for i in range(stacks))
+        repo.write("gitops.yaml", "version: 1\nunits:\n" + units)
+        repo.push("bench")
+        url_file = root / "store-url"
+        url_file.write_text(pg.create_database("store") + "\n")
+        url_file.chmod(0o600)
+        agents = {}
+        for kind, extra in (("sqlite", ""), ("postgresql", f"store:\n  url_file: {url_file}\n")):
+            config = write_host_config(root / f"{kind}.yaml", repo.url, root / kind, extra)
+            agents[kind] = Reconciler(load_host_config(config))
+            first = agents[kind].run_pass(PassRequest(trigger="bench-setup"))
+            assert first.ok, first.error
+        times: dict[tuple[str, bool], list[float]] = {}
+        try:
+            for _ in range(repeat):
+                for changed_only in (False, True):
+                    for kind, reconciler in agents.items():
+                        start = time.perf_counter()
+                        result = reconciler.run_pass(
+                            PassRequest(trigger="poll", changed_only=changed_only)
+                        )
+                        elapsed = time.perf_counter() - start
+                        decisions = {o.decision for o in result.outcomes.values()}
+                        assert result.ok and decisions <= {"nothing", "unchanged"}, result
+                        times.setdefault((kind, changed_only), []).append(elapsed)
+        finally:
+            for reconciler in agents.values():
+                reconciler.close()
+    print(f"{stacks} stacks, {repeat} passes each (median seconds)")
+    print("  pass           sqlite  postgresql  overhead")
+    for changed_only, name in ((False, "full"), (True, "changed-only")):
+        lite = statistics.median(times[("sqlite", changed_only)])
+        post = statistics.median(times[("postgresql", changed_only)])
+        print(f"  {name:<13} {lite:>7.3f} {post:>11.3f} {(post / lite - 1) * 100:>8.1f} %")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", default="2000,20000", help="comma-separated history sizes")
+    parser.add_argument("--pass", dest="pass_", action="store_true", help="see above")
+    parser.add_argument("--stacks", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    if args.pass_:
+        pass_overhead(args.stacks, args.repeat)
+        return
     print("  passes  store MB  writer open ms  reader open ms  backup ms")
     for runs in [int(n) for n in args.runs.split(",")]:
         with tempfile.TemporaryDirectory() as tmp:
