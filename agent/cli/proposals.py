@@ -9,6 +9,7 @@ from typing import Any
 
 from agent.errors import NotFoundError
 from agent.state.proposals import ProposalRecords, ProposalRow
+from agent.state.runfiles import RunFiles
 
 MAX_LOG_CHARS = 200_000  # the rest of a huge plan is cut with a note
 
@@ -91,12 +92,12 @@ def proposal_logs_view(
             f"proposal {row.ref} at {row.head[:12]} did not plan unit {unit!r}",
             hint=f"its units: {units}",
         )
-    run_dir = proposals_dir / "runs" / found.plan_id / unit
+    # From this agent's disk, else from a shared store (another agent planned it).
+    files = RunFiles(records.store, runs_dir=proposals_dir / "runs")
     logs = {}
     for name in ("init.txt", "plan.txt"):
-        path = run_dir / name
-        if path.is_file():
-            text = path.read_text(errors="replace")
+        text = files.read_text(found.plan_id, unit, name)
+        if text is not None:
             if len(text) > MAX_LOG_CHARS:
                 text = text[:MAX_LOG_CHARS] + f"\n[... cut at {MAX_LOG_CHARS} characters]"
             logs[name] = text

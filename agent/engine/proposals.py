@@ -45,6 +45,7 @@ from agent.state.proposals import (
     ProposalStatus,
     ProposalUnitStatus,
 )
+from agent.state.runfiles import RunFiles
 from agent.state.store import RunStore, new_run_id
 from agent.units.fingerprint import stack_paths, unit_entry
 from agent.units.proposal_unit import ProposalUnitPlanner, UnitPlan, proposal_environment
@@ -356,6 +357,8 @@ class ProposalPlanner:
         for name, outcome in zip(names, outcomes, strict=True):
             if outcome.detail and "main pass holds its state" in outcome.detail:
                 status = ProposalStatus.INCOMPLETE
+            # Its logs for `agent logs --proposal` on any agent of a shared store.
+            RunFiles(self.store, self.layout, runs_dir=self.root / "runs").save_unit(plan_id, name)
             self.records.record_unit(
                 ref, head, plan_id, name, outcome.status, outcome.counts, outcome.detail
             )

@@ -57,14 +57,22 @@ def _cut(name: str, data: bytes, where: str) -> bytes | None:
 class RunFiles:
     """The files of unit runs: on this agent's disk, and in a PostgreSQL store."""
 
-    def __init__(self, store: RunStore, layout: StateLayout | None = None) -> None:
+    def __init__(
+        self, store: RunStore, layout: StateLayout | None = None, *, runs_dir: Path | None = None
+    ) -> None:
+        """`runs_dir`: where the run folders are (default `runs/`; a proposal's plans are
+        under `proposals/runs/<plan-id>/`, kept under the plan id)."""
         self.store = store
         self.layout = layout or StateLayout(store.state_dir)
+        self.runs_dir = runs_dir or self.layout.runs
         # Only a PostgreSQL store is shared; a SQLite store keeps nothing of these.
         self.shared = store.postgres
 
+    def _folder(self, run_id: str, unit: str) -> Path:
+        return self.runs_dir / run_id / unit
+
     def _path(self, run_id: str, unit: str, name: str) -> str:
-        return str(self.layout.unit_run_dir(run_id, unit) / name)
+        return str(self._folder(run_id, unit) / name)
 
     # --- writing (the agent that ran the unit) ------------------------------------------
 
@@ -74,7 +82,7 @@ class RunFiles:
         here supersedes those of the unit's earlier runs, as on disk."""
         if not self.shared:
             return
-        folder = self.layout.unit_run_dir(run_id, unit)
+        folder = self._folder(run_id, unit)
         rows: list[tuple[str, bytes, int]] = []
         for name in SHARED_NAMES:
             try:
@@ -136,7 +144,7 @@ class RunFiles:
     def read(self, run_id: str, unit: str, name: str) -> bytes | None:
         """The file from this agent's disk, else from the store; None if neither has it."""
         try:
-            return (self.layout.unit_run_dir(run_id, unit) / name).read_bytes()
+            return (self._folder(run_id, unit) / name).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             pass
         if not self.shared:
@@ -153,7 +161,7 @@ class RunFiles:
 
     def names(self, run_id: str, unit: str) -> set[str]:
         """Which of the shared files the unit run has, on disk or in the store."""
-        folder = self.layout.unit_run_dir(run_id, unit)
+        folder = self._folder(run_id, unit)
         found = {name for name in SHARED_NAMES if (folder / name).is_file()}
         if self.shared:
             rows = self.store.query(
@@ -177,7 +185,7 @@ class RunFiles:
             )
             stored = {str(r[0]) for r in rows}
         for run_id in run_ids:
-            folder = self.layout.unit_run_dir(run_id, unit)
+            folder = self._folder(run_id, unit)
             if run_id in stored or any((folder / name).is_file() for name in wanted):
                 return run_id
         return None
@@ -187,7 +195,7 @@ class RunFiles:
         e.g. a plan held on another agent, for `agent approve` here. Returns their names."""
         if not self.shared:
             return []
-        folder = self.layout.unit_run_dir(run_id, unit)
+        folder = self._folder(run_id, unit)
         rows = self.store.query(
             "SELECT name, content FROM run_files WHERE run_id = ? AND unit = ?", (run_id, unit)
         )
