@@ -74,12 +74,11 @@ class Approvals:
                 f" (it planned {(run.revision or 'nothing')[:12]}, {(current or 'none')[:12]} is"
                 " in force now); run `agent reconcile --now` to plan again"
             )
-        approved = {a.unit for a in self.store.approvals.of(run_id)}
+        approved, files = {a.unit for a in self.store.approvals.of(run_id)}, RunFiles(self.store)
         for name in names:
-            if name in approved:  # here or on another agent of a shared store
+            if name in approved and not files.still_held(run_id, name):  # applied elsewhere
                 raise ApprovalRefused(self._why_no_plan(run_id, name))
-            # A plan held on another agent of a shared store comes back here.
-            RunFiles(self.store, self.layout).restore(run_id, name)
+            files.restore(run_id, name)  # a plan held on another agent of a shared store
         plans = {n: _held_file(self.layout.unit_run_dir(run_id, n)) for n in names}
         for name, plan in plans.items():
             if not plan.exists() and (rows[name].error or "").startswith(WINDOW_CLOSED):

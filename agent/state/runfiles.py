@@ -190,6 +190,17 @@ class RunFiles:
                 return run_id
         return None
 
+    def still_held(self, run_id: str, unit: str) -> bool:
+        """Whether what `unit` held in `run_id` may still be approved: kept in a shared
+        store (an apply on any agent, or a newer hold, drops it), else on this disk."""
+        if self.shared:
+            rows = self.store.query(
+                "SELECT 1 FROM run_files WHERE run_id = ? AND unit = ? AND name IN (?, ?)",
+                (run_id, unit, *HELD_NAMES),
+            )
+            return bool(rows)
+        return any((self._folder(run_id, unit) / name).exists() for name in HELD_NAMES)
+
     def restore(self, run_id: str, unit: str) -> list[str]:
         """Bring the unit run's files this agent's disk lacks back from the store (0600),
         e.g. a plan held on another agent, for `agent approve` here. Returns their names."""
