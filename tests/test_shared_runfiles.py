@@ -18,6 +18,7 @@ import psycopg
 from agent.config import load_host_config
 from agent.engine.reconcile import PassRequest, Reconciler
 from agent.state.layout import StateLayout
+from agent.state.runfiles import MAX_FILE_BYTES, RunFiles
 from agent.state.store import RunStore, UnitStatus
 from agent.web.pages import unit_page
 from tests.support.infra import InfraRepo, write_host_config
@@ -136,3 +137,38 @@ def test_a_sqlite_store_keeps_the_files_on_disk_only(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "runs" / result.run_id / "app" / "plan.txt").is_file()
     with sqlite3.connect(tmp_path / "state" / "agent.db") as db:
         assert db.execute("SELECT count(*) FROM run_files").fetchone() == (0,)
+
+
+def test_the_store_keeps_each_file_up_to_its_cap_and_one_held_plan_per_unit(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    store = RunStore(tmp_path / "a", url=postgres_cluster.create_database("files_cap"))
+    try:
+        files = RunFiles(store)
+        big = b"+ resource\n" * (MAX_FILE_BYTES // 11 + 10)
+        for run in ("r-1", "r-2"):
+            folder = tmp_path / "a" / "runs" / run / "app"
+            folder.mkdir(parents=True)
+            (folder / "plan.txt").write_bytes(big)
+            (folder / "plan.json").write_bytes(b"[" + b"0," * (MAX_FILE_BYTES // 2) + b"0]")
+            (folder / "tfplan").write_bytes(f"plan of {run}".encode())
+            files.save_unit(run, "app")
+        elsewhere = RunFiles(store, StateLayout(tmp_path / "b"))  # another agent's disk
+        text = elsewhere.read_text("r-2", "app", "plan.txt")
+        assert text is not None and len(text.encode()) == MAX_FILE_BYTES
+        assert text.endswith(
+            f"the whole file is {tmp_path}/a/runs/r-2/app/plan.txt on the agent"
+            " that ran the unit)\n"
+        )
+        assert big.startswith(text.split("\n... (cut at 16 MiB")[0].encode())
+        assert elsewhere.read("r-2", "app", "plan.json") is None  # useless cut: not stored
+        # Held again: only the newest plan can be approved, from any agent.
+        assert elsewhere.read("r-1", "app", "tfplan") is None
+        assert sorted(elsewhere.restore("r-2", "app")) == ["plan.txt", "tfplan"]
+        assert (tmp_path / "b" / "runs" / "r-2" / "app" / "tfplan").read_bytes() == b"plan of r-2"
+        assert (
+            oct((tmp_path / "b" / "runs" / "r-2" / "app" / "tfplan").stat().st_mode & 0o777)
+            == "0o600"
+        )
+    finally:
+        store.close()
