@@ -36,6 +36,17 @@ RETRY_FOR = 60.0
 READER_RETRY_FOR = 3.0
 _FIRST_DELAY, _MAX_DELAY = 0.2, 5.0
 
+# A server cut off by the network (no reset ever comes) is found out in ~30 s, not after
+# the kernel's 15 minutes: TCP keepalives for an idle connection, a user timeout for
+# unacknowledged writes. Unless the URL sets them (its parameters win).
+_DEAD_PEER = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30000,
+}
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -136,6 +147,7 @@ class PgConnection:
     def __init__(self, url: str, *, read_only: bool = False, retry_for: float = RETRY_FOR) -> None:
         self.where = safe_url(url)
         self._url = url
+        self._dead_peer = {k: v for k, v in _DEAD_PEER.items() if f"{k}=" not in url}
         self._read_only = read_only
         self.retry_for = retry_for
         self.reconnects = 0  # how many times the server was found gone (logs, tests)
@@ -154,7 +166,7 @@ class PgConnection:
 
     def _connect(self) -> psycopg.Connection[Row]:
         conn: psycopg.Connection[Row] = psycopg.connect(
-            self._url, autocommit=True, row_factory=_rows, connect_timeout=10
+            self._url, autocommit=True, row_factory=_rows, connect_timeout=10, **self._dead_peer
         )
         if self._read_only:
             conn.execute("SET default_transaction_read_only = on")
