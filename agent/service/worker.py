@@ -139,6 +139,12 @@ class PassWorker:
                             waiter.info(f"waiting: {exc.message}")
                         told = True
                     self._stopping.wait(_BUSY_RETRY)
+        except StoreError as exc:  # e.g. a PostgreSQL store away for longer than the wait
+            log.error("%s", exc.message)
+            for waiter in waiters:
+                waiter.error(exc)
+            self._planner.crashed()  # retried after the backoff; that pass marks this run
+            return None
         except AgentError as exc:
             log.warning("%s", exc.message)
             for waiter in waiters:
