@@ -151,7 +151,7 @@ def sleepy_agent(tmp: Path, url: str, marker: Path) -> Reconciler:
         "stacks/app/main.tf",
         'resource "terraform_data" "slow" {\n  input = "v1"\n'
         '  provisioner "local-exec" {\n'
-        f'    command = "echo started > {marker}.started; sleep 3; echo applied >> {marker}"\n'
+        f'    command = "echo started > {marker}.started; sleep 2; echo applied >> {marker}"\n'
         "  }\n}\n",
     )
     repo.write("gitops.yaml", "version: 1\nunits:\n  - {name: app, stack: stacks/app}\n")
