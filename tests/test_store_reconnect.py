@@ -119,18 +119,23 @@ def test_a_server_that_is_down_is_waited_for_then_a_clear_error(
         url_file = tmp_path / "store-url"
         url_file.write_text(url + "\n")
         url_file.chmod(0o600)
-        config.write_text(config.read_text() + f"store:\n  url_file: {url_file}\n")
-        status = subprocess.run(
-            [sys.executable, "-m", "agent.cli", "--config", str(config), "status"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-            env={k: v for k, v in os.environ.items() if k != "GITOPS_AGENT_CONFIG"},
-        )
-        assert status.returncode != 0
-        assert "could not open the run store" in status.stderr
-        assert "Traceback" not in status.stderr
+        config.write_text(config.read_text() + f"store:\n  url_file: {url_file}\n  retry_for: 2s\n")
+        env = {k: v for k, v in os.environ.items() if k != "GITOPS_AGENT_CONFIG"}
+        for command in ("status", "run"):  # a reading command, and the agent itself
+            started = time.monotonic()
+            ended = subprocess.run(
+                [sys.executable, "-m", "agent.cli", "--config", str(config), command],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+                env=env,
+            )
+            assert ended.returncode != 0, command
+            assert "could not open the run store" in ended.stderr, ended.stderr
+            assert "Traceback" not in ended.stderr
+            assert time.monotonic() - started < 30
+        assert "not reachable" in ended.stderr  # the agent said it was waiting
         # A writer (the agent) waits for the server to come back.
         threading.Timer(1.0, cluster.resume).start()
         store = RunStore(tmp_path / "s", url=url)

@@ -51,11 +51,13 @@ class StoreDatabase:
         scrub: Callable[[str], str] | None = None,
         read_only: bool = False,
         url: str | None = None,
+        retry_for: float = RETRY_FOR,
     ) -> None:
         """Open (or create) the store; `scrub` redacts every message before it is stored.
 
         `url` (`postgresql://...`): the store is that PostgreSQL database instead of the
-        SQLite file in `state_dir` (pgconn.py); the same tables, the same migrations.
+        SQLite file in `state_dir` (pgconn.py); the same tables, the same migrations. A
+        writer waits up to `retry_for` seconds for a server that went away; a reader less.
 
         `read_only` (the reading commands): open without writing anything, without
         migrating, and without waiting on a writer; a store that does not exist yet, or
@@ -67,6 +69,7 @@ class StoreDatabase:
         self.location = str(self.path)  # where the store is, for messages
         self.read_only = read_only
         self._lock = threading.Lock()
+        self._retry_for = retry_for
         self.postgres = url is not None
         if url is not None:
             self._open_postgres(url)
@@ -90,7 +93,7 @@ class StoreDatabase:
     def _open_postgres(self, url: str) -> None:
         self.location = safe_url(url)
         try:
-            wait = READER_RETRY_FOR if self.read_only else RETRY_FOR  # for a restarted server
+            wait = min(READER_RETRY_FOR, self._retry_for) if self.read_only else self._retry_for
             self._db = PgConnection(url, read_only=self.read_only, retry_for=wait)  # type: ignore[assignment]
             if self.read_only:
                 self._check_schema(self._user_version(), read_only=True)

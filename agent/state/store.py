@@ -26,6 +26,7 @@ from agent.config import HostConfig
 from agent.core.redact import Redactor
 from agent.state.approvals import ApprovalLog
 from agent.state.database import StoreDatabase
+from agent.state.pgconn import RETRY_FOR
 from agent.state.records import (
     UNCHANGED,
     ApprovalRow,
@@ -89,9 +90,10 @@ class RunStore(StoreDatabase):
         scrub: Callable[[str], str] | None = None,
         read_only: bool = False,
         url: str | None = None,
+        retry_for: float = RETRY_FOR,
     ) -> None:
         """Open (or create) the store: see StoreDatabase for the arguments."""
-        super().__init__(state_dir, scrub=scrub, read_only=read_only, url=url)
+        super().__init__(state_dir, scrub=scrub, read_only=read_only, url=url, retry_for=retry_for)
         self.suspensions = Suspensions(self)
         self.approvals = ApprovalLog(self)
         self.removed = RemovedUnits(self)
@@ -447,4 +449,5 @@ def open_run_store(
         if password := urllib.parse.urlsplit(url).password:
             redactor.register(urllib.parse.unquote(password))
     scrub = redactor.redact if redactor is not None else None
-    return RunStore(host.state_dir, scrub=scrub, read_only=read_only, url=url)
+    wait = host.store.retry_for if host.store is not None else RETRY_FOR
+    return RunStore(host.state_dir, scrub=scrub, read_only=read_only, url=url, retry_for=wait)
