@@ -75,7 +75,7 @@ def test_a_transaction_cut_in_the_middle_is_made_whole_once(tmp_path: Path, url:
 def test_a_transaction_whose_reads_changed_meanwhile_is_refused(tmp_path: Path, url: str) -> None:
     store = RunStore(tmp_path, url=url)
     try:
-        store.suspend("app", reason="first")
+        store.suspensions.add("app", reason="first")
         refused = pytest.raises(StoreError, match="changed while the server was away")
         with refused, store.transaction() as db:
             seen = db.execute("SELECT reason FROM suspended_units").fetchall()
@@ -83,7 +83,7 @@ def test_a_transaction_whose_reads_changed_meanwhile_is_refused(tmp_path: Path, 
             with psycopg.connect(url, autocommit=True) as other:
                 other.execute("UPDATE suspended_units SET reason = 'someone else'")
             db.execute("UPDATE suspended_units SET reason = ?", (f"{seen[0][0]}+1",))
-        assert store.suspended()["app"].reason == "someone else"  # nothing half-written
+        assert store.suspensions.by_unit()["app"].reason == "someone else"  # nothing half-written
     finally:
         store.close()
 
