@@ -148,7 +148,7 @@ def test_an_unreachable_postgresql_store_is_a_clear_error_without_the_password(
         port = sock.getsockname()[1]  # nothing listens here once closed
     url = f"postgresql://agent:hunter2-canary@127.0.0.1:{port}/agent?connect_timeout=2"
     with pytest.raises(StoreError) as caught:
-        RunStore(tmp_path, url=url)
+        RunStore(tmp_path, url=url, retry_for=1.0)  # the agent would wait longer
     text = f"{caught.value.message} {caught.value.hint}"
     assert "PostgreSQL" in text and f"127.0.0.1:{port}" in text
     assert "hunter2-canary" not in text
