@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,21 @@ from agent.units.decide import Decision
 from agent.units.ec2fleet import Ec2Hosts
 from agent.units.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
 from agent.units.fleetlog import HostLog
+from agent.units.fleetreport import (
+    describe_fleet,
+    fleet_outcome,
+    host_error,
+    host_line,
+    host_result,
+    render_reports,
+)
+from agent.units.fleettypes import (
+    CommandLineSecretError,
+    FleetError,
+    FleetOutcome,
+    HostResult,
+    PlannedHost,
+)
 from agent.units.policy_check import fleet_hold, now_utc
 from agent.units.unitrun import finish_unit, held_fingerprint, run_unit
 from providers.errors import ProviderError, RepoFileError
@@ -55,7 +70,6 @@ from providers.hosts.engine import converge
 from providers.hosts.model import Handler, HostReport, Resource
 from providers.hosts.templates import render_string, render_template
 from providers.repofiles import MAX_SOURCE_BYTES, read_repo_file
-from providers.text import plural
 from providers.transport import LocalTransport, Transport
 from providers.transport.ssh import SSHSettings, SSHTarget, SSHTransport
 
@@ -68,59 +82,6 @@ HOST_RESULTS_FILE = "hosts.json"
 COMMAND_TEMPLATES = ("command", "creates", "unless", "onlyif", "cwd")
 
 StackOutputs = Callable[[StackContext, Unit, str], Mapping[str, Any]]
-
-
-class FleetError(AgentError):
-    """A fleet could not be set up (hosts from a stack output, a missing SSH config)."""
-
-    reference = "fleet-failed"
-
-
-class CommandLineSecretError(FleetError):
-    """A rendered command line holds a secret value (refused before it reaches a host)."""
-
-
-@dataclass(frozen=True, slots=True)
-class HostResult:
-    """One host's part of a fleet unit's result (in `reconcile --json` and history)."""
-
-    host: str
-    status: str  # ok | failed
-    changed: int = 0
-    pending: int = 0  # would change (dry run, or drift only reported)
-    failed: int = 0
-    held: int = 0  # removals waiting for approval (policy.destroy: hold)
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FleetOutcome(UnitOutcome):
-    """A fleet unit's outcome: the store's fields (`plan_change` counts the resources
-    changed or found to change on all hosts) and each host's own result."""
-
-    hosts: tuple[HostResult, ...] = ()
-
-    @property
-    def changed_hosts(self) -> list[str]:
-        return [h.host for h in self.hosts if h.changed or h.pending or h.held]
-
-    @property
-    def failed_hosts(self) -> list[str]:
-        return [h.host for h in self.hosts if h.status != "ok"]
-
-
-@dataclass(frozen=True, slots=True)
-class PlannedHost:
-    """One host of a fleet with what it must have (or why it cannot be built)."""
-
-    spec: HostSpec
-    resources: tuple[Resource, ...]  # what the engine gets: desired, then removals
-    handlers: Mapping[str, Handler]
-    error: str | None = None
-    desired: tuple[Resource, ...] = ()
-    removals: tuple[Resource, ...] = ()
-    released: tuple[str, ...] = ()  # record keys let go (adopted objects the repo dropped)
-    pending_handlers: tuple[str, ...] | None = None  # owed from earlier passes (None: keep)
 
 
 class FleetReconciler:
@@ -217,11 +178,11 @@ class FleetReconciler:
                 for p in planned
             ]
             run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, name))
-            atomic_write(run_dir / "hosts.txt", self.redactor.redact(_render_reports(reports)))
+            atomic_write(run_dir / "hosts.txt", self.redactor.redact(render_reports(reports)))
             for plan, report in zip(planned, reports, strict=True):
                 self._remember(unit, plan, report, ctx.revision, applied=True)
             outcome = self._scrub_hosts(
-                _outcome(
+                fleet_outcome(
                     [host_result(r) for r in reports],
                     apply=True,
                     dry_run=False,
@@ -303,7 +264,7 @@ class FleetReconciler:
             )
             self._remember(unit, plan, report, ctx.revision, applied=apply)
             self._remember_desired(unit.name, plan, report, applied=apply)
-            log.add(place, self.redactor.redact(_render_reports([report])))
+            log.add(place, self.redactor.redact(render_reports([report])))
             return host_result(report), _held_removals([plan], [report]), overwritten
 
         limit = min(fleet.parallelism or self.host.hosts.parallelism, self.host.hosts.parallelism)
@@ -324,7 +285,7 @@ class FleetReconciler:
             atomic_write(run_dir / HELD_FILE, json.dumps(held, indent=1))
             self._drop_older_holds(unit.name, ctx.run_id)
         outcome = self._scrub_hosts(
-            _outcome(results, apply=apply, dry_run=ctx.dry_run, revision_moved=revision_moved)
+            fleet_outcome(results, apply=apply, dry_run=ctx.dry_run, revision_moved=revision_moved)
         )
         if overwritten:
             outcome = replace(outcome, drift=True, drift_overwritten=True)
@@ -576,7 +537,7 @@ class FleetReconciler:
                 EventKind.UNIT_LINE,
                 run_id=ctx.run_id,
                 unit=unit.name,
-                message=self.redactor.redact(_host_line(report)),
+                message=self.redactor.redact(host_line(report)),
             )
         )
         return report
@@ -689,7 +650,7 @@ class FleetReconciler:
             "failed": report.failed,
             "held": report.held,
             "round_trips": report.round_trips,
-            "error": self.redactor.redact(_host_error(report)) or None,
+            "error": self.redactor.redact(host_error(report)) or None,
         }
         atomic_write(path, json.dumps(record, indent=1))
 
@@ -861,155 +822,3 @@ def _held_removals(
         if items:
             held[plan.spec.name] = {"address": plan.spec.address, "removals": items}
     return held
-
-
-def host_result(report: HostReport) -> HostResult:
-    """What the unit's outcome keeps of a host: its counts and errors, without diffs."""
-    return HostResult(
-        host=report.host,
-        status="ok" if report.ok else "failed",
-        changed=report.changed,
-        pending=report.pending,
-        failed=report.failed + len(report.handler_errors),
-        held=report.held,
-        error=_host_error(report) or None,
-    )
-
-
-def _host_error(report: HostReport) -> str:
-    """What went wrong on a host, without its name: every message that shows it names the
-    host once, up front (transport errors start with `host: ` as raised)."""
-    errors = [_unnamed(report)] if report.error else []
-    # An outcome's error starts with its resource id already (`package:x: E: ...`).
-    errors += [o.error for o in report.outcomes if o.error]
-    errors += list(report.handler_errors)
-    return "; ".join(e for e in errors if e)
-
-
-def _unnamed(report: HostReport) -> str:
-    """The host-level error without the `host: ` it was raised with."""
-    return (report.error or "").removeprefix(f"{report.host}: ")
-
-
-def _host_line(report: HostReport) -> str:
-    if report.error:
-        return f"{report.host}: failed: {_unnamed(report)}"
-    parts = []
-    if report.changed:
-        parts.append(f"{report.changed} changed")
-    if report.pending:
-        parts.append(f"{report.pending} would change")
-    if report.held:
-        parts.append(f"{plural(report.held, 'removal')} held for approval")
-    if report.failed or report.handler_errors:
-        parts.append(f"{report.failed + len(report.handler_errors)} failed")
-    summary = ", ".join(parts) or "in its desired state"
-    trips = plural(report.round_trips, "round trip")
-    return f"{report.host}: {summary} ({trips}, {report.duration_s:.2f} s)"
-
-
-def _render_reports(reports: Sequence[HostReport]) -> str:
-    """The per-host diff of a run, as `agent logs FLEET` shows it."""
-    lines: list[str] = []
-    for report in reports:
-        lines.append(f"== {_host_line(report)}")
-        for outcome in report.outcomes:
-            if outcome.status == "ok":
-                continue
-            lines.append(f"  {outcome.resource_id}: {outcome.status}")
-            lines.extend(f"    {change}" for change in outcome.changes)
-            if outcome.error:
-                lines.append(f"    error: {outcome.error}")
-            if outcome.diff:
-                lines.extend(f"    {line}" for line in outcome.diff.rstrip("\n").split("\n"))
-        if report.handlers_run:
-            lines.append(f"  handlers run: {', '.join(report.handlers_run)}")
-        lines.extend(f"  handler failed: {error}" for error in report.handler_errors)
-    return "\n".join(lines) + "\n"
-
-
-def _outcome(
-    hosts: Sequence[HostResult], *, apply: bool, dry_run: bool, revision_moved: bool
-) -> UnitOutcome:
-    changed = sum(h.changed for h in hosts)
-    pending = sum(h.pending for h in hosts)
-    held = sum(h.held for h in hosts)
-    failed = [h for h in hosts if h.status != "ok"]
-    found = changed + pending + held
-    if dry_run:
-        decision = Decision.PLAN_ONLY
-    elif not found:
-        decision = Decision.NOTHING
-    elif apply:
-        decision = Decision.APPLY
-    else:
-        decision = Decision.REPORT
-    drift = bool(found) and not revision_moved
-    if failed:
-        # Each failed host named once, with its error.
-        detail = "; ".join(f"{h.host}: {h.error or ''}" for h in failed)
-        return FleetOutcome(
-            status=UnitStatus.FAILED,
-            decision=decision,
-            drift=drift,
-            plan_change=found,
-            error=f"{len(failed)} of {plural(len(hosts), 'host')} failed: {detail}",
-            hosts=tuple(hosts),
-        )
-    if held:
-        names = ", ".join(h.host for h in hosts if h.held)
-        return FleetOutcome(
-            status=UnitStatus.HELD,
-            decision=Decision.HOLD,
-            drift=drift,
-            plan_change=changed,
-            plan_destroy=held,
-            error=(
-                f"{plural(held, 'removal')} on {names} {'is' if held == 1 else 'are'} held for"
-                " approval (policy.destroy: hold);"
-                " the rest was applied"
-            ),
-            hosts=tuple(hosts),
-        )
-    return FleetOutcome(
-        status=UnitStatus.OK,
-        decision=decision,
-        drift=drift,
-        plan_change=found,
-        converged=apply or not found,
-        hosts=tuple(hosts),
-    )
-
-
-def describe_fleet(outcome: UnitOutcome) -> str:
-    """One line for a person: what a fleet unit's pass did, with its host counts."""
-    if outcome.status in (UnitStatus.FAILED, UnitStatus.BLOCKED, UnitStatus.INTERRUPTED):
-        return f"{outcome.status}: {outcome.error}"
-    if outcome.status is UnitStatus.HELD:
-        return f"held: {outcome.error}"
-    decision = Decision(outcome.decision) if outcome.decision else Decision.SKIP
-    if decision is Decision.ORPHAN:
-        return f"orphaned: {outcome.error}"
-    if decision is Decision.SKIP:
-        return "drift check skipped"
-    hosts = outcome.hosts if isinstance(outcome, FleetOutcome) else ()
-    if decision is Decision.NOTHING:
-        return f"{plural(len(hosts), 'host')} in the desired state" if hosts else "no changes"
-    verb = {
-        Decision.APPLY: "changed",
-        Decision.REPORT: "drifted (reported, left as they are)",
-        Decision.PLAN_ONLY: "would change",
-    }.get(decision, str(decision))
-    resources = f"{plural(outcome.plan_change or 0, 'resource')} {verb}"
-    if not hosts:
-        return resources + _drift_note(outcome)
-    touched = outcome.changed_hosts if isinstance(outcome, FleetOutcome) else []
-    names = ", ".join(touched[:5]) + (f", +{len(touched) - 5} more" if len(touched) > 5 else "")
-    where = f" on {len(touched)} of {plural(len(hosts), 'host')} ({names})"
-    return resources + where + _drift_note(outcome)
-
-
-def _drift_note(outcome: UnitOutcome) -> str:
-    if outcome.drift_overwritten:
-        return "; drift overwritten by a change from Git"
-    return " drift" if outcome.drift else ""

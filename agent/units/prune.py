@@ -35,7 +35,8 @@ from agent.state.layout import StateLayout
 from agent.state.store import RemovedUnitRow, RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext
 from agent.units.decide import Decision
-from agent.units.fleets import HELD_FILE, FleetReconciler, describe_fleet
+from agent.units.fleetreport import describe_fleet
+from agent.units.fleets import HELD_FILE, FleetReconciler
 from agent.units.secrets import SecretResolver
 from agent.units.stacks import PLAN_FILE, StackReconciler, describe_outcome
 from providers.errors import GitSourceError
