@@ -21,7 +21,7 @@ from agent.config import load_host_config
 from agent.engine.reconcile import PassRequest, PassResult, Reconciler
 from agent.state.layout import StateLayout
 from agent.state.store import UnitStatus
-from agent.units.fleets import host_states
+from agent.units.fleetledger import host_states
 from tests.support.infra import InfraRepo, write_host_config
 
 

@@ -46,11 +46,17 @@ from agent.units.context import StackContext
 from agent.units.decide import Decision
 from agent.units.ec2fleet import Ec2Hosts
 from agent.units.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
+from agent.units.fleetledger import (
+    HELD_FILE,
+    HOST_RESULTS_FILE,
+    FleetLedger,
+    held_removals,
+    retire_hosts,
+)
 from agent.units.fleetlog import HostLog
 from agent.units.fleetreport import (
     describe_fleet,
     fleet_outcome,
-    host_error,
     host_line,
     host_result,
     render_reports,
@@ -74,9 +80,6 @@ from providers.transport import LocalTransport, Transport
 from providers.transport.ssh import SSHSettings, SSHTarget, SSHTransport
 
 LOCAL_ADDRESS = "local"
-HELD_FILE = "held-removals.json"  # in the run dir: the removals a hold showed, per host
-# Each host's result in a run (beside hosts.txt), read by `agent history`.
-HOST_RESULTS_FILE = "hosts.json"
 
 # A command's string fields rendered with the host's variables (its `env` values too).
 COMMAND_TEMPLATES = ("command", "creates", "unless", "onlyif", "cwd")
@@ -103,9 +106,8 @@ class FleetReconciler:
         self.redactor = redactor
         self.stack_outputs = stack_outputs
         self._stop = threading.Event()
-        # Units run in parallel and several may share a host: one writer of the records.
-        self._records = threading.Lock()
         self.hasher = Hasher(lambda: load_key(layout.root))
+        self.ledger = FleetLedger(layout, self.hasher, redactor)
         self.ec2 = Ec2Hosts(host.hosts)
 
     def interrupt(self) -> None:
@@ -180,7 +182,7 @@ class FleetReconciler:
             run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, name))
             atomic_write(run_dir / "hosts.txt", self.redactor.redact(render_reports(reports)))
             for plan, report in zip(planned, reports, strict=True):
-                self._remember(unit, plan, report, ctx.revision, applied=True)
+                self.ledger.remember(unit, plan, report, ctx.revision, applied=True)
             outcome = self._scrub_hosts(
                 fleet_outcome(
                     [host_result(r) for r in reports],
@@ -260,12 +262,14 @@ class FleetReconciler:
             # Drift put back by a change from Git: counted before the new desired state
             # replaces the one recorded at the last converge.
             overwritten = (
-                self._drift_overwritten(unit.name, plan, report) if revision_moved and apply else 0
+                self.ledger.drift_overwritten(unit.name, plan, report)
+                if revision_moved and apply
+                else 0
             )
-            self._remember(unit, plan, report, ctx.revision, applied=apply)
-            self._remember_desired(unit.name, plan, report, applied=apply)
+            self.ledger.remember(unit, plan, report, ctx.revision, applied=apply)
+            self.ledger.remember_desired(unit.name, plan, report, applied=apply)
             log.add(place, self.redactor.redact(render_reports([report])))
-            return host_result(report), _held_removals([plan], [report]), overwritten
+            return host_result(report), held_removals([plan], [report]), overwritten
 
         limit = min(fleet.parallelism or self.host.hosts.parallelism, self.host.hosts.parallelism)
         with (
@@ -283,7 +287,7 @@ class FleetReconciler:
         overwritten = sum(count for _, _, count in done)
         if held:
             atomic_write(run_dir / HELD_FILE, json.dumps(held, indent=1))
-            self._drop_older_holds(unit.name, ctx.run_id)
+            self.ledger.drop_older_holds(unit.name, ctx.run_id)
         outcome = self._scrub_hosts(
             fleet_outcome(results, apply=apply, dry_run=ctx.dry_run, revision_moved=revision_moved)
         )
@@ -368,7 +372,7 @@ class FleetReconciler:
                 resources.append(self._resource(ctx, item, variables))
         except (ProviderError, CommandLineSecretError, OSError) as exc:
             return PlannedHost(spec, (), {}, error=str(exc))  # the report names the host
-        record = self._record(unit.name, spec.name)
+        record = self.ledger.record(unit.name, spec.name)
         elsewhere = self._owned_elsewhere(ctx, unit.name, spec, record)
         removals, released = ledger.implied_removals(record, unit.name, resources, elsewhere)
         handlers = {
@@ -403,7 +407,7 @@ class FleetReconciler:
             fleet = other.fleet
             roles: tuple[str, ...] = ()
             if not isinstance(fleet.hosts, tuple):  # known at reconcile time only
-                seen = self._host_file(other.name, spec.name).exists()
+                seen = self.ledger.host_file(other.name, spec.name).exists()
                 if other.name not in recorded and not seen:
                     continue
             else:
@@ -579,158 +583,6 @@ class FleetReconciler:
             ),
         )
 
-    # --- what each host had -----------------------------------------------------------
-
-    def _host_file(self, unit: str, host: str) -> Path:
-        return self.layout.unit_dir(unit) / "hosts" / f"{host}.json"
-
-    def _record_file(self, host: str) -> Path:
-        return self.layout.host_record(host)
-
-    def _record(self, unit: str, host: str) -> dict[str, Any]:
-        """The host's record; a unit's list from before the record existed counts as
-        created by the agent (that is how it was treated then)."""
-        try:
-            record = json.loads(self._record_file(host).read_text())
-        except (OSError, ValueError):
-            record = ledger.new_record()
-        objects = record.setdefault("objects", {})
-        record.setdefault("handlers", {})
-        if not any(e.get("unit") == unit for e in objects.values()):
-            for kind, name in self._legacy(unit, host):
-                key = ledger.object_key(kind, name)
-                if key is not None and key not in objects:
-                    objects[key] = {"kind": kind, "name": name, "unit": unit, "created": True}
-        return record
-
-    def _legacy(self, unit: str, host: str) -> list[tuple[str, str]]:
-        try:
-            data = json.loads(self._host_file(unit, host).read_text())
-        except (OSError, ValueError):
-            return []
-        return [(r["kind"], r["name"]) for r in data.get("resources", [])]
-
-    def _remember(
-        self, unit: Unit, plan: PlannedHost, report: HostReport, revision: str, *, applied: bool
-    ) -> None:
-        """Keep each host's last result (for status) and, per resource, what it manages."""
-        if plan.error is None:
-            outcomes = {o.resource_id: o for o in report.outcomes}
-            with self._records:
-                record = self._record(unit.name, plan.spec.name)
-                record = ledger.updated(
-                    record,
-                    unit.name,
-                    plan.desired,
-                    plan.removals,
-                    plan.released,
-                    outcomes,
-                    applied=applied,
-                    handlers_run=report.handlers_run,
-                    handlers_failed=report.handlers_failed,
-                    due=plan.pending_handlers,
-                )
-                path = self._record_file(plan.spec.name)
-                ensure_private_dir(path.parent)
-                atomic_write(path, json.dumps(record, indent=1))
-        path = self._host_file(unit.name, plan.spec.name)
-        ensure_private_dir(path.parent)
-        try:
-            previous = json.loads(path.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        record = {
-            "host": plan.spec.name,
-            "address": plan.spec.address,
-            "revision": revision if applied and report.ok else previous.get("revision"),
-            "at": time.time(),
-            "status": "ok" if report.ok else "failed",
-            "changed": report.changed,
-            "pending": report.pending,
-            "failed": report.failed,
-            "held": report.held,
-            "round_trips": report.round_trips,
-            "error": self.redactor.redact(host_error(report)) or None,
-        }
-        atomic_write(path, json.dumps(record, indent=1))
-
-    def _drop_older_holds(self, unit: str, run_id: str) -> None:
-        """Held again: only the newest hold can be approved (the older ones are stale)."""
-        for held in self.layout.runs.glob(f"*/{unit}/{HELD_FILE}"):
-            if held.parent.parent.name != run_id:
-                held.unlink(missing_ok=True)
-
-    # --- what each host was last converged to (to tell drift from a change) ------------
-
-    def _desired_file(self, unit: str, host: str) -> Path:
-        return self.layout.unit_dir(unit) / "desired" / f"{host}.json"
-
-    def _drift_overwritten(self, unit: str, plan: PlannedHost, report: HostReport) -> int:
-        """How many resources this apply changed although what the repo wants of them is
-        what it was at the last converge: hand-made drift, put back by a change from Git."""
-        try:
-            before = json.loads(self._desired_file(unit, plan.spec.name).read_text())
-        except (OSError, ValueError):
-            return 0
-        now = self._desired(plan)
-        return sum(
-            1
-            for outcome in report.outcomes
-            if outcome.status == "changed"
-            and outcome.resource_id in before
-            and before[outcome.resource_id] == now.get(outcome.resource_id)
-        )
-
-    def _desired(self, plan: PlannedHost) -> dict[str, str]:
-        return {r.id: self.hasher.value(r.attrs) for r in plan.resources}
-
-    def _remember_desired(
-        self, unit: str, plan: PlannedHost, report: HostReport, *, applied: bool
-    ) -> None:
-        # Keyed hashes only: a template holding a secret must not be kept in clear.
-        if applied and report.ok and plan.error is None:
-            path = self._desired_file(unit, plan.spec.name)
-            ensure_private_dir(path.parent)
-            atomic_write(path, json.dumps(self._desired(plan), indent=1))
-
-
-def retire_hosts(layout: StateLayout, unit: str, listed: set[str]) -> list[str]:
-    """Move the records of hosts the inventory no longer lists out of the fleet's status
-    (into `hosts-gone/`): an instance that left is not shown, and no pass contacts it
-    (passes converge only the hosts listed). Each run's host results stay in its run dir
-    (`agent history`). Returns the names retired."""
-    hosts_dir = layout.unit_dir(unit) / "hosts"
-    gone_dir = layout.unit_dir(unit) / "hosts-gone"
-    retired = []
-    for record in sorted(hosts_dir.glob("*.json")) if hosts_dir.is_dir() else ():
-        name = record.name.removesuffix(".json")
-        if name in listed or not HOST_NAME_RE.fullmatch(name):
-            continue
-        ensure_private_dir(gone_dir)
-        record.replace(gone_dir / record.name)
-        retired.append(name)
-    return retired
-
-
-def host_states(layout: StateLayout, unit: str) -> list[dict[str, Any]]:
-    """The last recorded result of every host of fleet `unit` (for `agent status`), with
-    the removals that have not finished and the handlers still owed there."""
-    states = []
-    for path in sorted((layout.unit_dir(unit) / "hosts").glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        data.pop("resources", None)
-        try:
-            record = json.loads(layout.host_record(path.stem).read_text())
-        except (OSError, ValueError):
-            record = ledger.new_record()
-        data["removals_failing"] = ledger.unfinished(record, unit)
-        data["handlers_owed"] = list(record.get("handlers", {}).get(unit, ()))
-        states.append(data)
-    return states
-
 
 def _fleet(unit: Unit) -> Fleet:
     assert unit.fleet is not None
@@ -805,20 +657,3 @@ def _last_wins(specs: Sequence[ResourceSpec]) -> list[ResourceSpec]:
     for spec in specs:
         chosen[spec.id] = spec  # a dict keeps the first insertion's position
     return list(chosen.values())
-
-
-def _held_removals(
-    planned: Sequence[PlannedHost], reports: Sequence[HostReport]
-) -> dict[str, dict[str, Any]]:
-    """Per host, exactly the removals a hold showed (what `agent approve` may apply)."""
-    held: dict[str, dict[str, Any]] = {}
-    for plan, report in zip(planned, reports, strict=True):
-        shown = {o.resource_id: o for o in report.outcomes if o.status == "held"}
-        items = [
-            {"kind": r.kind, "name": r.name, "attrs": dict(r.attrs), "changes": list(o.changes)}
-            for r in plan.resources
-            if (o := shown.get(r.id)) is not None
-        ]
-        if items:
-            held[plan.spec.name] = {"address": plan.spec.address, "removals": items}
-    return held
