@@ -389,7 +389,7 @@ def test_a_failed_handler_is_run_again_by_the_next_passes_until_it_succeeds(
 
 def test_a_host_name_from_a_stack_output_never_names_a_path() -> None:
     from agent.config.fleet import HostsFromStack
-    from agent.units.fleets import hosts_from_output
+    from agent.units.fleetplan import hosts_from_output
     from agent.units.fleettypes import FleetError
 
     ref = HostsFromStack(unit="net", output="hosts")
