@@ -12,6 +12,14 @@ so a partly failed apply still records what it did. With `policy.destroy: hold` 
 removals are shown and held for `agent approve`; the rest converges. The engine converges
 each host in one round trip when nothing changed; hosts run in parallel and one failing
 host never stops the others. The per-host diff goes to `hosts.txt` in the run directory.
+
+The parts, each in its own module:
+
+    fleetplan.HostPlanner      the hosts, and each host's resources (nothing contacted)
+    fleettransport             how a host is reached (host config's SSH settings)
+    providers.hosts.converge   one host's facts, diff, apply
+    fleetledger.FleetLedger    what each host has, per unit and resource; held removals
+    fleetreport                each host's line and diff, the unit's outcome
 """
 
 from __future__ import annotations
@@ -54,15 +62,12 @@ from agent.units.fleetreport import (
     host_result,
     render_reports,
 )
+from agent.units.fleettransport import host_transport
 from agent.units.fleettypes import FleetError, FleetOutcome, HostResult, PlannedHost
 from agent.units.policy_check import fleet_hold, now_utc
 from agent.units.unitrun import finish_unit, held_fingerprint, run_unit
 from providers.hosts.engine import converge
 from providers.hosts.model import HostReport, Resource
-from providers.transport import LocalTransport, Transport
-from providers.transport.ssh import SSHSettings, SSHTarget, SSHTransport
-
-LOCAL_ADDRESS = "local"
 
 
 class FleetReconciler:
@@ -315,7 +320,7 @@ class FleetReconciler:
         if self._stop.is_set():
             return HostReport(host=plan.spec.name, error="interrupted before it was converged")
         try:
-            transport = self._transport(unit, fleet, plan.spec)
+            transport = host_transport(self.host.hosts, self.ec2, unit, fleet, plan.spec)
         except FleetError as exc:
             return HostReport(host=plan.spec.name, error=exc.message)
         self.report(
@@ -347,43 +352,6 @@ class FleetReconciler:
             )
         )
         return report
-
-    def _transport(self, unit: Unit, fleet: Fleet, spec: HostSpec) -> Transport:
-        settings = self.host.hosts
-        if spec.address == LOCAL_ADDRESS:
-            if not settings.allow_local:
-                raise FleetError(
-                    f"{spec.name}: address 'local' (the agent's own machine) needs"
-                    " hosts.allow_local: true in the host config"
-                )
-            return LocalTransport(spec.name)
-        if settings.key_file is None or settings.known_hosts is None:
-            raise FleetError(
-                f"{spec.name}: no SSH identity: set hosts.key_file and hosts.known_hosts"
-                " in the host config"
-            )
-        jump = settings.jump
-        return SSHTransport(
-            SSHTarget(
-                host=spec.name,
-                address=spec.address,
-                port=spec.port or fleet.port or 22,
-                user=spec.user or fleet.user or "root",
-                published_keys=self.ec2.published_keys(unit.name, spec.name)
-                if isinstance(fleet.hosts, HostsFromEc2)
-                else (),
-            ),
-            SSHSettings(
-                key_file=settings.key_file,
-                known_hosts=settings.known_hosts,
-                trust_on_first_use=settings.trust_on_first_use,
-                connect_timeout=settings.connect_timeout,
-                handshakes=settings.handshakes,
-                jump=SSHTarget(f"jump {jump.address}", jump.address, jump.port, jump.user)
-                if jump
-                else None,
-            ),
-        )
 
 
 def _fleet(unit: Unit) -> Fleet:
