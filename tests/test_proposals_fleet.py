@@ -26,6 +26,7 @@ from tests.support.infra import InfraRepo, git, write_host_config
 from tests.support.sshd import SshServer, chown_tree, ensure_user, make_client_key, public_key
 
 TOKEN = "fleet-proposal-token-3e9a51c7"
+PRIVATE = "host-private-text-81c2"
 
 
 def manifest(world: dict, *, port: int | None = None, extra: str = "") -> str:
@@ -94,8 +95,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         finally:
             reconciler.close()
         assert applied.ok, applied.error
-        before = {p.name: p.read_bytes() for p in root.iterdir()}
-        other_log = other.log()
 
         def propose(ref: str, files: dict[str, str]) -> None:
             git(repo.work, "checkout", "-q", "-B", "proposal", "main")
@@ -108,11 +107,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
         marker = root / "guard-ran"
         ran = root / "command-ran"
+        # A file of the host that the repository does not manage, named by a proposal.
+        (root / "private.txt").write_text(PRIVATE)
+        before = {p.name: p.read_bytes() for p in root.iterdir()}
+        other_log = other.log()
         propose("refs/pull/1/head", {"templates/app.conf.j2": "workers={{ 8 }}\n"})
         guarded = (
             f"        - command: mark\n"
             f'          run: "touch {ran}"\n'
             f'          unless: "touch {marker}; false"\n'
+            f"        - file: {root}/private.txt\n"
+            f"          content: guess\n"
         )
         propose("refs/pull/2/head", {"gitops.yaml": manifest(world, extra=guarded)})
         propose("refs/pull/3/head", {"gitops.yaml": manifest(world, port=other.port)})
@@ -167,10 +172,19 @@ def test_a_changed_template_is_counted_per_host_and_the_host_is_left_as_it_was(w
 
 def test_a_proposed_command_and_its_guard_never_run(world) -> None:
     web = units(world, "refs/pull/2/head")["web"]
-    assert (web.status, web.counts) == ("changes", "+0 ~1 -0"), web
+    assert (web.status, web.counts) == ("changes", "+0 ~2 -0"), web
     text = world["logs"]["refs/pull/2/head"]["web"]["logs"]["plan.txt"]
     assert f"command:mark: would-change\n    {NOT_EVALUATED}" in text
     assert not world["marker"].exists() and not world["ran"].exists()
+
+
+def test_a_host_file_the_proposal_names_is_compared_by_hash_never_shown(world) -> None:
+    text = world["logs"]["refs/pull/2/head"]["web"]["logs"]["plan.txt"]
+    assert f"file:{world['root']}/private.txt: would-change\n    content changed (sha256" in text
+    for path in world["proposals"].rglob("*"):
+        if path.is_file():
+            assert PRIVATE.encode() not in path.read_bytes(), path
+    assert (world["root"] / "private.txt").read_text() == PRIVATE
 
 
 def test_a_proposal_aiming_the_unit_at_another_host_is_skipped(world) -> None:

@@ -15,9 +15,10 @@ What a proposal can never make the agent do on a host: run anything of its own. 
 round trip runs the engine's own queries (stat, dpkg-query, systemctl show, getent); a
 `command` resource's guards (`creates`, `unless`, `onlyif`) are shell the proposal wrote,
 so they are never sent: every command is reported "would run (guard not evaluated in a
-proposal)". No apply round trip exists here, and no handler runs. Content diffs are not
-shown (only sizes and hashes): they would print a host's current file text, which the
-author of the proposal may not be allowed to read, into a forge comment. Nothing is
+proposal)". No apply round trip exists here, and no handler runs. Files and templates are
+read as sensitive (the host answers with hashes, never the file's text) and no content
+diff is shown: a proposal may name any path, and a forge comment must not print a host's
+file that its author may not read. Nothing is
 written to the agent's state: host records are read (to show the removals a merge would
 make), never written.
 """
@@ -227,7 +228,12 @@ class ProposalFleetPlanner:
             transport = host_transport(self.host.hosts, self.ec2, unit, fleet, plan.spec)
         except FleetError as exc:
             return HostReport(host=plan.spec.name, error=exc.message)
-        resources = [r for r in plan.resources if r.kind != "command"]
+        # Files as sensitive: the host sends back hashes, never its file text.
+        resources = [
+            replace(r, sensitive=True) if r.kind in ("file", "template") else r
+            for r in plan.resources
+            if r.kind != "command"
+        ]
         report = converge(
             transport,
             resources,
@@ -243,8 +249,7 @@ class ProposalFleetPlanner:
             if resource.kind == "command":
                 outcomes.append(ResourceOutcome(resource.id, "would-change", (NOT_EVALUATED,)))
             elif (outcome := next(read, None)) is not None:
-                # No content diff: it would show the host's current file text.
-                outcomes.append(replace(outcome, diff=""))
+                outcomes.append(replace(outcome, diff=""))  # hashes only, even so
         return replace(report, outcomes=tuple(outcomes))
 
 
