@@ -6,6 +6,7 @@ contents, marker files a guard would write, sshd's log of who connected)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -16,12 +17,14 @@ import pytest
 from agent.cli.proposals import proposal_logs_view
 from agent.config import ManifestLimits, load_host_config
 from agent.config.manifest import parse_manifest
+from agent.core.redact import Redactor
 from agent.engine.proposals import ProposalPlanner
 from agent.engine.reconcile import PassRequest, Reconciler
 from agent.service.proposal_forge import comment_of
 from agent.state.proposals import ProposalRecords
 from agent.state.store import RunStore
 from agent.units.proposal_fleet import NOT_EVALUATED, aim_refusal
+from agent.units.proposal_unit import NeedsSecrets, applied_outputs
 from tests.support.infra import InfraRepo, git, write_host_config
 from tests.support.sshd import SshServer, chown_tree, ensure_user, make_client_key, public_key
 
@@ -249,3 +252,26 @@ def test_the_aim_rule(tmp_path: Path, proposed: str, reason: str | None) -> None
 def test_a_fleet_new_in_the_proposal_is_skipped(tmp_path: Path) -> None:
     unit = fleet_unit(tmp_path, "      hosts: {static: [{name: a, address: 10.0.0.1}]}\n")
     assert "not a fleet unit at the revision in force" in (aim_refusal(unit, None) or "")
+
+
+def test_stack_outputs_as_applied_withhold_sensitive_ones_from_untrusted_plans(
+    tmp_path: Path,
+) -> None:
+    state = tmp_path / "terraform.tfstate"
+    state.write_text(
+        json.dumps(
+            {
+                "outputs": {
+                    "hosts": {"value": {"web1": "10.0.0.1"}, "sensitive": False},
+                    "password": {"value": TOKEN, "sensitive": True},
+                }
+            }
+        )
+    )
+    untrusted = applied_outputs(state, "net", Redactor(), trusted=False)
+    assert "password" in untrusted and untrusted["hosts"] == {"web1": "10.0.0.1"}
+    with pytest.raises(NeedsSecrets, match="the sensitive output password of net"):
+        untrusted["password"]
+    redactor = Redactor()
+    assert applied_outputs(state, "net", redactor, trusted=True)["password"] == TOKEN
+    assert redactor.redact(f"x {TOKEN} y") != f"x {TOKEN} y"

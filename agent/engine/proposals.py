@@ -156,6 +156,7 @@ class ProposalPlanner:
     def interrupt(self) -> None:
         """Start no new unit; the running Terraform processes get one SIGINT each."""
         self._stop.set()
+        self.fleets.interrupt()
         for runner in (self._runner, self._main_runner):
             if runner is not None:
                 runner.interrupt()

@@ -25,6 +25,7 @@ make), never written.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -132,6 +133,11 @@ class ProposalFleetPlanner:
         hasher = Hasher(lambda: load_key(layout.root))
         self.ledger = FleetLedger(layout, hasher, redactor)  # read only, here
         self.ec2 = Ec2Hosts(host.hosts)
+        self._stop = threading.Event()
+
+    def interrupt(self) -> None:
+        """Contact no new host (the agent stops); the hosts being read finish their trip."""
+        self._stop.set()
 
     def plan(
         self,
@@ -187,6 +193,9 @@ class ProposalFleetPlanner:
         def one(spec: HostSpec) -> HostPlan:
             if spec.address == LOCAL_ADDRESS:
                 return HostPlan(spec.name, skipped="the agent's own machine is not planned")
+            if self._stop.is_set():
+                error = HostReport(spec.name, error="interrupted: the agent stops")
+                return HostPlan(spec.name, error)
             plan = planner.plan_host(ctx, unit, fleet, spec, unit_vars)
             removals = frozenset(r.id for r in plan.removals)
             return HostPlan(spec.name, self._read_host(main_unit, plan, timeout), None, removals)
