@@ -26,7 +26,14 @@ from agent.state.store import RunStore
 from agent.units.proposal_fleet import NOT_EVALUATED, aim_refusal
 from agent.units.proposal_unit import NeedsSecrets, applied_outputs
 from tests.support.infra import InfraRepo, git, write_host_config
-from tests.support.sshd import SshServer, chown_tree, ensure_user, make_client_key, public_key
+from tests.support.sshd import (
+    SshServer,
+    _free_port,
+    chown_tree,
+    ensure_user,
+    make_client_key,
+    public_key,
+)
 
 TOKEN = "fleet-proposal-token-3e9a51c7"
 PRIVATE = "host-private-text-81c2"
@@ -150,6 +157,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
             ran=ran,
             other_log=other_log,
             proposals=tmp / "state" / "proposals",
+            config=config,
         )
         yield world
     shutil.rmtree(root, ignore_errors=True)
@@ -275,3 +283,35 @@ def test_stack_outputs_as_applied_withhold_sensitive_ones_from_untrusted_plans(
     redactor = Redactor()
     assert applied_outputs(state, "net", redactor, trusted=True)["password"] == TOKEN
     assert redactor.redact(f"x {TOKEN} y") != f"x {TOKEN} y"
+
+
+def test_a_host_that_cannot_be_read_fails_the_plan_and_the_others_are_kept(
+    world, tmp_path: Path
+) -> None:
+    tree = tmp_path / "tree"
+    (tree / "templates").mkdir(parents=True)
+    (tree / "templates" / "app.conf.j2").write_text("workers={{ 3 }}\n")
+    text = (
+        "version: 1\nunits:\n  - name: web\n    fleet:\n      user: gitops-test\n"
+        "      hosts: {static: ["
+        f"{{name: web1, address: 127.0.0.1, port: {world['web1'].port}}},"
+        f" {{name: down, address: 127.0.0.1, port: {_free_port()}}},"
+        " {name: self, address: local}]}\n"
+        f"      resources:\n        - template: {world['root']}/web.conf\n"
+        "          source: templates/app.conf.j2\n"
+    )
+    limits = ManifestLimits(allowed_paths=("stacks", "templates"), max_unit_timeout=7200.0)
+    manifest = parse_manifest(text, "gitops.yaml", tree, limits)
+    planner = ProposalPlanner(load_host_config(world["config"]))
+    try:
+        unit = manifest.get_unit("web")
+        plan = planner.fleets.plan(tree, manifest, unit, manifest, tmp_path / "run", None, "p-1")
+    finally:
+        planner.close()
+    assert plan.status == "failed" and plan.counts == (0, 1, 0), plan
+    assert plan.detail.startswith("1 of 3 hosts not planned: down: "), plan.detail
+    text = (tmp_path / "run" / "plan.txt").read_text()
+    assert "== web1: +0 ~1 -0 (1 round trip" in text
+    assert "== down: not read: " in text
+    assert "== self: skipped: the agent's own machine is not planned" in text
+    assert (world["root"] / "web.conf").read_text() == "workers=2\n"
