@@ -31,7 +31,7 @@ from agent.config import load_host_config
 from agent.engine.reconcile import PassRequest, Reconciler
 from agent.service.hostwatch import HostWatch, Tracked
 from agent.state.store import RunStore, UnitStatus
-from agent.units.fleets import host_states
+from agent.units.fleetledger import host_states
 from tests.support import sshd as sshd_support
 from tests.support.infra import InfraRepo, write_host_config
 from tests.support.moto import REGION, MotoServer, fake_aws_credentials

@@ -21,7 +21,7 @@ from agent.config import load_host_config
 from agent.engine.reconcile import PassRequest, PassResult, Reconciler
 from agent.state.layout import StateLayout
 from agent.state.store import UnitStatus
-from agent.units.fleets import host_states
+from agent.units.fleetledger import host_states
 from tests.support.infra import InfraRepo, write_host_config
 
 
@@ -389,7 +389,8 @@ def test_a_failed_handler_is_run_again_by_the_next_passes_until_it_succeeds(
 
 def test_a_host_name_from_a_stack_output_never_names_a_path() -> None:
     from agent.config.fleet import HostsFromStack
-    from agent.units.fleets import FleetError, hosts_from_output
+    from agent.units.fleetplan import hosts_from_output
+    from agent.units.fleettypes import FleetError
 
     ref = HostsFromStack(unit="net", output="hosts")
     assert hosts_from_output("web", ref, {"web1": "10.0.0.1"})[0].name == "web1"

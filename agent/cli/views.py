@@ -18,7 +18,8 @@ from agent.errors import NotFoundError
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.decide import Decision
-from agent.units.fleets import FleetOutcome, describe_fleet
+from agent.units.fleetreport import describe_fleet
+from agent.units.fleettypes import FleetOutcome
 from agent.units.stacks import describe_outcome
 from agent.units.views import LOG_FILES as LOG_FILES
 from agent.units.views import host_results, rfc3339, unit_view

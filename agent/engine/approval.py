@@ -14,7 +14,8 @@ from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
 from agent.state.store import RunStore, UnitStatus
 from agent.units.context import StackContext
-from agent.units.fleets import HELD_FILE, FleetReconciler
+from agent.units.fleetledger import HELD_FILE
+from agent.units.fleets import FleetReconciler
 from agent.units.prune import Pruner, PruneRequest
 from agent.units.stacks import PLAN_FILE, StackReconciler
 

@@ -8,6 +8,8 @@ heads against the real current state, never applied (docs/proposals.md).
         -> affected units: files changed since the revision in force, entries changed in
            gitops.yaml, and their dependents
         -> each affected stack unit, in order: ProposalUnitPlanner (agent.units.proposal_unit)
+           each affected fleet unit: ProposalFleetPlanner (agent.units.proposal_fleet), one
+           read-only round trip per host of the revision in force's fleet
         -> record (agent.state.proposals); `on_planned` (forge status and comment)
 
 A poll takes the lock of the proposals' work area (`proposals/pass.lock`), never the main
@@ -48,6 +50,7 @@ from agent.state.proposals import (
 from agent.state.runfiles import RunFiles
 from agent.state.store import RunStore, new_run_id
 from agent.units.fingerprint import stack_paths, unit_entry
+from agent.units.proposal_fleet import ProposalFleetPlanner
 from agent.units.proposal_unit import ProposalUnitPlanner, UnitPlan, proposal_environment
 from agent.units.remote_state_pull import RemoteStatePuller
 from agent.units.secrets import SecretResolver
@@ -147,10 +150,14 @@ class ProposalPlanner:
             if backend is not None
             else None,
         )
+        self.fleets = ProposalFleetPlanner(
+            host, self.layout, self.redactor, timeout=self.config.timeout
+        )
 
     def interrupt(self) -> None:
         """Start no new unit; the running Terraform processes get one SIGINT each."""
         self._stop.set()
+        self.fleets.interrupt()
         for runner in (self._runner, self._main_runner):
             if runner is not None:
                 runner.interrupt()
@@ -332,7 +339,8 @@ class ProposalPlanner:
 
     def _plan_units(self, ref: str, head: str, base: str, plan_id: str) -> ProposalStatus:
         limits = ManifestLimits.from_host(self.host)
-        before = self._base_entries(base, limits)
+        main = self._base_manifest(base, limits)
+        before = {unit.name: unit_entry(unit, main) for unit in main.units} if main else None
         tree = self._checkout(head)
         manifest = self._manifests.load(tree, limits, head)  # ConfigError: invalid
         changed = set(self.source.changed_paths(base, head)) if before is not None else None
@@ -349,7 +357,10 @@ class ProposalPlanner:
                 return UnitPlan(ProposalUnitStatus.FAILED, detail="interrupted: the agent stops")
             if isinstance(found := secrets.get(name), str):
                 return UnitPlan(ProposalUnitStatus.FAILED, detail=found)
-            return self.units.plan(tree, manifest, unit, self.run_dir(plan_id, name), found)
+            run_dir = self.run_dir(plan_id, name)
+            if unit.fleet is not None:
+                return self.fleets.plan(tree, manifest, unit, main, run_dir, found, plan_id)
+            return self.units.plan(tree, manifest, unit, run_dir, found)
 
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="proposal") as pool:
             outcomes = list(pool.map(plan_unit, names))
@@ -375,15 +386,14 @@ class ProposalPlanner:
             found[unit.name] = error if error else resolved.values.get(unit.name, {})
         return found
 
-    def _base_entries(self, base: str, limits: ManifestLimits) -> dict[str, object] | None:
-        """Each unit's manifest entry at the revision in force; None when it cannot be read
-        (then every unit of the proposal counts as affected)."""
+    def _base_manifest(self, base: str, limits: ManifestLimits) -> Manifest | None:
+        """The manifest at the revision in force; None when it cannot be read (then every
+        unit of the proposal counts as affected, and no fleet unit is planned)."""
         try:
-            manifest = self._manifests.load(self._checkout(base), limits, base)
+            return self._manifests.load(self._checkout(base), limits, base)
         except (AgentError, GitSourceError) as exc:
             log.info("proposals: the manifest at %s is not readable: %s", base[:12], exc)
             return None
-        return {unit.name: unit_entry(unit) for unit in manifest.units}
 
     def _checkout(self, sha: str) -> Path:
         try:
@@ -408,7 +418,7 @@ def affected_units(
     for name in order:
         unit = manifest.get_unit(name)
         assert unit is not None
-        if before.get(name) != unit_entry(unit):
+        if before.get(name) != unit_entry(unit, manifest):
             hit.add(name)
             continue
         roots = stack_paths(tree, unit.stack) if unit.fleet is None else []

@@ -33,7 +33,7 @@ from agent.config import (
 from agent.config.fleet import HostsFromEc2, HostsFromStack, HostSpec, ResourceSpec
 from agent.config.manifest import plain_value
 from agent.errors import AgentError, ConfigError
-from agent.units.fleets import COMMAND_TEMPLATES, host_resources, host_variables
+from agent.units.fleetplan import COMMAND_TEMPLATES, host_resources, host_variables
 from providers.errors import ProviderError, TemplateRenderError
 from providers.hosts.templates import render_string, render_template
 from providers.terraform import find_terraform

@@ -136,7 +136,7 @@ def decode_outcome(data: dict[str, Any]) -> UnitOutcome:
     if "moved" in fields:  # a tuple in the outcome, a list on the wire
         fields["moved"] = tuple(fields["moved"] or ())
     if "hosts" in fields:  # a fleet unit's outcome, with each host's result
-        from agent.units.fleets import FleetOutcome, HostResult
+        from agent.units.fleettypes import FleetOutcome, HostResult
 
         hosts = tuple(HostResult(**h) for h in fields.pop("hosts"))
         return FleetOutcome(**fields, hosts=hosts)

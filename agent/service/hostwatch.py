@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from agent.config.fleet import HostsFromEc2
 from agent.engine.reconcile import PassResult, Reconciler
 from agent.errors import AgentError, PassBusyError
-from agent.units.fleets import FleetOutcome, host_states, retire_hosts
+from agent.units.fleetledger import host_states, retire_hosts
+from agent.units.fleettypes import FleetOutcome
 
 log = logging.getLogger(__name__)
 

@@ -363,9 +363,22 @@ def _walk(root: Path, rel: str) -> Iterable[tuple[str, Path | None]]:
             yield shown, resolved if resolved.is_relative_to(root) else None
 
 
-def unit_entry(unit: Unit) -> dict[str, Any]:
-    """What the manifest says of `unit`, as plain data (equal when the entry did not change)."""
-    return _unit_entry(unit)
+def unit_entry(unit: Unit, manifest: Manifest) -> dict[str, Any]:
+    """What the manifest says of `unit`, as plain data (equal when the entry did not change):
+    for a fleet, its settings, static hosts, the roles it and its hosts use, and handlers."""
+    entry = _unit_entry(unit)
+    fleet = unit.fleet
+    if fleet is None:
+        return entry
+    hosts = fleet.hosts if isinstance(fleet.hosts, tuple) else ()
+    names = dict.fromkeys([*fleet.roles, *(r for h in hosts for r in h.roles)])
+    return {
+        **entry,
+        "fleet": _fleet_entry(fleet),
+        "hosts": [_jsonable(h) for h in hosts],
+        "roles": {name: [_spec(s) for s in manifest.roles.get(name, ())] for name in names},
+        "handlers": {name: [h.service, h.action] for name, h in sorted(manifest.handlers.items())},
+    }
 
 
 def _unit_entry(unit: Unit) -> dict[str, Any]:

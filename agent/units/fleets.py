@@ -12,6 +12,14 @@ so a partly failed apply still records what it did. With `policy.destroy: hold` 
 removals are shown and held for `agent approve`; the rest converges. The engine converges
 each host in one round trip when nothing changed; hosts run in parallel and one failing
 host never stops the others. The per-host diff goes to `hosts.txt` in the run directory.
+
+The parts, each in its own module:
+
+    fleetplan.HostPlanner      the hosts, and each host's resources (nothing contacted)
+    fleettransport             how a host is reached (host config's SSH settings)
+    providers.hosts.converge   one host's facts, diff, apply
+    fleetledger.FleetLedger    what each host has, per unit and resource; held removals
+    fleetreport                each host's line and diff, the unit's outcome
 """
 
 from __future__ import annotations
@@ -20,22 +28,14 @@ import gc
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from agent.config import DestroyPolicy, HostConfig, StackOutputRef, Unit
-from agent.config.fleet import (
-    HOST_NAME_RE,
-    Fleet,
-    HostsFromEc2,
-    HostsFromStack,
-    HostSpec,
-    ResourceSpec,
-)
-from agent.config.manifest import plain_value
+from agent.config.fleet import Fleet, HostsFromEc2, HostSpec
 from agent.core.fsutil import atomic_write, ensure_private_dir
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import Redactor
@@ -46,81 +46,28 @@ from agent.units.context import StackContext
 from agent.units.decide import Decision
 from agent.units.ec2fleet import Ec2Hosts
 from agent.units.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
+from agent.units.fleetledger import (
+    HELD_FILE,
+    HOST_RESULTS_FILE,
+    FleetLedger,
+    held_removals,
+    retire_hosts,
+)
 from agent.units.fleetlog import HostLog
+from agent.units.fleetplan import HostPlanner, StackOutputs
+from agent.units.fleetreport import (
+    describe_fleet,
+    fleet_outcome,
+    host_line,
+    host_result,
+    render_reports,
+)
+from agent.units.fleettransport import host_transport
+from agent.units.fleettypes import FleetError, FleetOutcome, HostResult, PlannedHost
 from agent.units.policy_check import fleet_hold, now_utc
 from agent.units.unitrun import finish_unit, held_fingerprint, run_unit
-from providers.errors import ProviderError, RepoFileError
-from providers.hosts import ledger
 from providers.hosts.engine import converge
-from providers.hosts.model import Handler, HostReport, Resource
-from providers.hosts.templates import render_string, render_template
-from providers.repofiles import MAX_SOURCE_BYTES, read_repo_file
-from providers.text import plural
-from providers.transport import LocalTransport, Transport
-from providers.transport.ssh import SSHSettings, SSHTarget, SSHTransport
-
-LOCAL_ADDRESS = "local"
-HELD_FILE = "held-removals.json"  # in the run dir: the removals a hold showed, per host
-# Each host's result in a run (beside hosts.txt), read by `agent history`.
-HOST_RESULTS_FILE = "hosts.json"
-
-# A command's string fields rendered with the host's variables (its `env` values too).
-COMMAND_TEMPLATES = ("command", "creates", "unless", "onlyif", "cwd")
-
-StackOutputs = Callable[[StackContext, Unit, str], Mapping[str, Any]]
-
-
-class FleetError(AgentError):
-    """A fleet could not be set up (hosts from a stack output, a missing SSH config)."""
-
-    reference = "fleet-failed"
-
-
-class CommandLineSecretError(FleetError):
-    """A rendered command line holds a secret value (refused before it reaches a host)."""
-
-
-@dataclass(frozen=True, slots=True)
-class HostResult:
-    """One host's part of a fleet unit's result (in `reconcile --json` and history)."""
-
-    host: str
-    status: str  # ok | failed
-    changed: int = 0
-    pending: int = 0  # would change (dry run, or drift only reported)
-    failed: int = 0
-    held: int = 0  # removals waiting for approval (policy.destroy: hold)
-    error: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class FleetOutcome(UnitOutcome):
-    """A fleet unit's outcome: the store's fields (`plan_change` counts the resources
-    changed or found to change on all hosts) and each host's own result."""
-
-    hosts: tuple[HostResult, ...] = ()
-
-    @property
-    def changed_hosts(self) -> list[str]:
-        return [h.host for h in self.hosts if h.changed or h.pending or h.held]
-
-    @property
-    def failed_hosts(self) -> list[str]:
-        return [h.host for h in self.hosts if h.status != "ok"]
-
-
-@dataclass(frozen=True, slots=True)
-class PlannedHost:
-    """One host of a fleet with what it must have (or why it cannot be built)."""
-
-    spec: HostSpec
-    resources: tuple[Resource, ...]  # what the engine gets: desired, then removals
-    handlers: Mapping[str, Handler]
-    error: str | None = None
-    desired: tuple[Resource, ...] = ()
-    removals: tuple[Resource, ...] = ()
-    released: tuple[str, ...] = ()  # record keys let go (adopted objects the repo dropped)
-    pending_handlers: tuple[str, ...] | None = None  # owed from earlier passes (None: keep)
+from providers.hosts.model import HostReport, Resource
 
 
 class FleetReconciler:
@@ -142,10 +89,10 @@ class FleetReconciler:
         self.redactor = redactor
         self.stack_outputs = stack_outputs
         self._stop = threading.Event()
-        # Units run in parallel and several may share a host: one writer of the records.
-        self._records = threading.Lock()
         self.hasher = Hasher(lambda: load_key(layout.root))
+        self.ledger = FleetLedger(layout, self.hasher, redactor)
         self.ec2 = Ec2Hosts(host.hosts)
+        self.planner = HostPlanner(self.ledger, redactor, stack_outputs, self.ec2)
 
     def interrupt(self) -> None:
         """Start no new host; the hosts converging now finish their round trip."""
@@ -172,10 +119,10 @@ class FleetReconciler:
             ctx.tree,
             unit,
             ctx.manifest,
-            hosts=self._hosts(ctx, unit, _fleet(unit)),
+            hosts=self.planner.hosts(ctx, unit, _fleet(unit)),
             upstream={
                 name: value
-                for name, value in self._unit_vars(ctx, unit).items()
+                for name, value in self.planner.unit_vars(ctx, unit).items()
                 if isinstance(unit.vars[name], StackOutputRef)
             },
             secrets=ctx.secrets.values.get(unit.name, {}),
@@ -195,7 +142,7 @@ class FleetReconciler:
         self.report(Event(EventKind.UNIT_STARTED, run_id=ctx.run_id, unit=name))
         try:
             held = json.loads(held_file.read_text())
-            specs = {spec.name: spec for spec in self._hosts(ctx, unit, fleet)}
+            specs = {spec.name: spec for spec in self.planner.hosts(ctx, unit, fleet)}
             planned, expected = [], {}
             for host, entry in held.items():
                 removals = tuple(
@@ -217,11 +164,11 @@ class FleetReconciler:
                 for p in planned
             ]
             run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, name))
-            atomic_write(run_dir / "hosts.txt", self.redactor.redact(_render_reports(reports)))
+            atomic_write(run_dir / "hosts.txt", self.redactor.redact(render_reports(reports)))
             for plan, report in zip(planned, reports, strict=True):
-                self._remember(unit, plan, report, ctx.revision, applied=True)
+                self.ledger.remember(unit, plan, report, ctx.revision, applied=True)
             outcome = self._scrub_hosts(
-                _outcome(
+                fleet_outcome(
                     [host_result(r) for r in reports],
                     apply=True,
                     dry_run=False,
@@ -263,7 +210,7 @@ class FleetReconciler:
         *,
         hold_removals: bool | None = None,
     ) -> UnitOutcome:
-        hosts = self._hosts(ctx, unit, fleet)
+        hosts = self.planner.hosts(ctx, unit, fleet)
         if isinstance(fleet.hosts, HostsFromEc2) and ctx.hosts_only is None:
             retire_hosts(self.layout, unit.name, {h.name for h in hosts})
         if ctx.hosts_only is not None:
@@ -285,7 +232,7 @@ class FleetReconciler:
         if hold_removals is None:
             hold_removals = self.host.policy.destroy is DestroyPolicy.HOLD
         hold = apply and hold_removals
-        unit_vars = self._unit_vars(ctx, unit)
+        unit_vars = self.planner.unit_vars(ctx, unit)
 
         run_dir = ensure_private_dir(self.layout.unit_run_dir(ctx.run_id, unit.name))
         log = HostLog(run_dir / "hosts.txt")
@@ -294,17 +241,19 @@ class FleetReconciler:
             # Each host is prepared, converged, recorded and written to hosts.txt by its
             # worker, and only its counts come back: a pass holds the facts, diffs and
             # rendered files of the hosts being converged, not of the whole fleet.
-            plan = self._plan_host(ctx, unit, fleet, spec, unit_vars)
+            plan = self.planner.plan_host(ctx, unit, fleet, spec, unit_vars)
             report = self._run_host(ctx, unit, fleet, plan, apply, hold=hold)
             # Drift put back by a change from Git: counted before the new desired state
             # replaces the one recorded at the last converge.
             overwritten = (
-                self._drift_overwritten(unit.name, plan, report) if revision_moved and apply else 0
+                self.ledger.drift_overwritten(unit.name, plan, report)
+                if revision_moved and apply
+                else 0
             )
-            self._remember(unit, plan, report, ctx.revision, applied=apply)
-            self._remember_desired(unit.name, plan, report, applied=apply)
-            log.add(place, self.redactor.redact(_render_reports([report])))
-            return host_result(report), _held_removals([plan], [report]), overwritten
+            self.ledger.remember(unit, plan, report, ctx.revision, applied=apply)
+            self.ledger.remember_desired(unit.name, plan, report, applied=apply)
+            log.add(place, self.redactor.redact(render_reports([report])))
+            return host_result(report), held_removals([plan], [report]), overwritten
 
         limit = min(fleet.parallelism or self.host.hosts.parallelism, self.host.hosts.parallelism)
         with (
@@ -322,9 +271,9 @@ class FleetReconciler:
         overwritten = sum(count for _, _, count in done)
         if held:
             atomic_write(run_dir / HELD_FILE, json.dumps(held, indent=1))
-            self._drop_older_holds(unit.name, ctx.run_id)
+            self.ledger.drop_older_holds(unit.name, ctx.run_id)
         outcome = self._scrub_hosts(
-            _outcome(results, apply=apply, dry_run=ctx.dry_run, revision_moved=revision_moved)
+            fleet_outcome(results, apply=apply, dry_run=ctx.dry_run, revision_moved=revision_moved)
         )
         if overwritten:
             outcome = replace(outcome, drift=True, drift_overwritten=True)
@@ -355,183 +304,6 @@ class FleetReconciler:
         )
         return replace(outcome, hosts=hosts)
 
-    def _hosts(self, ctx: StackContext, unit: Unit, fleet: Fleet) -> tuple[HostSpec, ...]:
-        if isinstance(fleet.hosts, HostsFromEc2):
-            return self.ec2.hosts(unit.name, fleet.hosts, ctx.run_id)
-        if not isinstance(fleet.hosts, HostsFromStack):
-            return fleet.hosts
-        ref = fleet.hosts
-        outputs = self.stack_outputs(ctx, unit, ref.unit)
-        if ref.output not in outputs:
-            known = ", ".join(sorted(outputs)) or "none"
-            raise FleetError(
-                f"unit {unit.name}: hosts come from output {ref.output!r} of stack unit"
-                f" {ref.unit!r}, which has no such output (outputs: {known})"
-            )
-        return hosts_from_output(unit.name, ref, outputs[ref.output])
-
-    def _unit_vars(self, ctx: StackContext, unit: Unit) -> dict[str, Any]:
-        """The unit's `vars`, each `from_stack` one read from its stack's outputs (once per
-        pass, for every host)."""
-        values: dict[str, Any] = {}
-        outputs: dict[str, Mapping[str, Any]] = {}
-        for name, value in unit.vars.items():
-            if not isinstance(value, StackOutputRef):
-                values[name] = value
-                continue
-            if value.unit not in outputs:
-                outputs[value.unit] = self.stack_outputs(ctx, unit, value.unit)
-            if value.output not in outputs[value.unit]:
-                known = ", ".join(sorted(outputs[value.unit])) or "none"
-                raise FleetError(
-                    f"unit {unit.name}: vars.{name} reads output {value.output!r} of stack unit"
-                    f" {value.unit!r}, which has no such output (outputs: {known})",
-                    hint=f"has {value.unit!r} been applied? is the output declared?",
-                )
-            values[name] = outputs[value.unit][value.output]
-        return values
-
-    def _plan_host(
-        self,
-        ctx: StackContext,
-        unit: Unit,
-        fleet: Fleet,
-        spec: HostSpec,
-        unit_vars: Mapping[str, Any],
-    ) -> PlannedHost:
-        """The engine's resources for one host (templates rendered), or why not."""
-        variables = self._variables(ctx, unit, fleet, spec, unit_vars)
-        resources: list[Resource] = []
-        try:
-            for item in host_resources(ctx.manifest.roles, fleet, spec):
-                resources.append(self._resource(ctx, item, variables))
-        except (ProviderError, CommandLineSecretError, OSError) as exc:
-            return PlannedHost(spec, (), {}, error=str(exc))  # the report names the host
-        record = self._record(unit.name, spec.name)
-        elsewhere = self._owned_elsewhere(ctx, unit.name, spec, record)
-        removals, released = ledger.implied_removals(record, unit.name, resources, elsewhere)
-        handlers = {
-            h.name: Handler(h.name, h.service, h.action) for h in ctx.manifest.handlers.values()
-        }
-        return PlannedHost(
-            spec,
-            (*resources, *removals),
-            handlers,
-            desired=tuple(resources),
-            removals=tuple(removals),
-            released=tuple(released),
-            # Owed from an earlier pass; one the manifest no longer defines is dropped.
-            pending_handlers=tuple(
-                name for name in record.get("handlers", {}).get(unit.name, ()) if name in handlers
-            ),
-        )
-
-    def _owned_elsewhere(
-        self, ctx: StackContext, unit: str, spec: HostSpec, record: Mapping[str, Any]
-    ) -> set[str]:
-        """What the current resources of the other fleet units on this host own.
-
-        Static hosts are matched by name or address; a fleet whose hosts come from a
-        stack counts when the record shows it on this host (its host roles are not known
-        without its stack's outputs, so its fleet-wide roles and resources count)."""
-        recorded = {e.get("unit") for e in record.get("objects", {}).values()}
-        keys: set[str] = set()
-        for other in ctx.manifest.units:
-            if other.name == unit or other.fleet is None:
-                continue
-            fleet = other.fleet
-            roles: tuple[str, ...] = ()
-            if not isinstance(fleet.hosts, tuple):  # known at reconcile time only
-                seen = self._host_file(other.name, spec.name).exists()
-                if other.name not in recorded and not seen:
-                    continue
-            else:
-                match = [h for h in fleet.hosts if h.name == spec.name or h.address == spec.address]
-                if not match:
-                    continue
-                roles = tuple(r for h in match for r in h.roles)
-            names = (*fleet.roles, *roles)
-            items = [r for name in names for r in ctx.manifest.roles.get(name, ())]
-            items += fleet.resources
-            keys |= {k for r in items if (k := ledger.object_key(r.kind, r.name)) is not None}
-        return keys
-
-    def _variables(
-        self,
-        ctx: StackContext,
-        unit: Unit,
-        fleet: Fleet,
-        spec: HostSpec,
-        unit_vars: Mapping[str, Any],
-    ) -> dict[str, Any]:
-        secrets = {
-            name: secret.reveal() for name, secret in ctx.secrets.values.get(unit.name, {}).items()
-        }
-        return host_variables(fleet, spec, unit_vars, secrets)
-
-    def _resource(
-        self, ctx: StackContext, item: ResourceSpec, variables: dict[str, Any]
-    ) -> Resource:
-        attrs = dict(item.attrs)
-        where = item.where
-        if item.kind == "template" and attrs.get("state") != "absent":
-            source = attrs.pop("source")
-            text = render_template(
-                ctx.tree / source,
-                {**variables, **plain_value(attrs.pop("vars", {}))},
-                display_name=source,
-                root=ctx.tree,
-            )
-            attrs["content"] = text.encode()
-        elif item.kind == "file" and "source" in attrs:
-            try:
-                attrs["content"] = read_repo_file(
-                    ctx.tree, attrs.pop("source"), limit=MAX_SOURCE_BYTES
-                )
-            except RepoFileError as exc:
-                raise RepoFileError(
-                    f"{where}.source: {exc.path}", exc.reason, kind=exc.kind
-                ) from None
-        elif item.kind == "file" and "content" in attrs:
-            attrs["content"] = str(attrs["content"]).encode()
-        if item.kind == "command":
-            # Every string field is a template, guards and cwd as much as the command itself:
-            # `creates: "{{ app_dir }}/log"` must name the path the command makes.
-            for key in COMMAND_TEMPLATES:
-                if attrs.get(key) is not None:
-                    name = where if key == "command" else f"{where}.{key}"
-                    attrs[key] = render_string(attrs[key], variables, display_name=name)
-                    # Validation refuses `secrets` in command lines; this catches a value that
-                    # reached one another way (a var equal to a secret): /proc/PID/cmdline is
-                    # public.
-                    if self.redactor.redact(attrs[key]) != attrs[key]:
-                        field = "run" if key == "command" else key
-                        raise CommandLineSecretError(
-                            f"{where}.{field}: the command line would hold a secret value, which"
-                            " every user of the host can read in /proc/PID/cmdline; pass it in"
-                            " env:"
-                        )
-            attrs["env"] = {
-                key: render_string(value, variables, display_name=f"{where}.env.{key}")
-                for key, value in dict(attrs.get("env") or {}).items()
-            }
-        sensitive = bool(attrs.pop("sensitive", False)) or self._holds_secret(attrs)
-        return Resource(
-            kind=item.kind, name=item.name, attrs=attrs, notify=item.notify, sensitive=sensitive
-        )
-
-    def _holds_secret(self, attrs: Mapping[str, Any]) -> bool:
-        """True when any text of the resource holds a registered secret (diffs show hashes)."""
-        texts = []
-        for value in attrs.values():
-            if isinstance(value, bytes):
-                texts.append(value.decode("utf-8", "replace"))
-            elif isinstance(value, str):
-                texts.append(value)
-            elif isinstance(value, Mapping):
-                texts.extend(str(v) for v in value.values())
-        return any(self.redactor.redact(text) != text for text in texts)
-
     def _run_host(
         self,
         ctx: StackContext,
@@ -548,7 +320,7 @@ class FleetReconciler:
         if self._stop.is_set():
             return HostReport(host=plan.spec.name, error="interrupted before it was converged")
         try:
-            transport = self._transport(unit, fleet, plan.spec)
+            transport = host_transport(self.host.hosts, self.ec2, unit, fleet, plan.spec)
         except FleetError as exc:
             return HostReport(host=plan.spec.name, error=exc.message)
         self.report(
@@ -576,440 +348,12 @@ class FleetReconciler:
                 EventKind.UNIT_LINE,
                 run_id=ctx.run_id,
                 unit=unit.name,
-                message=self.redactor.redact(_host_line(report)),
+                message=self.redactor.redact(host_line(report)),
             )
         )
         return report
-
-    def _transport(self, unit: Unit, fleet: Fleet, spec: HostSpec) -> Transport:
-        settings = self.host.hosts
-        if spec.address == LOCAL_ADDRESS:
-            if not settings.allow_local:
-                raise FleetError(
-                    f"{spec.name}: address 'local' (the agent's own machine) needs"
-                    " hosts.allow_local: true in the host config"
-                )
-            return LocalTransport(spec.name)
-        if settings.key_file is None or settings.known_hosts is None:
-            raise FleetError(
-                f"{spec.name}: no SSH identity: set hosts.key_file and hosts.known_hosts"
-                " in the host config"
-            )
-        jump = settings.jump
-        return SSHTransport(
-            SSHTarget(
-                host=spec.name,
-                address=spec.address,
-                port=spec.port or fleet.port or 22,
-                user=spec.user or fleet.user or "root",
-                published_keys=self.ec2.published_keys(unit.name, spec.name)
-                if isinstance(fleet.hosts, HostsFromEc2)
-                else (),
-            ),
-            SSHSettings(
-                key_file=settings.key_file,
-                known_hosts=settings.known_hosts,
-                trust_on_first_use=settings.trust_on_first_use,
-                connect_timeout=settings.connect_timeout,
-                handshakes=settings.handshakes,
-                jump=SSHTarget(f"jump {jump.address}", jump.address, jump.port, jump.user)
-                if jump
-                else None,
-            ),
-        )
-
-    # --- what each host had -----------------------------------------------------------
-
-    def _host_file(self, unit: str, host: str) -> Path:
-        return self.layout.unit_dir(unit) / "hosts" / f"{host}.json"
-
-    def _record_file(self, host: str) -> Path:
-        return self.layout.host_record(host)
-
-    def _record(self, unit: str, host: str) -> dict[str, Any]:
-        """The host's record; a unit's list from before the record existed counts as
-        created by the agent (that is how it was treated then)."""
-        try:
-            record = json.loads(self._record_file(host).read_text())
-        except (OSError, ValueError):
-            record = ledger.new_record()
-        objects = record.setdefault("objects", {})
-        record.setdefault("handlers", {})
-        if not any(e.get("unit") == unit for e in objects.values()):
-            for kind, name in self._legacy(unit, host):
-                key = ledger.object_key(kind, name)
-                if key is not None and key not in objects:
-                    objects[key] = {"kind": kind, "name": name, "unit": unit, "created": True}
-        return record
-
-    def _legacy(self, unit: str, host: str) -> list[tuple[str, str]]:
-        try:
-            data = json.loads(self._host_file(unit, host).read_text())
-        except (OSError, ValueError):
-            return []
-        return [(r["kind"], r["name"]) for r in data.get("resources", [])]
-
-    def _remember(
-        self, unit: Unit, plan: PlannedHost, report: HostReport, revision: str, *, applied: bool
-    ) -> None:
-        """Keep each host's last result (for status) and, per resource, what it manages."""
-        if plan.error is None:
-            outcomes = {o.resource_id: o for o in report.outcomes}
-            with self._records:
-                record = self._record(unit.name, plan.spec.name)
-                record = ledger.updated(
-                    record,
-                    unit.name,
-                    plan.desired,
-                    plan.removals,
-                    plan.released,
-                    outcomes,
-                    applied=applied,
-                    handlers_run=report.handlers_run,
-                    handlers_failed=report.handlers_failed,
-                    due=plan.pending_handlers,
-                )
-                path = self._record_file(plan.spec.name)
-                ensure_private_dir(path.parent)
-                atomic_write(path, json.dumps(record, indent=1))
-        path = self._host_file(unit.name, plan.spec.name)
-        ensure_private_dir(path.parent)
-        try:
-            previous = json.loads(path.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        record = {
-            "host": plan.spec.name,
-            "address": plan.spec.address,
-            "revision": revision if applied and report.ok else previous.get("revision"),
-            "at": time.time(),
-            "status": "ok" if report.ok else "failed",
-            "changed": report.changed,
-            "pending": report.pending,
-            "failed": report.failed,
-            "held": report.held,
-            "round_trips": report.round_trips,
-            "error": self.redactor.redact(_host_error(report)) or None,
-        }
-        atomic_write(path, json.dumps(record, indent=1))
-
-    def _drop_older_holds(self, unit: str, run_id: str) -> None:
-        """Held again: only the newest hold can be approved (the older ones are stale)."""
-        for held in self.layout.runs.glob(f"*/{unit}/{HELD_FILE}"):
-            if held.parent.parent.name != run_id:
-                held.unlink(missing_ok=True)
-
-    # --- what each host was last converged to (to tell drift from a change) ------------
-
-    def _desired_file(self, unit: str, host: str) -> Path:
-        return self.layout.unit_dir(unit) / "desired" / f"{host}.json"
-
-    def _drift_overwritten(self, unit: str, plan: PlannedHost, report: HostReport) -> int:
-        """How many resources this apply changed although what the repo wants of them is
-        what it was at the last converge: hand-made drift, put back by a change from Git."""
-        try:
-            before = json.loads(self._desired_file(unit, plan.spec.name).read_text())
-        except (OSError, ValueError):
-            return 0
-        now = self._desired(plan)
-        return sum(
-            1
-            for outcome in report.outcomes
-            if outcome.status == "changed"
-            and outcome.resource_id in before
-            and before[outcome.resource_id] == now.get(outcome.resource_id)
-        )
-
-    def _desired(self, plan: PlannedHost) -> dict[str, str]:
-        return {r.id: self.hasher.value(r.attrs) for r in plan.resources}
-
-    def _remember_desired(
-        self, unit: str, plan: PlannedHost, report: HostReport, *, applied: bool
-    ) -> None:
-        # Keyed hashes only: a template holding a secret must not be kept in clear.
-        if applied and report.ok and plan.error is None:
-            path = self._desired_file(unit, plan.spec.name)
-            ensure_private_dir(path.parent)
-            atomic_write(path, json.dumps(self._desired(plan), indent=1))
-
-
-def retire_hosts(layout: StateLayout, unit: str, listed: set[str]) -> list[str]:
-    """Move the records of hosts the inventory no longer lists out of the fleet's status
-    (into `hosts-gone/`): an instance that left is not shown, and no pass contacts it
-    (passes converge only the hosts listed). Each run's host results stay in its run dir
-    (`agent history`). Returns the names retired."""
-    hosts_dir = layout.unit_dir(unit) / "hosts"
-    gone_dir = layout.unit_dir(unit) / "hosts-gone"
-    retired = []
-    for record in sorted(hosts_dir.glob("*.json")) if hosts_dir.is_dir() else ():
-        name = record.name.removesuffix(".json")
-        if name in listed or not HOST_NAME_RE.fullmatch(name):
-            continue
-        ensure_private_dir(gone_dir)
-        record.replace(gone_dir / record.name)
-        retired.append(name)
-    return retired
-
-
-def host_states(layout: StateLayout, unit: str) -> list[dict[str, Any]]:
-    """The last recorded result of every host of fleet `unit` (for `agent status`), with
-    the removals that have not finished and the handlers still owed there."""
-    states = []
-    for path in sorted((layout.unit_dir(unit) / "hosts").glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        data.pop("resources", None)
-        try:
-            record = json.loads(layout.host_record(path.stem).read_text())
-        except (OSError, ValueError):
-            record = ledger.new_record()
-        data["removals_failing"] = ledger.unfinished(record, unit)
-        data["handlers_owed"] = list(record.get("handlers", {}).get(unit, ()))
-        states.append(data)
-    return states
 
 
 def _fleet(unit: Unit) -> Fleet:
     assert unit.fleet is not None
     return unit.fleet
-
-
-def hosts_from_output(unit: str, ref: HostsFromStack, value: Any) -> tuple[HostSpec, ...]:
-    """Hosts from a stack output: a list of {name, address, port?, user?, vars?, roles?},
-    or a map of name -> address."""
-    where = f"unit {unit}: output {ref.output!r} of stack unit {ref.unit!r}"
-    items: list[dict[str, Any]]
-    if isinstance(value, Mapping) and all(isinstance(v, str) for v in value.values()):
-        items = [{"name": k, "address": v} for k, v in value.items()]
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        items = [dict(v) if isinstance(v, Mapping) else {} for v in value]
-    else:
-        raise FleetError(
-            f"{where}: expected a list of hosts ({{name, address}}) or a map of name to address"
-        )
-    hosts = []
-    for index, item in enumerate(items):
-        name, address = item.get("name"), item.get("address")
-        if not isinstance(name, str) or not isinstance(address, str) or not name or not address:
-            raise FleetError(f"{where}: item {index} has no name and address strings")
-        if not HOST_NAME_RE.fullmatch(name):
-            # The name names the host's record files: never a path.
-            raise FleetError(f"{where}: item {index}: {name!r} is not a host name")
-        port = item.get("port")
-        hosts.append(
-            HostSpec(
-                name=name,
-                address=address,
-                port=int(port)
-                if isinstance(port, int | float | str) and str(port).isdigit()
-                else None,
-                user=item.get("user") if isinstance(item.get("user"), str) else None,
-                roles=tuple(r for r in item.get("roles", ()) if isinstance(r, str)),
-                vars=dict(item.get("vars") or {}),
-            )
-        )
-    return tuple(hosts)
-
-
-def host_resources(
-    roles: Mapping[str, Sequence[ResourceSpec]], fleet: Fleet, spec: HostSpec
-) -> list[ResourceSpec]:
-    """What a host must have, as the manifest writes it: the fleet's roles, the host's own
-    roles, then the fleet's inline resources (a later definition of a resource wins)."""
-    specs = [r for name in (*fleet.roles, *spec.roles) for r in roles.get(name, ())]
-    return _last_wins([*specs, *fleet.resources])
-
-
-def host_variables(
-    fleet: Fleet, spec: HostSpec, unit_vars: Mapping[str, Any], secrets: Mapping[str, Any]
-) -> dict[str, Any]:
-    """The variables a host's templates (and command lines) are rendered with."""
-    user = spec.user or fleet.user or "root"
-    return {
-        **plain_value(fleet.vars),
-        **plain_value(unit_vars),
-        **plain_value(spec.vars),
-        "host": {"name": spec.name, "address": spec.address, "user": user},
-        "secrets": dict(secrets),
-    }
-
-
-def _last_wins(specs: Sequence[ResourceSpec]) -> list[ResourceSpec]:
-    """One resource per id: a later definition (the host's roles, the fleet's own list)
-    replaces an earlier one and keeps its first place (a user defined early stays before
-    the files it owns)."""
-    chosen: dict[str, ResourceSpec] = {}
-    for spec in specs:
-        chosen[spec.id] = spec  # a dict keeps the first insertion's position
-    return list(chosen.values())
-
-
-def _held_removals(
-    planned: Sequence[PlannedHost], reports: Sequence[HostReport]
-) -> dict[str, dict[str, Any]]:
-    """Per host, exactly the removals a hold showed (what `agent approve` may apply)."""
-    held: dict[str, dict[str, Any]] = {}
-    for plan, report in zip(planned, reports, strict=True):
-        shown = {o.resource_id: o for o in report.outcomes if o.status == "held"}
-        items = [
-            {"kind": r.kind, "name": r.name, "attrs": dict(r.attrs), "changes": list(o.changes)}
-            for r in plan.resources
-            if (o := shown.get(r.id)) is not None
-        ]
-        if items:
-            held[plan.spec.name] = {"address": plan.spec.address, "removals": items}
-    return held
-
-
-def host_result(report: HostReport) -> HostResult:
-    """What the unit's outcome keeps of a host: its counts and errors, without diffs."""
-    return HostResult(
-        host=report.host,
-        status="ok" if report.ok else "failed",
-        changed=report.changed,
-        pending=report.pending,
-        failed=report.failed + len(report.handler_errors),
-        held=report.held,
-        error=_host_error(report) or None,
-    )
-
-
-def _host_error(report: HostReport) -> str:
-    """What went wrong on a host, without its name: every message that shows it names the
-    host once, up front (transport errors start with `host: ` as raised)."""
-    errors = [_unnamed(report)] if report.error else []
-    # An outcome's error starts with its resource id already (`package:x: E: ...`).
-    errors += [o.error for o in report.outcomes if o.error]
-    errors += list(report.handler_errors)
-    return "; ".join(e for e in errors if e)
-
-
-def _unnamed(report: HostReport) -> str:
-    """The host-level error without the `host: ` it was raised with."""
-    return (report.error or "").removeprefix(f"{report.host}: ")
-
-
-def _host_line(report: HostReport) -> str:
-    if report.error:
-        return f"{report.host}: failed: {_unnamed(report)}"
-    parts = []
-    if report.changed:
-        parts.append(f"{report.changed} changed")
-    if report.pending:
-        parts.append(f"{report.pending} would change")
-    if report.held:
-        parts.append(f"{plural(report.held, 'removal')} held for approval")
-    if report.failed or report.handler_errors:
-        parts.append(f"{report.failed + len(report.handler_errors)} failed")
-    summary = ", ".join(parts) or "in its desired state"
-    trips = plural(report.round_trips, "round trip")
-    return f"{report.host}: {summary} ({trips}, {report.duration_s:.2f} s)"
-
-
-def _render_reports(reports: Sequence[HostReport]) -> str:
-    """The per-host diff of a run, as `agent logs FLEET` shows it."""
-    lines: list[str] = []
-    for report in reports:
-        lines.append(f"== {_host_line(report)}")
-        for outcome in report.outcomes:
-            if outcome.status == "ok":
-                continue
-            lines.append(f"  {outcome.resource_id}: {outcome.status}")
-            lines.extend(f"    {change}" for change in outcome.changes)
-            if outcome.error:
-                lines.append(f"    error: {outcome.error}")
-            if outcome.diff:
-                lines.extend(f"    {line}" for line in outcome.diff.rstrip("\n").split("\n"))
-        if report.handlers_run:
-            lines.append(f"  handlers run: {', '.join(report.handlers_run)}")
-        lines.extend(f"  handler failed: {error}" for error in report.handler_errors)
-    return "\n".join(lines) + "\n"
-
-
-def _outcome(
-    hosts: Sequence[HostResult], *, apply: bool, dry_run: bool, revision_moved: bool
-) -> UnitOutcome:
-    changed = sum(h.changed for h in hosts)
-    pending = sum(h.pending for h in hosts)
-    held = sum(h.held for h in hosts)
-    failed = [h for h in hosts if h.status != "ok"]
-    found = changed + pending + held
-    if dry_run:
-        decision = Decision.PLAN_ONLY
-    elif not found:
-        decision = Decision.NOTHING
-    elif apply:
-        decision = Decision.APPLY
-    else:
-        decision = Decision.REPORT
-    drift = bool(found) and not revision_moved
-    if failed:
-        # Each failed host named once, with its error.
-        detail = "; ".join(f"{h.host}: {h.error or ''}" for h in failed)
-        return FleetOutcome(
-            status=UnitStatus.FAILED,
-            decision=decision,
-            drift=drift,
-            plan_change=found,
-            error=f"{len(failed)} of {plural(len(hosts), 'host')} failed: {detail}",
-            hosts=tuple(hosts),
-        )
-    if held:
-        names = ", ".join(h.host for h in hosts if h.held)
-        return FleetOutcome(
-            status=UnitStatus.HELD,
-            decision=Decision.HOLD,
-            drift=drift,
-            plan_change=changed,
-            plan_destroy=held,
-            error=(
-                f"{plural(held, 'removal')} on {names} {'is' if held == 1 else 'are'} held for"
-                " approval (policy.destroy: hold);"
-                " the rest was applied"
-            ),
-            hosts=tuple(hosts),
-        )
-    return FleetOutcome(
-        status=UnitStatus.OK,
-        decision=decision,
-        drift=drift,
-        plan_change=found,
-        converged=apply or not found,
-        hosts=tuple(hosts),
-    )
-
-
-def describe_fleet(outcome: UnitOutcome) -> str:
-    """One line for a person: what a fleet unit's pass did, with its host counts."""
-    if outcome.status in (UnitStatus.FAILED, UnitStatus.BLOCKED, UnitStatus.INTERRUPTED):
-        return f"{outcome.status}: {outcome.error}"
-    if outcome.status is UnitStatus.HELD:
-        return f"held: {outcome.error}"
-    decision = Decision(outcome.decision) if outcome.decision else Decision.SKIP
-    if decision is Decision.ORPHAN:
-        return f"orphaned: {outcome.error}"
-    if decision is Decision.SKIP:
-        return "drift check skipped"
-    hosts = outcome.hosts if isinstance(outcome, FleetOutcome) else ()
-    if decision is Decision.NOTHING:
-        return f"{plural(len(hosts), 'host')} in the desired state" if hosts else "no changes"
-    verb = {
-        Decision.APPLY: "changed",
-        Decision.REPORT: "drifted (reported, left as they are)",
-        Decision.PLAN_ONLY: "would change",
-    }.get(decision, str(decision))
-    resources = f"{plural(outcome.plan_change or 0, 'resource')} {verb}"
-    if not hosts:
-        return resources + _drift_note(outcome)
-    touched = outcome.changed_hosts if isinstance(outcome, FleetOutcome) else []
-    names = ", ".join(touched[:5]) + (f", +{len(touched) - 5} more" if len(touched) > 5 else "")
-    where = f" on {len(touched)} of {plural(len(hosts), 'host')} ({names})"
-    return resources + where + _drift_note(outcome)
-
-
-def _drift_note(outcome: UnitOutcome) -> str:
-    if outcome.drift_overwritten:
-        return "; drift overwritten by a change from Git"
-    return " drift" if outcome.drift else ""

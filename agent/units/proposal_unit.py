@@ -128,10 +128,8 @@ class ProposalUnitPlanner:
     ) -> UnitPlan:
         """Plan `unit` of the proposal checked out at `tree`; logs go to `run_dir`.
         `secrets` None: the unit gets none (it is skipped if it needs any)."""
-        if unit.fleet is not None:
-            return UnitPlan(
-                ProposalUnitStatus.SKIPPED, detail="skipped: fleet units are not planned"
-            )
+        if unit.fleet is not None:  # agent.units.proposal_fleet plans those
+            return UnitPlan(ProposalUnitStatus.SKIPPED, detail="skipped: not a stack unit")
         if unit.secrets and secrets is None:
             names = ", ".join(sorted(unit.secrets))
             return UnitPlan(
@@ -153,7 +151,7 @@ class ProposalUnitPlanner:
                     detail="skipped: a main pass holds its state; planned again at the next poll",
                 )
             return self._terraform(tree, unit, work, copy, run_dir, variables, deadline)
-        except _NeedsSecrets as exc:
+        except NeedsSecrets as exc:
             return UnitPlan(ProposalUnitStatus.SKIPPED, detail=f"skipped: needs secrets ({exc})")
         except (AgentError, ProviderError, ValueError, OSError) as exc:
             message = exc.message if isinstance(exc, AgentError) else str(exc)
@@ -266,7 +264,7 @@ class ProposalUnitPlanner:
                 " which has no such output applied yet"
             )
         if entry.get("sensitive") and not trusted:
-            raise _NeedsSecrets(f"vars.{var} is the sensitive output {ref.output} of {ref.unit}")
+            raise NeedsSecrets(f"vars.{var} is the sensitive output {ref.output} of {ref.unit}")
         if entry.get("sensitive"):
             value = entry.get("value")
             for text in [value] if isinstance(value, str) else [json.dumps(value)]:
@@ -282,7 +280,43 @@ def _state_outputs(path: Path) -> dict[str, Any]:
         return {}
 
 
-class _NeedsSecrets(Exception):
+class AppliedOutputs(dict[str, Any]):
+    """A stack's outputs as applied now; reading a sensitive one that the proposal was not
+    trusted with raises NeedsSecrets (listing the names is fine)."""
+
+    def __init__(self, values: Mapping[str, Any], withheld: set[str], upstream: str) -> None:
+        super().__init__(values)
+        self.withheld = withheld
+        self.upstream = upstream
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self.withheld:
+            raise NeedsSecrets(f"the sensitive output {name} of {self.upstream}")
+        return super().__getitem__(name)
+
+
+def applied_outputs(
+    state_file: Path, upstream: str, redactor: Redactor, trusted: bool
+) -> AppliedOutputs:
+    """The outputs of stack unit `upstream` in its local state file (the main passes'
+    applied state: a proposal's own upstream changes are not applied). Sensitive values are
+    registered with the redactor when `trusted`, else withheld."""
+    values: dict[str, Any] = {}
+    withheld: set[str] = set()
+    for name, entry in _state_outputs(state_file).items():
+        if entry.get("sensitive") and not trusted:
+            withheld.add(name)
+            values[name] = None
+            continue
+        if entry.get("sensitive"):
+            value = entry.get("value")
+            for text in [value] if isinstance(value, str) else [json.dumps(value)]:
+                redactor.register(text)
+        values[name] = entry.get("value")
+    return AppliedOutputs(values, withheld, upstream)
+
+
+class NeedsSecrets(Exception):
     """A unit's plan would need a secret that proposals do not get."""
 
 

@@ -36,7 +36,9 @@ from agent.state.runfiles import RunFiles
 from agent.state.store import RemovedUnitRow, RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext
 from agent.units.decide import Decision
-from agent.units.fleets import HELD_FILE, FleetReconciler, describe_fleet
+from agent.units.fleetledger import HELD_FILE
+from agent.units.fleetreport import describe_fleet
+from agent.units.fleets import FleetReconciler
 from agent.units.secrets import SecretResolver
 from agent.units.stacks import PLAN_FILE, StackReconciler, describe_outcome
 from providers.errors import GitSourceError

@@ -15,7 +15,7 @@ from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
 from agent.state.store import RunStore, UnitRunRow, UnitStateRow, UnitStatus
 from agent.units.decide import Decision
-from agent.units.fleets import HOST_RESULTS_FILE, host_states
+from agent.units.fleetledger import HOST_RESULTS_FILE, host_states
 
 __all__ = ["LOG_FILES", "host_results", "logs_view", "rfc3339", "unit_view"]
 

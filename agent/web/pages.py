@@ -20,7 +20,7 @@ from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
 from agent.state.store import RevisionStatus, RunStore, UnitRunRow, UnitStateRow, UnitStatus
 from agent.units.decide import Decision
-from agent.units.fleets import HELD_FILE
+from agent.units.fleetledger import HELD_FILE
 from agent.units.views import LOG_FILES, host_results, logs_view, unit_view
 from providers.git_source import CommitInfo
 
