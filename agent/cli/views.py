@@ -119,7 +119,11 @@ def describe_result(outcome: UnitOutcome) -> str:
 def render_pass(result: Any) -> str:
     rev = result.revision[:12] if result.revision else "none"
     lines = [f"run {result.run_id}: {result.status} at {rev}"]
-    lines += [f"  {name}: {describe_result(o)}" for name, o in result.outcomes.items()]
+    for name, outcome in result.outcomes.items():
+        text = describe_result(outcome)
+        if outcome.preview and outcome.error and outcome.error not in text:
+            text += f"; {outcome.error}"  # e.g. what a dry run says a removal would do
+        lines.append(f"  {name}: {text}")
     lines += [f"  {name}: suspended, left out (`agent resume {name}`)" for name in result.suspended]
     return "\n".join(lines)
 
