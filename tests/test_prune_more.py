@@ -16,7 +16,13 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from agent.config import ManifestLimits, parse_manifest
+from agent.config.yamlnodes import ConfigValidationError
+from agent.policy.prune import PruneMode
 from agent.state.store import UnitStatus
+from tests.support.docblocks import block
 from tests.support.infra import embedded_terraform
 from tests.test_prune import World
 
@@ -197,3 +203,24 @@ def test_a_units_own_prune_key_is_used_from_its_last_definition(tmp_path: Path) 
     assert sorted(p.name for p in world.files.iterdir()) == ["g1", "g2", "k1"]
     assert world.status()["gone"]["removed"]["status"] == "orphaned"
     assert exports(world) == []
+
+
+def test_the_prune_ceiling_error_docs_policy_md_quotes(tmp_path: Path) -> None:
+    documented = block("output", "policy-prune-ceiling").text.strip()
+    (tmp_path / "stacks" / "db").mkdir(parents=True)
+    (tmp_path / "stacks" / "db" / "main.tf").write_text("")
+    text = "version: 1\nunits:\n  - {name: db, stack: stacks/db, prune: auto}\n"
+    with pytest.raises(ConfigValidationError) as caught:
+        parse_manifest(text, "gitops.yaml", tmp_path, ManifestLimits())
+    assert caught.value.errors == [documented]
+    # Under a host ceiling of orphan, only orphan; under auto, anything (defaults too).
+    orphan_only = ManifestLimits(prune_ceiling=PruneMode.ORPHAN)
+    with pytest.raises(ConfigValidationError) as caught:
+        parse_manifest(text.replace("auto", "hold"), "gitops.yaml", tmp_path, orphan_only)
+    assert "expected one of orphan (the host config's policy.prune is orphan" in str(
+        caught.value.errors
+    )
+    loose = ManifestLimits(prune_ceiling=PruneMode.AUTO)
+    defaults = "version: 1\ndefaults: {prune: orphan}\nunits:\n  - {name: db, stack: stacks/db}\n"
+    assert parse_manifest(defaults, "gitops.yaml", tmp_path, loose).units[0].prune == "orphan"
+    assert parse_manifest(text, "gitops.yaml", tmp_path, loose).units[0].prune == "auto"
