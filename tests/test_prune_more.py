@@ -21,6 +21,7 @@ import pytest
 from agent.config import ManifestLimits, parse_manifest
 from agent.config.yamlnodes import ConfigValidationError
 from agent.policy.prune import PruneMode
+from agent.service.notify import unit_events
 from agent.state.store import UnitStatus
 from tests.support.docblocks import block
 from tests.support.infra import embedded_terraform
@@ -103,6 +104,10 @@ def test_dry_run_preview_then_a_hold_kept_across_passes_and_commits(tmp_path: Pa
     assert again["gone"].plan_destroy == 2
     assert again["web"].status is UnitStatus.HELD, again["web"].error
     assert terraform_runs(log, "gone", mark) == []
+    assert f"`agent approve {held_run} --unit gone`" in (again["gone"].error or "")
+    # Its notification names the run that holds the plan, not this pass.
+    (note,) = unit_events("gone", again["gone"], run_id="r-this-pass", revision=None)
+    assert note.kind == "hold" and held_run in note.detail and "r-this-pass" not in note.detail
     status = world.status()
     assert status["gone"]["removed"]["run"] == held_run
     assert status["web"]["removed"]["run"] == held_run

@@ -324,7 +324,7 @@ def test_a_removed_unit_shows_where_its_removal_stands(world: World) -> None:
     assert result.outcomes["host"].status == "held", result.outcomes["host"]
     world.wait(lambda: world.statuses().get("host") == "held", "host held, live")
     card = world.browser.find_element("id", "unit-host")
-    assert "removed from gitops.yaml" in card.text and "policy.prune: hold" in card.text
+    assert "removed from gitops.yaml" in card.text and "(prune: hold)" in card.text
     command = card.find_element("css selector", "code.approve").text
     assert command == f"agent approve {result.run_id} --unit host"
     # The same command `agent status` gives.

@@ -227,7 +227,9 @@ class Pruner:
         if kept is not None:
             # Still valid: reported as held, nothing run and nothing recorded again (the
             # run that held it stays the one to approve).
-            message = f"{describe(kept)}; still held by run {row.run_id}, not planned again"
+            message = describe(kept)
+            if row.run_id and row.run_id not in message:
+                message += f"; {_kept_note(row.run_id, name)}"
             self.report(Event(EventKind.UNIT_STARTED, run_id=request.run_id, unit=name))
             self.report(
                 Event(
@@ -329,9 +331,11 @@ class Pruner:
             plan_add=held.plan_add,
             plan_change=held.plan_change,
             plan_destroy=held.plan_destroy,
-            error=held.error,
+            error="; ".join([held.error or FLEET_HELD, _kept_note(row.run_id, row.unit)]),
             converged=False,
             preview=request.dry_run,
+            # This pass holds nothing to approve: its notification must not name it.
+            waiting=True,
         )
 
     def hold_in_force(self, run_id: str, name: str) -> bool:
@@ -583,3 +587,10 @@ class Pruner:
                 "the revision that last defined it is not valid under this host config:"
                 f" {exc.message}"
             ) from exc
+
+
+def _kept_note(run_id: str, name: str) -> str:
+    return (
+        f"still held by run {run_id}, not planned again (nothing it was planned from"
+        f" changed): `agent approve {run_id} --unit {name}`"
+    )

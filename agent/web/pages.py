@@ -134,8 +134,10 @@ def overview_page(
     units = []
     for name in order:
         state, view, row = states.get(name), by_name.get(name, {}), last_rows.get(name)
-        known = manifest is None or manifest.get_unit(name) is not None
-        removed = removed_entry(gone.get(name), name) if not known else None
+        removed = removed_entry(gone.get(name), name)
+        # Before the page has a manifest (no pass since start), the store's word counts.
+        known = manifest.get_unit(name) is not None if manifest is not None else not removed
+        removed = None if known else removed
         word = unit_status(
             state,
             drifted=bool(view.get("drift")),
