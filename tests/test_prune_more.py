@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli.views import status_view
 from agent.config import ManifestLimits, parse_manifest
 from agent.config.yamlnodes import ConfigValidationError
 from agent.policy.prune import PruneMode
 from agent.service.notify import unit_events
-from agent.state.store import UnitStatus
+from agent.state.store import RunStore, UnitStatus
 from tests.support.docblocks import block
 from tests.support.infra import embedded_terraform
 from tests.test_prune import World
@@ -62,6 +63,15 @@ def digests(state: Path) -> dict[str, str]:
     return {str(p.relative_to(state)): hashlib.sha256(p.read_bytes()).hexdigest() for p in found}
 
 
+def status_of(world: World) -> dict[str, dict]:
+    """`agent status --json`'s units, built in-process (the CLI's own view)."""
+    store = RunStore(world.state, read_only=True)
+    try:
+        return {u["unit"]: u for u in status_view(store)["units"]}
+    finally:
+        store.close()
+
+
 def exports(world: World) -> list[str]:
     return sorted(p.parent.name for p in (world.state / "units").glob("*/removed"))
 
@@ -84,7 +94,7 @@ def test_dry_run_preview_then_a_hold_kept_across_passes_and_commits(tmp_path: Pa
     assert digests(world.state) == before
     assert sorted(p.name for p in world.files.iterdir()) == ["g1", "g2", "k1"]
     assert (world.hostdir / "site.conf").read_text() == "served"
-    status = world.status()
+    status = status_of(world)
     assert "removed" not in status["gone"] and "removed" not in status["web"]
     assert exports(world) == []  # the dry run's export went with it
     preview_run = re.search(r"run (r-\S+):", preview.stdout)
@@ -95,8 +105,8 @@ def test_dry_run_preview_then_a_hold_kept_across_passes_and_commits(tmp_path: Pa
     # 2. The first real pass holds both; the next keeps the holds without Terraform.
     held = world.run_pass()
     assert held["gone"].status is UnitStatus.HELD and held["web"].status is UnitStatus.HELD
-    held_run = world.status()["gone"]["removed"]["run"]
-    assert world.status()["web"]["removed"]["run"] == held_run
+    held_run = status_of(world)["gone"]["removed"]["run"]
+    assert status_of(world)["web"]["removed"]["run"] == held_run
     assert exports(world) == ["gone", "web"]
     mark = lines(log)
     again = world.run_pass()
@@ -108,9 +118,10 @@ def test_dry_run_preview_then_a_hold_kept_across_passes_and_commits(tmp_path: Pa
     # Its notification names the run that holds the plan, not this pass.
     (note,) = unit_events("gone", again["gone"], run_id="r-this-pass", revision=None)
     assert note.kind == "hold" and held_run in note.detail and "r-this-pass" not in note.detail
-    status = world.status()
+    status = status_of(world)
     assert status["gone"]["removed"]["run"] == held_run
     assert status["web"]["removed"]["run"] == held_run
+    assert f"`agent approve {held_run} --unit gone`" in world.agent("status").stdout
     # A dry run of a kept hold says so without Terraform either.
     mark = lines(log)
     preview = world.agent("reconcile", "--now", "--dry-run")
@@ -124,7 +135,7 @@ def test_dry_run_preview_then_a_hold_kept_across_passes_and_commits(tmp_path: Pa
     moved = world.run_pass()
     assert moved["gone"].status is UnitStatus.HELD
     assert terraform_runs(log, "gone", mark) == []
-    assert world.status()["gone"]["removed"]["run"] == held_run
+    assert status_of(world)["gone"]["removed"]["run"] == held_run
 
     # 4. Someone else wrote the state: the removal is planned again, by a new run.
     state_file = world.state / "units" / "gone" / "terraform.tfstate"
@@ -135,7 +146,7 @@ def test_dry_run_preview_then_a_hold_kept_across_passes_and_commits(tmp_path: Pa
     replanned = world.run_pass()
     assert replanned["gone"].status is UnitStatus.HELD
     assert "plan" in terraform_runs(log, "gone", mark)
-    new_run = world.status()["gone"]["removed"]["run"]
+    new_run = status_of(world)["gone"]["removed"]["run"]
     assert new_run != held_run
     stale = world.agent("approve", held_run, "--unit", "gone")
     assert stale.returncode != 0 and "stale" in stale.stderr, stale.stderr
@@ -147,36 +158,11 @@ def test_dry_run_preview_then_a_hold_kept_across_passes_and_commits(tmp_path: Pa
     approved = world.agent("approve", new_run, "--unit", "gone")
     assert approved.returncode == 0, approved.stdout + approved.stderr
     assert sorted(p.name for p in world.files.iterdir()) == ["k1"]
-    assert "gone" not in world.status()
+    assert "gone" not in status_of(world)
     assert exports(world) == ["web"]
 
 
-def test_exports_go_when_a_unit_returns_and_no_leftover_survives_a_pass(tmp_path: Path) -> None:
-    world = World(tmp_path)
-    world.start()
-    world.remove("gone")
-    assert world.run_pass()["gone"].status is UnitStatus.HELD
-    assert exports(world) == ["gone"]
-
-    # A pass killed after making an export leaves it (here: made by hand for `keep`,
-    # which is in force); the agent, started again, sweeps it in its next pass.
-    leftover = world.state / "units" / "keep" / "removed" / "tree"
-    leftover.mkdir(parents=True)
-    (leftover / "gitops.yaml").write_text("version: 1\n")
-    world.run_pass()
-    assert exports(world) == ["gone"]
-
-    subprocess.run(["git", "-C", str(world.repo.work), "revert", "--no-edit", "HEAD"], check=True)
-    subprocess.run(
-        ["git", "-C", str(world.repo.work), "push", "-q", "origin", "HEAD:main"], check=True
-    )
-    back = world.run_pass()
-    assert back["gone"].status is UnitStatus.OK, back["gone"].error
-    assert exports(world) == []
-    assert sorted(p.name for p in world.files.iterdir()) == ["g1", "g2", "k1"]
-
-
-def test_a_units_own_prune_key_is_used_from_its_last_definition(tmp_path: Path) -> None:
+def test_a_units_own_prune_key_then_the_exports_lifetime(tmp_path: Path) -> None:
     world = World(tmp_path)  # the host's policy.prune: hold (the default)
     world.start()
     # A looser value than the host's is refused, naming the file, the line and the key.
@@ -202,12 +188,33 @@ def test_a_units_own_prune_key_is_used_from_its_last_definition(tmp_path: Path) 
     )
     world.repo.push("gone: never destroyed by the agent")
     assert world.run_pass()["gone"].status is UnitStatus.OK
-    world.remove("gone")
+    removal = world.remove("gone", "web")
     outcomes = world.run_pass()
     assert outcomes["gone"].decision == "orphan", outcomes["gone"]
+    assert outcomes["web"].status is UnitStatus.HELD  # the host's hold, as before
     assert sorted(p.name for p in world.files.iterdir()) == ["g1", "g2", "k1"]
-    assert world.status()["gone"]["removed"]["status"] == "orphaned"
+    assert status_of(world)["gone"]["removed"]["status"] == "orphaned"
+    # Exports: the orphan's went at once; the held fleet's stays while it waits.
+    assert exports(world) == ["web"]
+
+    # A pass killed after making an export leaves it (here: made by hand for `keep`,
+    # which is in force); the agent, started again, sweeps it in its next pass.
+    leftover = world.state / "units" / "keep" / "removed" / "tree"
+    leftover.mkdir(parents=True)
+    (leftover / "gitops.yaml").write_text("version: 1\n")
+    world.run_pass()
+    assert exports(world) == ["web"]
+
+    # Both come back: the held removal is dropped with its export; nothing was destroyed.
+    git = ["git", "-C", str(world.repo.work)]
+    subprocess.run([*git, "revert", "--no-edit", removal], check=True, capture_output=True)
+    subprocess.run([*git, "push", "-q", "origin", "HEAD:main"], check=True)
+    back = world.run_pass()
+    assert back["web"].status is UnitStatus.OK, back["web"].error
+    assert back["gone"].status is UnitStatus.OK, back["gone"].error
     assert exports(world) == []
+    assert sorted(p.name for p in world.files.iterdir()) == ["g1", "g2", "k1"]
+    assert (world.hostdir / "site.conf").read_text() == "served"
 
 
 def test_the_prune_ceiling_error_docs_policy_md_quotes(tmp_path: Path) -> None:
