@@ -132,8 +132,11 @@ def test_dry_run_preview_then_a_hold_kept_across_passes_and_commits(tmp_path: Pa
     world.repo.write("README.md", "a commit that changes no unit\n")
     world.repo.push("docs")
     mark = lines(log)
-    moved = world.run_pass()
-    assert moved["gone"].status is UnitStatus.HELD
+    moved = world.agent("reconcile", "--now")
+    assert moved.returncode == 0, moved.stderr
+    gone_line = next(line for line in moved.stdout.splitlines() if "gone:" in line)
+    assert gone_line.startswith("  gone: held for approval (+0 ~0 -2)"), moved.stdout
+    assert f"still held by run {held_run}" in gone_line
     assert terraform_runs(log, "gone", mark) == []
     assert status_of(world)["gone"]["removed"]["run"] == held_run
 

@@ -121,8 +121,9 @@ def render_pass(result: Any) -> str:
     lines = [f"run {result.run_id}: {result.status} at {rev}"]
     for name, outcome in result.outcomes.items():
         text = describe_result(outcome)
-        if outcome.preview and outcome.error and outcome.error not in text:
-            text += f"; {outcome.error}"  # e.g. what a dry run says a removal would do
+        if (outcome.preview or outcome.waiting) and outcome.error and outcome.error not in text:
+            # What a dry run says a removal would do; which run holds a kept removal.
+            text += f"; {outcome.error}"
         lines.append(f"  {name}: {text}")
     lines += [f"  {name}: suspended, left out (`agent resume {name}`)" for name in result.suspended]
     return "\n".join(lines)

@@ -207,10 +207,7 @@ class Pruner:
         """A removed unit is in the manifest again: its held removal can no longer apply."""
         self.store.removed.returned(name)
         self._drop_export(name)
-        for held in (PLAN_FILE, HELD_FILE):
-            for path in self.layout.runs.glob(f"*/{name}/{held}"):
-                path.unlink(missing_ok=True)
-        RunFiles(self.store, self.layout).drop_held(name)
+        self._drop_held(name)
         if row.status != RemovedStatus.PRUNED:
             message = f"{name} is back in gitops.yaml; its removal ({row.status}) was dropped"
             log.info("%s", message)
@@ -441,6 +438,15 @@ class Pruner:
         self.store.removed.set_status(name, status, run_id=run_id, error=error)
         if status in (RemovedStatus.PRUNED, RemovedStatus.ORPHANED):
             self._drop_export(name)  # nothing runs from it any more
+            self._drop_held(name)  # (a hold made before the host said orphan: never applied)
+
+    def _drop_held(self, name: str) -> None:
+        """The removals held for `name` can no longer be approved (a stack's saved plan
+        holds its variables' values: it is not kept longer than it can be used)."""
+        for held in (PLAN_FILE, HELD_FILE):
+            for path in self.layout.runs.glob(f"*/{name}/{held}"):
+                path.unlink(missing_ok=True)
+        RunFiles(self.store, self.layout).drop_held(name)  # and a shared store's copies
 
     # --- the export of a removed unit's last definition ---------------------------------
 
