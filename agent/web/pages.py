@@ -239,13 +239,14 @@ def unit_page(
     if run is None:  # the newest run on this page that left output (a page's worth of stats)
         run = files.first_with(name, [r.run_id for r in rows], LOG_FILES)
     entry = unit_view(state, layout) if state else {}
-    gone = store.removed.by_unit().get(name)
-    removed = None if manifest is None or known else removed_entry(gone, name)
+    removed = removed_entry(store.removed.by_unit().get(name), name)
+    if manifest is not None and known:
+        removed = None  # back in gitops.yaml (the next pass drops the row)
     word = unit_status(
         state,
         drifted=bool(entry.get("drift")),
         suspended=name in store.suspensions.by_unit(),
-        known=manifest is None or known,
+        known=known if manifest is not None else not removed,
         removed=removed["status"] if removed else None,
     )
     logs = logs_view(store, layout, name, run) if run is not None else None
