@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from agent.cli.quickstart import lay_out
+from agent.cli.views import render_status, status_view
 from agent.config.host import load_host_config
 from agent.config.web import WebConfig
 from agent.core.progress import Event, EventKind
@@ -310,3 +311,26 @@ def test_no_canary_in_any_page_asset_or_event(world: World) -> None:
     world.browser.get(world.url + "/activity")
     assert world.browser.find_elements("css selector", "#pass-chart rect.bar")
     world.screenshot("activity")
+
+
+def test_a_removed_unit_shows_where_its_removal_stands(world: World) -> None:
+    manifest = world.work / "gitops.yaml"
+    text = manifest.read_text()
+    start, end = text.index("  # A fleet of one host"), text.index("roles:\n")
+    manifest.write_text(text[:start] + text[end:])
+    world.push("remove the host fleet")
+    world.open("/")
+    result = world.reconcile()
+    assert result.outcomes["host"].status == "held", result.outcomes["host"]
+    world.wait(lambda: world.statuses().get("host") == "held", "host held, live")
+    card = world.browser.find_element("id", "unit-host")
+    assert "removed from gitops.yaml" in card.text and "(prune: hold)" in card.text
+    command = card.find_element("css selector", "code.approve").text
+    assert command == f"agent approve {result.run_id} --unit host"
+    # The same command `agent status` gives.
+    assert f"`{command}`" in render_status(status_view(world.store, world.layout))
+    world.open("/units/host")
+    removed = world.browser.find_element("id", "removed").text
+    assert "held" in removed and command in removed
+    assert world.browser.find_element("id", "approve-command").text == command
+    world.screenshot("removed-held")

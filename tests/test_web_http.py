@@ -264,3 +264,30 @@ def test_an_address_off_loopback_needs_a_token_or_a_proxy(tmp_path: Path) -> Non
     with pytest.raises(ConfigError) as err:
         load_host_config(config)
     assert "web.trusted_proxies" in str(err.value)
+
+
+def test_removed_units_show_where_their_removal_stands(open_page: Page) -> None:
+    """As `agent status` does (docs/policy.md, "Prune"); before any pass gave the page a
+    manifest, the store's word counts."""
+    store = RunStore(open_page.layout.root)
+    run = store.start_run(trigger="poll")
+    store.start_unit(run, "old", "b" * 40)
+    done = UnitOutcome(status=UnitStatus.OK, decision="apply", converged=True)
+    store.finish_unit(run, "old", "b" * 40, done)
+    store.finish_run(run, RunStatus.SUCCEEDED)
+    for unit, status in (("old", "orphaned"), ("app", "pruning")):
+        revisions = {"defined_at": "b" * 40, "removed_at": "c" * 40}
+        store.removed.mark(unit, kind="stack", policy="hold", status=status, **revisions)
+    store.removed.set_status("app", "pruning", run_id=run, error=f"cannot <b>read</b> {CANARY}")
+    store.close()
+
+    _, _, overview = open_page.get("/")
+    assert 'id="unit-old" data-status="orphaned"' in overview
+    assert 'id="unit-app" data-status="pruning"' in overview
+    assert "removed from gitops.yaml at <code>cccccccccccc</code> (prune: hold)" in overview
+    assert "what it created was left as it is" in overview
+    assert "cannot &lt;b&gt;read&lt;/b&gt;" in overview
+    _, _, unit = open_page.get("/units/app")
+    assert 'id="removed"' in unit and "It is tried again by the next pass." in unit
+    for body in (overview, unit):
+        assert CANARY not in body

@@ -120,7 +120,12 @@ def describe_result(outcome: UnitOutcome) -> str:
 def render_pass(result: Any) -> str:
     rev = result.revision[:12] if result.revision else "none"
     lines = [f"run {result.run_id}: {result.status} at {rev}"]
-    lines += [f"  {name}: {describe_result(o)}" for name, o in result.outcomes.items()]
+    for name, outcome in result.outcomes.items():
+        text = describe_result(outcome)
+        if (outcome.preview or outcome.waiting) and outcome.error and outcome.error not in text:
+            # What a dry run says a removal would do; which run holds a kept removal.
+            text += f"; {outcome.error}"
+        lines.append(f"  {name}: {text}")
     lines += [f"  {name}: suspended, left out (`agent resume {name}`)" for name in result.suspended]
     return "\n".join(lines)
 

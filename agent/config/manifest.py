@@ -39,6 +39,7 @@ from agent.config.yamlnodes import (
 )
 from agent.errors import ConfigError
 from agent.policy.apply import ApplyMode, within
+from agent.policy.prune import PruneMode, prune_within
 from agent.policy.rules import Rule
 from providers.errors import RepoFileError
 from providers.repofiles import MAX_MANIFEST_BYTES, MAX_SOURCE_BYTES, format_size, read_repo_file
@@ -64,6 +65,7 @@ UNIT_KEYS = (
     "secrets",
     "labels",
     "apply",
+    "prune",
 )
 _HINT = "see docs/manifest.md for every key of gitops.yaml"
 _TERRAFORM_READS = (".tf", ".tf.json", ".tfvars", ".tfvars.json", ".terraform.lock.hcl")
@@ -116,6 +118,9 @@ class Unit:
     fleet: Fleet | None = None
     # Which plans wait for `agent approve` (stacks; never looser than the host's policy.apply).
     apply: ApplyMode = ApplyMode.APPROVE_DESTROY
+    # What happens to what it created once the repository removes it (never looser than
+    # the host's policy.prune; agent/units/prune.py reads it from the unit's last definition).
+    prune: PruneMode = PruneMode.HOLD
 
     @property
     def kind(self) -> str:
@@ -133,6 +138,7 @@ class ManifestLimits:
     secret_prefixes: tuple[str, ...] = ()  # references the repo may read
     secret_backends: frozenset[str] = frozenset()  # schemes with a configured backend
     apply_ceiling: ApplyMode = ApplyMode.APPROVE_DESTROY  # the loosest `apply` allowed
+    prune_ceiling: PruneMode = PruneMode.HOLD  # the loosest `prune` allowed
     host_rules: tuple[Rule, ...] = ()  # the repository's rules cannot reuse their names
     repo_rules: str | None = None  # the repository's rules file, read with the manifest
 
@@ -146,6 +152,7 @@ class ManifestLimits:
             secret_prefixes=host.secrets.allowed,
             secret_backends=host.secrets.backends(),
             apply_ceiling=host.policy.ceiling,
+            prune_ceiling=host.policy.prune,
             host_rules=host.policy.rules,
             repo_rules=host.policy.repo_rules,
         )
@@ -291,6 +298,7 @@ class _Draft:
     drift: DriftPolicy | None
     timeout: float | None
     apply: ApplyMode
+    prune: PruneMode
     vars: dict[str, object]
     labels: dict[str, str]
     secrets: dict[str, SecretRef] = field(default_factory=dict)
@@ -312,6 +320,7 @@ class _ManifestReader:
         self.drift = DriftPolicy.REVERT
         self.timeout = limits.default_timeout
         self.apply = limits.apply_ceiling
+        self.prune = limits.prune_ceiling
         try:
             self.root: Path | None = repo_dir.resolve()
         except (OSError, RuntimeError):
@@ -345,11 +354,13 @@ class _ManifestReader:
         return tuple(self._freeze(draft) for draft in drafts)
 
     def _defaults(self, value: Value) -> None:
-        fields = value.mapping(["drift", "timeout", "apply"])
+        fields = value.mapping(["drift", "timeout", "apply", "prune"])
         if fields is None:
             return
         if found := fields.get("apply"):
             self.apply = self._apply(found) or self.apply
+        if found := fields.get("prune"):
+            self.prune = self._prune(found) or self.prune
         if found := fields.get("drift"):
             self.drift = found.choice(DriftPolicy) or self.drift
         if found := fields.get("timeout"):
@@ -361,6 +372,15 @@ class _ManifestReader:
         if mode is not None and not ceiling.allows(mode):
             allowed = ", ".join(within(ceiling))
             why = f"the host config's policy.apply is {ceiling}: a unit may only be stricter"
+            return value.fail(f"one of {allowed} ({why})", quote(str(mode)))
+        return mode
+
+    def _prune(self, value: Value) -> PruneMode | None:
+        mode = value.choice(PruneMode)
+        ceiling = self.limits.prune_ceiling
+        if mode is not None and not ceiling.allows(mode):
+            allowed = ", ".join(prune_within(ceiling))
+            why = f"the host config's policy.prune is {ceiling}: a unit may only be stricter"
             return value.fail(f"one of {allowed} ({why})", quote(str(mode)))
         return mode
 
@@ -394,6 +414,7 @@ class _ManifestReader:
             drift=self.drift,
             timeout=self.timeout,
             apply=self.apply,
+            prune=self.prune,
             vars={},
             labels={},
         )
@@ -409,6 +430,8 @@ class _ManifestReader:
             if fleet_value is not None:
                 found.fail("no apply key on a fleet unit (apply modes are for stacks)", "apply")
             draft.apply = self._apply(found) or draft.apply
+        if found := fields.get("prune"):
+            draft.prune = self._prune(found) or draft.prune
         var_fields = secret_fields = None
         if (found := fields.get("vars")) and (var_fields := found.mapping()):
             self._vars(var_fields, draft)
@@ -638,6 +661,7 @@ class _ManifestReader:
             secrets=MappingProxyType(dict(draft.secrets)),
             fleet=draft.fleet,
             apply=draft.apply,
+            prune=draft.prune,
         )
 
 

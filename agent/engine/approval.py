@@ -4,6 +4,7 @@ with the reason, and apply exactly them (nothing is planned again)."""
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from agent.config import HostConfig
@@ -69,6 +70,8 @@ class Approvals:
                 f"unit {name} is suspended", hint=f"`agent resume {name}`, then approve again"
             )
         current = self.store.current_revision()
+        if current and all(self.pruner.hold_in_force(run_id, n) for n in names):
+            run = replace(run, revision=current)  # a removed stack's hold outlives commits
         if run.revision is None or run.revision != current:
             raise ApprovalRefused(
                 f"the plan is stale: the revision in force moved since run {run_id}"

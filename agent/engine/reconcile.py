@@ -369,12 +369,16 @@ class Reconciler:
         self.scheduler.run(ctx, self._selected(ctx))
 
     def _prune(self, ctx: PassContext) -> None:
-        """Prune, hold or orphan the units the repository removed (a full, real pass only:
-        a dry run or a pass of one unit leaves them as they are)."""
+        """Prune, hold or orphan the units the repository removed (a full pass only: a pass
+        of one unit leaves them as they are; a dry run previews them)."""
         assert ctx.manifest is not None and ctx.target is not None
-        if ctx.request.dry_run or ctx.request.unit is not None or self._stop.is_set():
+        if ctx.request.unit is not None or self._stop.is_set():
             return
         request = PruneRequest(
-            ctx.run_id, ctx.target, ctx.manifest, override_window=ctx.request.override_window
+            ctx.run_id,
+            ctx.target,
+            ctx.manifest,
+            override_window=ctx.request.override_window,
+            dry_run=ctx.request.dry_run,
         )
         ctx.outcomes.update(self.pruner.run(request, self._stop.is_set))

@@ -10,16 +10,29 @@ removed from `gitops.yaml`. Once per pass (a full, real one), after the units st
               objects removed from each host, as the host ledger records them
       orphan  forget it: nothing is touched, and the store records that it was left
 
+The mode is the host's policy.prune, or the unit's own `prune:` as its last definition
+said it when that is stricter (auto < hold < orphan).
+
+A held removal whose plan is still valid (same definition, same state, same secrets and
+rules: the fingerprint kept with the run that held it) is kept as it is by later passes:
+reported, not planned again, and `agent approve` of that run still applies it.
+
+A dry run previews: each removed unit's destroy is planned (nothing saved to approve,
+nothing recorded but the preview), and what the policy would do is said beside it.
+
 A unit that comes back (a `git revert` of the removal) is no longer removed: its held
 removal is dropped, unapproved, and it reconciles as before with its state untouched.
 Nothing is forgotten silently: the state file and the history stay; only a unit whose
-removal finished (`pruned`) leaves `agent status`.
+removal finished (`pruned`) leaves `agent status`. The export of its last definition
+(`units/<unit>/removed/`) lives only while its removal is pending: it goes once the unit
+is pruned, orphaned or back, and each pass sweeps what a killed one left.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -36,6 +49,7 @@ from agent.state.runfiles import RunFiles
 from agent.state.store import RemovedUnitRow, RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext
 from agent.units.decide import Decision
+from agent.units.fingerprint import Fingerprint
 from agent.units.fleetledger import HELD_FILE
 from agent.units.fleetreport import describe_fleet
 from agent.units.fleets import FleetReconciler
@@ -51,6 +65,17 @@ ORPHANED = (
     " its state stays in the state directory"
 )
 FLEET_HELD = "removed from gitops.yaml: its removals wait for `agent approve` (policy.prune: hold)"
+# What a dry run says each policy would do with the removal it planned.
+PREVIEW = {
+    PruneMode.HOLD: "removed from gitops.yaml: policy.prune hold would hold this removal for"
+    " `agent approve`",
+    PruneMode.AUTO: "removed from gitops.yaml: policy.prune auto would apply this removal",
+    PruneMode.ORPHAN: "removed from gitops.yaml: policy.prune orphan would leave what it created"
+    " as it is; nothing would be run",
+}
+EXPORT_DIR = "removed"  # units/<unit>/removed: the export of its last definition
+# The fingerprint part that says under which policy a held plan was made.
+POLICY_PART = "prune"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +86,7 @@ class PruneRequest:
     revision: str  # the revision in force for this pass
     manifest: Manifest  # its manifest
     override_window: str | None = None
+    dry_run: bool = False  # preview only: plan, record nothing but the preview
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,27 +125,33 @@ class Pruner:
     # --- the pass step -----------------------------------------------------------------
 
     def run(self, request: PruneRequest, stop: Callable[[], bool]) -> dict[str, UnitOutcome]:
-        """Take back the units that returned, then act on every removed one."""
+        """Take back the units that returned, then act on every removed one (a dry run
+        only previews: it records nothing about them)."""
         current = set(request.manifest.names())
         removed = self.store.removed.by_unit()
-        for name in sorted(current & set(removed)):
-            self._returned(name, removed[name])
+        if not request.dry_run:
+            for name in sorted(current & set(removed)):
+                self._returned(name, removed[name])
         suspended = set(self.store.suspensions.by_unit())
         outcomes: dict[str, UnitOutcome] = {}
-        for name in self._removed_now(request, current):
-            if stop():
-                break
-            if name in suspended:
-                log.info("removed unit %s is suspended: not pruned", name)
-                continue
-            outcomes[name] = self._prune(request, name, stop)
+        try:
+            for row in self._removed_now(request, current):
+                if stop():
+                    break
+                if row.unit in suspended:
+                    log.info("removed unit %s is suspended: not pruned", row.unit)
+                    continue
+                outcomes[row.unit] = self._prune(request, row, stop)
+        finally:
+            self.sweep_exports()
         return outcomes
 
-    def _removed_now(self, request: PruneRequest, current: set[str]) -> list[str]:
-        """Units with a real result that the manifest lacks, newly found ones recorded;
-        dependents before what they depend on (by their last definitions)."""
+    def _removed_now(self, request: PruneRequest, current: set[str]) -> list[RemovedUnitRow]:
+        """Units with a real result that the manifest lacks, newly found ones recorded (a
+        dry run records nothing); dependents before what they depend on (by their last
+        definitions)."""
         removed = self.store.removed.by_unit()
-        found: list[tuple[int, str]] = []
+        found: list[tuple[int, str, RemovedUnitRow]] = []
         for state in self.store.unit_states():
             name = state.unit
             if name in current or state.last_run_id is None:
@@ -135,8 +167,8 @@ class Pruner:
                 position = self._old_manifest(row).order().index(name)
             except (AgentError, ValueError):
                 position = 0
-            found.append((position, name))
-        return [name for _, name in sorted(found, reverse=True)]
+            found.append((position, name, row))
+        return [row for _, _, row in sorted(found, key=lambda f: (f[0], f[1]), reverse=True)]
 
     def _record_removed(self, request: PruneRequest, name: str) -> RemovedUnitRow | None:
         state = self.store.unit_state(name)
@@ -150,12 +182,18 @@ class Pruner:
         kind = "fleet" if (self.layout.unit_dir(name) / "hosts").is_dir() else "stack"
         if defined_at is None:
             defined_at = request.revision  # (nothing better: its prune says it is unknown)
+        row = RemovedUnitRow(
+            name, kind, defined_at, request.revision, time.time(), "", "", None, None, 0.0
+        )
         try:
-            unit = self._old_manifest_at(name, defined_at).get_unit(name)
+            unit = self._old_manifest(row).get_unit(name)
             kind = unit.kind if unit is not None else kind
         except AgentError as exc:
             log.warning("unit %s left gitops.yaml; its definition cannot be read: %s", name, exc)
-        mode = self.host.policy.prune
+        mode = self.mode(replace(row, kind=kind))
+        if request.dry_run:
+            # Previewed as it would be found, never recorded.
+            return replace(row, kind=kind, policy=mode, status=RemovedStatus.PRUNING)
         self.store.removed.mark(
             name,
             kind=kind,
@@ -170,28 +208,61 @@ class Pruner:
     def _returned(self, name: str, row: RemovedUnitRow) -> None:
         """A removed unit is in the manifest again: its held removal can no longer apply."""
         self.store.removed.returned(name)
-        for held in (PLAN_FILE, HELD_FILE):
-            for path in self.layout.runs.glob(f"*/{name}/{held}"):
-                path.unlink(missing_ok=True)
-        RunFiles(self.store, self.layout).drop_held(name)
+        self._drop_export(name)
+        self._drop_held(name)
         if row.status != RemovedStatus.PRUNED:
             message = f"{name} is back in gitops.yaml; its removal ({row.status}) was dropped"
             log.info("%s", message)
             self.report(Event(EventKind.UNIT_LINE, unit=name, message=message))
 
-    def _prune(self, request: PruneRequest, name: str, stop: Callable[[], bool]) -> UnitOutcome:
-        mode = self.host.policy.prune
-        row = self.store.removed.by_unit()[name]
+    def _prune(
+        self, request: PruneRequest, row: RemovedUnitRow, stop: Callable[[], bool]
+    ) -> UnitOutcome:
+        name = row.unit
+        mode = self.mode(row)
         started = time.monotonic()
+        describe = describe_fleet if row.kind == "fleet" else describe_outcome
+        kept = self._kept_hold(request, row, mode)
+        if kept is not None:
+            # Still valid: reported as held, nothing run and nothing recorded again (the
+            # run that held it stays the one to approve).
+            message = describe(kept)
+            if row.run_id and row.run_id not in message:
+                message += f"; {_kept_note(row.run_id, name)}"
+            self.report(Event(EventKind.UNIT_STARTED, run_id=request.run_id, unit=name))
+            self.report(
+                Event(
+                    EventKind.UNIT_FINISHED,
+                    run_id=request.run_id,
+                    unit=name,
+                    message=message,
+                    seconds=time.monotonic() - started,
+                    result=kept,
+                )
+            )
+            return kept
         self.store.start_unit(request.run_id, name, request.revision)
         self.report(Event(EventKind.UNIT_STARTED, run_id=request.run_id, unit=name))
-        describe = describe_fleet if row.kind == "fleet" else describe_outcome
+        fingerprint: Fingerprint | None = None
         if mode is PruneMode.ORPHAN:
-            outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.ORPHAN, error=ORPHANED)
+            if request.dry_run:
+                outcome = UnitOutcome(
+                    status=UnitStatus.OK, decision=Decision.PLAN_ONLY, error=PREVIEW[mode]
+                )
+            else:
+                outcome = UnitOutcome(
+                    status=UnitStatus.OK, decision=Decision.ORPHAN, error=ORPHANED
+                )
         else:
             try:
                 definition = self.definition(request, row)
                 outcome = self._remove(definition, row, mode, started)
+                if outcome.status is UnitStatus.HELD:
+                    # Kept with the run: a later pass keeps the hold while it matches.
+                    fingerprint = self._fingerprint(request, definition, row, mode)
+                if request.dry_run and outcome.status is UnitStatus.OK:
+                    notes = [PREVIEW[mode], *([outcome.error] if outcome.error else [])]
+                    outcome = replace(outcome, error="; ".join(notes))
             except AgentError as exc:
                 outcome = UnitOutcome(status=UnitStatus.FAILED, error=exc.message)
         if outcome.error:
@@ -199,9 +270,18 @@ class Pruner:
         if stop() and outcome.status is UnitStatus.FAILED:
             outcome = replace(outcome, status=UnitStatus.INTERRUPTED)
         outcome = replace(outcome, converged=False)  # it converges to nothing: no revision
+        if request.dry_run:
+            outcome = replace(outcome, preview=True)
         RunFiles(self.store, self.layout).save_unit(request.run_id, name)
-        self.store.finish_unit(request.run_id, name, request.revision, outcome)
-        self.settle(name, outcome, request.run_id)
+        self.store.finish_unit(
+            request.run_id,
+            name,
+            request.revision,
+            outcome,
+            fingerprint=fingerprint.encode() if fingerprint else None,
+        )
+        if not request.dry_run:
+            self.settle(name, outcome, request.run_id)
         self.report(
             Event(
                 EventKind.UNIT_FINISHED,
@@ -213,6 +293,95 @@ class Pruner:
             )
         )
         return outcome
+
+    # --- a held removal that is still valid --------------------------------------------
+
+    def _kept_hold(
+        self, request: PruneRequest, row: RemovedUnitRow, mode: PruneMode
+    ) -> UnitOutcome | None:
+        """The outcome of the removal `row` holds, when its plan is still valid: held by
+        policy.prune (a hold by a rule or a window alone is decided again), its plan kept,
+        and the unit's fingerprint (definition, state, secrets, rules; a fleet's hosts'
+        records) as when it was held. None: plan again."""
+        if mode is not PruneMode.HOLD or row.status != RemovedStatus.HELD or row.run_id is None:
+            return None
+        held_file = PLAN_FILE if row.kind == "stack" else HELD_FILE
+        if not (self.layout.unit_run_dir(row.run_id, row.unit) / held_file).is_file():
+            return None
+        held = next((r for r in self.store.unit_runs(row.run_id) if r.unit == row.unit), None)
+        if held is None or held.status != UnitStatus.HELD:
+            return None
+        previous = Fingerprint.decode(held.fingerprint)
+        if previous is None:
+            return None
+        try:
+            definition = self.definition(request, row)
+            now = self._fingerprint(request, definition, row, mode)
+        except AgentError as exc:
+            log.info("%s: its held removal is planned again: %s", row.unit, exc.message)
+            return None
+        changed = now.changed_from(previous)
+        if changed:
+            log.info("%s: planned again, its %s changed", row.unit, ", ".join(changed))
+            return None
+        return UnitOutcome(
+            status=UnitStatus.HELD,
+            decision=Decision.HOLD,
+            plan_add=held.plan_add,
+            plan_change=held.plan_change,
+            plan_destroy=held.plan_destroy,
+            error="; ".join([held.error or FLEET_HELD, _kept_note(row.run_id, row.unit)]),
+            converged=False,
+            preview=request.dry_run,
+            # This pass holds nothing to approve: its notification must not name it.
+            waiting=True,
+        )
+
+    def hold_in_force(self, run_id: str, name: str) -> bool:
+        """Whether run `run_id` holds the removal of stack `name` that is still in force:
+        `agent approve` of it stays possible after the revision in force moved (the
+        removal runs from the unit's last definition, which no later commit changes;
+        Terraform refuses the plan if the state moved). A fleet's removals depend on what
+        the other units list now: never."""
+        row = self.store.removed.by_unit().get(name)
+        return (
+            row is not None
+            and row.kind == "stack"
+            and row.status == RemovedStatus.HELD
+            and row.run_id == run_id
+        )
+
+    def _fingerprint(
+        self, request: PruneRequest, definition: Definition, row: RemovedUnitRow, mode: PruneMode
+    ) -> Fingerprint:
+        """What a removal's plan was made from: a stack's inputs as a unit's (its last
+        definition, secrets, Terraform, state); for a fleet, the revision in force (what
+        the other units list) and its hosts' records; and the policy (mode and rules)."""
+        hasher = self.stacks.workspaces.hasher
+        rules = [
+            [rule.name, rule.expression, str(rule.effect), rule.source]
+            for rule in self.host.policy.rules
+        ]
+        policy = {POLICY_PART: hasher.value([str(mode), rules])}
+        if row.kind == "stack":
+            inputs = self.stacks.inputs.fingerprint(definition.ctx, definition.unit)
+            return inputs.with_parts(policy)
+        records: dict[str, object] = {}
+        fleet = definition.unit.fleet
+        for host in fleet.hosts if fleet is not None and isinstance(fleet.hosts, tuple) else ():
+            try:
+                record = self.layout.root / "hosts" / f"{host.name}.json"
+                document = json.loads(record.read_text())
+            except (OSError, ValueError):
+                document = None
+            records[host.name] = [host.address, host.port, host.user, document]
+        return Fingerprint(
+            {
+                "manifest": hasher.value(request.revision),
+                "hosts": hasher.value(records),
+                **policy,
+            }
+        )
 
     def _remove(
         self, definition: Definition, row: RemovedUnitRow, mode: PruneMode, started: float
@@ -269,6 +438,49 @@ class Pruner:
             status = RemovedStatus.PRUNING  # failed or stopped: tried again next pass
         error = outcome.error if status is not RemovedStatus.PRUNED else None
         self.store.removed.set_status(name, status, run_id=run_id, error=error)
+        if status in (RemovedStatus.PRUNED, RemovedStatus.ORPHANED):
+            self._drop_export(name)  # nothing runs from it any more
+            self._drop_held(name)  # (a hold made before the host said orphan: never applied)
+
+    def _drop_held(self, name: str) -> None:
+        """The removals held for `name` can no longer be approved (a stack's saved plan
+        holds its variables' values: it is not kept longer than it can be used)."""
+        for held in (PLAN_FILE, HELD_FILE):
+            for path in self.layout.runs.glob(f"*/{name}/{held}"):
+                path.unlink(missing_ok=True)
+        RunFiles(self.store, self.layout).drop_held(name)  # and a shared store's copies
+
+    # --- the export of a removed unit's last definition ---------------------------------
+
+    def sweep_exports(self) -> None:
+        """Remove every export no pending removal needs: those of units pruned, orphaned
+        or back, and what a dry run or a killed pass left."""
+        pending = {
+            name
+            for name, row in self.store.removed.by_unit().items()
+            if row.status in (RemovedStatus.PRUNING, RemovedStatus.HELD)
+        }
+        for export in sorted((self.layout.root / "units").glob(f"*/{EXPORT_DIR}")):
+            if export.parent.name not in pending:
+                self._drop_export(export.parent.name)
+
+    def _drop_export(self, name: str) -> None:
+        where = self.layout.unit_dir(name) / EXPORT_DIR
+        if where.exists():
+            shutil.rmtree(where, ignore_errors=True)
+            log.info("%s: the export of its last definition was removed", name)
+
+    def mode(self, row: RemovedUnitRow) -> PruneMode:
+        """What happens to the removed unit: the host's policy.prune, or the unit's own
+        `prune:` in its last definition when that is stricter."""
+        ceiling = self.host.policy.prune
+        if ceiling is PruneMode.ORPHAN:
+            return ceiling
+        try:
+            unit = self._old_manifest(row).get_unit(row.unit)
+        except AgentError:
+            return ceiling  # its prune then fails, saying why
+        return ceiling.stricter(unit.prune) if unit is not None else ceiling
 
     # --- a removed unit's last definition ----------------------------------------------
 
@@ -296,7 +508,7 @@ class Pruner:
                 revision=request.revision,
                 tree=self._tree(row),
                 manifest=manifest,
-                dry_run=False,
+                dry_run=request.dry_run,
                 secrets=resolved,
                 override_window=request.override_window,
             )
@@ -316,7 +528,7 @@ class Pruner:
             revision=request.revision,
             tree=self.layout.checkout,
             manifest=replace(now, units=(*[u for u in now.units if u.name != unit.name], bare)),
-            dry_run=False,
+            dry_run=request.dry_run,
             override_window=request.override_window,
         )
         return Definition(ctx, bare)
@@ -353,7 +565,7 @@ class Pruner:
 
     def _tree(self, row: RemovedUnitRow) -> Path:
         """An export of the revision that defines the removed unit (made once)."""
-        where = self.layout.unit_dir(row.unit) / "removed"
+        where = self.layout.unit_dir(row.unit) / EXPORT_DIR
         marker = where / "revision"
         tree = where / "tree"
         try:
@@ -372,15 +584,21 @@ class Pruner:
     def _old_manifest(self, row: RemovedUnitRow) -> Manifest:
         return self._load(self._tree(row))
 
-    def _old_manifest_at(self, name: str, revision: str) -> Manifest:
-        row = RemovedUnitRow(name, "", revision, "", 0.0, "", "", None, None, 0.0)
-        return self._old_manifest(row)
-
     def _load(self, tree: Path) -> Manifest:
         try:
-            return load_manifest(tree, ManifestLimits.from_host(self.host))
+            # Any `prune:` is read: the host's policy.prune bounds it when it is used (the
+            # ceiling may have changed since; that must not make the definition unreadable).
+            limits = replace(ManifestLimits.from_host(self.host), prune_ceiling=PruneMode.AUTO)
+            return load_manifest(tree, limits)
         except ConfigError as exc:
             raise PruneError(
                 "the revision that last defined it is not valid under this host config:"
                 f" {exc.message}"
             ) from exc
+
+
+def _kept_note(run_id: str, name: str) -> str:
+    return (
+        f"still held by run {run_id}, not planned again (nothing it was planned from"
+        f" changed): `agent approve {run_id} --unit {name}`"
+    )

@@ -18,7 +18,14 @@ from agent.config.manifest import Manifest
 from agent.errors import NotFoundError
 from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
-from agent.state.store import RevisionStatus, RunStore, UnitRunRow, UnitStateRow, UnitStatus
+from agent.state.store import (
+    RemovedUnitRow,
+    RevisionStatus,
+    RunStore,
+    UnitRunRow,
+    UnitStateRow,
+    UnitStatus,
+)
 from agent.units.decide import Decision
 from agent.units.fleetledger import HELD_FILE
 from agent.units.views import LOG_FILES, host_results, logs_view, unit_view
@@ -47,14 +54,18 @@ def unit_status(
     drifted: bool,
     suspended: bool,
     known: bool,
+    removed: str | None = None,
 ) -> str:
-    """The one word the page shows for a unit (and colours it by)."""
+    """The one word the page shows for a unit (and colours it by); `removed`: where a unit
+    the repository removed stands (pruning, held, orphaned: docs/policy.md, "Prune")."""
     if suspended:
         return "suspended"
     if state is None:
         return "pending"  # in the manifest, not reconciled yet
     if not known:
-        return "orphaned"  # reconciled once, no longer in the manifest in force
+        # Reconciled once, no longer in the manifest in force: what its prune did so far
+        # ("removed" until a pass has found it).
+        return removed or "removed"
     last = state.last_status
     if last in (UnitStatus.RUNNING, UnitStatus.FAILED, UnitStatus.HELD, UnitStatus.BLOCKED):
         return str(last)
@@ -111,6 +122,7 @@ def overview_page(
     revision = store.current_revision()
     last_rows = store.last_unit_runs()
     suspended = store.suspensions.by_unit()
+    gone = store.removed.by_unit()
     if manifest is not None:
         order = list(manifest.order())
         deps = {u.name: u.depends_on for u in manifest.units}
@@ -122,11 +134,16 @@ def overview_page(
     units = []
     for name in order:
         state, view, row = states.get(name), by_name.get(name, {}), last_rows.get(name)
+        removed = removed_entry(gone.get(name), name)
+        # Before the page has a manifest (no pass since start), the store's word counts.
+        known = manifest.get_unit(name) is not None if manifest is not None else not removed
+        removed = None if known else removed
         word = unit_status(
             state,
             drifted=bool(view.get("drift")),
             suspended=name in suspended,
-            known=manifest is None or manifest.get_unit(name) is not None,
+            known=known,
+            removed=removed["status"] if removed else None,
         )
         hosts = view.get("hosts") or []
         units.append(
@@ -146,6 +163,7 @@ def overview_page(
                 "error": row.error if row and word in ("failed", "blocked") else None,
                 "hosts": len(hosts),
                 "held_run": state.last_run_id if word == "held" and state else None,
+                "removed": removed,
             }
         )
     head = last.get("head_revision") if last else None
@@ -166,6 +184,23 @@ def overview_page(
         "units": units,
         "columns": columns,
         "counts": _count(units),
+    }
+
+
+def removed_entry(row: RemovedUnitRow | None, name: str) -> dict[str, Any] | None:
+    """What the page says of a unit the repository removed, as `agent status` does."""
+    if row is None or row.status == "pruned":
+        return None
+    return {
+        "status": row.status,
+        "policy": row.policy,
+        "since": row.since,
+        "removed_at": row.removed_at[:12],
+        "run": row.run_id,
+        "error": row.error,
+        "command": f"agent approve {row.run_id} --unit {name}"
+        if row.status == "held" and row.run_id
+        else None,
     }
 
 
@@ -204,11 +239,15 @@ def unit_page(
     if run is None:  # the newest run on this page that left output (a page's worth of stats)
         run = files.first_with(name, [r.run_id for r in rows], LOG_FILES)
     entry = unit_view(state, layout) if state else {}
+    removed = removed_entry(store.removed.by_unit().get(name), name)
+    if manifest is not None and known:
+        removed = None  # back in gitops.yaml (the next pass drops the row)
     word = unit_status(
         state,
         drifted=bool(entry.get("drift")),
         suspended=name in store.suspensions.by_unit(),
-        known=manifest is None or known,
+        known=known if manifest is not None else not removed,
+        removed=removed["status"] if removed else None,
     )
     logs = logs_view(store, layout, name, run) if run is not None else None
     output = None
@@ -240,7 +279,8 @@ def unit_page(
         "dependents": sorted(manifest.dependents(name)) if manifest and unit else [],
         "revision": _commit(commit, state.revision if state else None),
         "converged_at": state.converged_at if state else None,
-        "error": last.error if last and word in ("failed", "blocked") else None,
+        "error": last.error if last and word in ("failed", "blocked", "pruning") else None,
+        "removed": removed,
         "blocked": blocked,
         "held": held,
         "hosts": [_host(h) for h in entry.get("hosts") or []],
