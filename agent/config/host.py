@@ -29,6 +29,7 @@ from agent.config.service import (
 )
 from agent.config.ssh import HostsConfig, read_hosts
 from agent.config.statebackend import StateBackendConfig, read_state_backend
+from agent.config.cluster import ClusterConfig, read_cluster
 from agent.config.store import StoreConfig, read_store
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError
@@ -150,6 +151,7 @@ class HostConfig:
     proposals: ProposalsConfig | None = None  # None: proposed changes are never planned
     forge: ForgeConfig | None = None  # commit statuses and comments (docs/forges.md)
     store: StoreConfig | None = None  # None: the SQLite file in state_dir
+    cluster: ClusterConfig | None = None  # None: agents on a shared store take turns
 
 
 def resolve_host_config_path(cli_value: str | None, environ: Mapping[str, str]) -> Path:
@@ -216,6 +218,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
             "proposals",
             "forge",
             "store",
+            "cluster",
             *SERVICE_KEYS,
         ]
     )
@@ -239,6 +242,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
     proposals = read_proposals(fields.get("proposals"), policy.max_unit_timeout)
     forge = read_forge(fields.get("forge"), base_dir, _path)
     store = read_store(fields.get("store"), base_dir, _path)
+    cluster = read_cluster(fields.get("cluster"), has_store=fields.get("store") is not None)
     if problems or repo is None:
         return None
     return HostConfig(
@@ -256,6 +260,7 @@ def _read(root: Value, problems: Problems, filename: str, base_dir: Path) -> Hos
         proposals=proposals,
         forge=forge,
         store=store,
+        cluster=cluster,
     )
 
 
