@@ -99,3 +99,11 @@ class PruneError(AgentError):
 
     reference = "prune-failed"
     retryable = True
+
+
+class LeaseLostError(AgentError):
+    """Another agent took over a unit's lease (scale-out mode, docs/scale-out.md): this agent
+    stops the unit's work before it changes anything."""
+
+    reference = "lease-lost"
+    retryable = True

@@ -6,7 +6,7 @@
       labels: {zone: eu-west-1a}
       lease_ttl: 30s
       affinity:
-        "prod-*": {zone: eu-west-1a}   # units matching the glob run only on agents with these labels
+        "prod-*": {zone: eu-west-1a}   # units matching it run only on agents so labelled
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
 
+from agent.config.cluster import ClusterConfig, read_cluster
 from agent.config.forge import ForgeConfig, read_forge
 from agent.config.policy import read_repo_rules_path, read_rules, read_windows
 from agent.config.proposals import ProposalsConfig, read_proposals
@@ -29,7 +30,6 @@ from agent.config.service import (
 )
 from agent.config.ssh import HostsConfig, read_hosts
 from agent.config.statebackend import StateBackendConfig, read_state_backend
-from agent.config.cluster import ClusterConfig, read_cluster
 from agent.config.store import StoreConfig, read_store
 from agent.config.yamlnodes import Fields, Problems, Value, compose, decode, quote
 from agent.errors import ConfigError

@@ -3,11 +3,13 @@ with the reason, and apply exactly them (nothing is planned again)."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import replace
 from pathlib import Path
 
 from agent.config import HostConfig
+from agent.engine.clustermode import ClusterMode
 from agent.engine.passes import ApprovalRefused, PassContext
 from agent.errors import NotFoundError
 from agent.policy.windows import WINDOW_CLOSED
@@ -41,6 +43,7 @@ class Approvals:
         self.fleets = fleets
         self.pruner = pruner
         self._stop = stop
+        self.cluster: ClusterMode | None = None  # scale-out mode (set by the Reconciler)
 
     def held_plans(self, run_id: str, unit: str | None) -> tuple[str, dict[str, Path]]:
         """The revision of run `run_id` and the plan files of its held units (or `unit`'s)."""
@@ -135,7 +138,10 @@ class Approvals:
                 if unit_kind is not None and unit_kind.fleet is not None
                 else self.stacks.apply_saved
             )
-            ctx.outcomes[name] = apply_saved(stack_ctx, name, run_id, held[name])
+            work = functools.partial(apply_saved, stack_ctx, name, run_id, held[name])
+            # In a cluster, under the unit's lease as any apply.
+            cluster = self.cluster
+            ctx.outcomes[name] = cluster.leased(name, work) if cluster else work()
         RunFiles(self.store, self.layout).drop_consumed(run_id, held)
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from agent.config import Manifest
+from agent.engine.clusterpass import ClusterPass
 from agent.errors import AgentError
 from agent.state.store import RunStatus, UnitOutcome, UnitStatus
 from agent.units.secrets import ResolvedSecrets
@@ -51,6 +52,7 @@ class PassContext:
     secrets: ResolvedSecrets = field(default_factory=ResolvedSecrets)
     selected: list[str] | None = None  # the units this pass reconciles, once chosen
     suspended: list[str] = field(default_factory=list)  # units it left out as suspended
+    cluster: ClusterPass | None = None  # cluster mode: this pass's part (clusterpass.py)
 
 
 @dataclass(frozen=True, slots=True)

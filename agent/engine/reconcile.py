@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from agent.config import HostConfig, Manifest, ManifestLimits
 from agent.core.progress import Event, EventKind, Reporter, silent
 from agent.core.redact import Redactor
 from agent.engine.approval import Approvals
+from agent.engine.clustermode import ClusterMode
 from agent.engine.passes import (
     ApprovalRefused,
     PassContext,
@@ -68,6 +70,8 @@ class Reconciler:
         # One redactor for everything this agent writes or shows (see agent.core.redact).
         self.redactor = Redactor()
         self.store = open_run_store(host, redactor=self.redactor)
+        self.store.agent = host.cluster.agent if host.cluster else socket.gethostname()
+        self.cluster = ClusterMode.from_host(host, self.redactor)  # None: one agent
         self.report: Reporter = lambda event: reporter(
             replace(event, message=self.redactor.redact(event.message))
         )
@@ -104,9 +108,11 @@ class Reconciler:
         self.scheduler = UnitScheduler(
             host, self.layout, self.store, self.stacks, self.fleets, self._stop
         )
+        self.scheduler.cluster, self.scheduler.secrets = self.cluster, self.secrets
         self.approvals = Approvals(
             host, self.layout, self.store, self.stacks, self.fleets, self.pruner, self._stop
         )
+        self.approvals.cluster = self.cluster
         self.revisions = RevisionGate(host, self.layout, self.store, self.source, self.report)
         self.steps: list[tuple[str, Step]] = [
             ("fetch", self.revisions.fetch),
@@ -118,6 +124,8 @@ class Reconciler:
         ]
 
     def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
         self.store.close()
 
     def interrupt(self) -> None:
@@ -197,7 +205,9 @@ class Reconciler:
         store, the store's too, so that two agents on one store never run at once."""
         lock = PassLock(self.layout.root)
         lock.acquire(wait=wait)
-        with lock, self.store.exclusive(wait=wait):
+        # In a cluster the agents run at once: unit leases keep them apart instead.
+        alone = self.cluster is None
+        with lock, self.store.exclusive(wait=wait) if alone else contextlib.nullcontext():
             yield lock
 
     def _recover(self) -> None:
@@ -206,7 +216,8 @@ class Reconciler:
         for note in end_leftovers(self.children, self.layout.root / "units"):
             log.warning("%s", note)
             self.report(Event(EventKind.RECOVERED, message=note))
-        for run_id in self.store.recover_interrupted():
+        ended = self.cluster.recover() if self.cluster else self.store.recover_interrupted()
+        for run_id in ended:
             self.stacks.finish_cut_logs(run_id)
             self.report(Event(EventKind.RECOVERED, message=f"run {run_id} was interrupted"))
 
@@ -346,6 +357,10 @@ class Reconciler:
         if left_out:
             log.info("run %s: left out: %s", ctx.run_id, ", ".join(left_out))
         ctx.selected = [n for n in wanted if n not in left_out]
+        if self.cluster is not None:
+            ctx.cluster, ctx.selected = self.cluster.for_pass(
+                ctx.manifest, ctx.target, ctx.selected, self._stop, ctx.warnings.append
+            )
         return ctx.selected
 
     def _resolve_secrets(self, ctx: PassContext) -> None:
@@ -374,6 +389,8 @@ class Reconciler:
         assert ctx.manifest is not None and ctx.target is not None
         if ctx.request.unit is not None or self._stop.is_set():
             return
+        if ctx.cluster is not None and not ctx.cluster.owns_prune():
+            return  # one agent of a cluster prunes
         request = PruneRequest(
             ctx.run_id,
             ctx.target,

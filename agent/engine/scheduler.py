@@ -8,11 +8,13 @@ import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from agent.config import DriftPolicy, HostConfig, Manifest
+from agent.engine.clustermode import ClusterMode
 from agent.engine.passes import CONVERGED, PassContext
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext
 from agent.units.fleets import FleetReconciler
+from agent.units.secrets import SecretResolver
 from agent.units.stacks import StackReconciler
 
 
@@ -34,6 +36,9 @@ class UnitScheduler:
         self.stacks = stacks
         self.fleets = fleets
         self._stop = stop
+        # Scale-out mode (set by the Reconciler): units run through the pass's ClusterPass.
+        self.cluster: ClusterMode | None = None
+        self.secrets: SecretResolver | None = None
 
     def run(self, ctx: PassContext, names: list[str]) -> None:
         """Reconcile the units in dependency order, independent ones in parallel."""
@@ -51,14 +56,27 @@ class UnitScheduler:
             hosts_only=ctx.request.hosts,
             changed_only=ctx.request.changed_only,
             drift_intervals=self.drift_intervals(manifest),
+            guard=ctx.cluster.guard if ctx.cluster else None,
         )
         selected = set(names)
         pending = set(names)
         running: dict[Future[UnitOutcome], str] = {}
+        if (cluster := ctx.cluster) is not None and self.cluster is not None:
+            mode, secrets = self.cluster, self.secrets
+            assert secrets is not None
+            cluster.work = lambda n: mode.unit_work(
+                cluster, stack_ctx, n, self.stacks, self.fleets, secrets
+            )
         with ThreadPoolExecutor(
             max_workers=self.host.terraform.parallelism, thread_name_prefix="unit"
         ) as pool:
             while pending or running:
+                if cluster is not None:  # units gained from an agent that died meanwhile
+                    for name in cluster.gained():
+                        if name not in ctx.outcomes and name not in running.values():
+                            pending.add(name)
+                            selected.add(name)
+                    names = [n for n in cluster.candidates if n in selected]
                 self._block_dependents(stack_ctx, pending, ctx.outcomes, selected)
                 if self._stop.is_set():
                     pending.clear()
@@ -68,12 +86,19 @@ class UnitScheduler:
                         pending.discard(name)
                         kind = manifest.get_unit(name).kind
                         reconciler = self.fleets if kind == "fleet" else self.stacks
-                        running[pool.submit(reconciler.reconcile, stack_ctx, name)] = name
+                        if cluster is not None and cluster.work is not None:
+                            running[pool.submit(cluster.work(name))] = name
+                        else:
+                            running[pool.submit(reconciler.reconcile, stack_ctx, name)] = name
                 if not running:
                     continue
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                # (in a cluster, a look every second for units gained meanwhile)
+                tick = 1.0 if cluster is not None else None
+                done, _ = wait(running, timeout=tick, return_when=FIRST_COMPLETED)
                 for future in done:
                     ctx.outcomes[running.pop(future)] = future.result()
+        if cluster is not None:
+            cluster.finish(ctx.outcomes)
 
     def drift_intervals(self, manifest: Manifest) -> dict[str, float | None]:
         """Each unit's drift interval (its own, else the host's); None for `drift: ignore`."""

@@ -70,6 +70,7 @@ class StoreDatabase:
         self.read_only = read_only
         self._lock = threading.Lock()
         self._retry_for = retry_for
+        self.agent: str | None = None  # recorded with each run (which agent ran it)
         self.postgres = url is not None
         if url is not None:
             self._open_postgres(url)

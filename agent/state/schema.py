@@ -169,6 +169,28 @@ CREATE TABLE IF NOT EXISTS run_files (
 );
 """
 
+# Scale-out mode (docs/scale-out.md): the agents sharing a PostgreSQL store, the unit
+# leases, and which agent ran each pass (agent/state/cluster.py).
+_SCHEMA_CLUSTER = """
+CREATE TABLE IF NOT EXISTS cluster_agents (
+    name TEXT PRIMARY KEY,
+    labels TEXT NOT NULL,          -- JSON object
+    started_at REAL NOT NULL,
+    heartbeat_at REAL NOT NULL,    -- the database's clock, as every lease time
+    draining INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER,
+    host TEXT
+);
+CREATE TABLE IF NOT EXISTS unit_leases (
+    unit TEXT PRIMARY KEY,
+    agent TEXT NOT NULL,
+    token INTEGER NOT NULL,        -- fencing token: one more on every change of holder
+    acquired_at REAL NOT NULL,
+    expires_at REAL NOT NULL       -- released: set to the release time (the row stays)
+);
+ALTER TABLE runs ADD COLUMN agent TEXT;
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -180,5 +202,6 @@ MIGRATIONS: list[str] = [
     _SCHEMA_RUN_FINGERPRINT,
     _SCHEMA_REMOVED_UNITS,
     _SCHEMA_RUN_FILES,
+    _SCHEMA_CLUSTER,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -106,9 +106,18 @@ class RunStore(StoreDatabase):
         run_id = new_run_id()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO runs (id, started_at, trigger, dry_run, unit_filter, status, pid)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, time.time(), trigger, int(dry_run), unit_filter, RunStatus.RUNNING, pid),
+                "INSERT INTO runs (id, started_at, trigger, dry_run, unit_filter, status, pid,"
+                " agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    time.time(),
+                    trigger,
+                    int(dry_run),
+                    unit_filter,
+                    RunStatus.RUNNING,
+                    pid,
+                    self.agent,
+                ),
             )
         return run_id
 

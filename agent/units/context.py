@@ -6,7 +6,7 @@ depend on it and not on each other.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,9 @@ class StackContext:
     changed_only: bool = False
     # Each unit's drift interval in seconds (None: `drift: ignore`), for changed-only.
     drift_intervals: Mapping[str, float | None] = field(default_factory=dict)
+    # Cluster mode: called with the unit's name immediately before anything is applied;
+    # raises LeaseLostError when another agent took the unit over (agent/engine/clusterpass.py).
+    guard: Callable[[str], None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -319,6 +319,11 @@ class FleetReconciler:
             return HostReport(host=plan.spec.name, error=plan.error)
         if self._stop.is_set():
             return HostReport(host=plan.spec.name, error="interrupted before it was converged")
+        if apply and ctx.guard is not None:
+            try:
+                ctx.guard(unit.name)  # cluster mode: the lease, checked before each host
+            except AgentError as exc:
+                return HostReport(host=plan.spec.name, error=exc.message)
         try:
             transport = host_transport(self.host.hosts, self.ec2, unit, fleet, plan.spec)
         except FleetError as exc:

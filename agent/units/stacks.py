@@ -205,6 +205,8 @@ class StackReconciler:
             held = verdict.decision is Decision.HOLD
             if verdict.decision is Decision.APPLY:
                 self._check_stop(unit)
+                if ctx.guard is not None:
+                    ctx.guard(unit.name)  # cluster mode: the lease, checked before apply
                 self._phase(ctx, unit, "apply")
                 with self._log(ctx, unit, run_dir / "apply.txt") as apply_log:
                     self._terraform(

@@ -1,0 +1,168 @@
+"""This agent as a member of a cluster (docs/scale-out.md): registered in the store, a
+heartbeat thread, the leases it holds, and a watcher of the live set.
+
+Every `lease_ttl / 3` the heartbeat renews this agent's row and every lease it holds, in
+one transaction on a connection of its own (a long pass never delays it). A lease whose
+token no longer matches was taken over: it is marked lost, and the unit's check before
+apply fails. When the live set changes (an agent joined, drained or stopped beating),
+`on_change(before, after)` is called from the heartbeat thread: the daemon uses it to run
+a pass when this agent gained units.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+from agent.config.cluster import ClusterConfig
+from agent.engine.sharding import Member
+from agent.errors import AgentError
+from agent.state.cluster import AgentRow, ClusterStore, Lease, Refused
+from agent.state.store import RunStore
+
+log = logging.getLogger(__name__)
+
+OnChange = Callable[[frozenset[Member], frozenset[Member]], None]
+
+
+class Membership:
+    """Registration, heartbeat and held leases of one agent."""
+
+    def __init__(self, config: ClusterConfig, store: RunStore) -> None:
+        """`store`: a PostgreSQL run store opened for this membership alone."""
+        self.config = config
+        self.name = config.agent
+        self.store = store
+        self.leases = ClusterStore(store, config.agent, config.lease_ttl)
+        self.on_change: OnChange | None = None
+        self._held: dict[str, Lease] = {}
+        self._lost: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._live: frozenset[Member] | None = None
+        self.draining = False
+        self.renew_failures = 0  # heartbeats or lease renewals that failed (metrics)
+        self.beats = 0
+
+    @property
+    def interval(self) -> float:
+        return self.config.lease_ttl / 3
+
+    def join(self) -> None:
+        """Register (StoreError if the name is in use) and start the heartbeat; once."""
+        if self._thread is not None:
+            return
+        self.leases.register(self.config.labels, pid=os.getpid(), host=socket.gethostname())
+        self._live = self.live()
+        self._thread = threading.Thread(target=self._beat, name="cluster-heartbeat", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the heartbeat; leases still held are released and the agent counted out at
+        once (so the others need not wait one TTL)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(self.interval + 5)
+            try:
+                self.leases.release_all()
+                self.leases.set_draining(True)
+            except AgentError as exc:
+                log.warning("cluster: could not hand over at stop: %s", exc.message)
+        self.store.close()
+
+    def drain(self) -> None:
+        """Take no more units; count this agent out (the running unit's lease is released
+        when the unit ends)."""
+        self.draining = True
+        self.leases.set_draining(True)
+
+    def live(self) -> frozenset[Member]:
+        """The live agents now (heartbeat within the TTL, not draining)."""
+        return frozenset(Member(a.name, a.labels) for a in self.leases.agents() if a.live)
+
+    def agents(self) -> list[AgentRow]:
+        return self.leases.agents()
+
+    # --- leases ---------------------------------------------------------------------
+
+    def acquire(self, unit: str) -> Lease | Refused:
+        lease = self.leases.acquire(unit)
+        if isinstance(lease, Lease):
+            with self._lock:
+                self._held[unit] = lease
+                self._lost.discard(unit)
+        return lease
+
+    def still_holds(self, unit: str) -> bool:
+        """Check the unit's lease against the store now (token compare, renewing it)."""
+        with self._lock:
+            lease = self._held.get(unit)
+            if lease is None or unit in self._lost:
+                return False
+        try:
+            held = self.leases.check(lease)
+        except AgentError as exc:
+            log.warning("cluster: the lease of %s could not be checked: %s", unit, exc.message)
+            held = False
+        if not held:
+            with self._lock:
+                self._lost.add(unit)
+                self.renew_failures += 1
+        return held
+
+    def release(self, unit: str) -> None:
+        with self._lock:
+            lease = self._held.pop(unit, None)
+            self._lost.discard(unit)
+        if lease is not None:
+            self.leases.release(lease)
+
+    def held(self) -> dict[str, int]:
+        with self._lock:
+            return {unit: lease.token for unit, lease in self._held.items()}
+
+    # --- the heartbeat --------------------------------------------------------------
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.beat()
+            except Exception:  # the thread must outlive a bad beat (the store down)
+                log.exception("cluster: heartbeat failed")
+
+    def beat(self) -> None:
+        """One heartbeat: renew, then look at the live set."""
+        try:
+            lost = self.leases.heartbeat(self.held())
+        except AgentError as exc:
+            self.renew_failures += 1
+            log.warning("cluster: heartbeat not written: %s", exc.message)
+            return
+        self.beats += 1
+        if lost:
+            self.renew_failures += len(lost)
+            log.warning("cluster: lease lost (another agent took it): %s", ", ".join(lost))
+            with self._lock:
+                self._lost.update(lost)
+        now = self.live()
+        before, self._live = self._live, now
+        if before is not None and now != before:
+            gone = sorted(m.name for m in before - now)
+            came = sorted(m.name for m in now - before)
+            log.info(
+                "cluster: live agents changed (left: %s; joined: %s)",
+                ", ".join(gone) or "none",
+                ", ".join(came) or "none",
+            )
+            for agent in self.leases.agents():
+                dead = agent.heartbeat_age >= self.config.lease_ttl
+                if agent.name in gone and dead and agent.name != self.name:
+                    self.leases.end_runs_of(
+                        agent.name, f"agent {agent.name} stopped beating during this pass"
+                    )
+            if self.on_change is not None:
+                self.on_change(before, now)

@@ -1,0 +1,50 @@
+"""Which live agent owns which unit: rendezvous (highest random weight) hashing.
+
+Every agent computes the same answer from the same inputs (the unit's name, the live
+agents' names and labels, the affinity rules), with no coordination: each unit goes to
+the agent with the highest hash of (agent, unit) among the agents whose labels satisfy
+the unit's affinity. When an agent leaves, only its units move; when one joins, it takes
+about 1/N of the units from the others.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from agent.config.cluster import ClusterConfig
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """A live agent as sharding sees it."""
+
+    name: str
+    labels: Mapping[str, str]
+
+
+def weight(agent: str, unit: str) -> int:
+    """The agent's weight for the unit (the same on every host and Python)."""
+    digest = hashlib.sha256(f"{agent}\0{unit}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def eligible(member: Member, required: Mapping[str, str]) -> bool:
+    return all(member.labels.get(key) == value for key, value in required.items())
+
+
+def owner(unit: str, members: Iterable[Member], required: Mapping[str, str]) -> str | None:
+    """The agent that owns `unit`, or None when no live agent has the labels it needs."""
+    candidates = [m.name for m in members if eligible(m, required)]
+    if not candidates:
+        return None
+    return max(candidates, key=lambda name: (weight(name, unit), name))
+
+
+def assign(
+    units: Iterable[str], members: Iterable[Member], config: ClusterConfig
+) -> dict[str, str | None]:
+    """Each unit's owner (None: no live agent matches its affinity)."""
+    live = list(members)
+    return {unit: owner(unit, live, config.required_labels(unit)) for unit in units}
