@@ -201,5 +201,5 @@ def _members(membership: Membership) -> list[Member]:
     if membership.draining:
         live.pop(me, None)
     else:
-        live[me] = Member(me, membership.config.labels)
+        live[me] = Member.of(me, membership.config.labels)
     return list(live.values())

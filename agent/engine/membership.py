@@ -74,6 +74,10 @@ class Membership:
                 log.warning("cluster: could not hand over at stop: %s", exc.message)
         self.store.close()
 
+    def stop_heartbeat(self) -> None:
+        """No more heartbeats (the leases held run out within one TTL); `close` also."""
+        self._stop.set()
+
     def drain(self) -> None:
         """Take no more units; count this agent out (the running unit's lease is released
         when the unit ends)."""
@@ -82,7 +86,7 @@ class Membership:
 
     def live(self) -> frozenset[Member]:
         """The live agents now (heartbeat within the TTL, not draining)."""
-        return frozenset(Member(a.name, a.labels) for a in self.leases.agents() if a.live)
+        return frozenset(Member.of(a.name, a.labels) for a in self.leases.agents() if a.live)
 
     def agents(self) -> list[AgentRow]:
         return self.leases.agents()

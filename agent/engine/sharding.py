@@ -21,7 +21,11 @@ class Member:
     """A live agent as sharding sees it."""
 
     name: str
-    labels: Mapping[str, str]
+    labels: tuple[tuple[str, str], ...]  # sorted (key, value) pairs: a Member is hashable
+
+    @classmethod
+    def of(cls, name: str, labels: Mapping[str, str]) -> Member:
+        return cls(name, tuple(sorted(labels.items())))
 
 
 def weight(agent: str, unit: str) -> int:
@@ -31,7 +35,8 @@ def weight(agent: str, unit: str) -> int:
 
 
 def eligible(member: Member, required: Mapping[str, str]) -> bool:
-    return all(member.labels.get(key) == value for key, value in required.items())
+    have = dict(member.labels)
+    return all(have.get(key) == value for key, value in required.items())
 
 
 def owner(unit: str, members: Iterable[Member], required: Mapping[str, str]) -> str | None:
