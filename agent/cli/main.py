@@ -274,6 +274,27 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag(q, "what was restored")
 
     p = command(
+        "cluster",
+        "show the agents sharing the store, the units each owns, and the leases held",
+        "  agent cluster\n  agent cluster --json",
+        "Scale-out mode (host config `cluster:`): see docs/scale-out.md.",
+    )
+    json_flag(p, "the agents and leases")
+
+    p = command(
+        "drain",
+        "hand this agent's units to the others before a planned stop",
+        "  agent drain && systemctl stop gitops-agent",
+        "The running agent takes no new unit, lets its running unit finish, gives its\n"
+        "leases back and counts itself out: the others take its units over at once.\n"
+        "A restart of the agent makes it take units again.",
+    )
+    p.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the running unit"
+    )
+    json_flag(p, "the answer")
+
+    p = command(
         "completion",
         "print a shell completion script",
         "  agent completion bash > ~/.local/share/bash-completion/completions/agent\n"
@@ -651,6 +672,31 @@ def cmd_service(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from agent.cli.cluster import cluster_view, render_cluster
+
+    view = cluster_view(_host(args))
+    _print_json(view) if args.json else print(render_cluster(view))
+    return EXIT_OK
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    from agent.cli.cluster import drain
+
+    host = _host(args)
+    if (client := _daemon(host)) is None:
+        raise AgentError(
+            f"no agent runs on {host.service.control_socket}: nothing to drain",
+            hint="`agent drain` asks the running agent (`agent run`) to hand its units over",
+        )
+    answer = drain(client, host, timeout=args.timeout, say=lambda m: print(m, file=sys.stderr))
+    if args.json:
+        _print_json(answer)
+    else:
+        print(f"agent {answer['agent']} is draining: it holds no lease; the others run its units")
+    return EXIT_OK
+
+
 def cmd_history(args: argparse.Namespace) -> int:
     from agent.cli.views import history_view, render_history
 
@@ -830,6 +876,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": cmd_status,
     "logs": cmd_logs,
     "history": cmd_history,
+    "cluster": cmd_cluster,
+    "drain": cmd_drain,
     "proposals": cmd_proposals,
     "validate": cmd_validate,
     "version": cmd_version,

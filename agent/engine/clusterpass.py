@@ -66,6 +66,7 @@ class ClusterPass:
         self.owners = assign(names, _members(self.membership), self.config)
         me = self.membership.name
         mine = [n for n in names if self.owners[n] == me]
+        self.membership.owned = len(mine)
         chosen = set(names)
         needed = {
             d

@@ -46,6 +46,7 @@ class Membership:
         self._live: frozenset[Member] | None = None
         self.draining = False
         self.renew_failures = 0  # heartbeats or lease renewals that failed (metrics)
+        self.owned = 0  # units this agent owned in its last pass (metrics)
         self.beats = 0
 
     @property
@@ -87,6 +88,11 @@ class Membership:
     def live(self) -> frozenset[Member]:
         """The live agents now (heartbeat within the TTL, not draining)."""
         return frozenset(Member.of(a.name, a.labels) for a in self.leases.agents() if a.live)
+
+    @property
+    def live_count(self) -> int:
+        """How many agents were live at the last look (metrics)."""
+        return len(self._live or ())
 
     def agents(self) -> list[AgentRow]:
         return self.leases.agents()

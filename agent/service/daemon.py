@@ -36,7 +36,8 @@ from agent.core.progress import Event
 from agent.core.redact import install_logging_redaction, remove_logging_redaction
 from agent.engine.reconcile import ApprovalRefused, Reconciler
 from agent.errors import AgentError
-from agent.service import sdnotify
+from agent.service import clustermetrics, sdnotify
+from agent.service.clusterwatch import ClusterWatch
 from agent.service.control import ControlServer, register_error_type
 from agent.service.forge_report import make_reporter
 from agent.service.hostwatch import HostWatch
@@ -136,6 +137,15 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
         )
         self.watchdog = sdnotify.Watchdog()
+        # Scale-out mode: a pass when this agent gains units; metrics of its membership.
+        cluster = self.reconciler.cluster
+        if cluster is not None:
+            self.clusterwatch = ClusterWatch(
+                cluster,
+                lambda: self.planner.manifest,
+                lambda: self.queue.add("cluster", full=True),
+            )
+            clustermetrics.register(self.metrics.registry, cluster.membership)
         self._signal = threading.Event()
         self._signals_seen = 0
 
@@ -242,6 +252,8 @@ class Daemon:
                 self.http.stop()
             self.control.stop()
             raise
+        if self.reconciler.cluster is not None:
+            self.reconciler.cluster.join()  # live (and its name checked) before any pass
         self.notifier.start()
         if self.forge is not None:
             self.forge.start()
@@ -279,6 +291,8 @@ class Daemon:
             self.web.stop()
         for waiter in self.queue.close():
             waiter.error(AgentError("the agent is stopping: the pass you asked for did not run"))
+        if self.reconciler.cluster is not None:
+            self._drain()
         busy = self.worker.running
         self.reconciler.interrupt()
         if busy:
@@ -311,6 +325,20 @@ class Daemon:
         # tests, may start another one).
         remove_logging_redaction(self.redactor)
         return 0
+
+    def _drain(self) -> None:
+        """Scale-out mode: hand the units over before stopping. Counted out at once, the
+        agent takes no new unit and lets the running one finish (up to
+        `daemon.stop_timeout`; then the stop goes on as without a cluster)."""
+        assert self.reconciler.cluster is not None
+        try:
+            self.reconciler.cluster.membership.drain()
+        except AgentError as exc:
+            log.warning("cluster: could not mark this agent draining: %s", exc.message)
+        if self.worker.running:
+            log.info("draining: waiting for %s to finish its running unit", self.worker.running)
+            if self.worker.join(self.service.daemon.stop_timeout):
+                log.info("drained: the other agents take this agent's units")
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signals_seen += 1

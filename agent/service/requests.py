@@ -89,8 +89,24 @@ class ControlRequests:
                 # A push it missed while suspended is applied now, not at the next timer.
                 self._queue.add("resume", unit=unit)
             reply.result(result)
+        elif op == "drain":
+            reply.result(self._drain())
         else:
             raise AgentError(f"unknown control request {op!r}")
+
+    def _drain(self) -> dict[str, Any]:
+        """`agent drain`: take no new unit, count this agent out (idempotent: the CLI asks
+        again until no lease is held)."""
+        cluster = self._reconciler.cluster
+        if cluster is None:
+            raise AgentError(
+                "this agent is not in a cluster (no `cluster:` in its host config)",
+                hint="see docs/scale-out.md",
+            )
+        if not cluster.membership.draining:
+            cluster.membership.drain()
+        held = sorted(cluster.membership.held())
+        return {"agent": cluster.name, "draining": True, "held": held}
 
     def _known(self) -> list[str]:
         """The units a command may name: the manifest's (as the last pass loaded it)."""

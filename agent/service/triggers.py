@@ -28,6 +28,7 @@ _TRIGGER_RANK = (
     "resume",
     "webhook",
     "start",
+    "cluster",  # the live agents changed and this one gained units (docs/scale-out.md)
     "drift",
     "poll",
 )
