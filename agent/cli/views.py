@@ -274,7 +274,12 @@ def render_history(view: dict[str, Any]) -> str:
         ]
         for r in view["runs"]
     ]
-    return _table(["RUN", "TRIGGER", "REVISION", "STATUS", "UNITS", "WHEN"], rows)
+    headers = ["RUN", "TRIGGER", "REVISION", "STATUS", "UNITS", "WHEN"]
+    # Several agents on one store (docs/scale-out.md): say which one ran each pass.
+    if len({r.get("agent") for r in view["runs"]}) > 1:
+        rows = [[*row, r.get("agent") or "-"] for row, r in zip(rows, view["runs"], strict=True)]
+        headers.append("AGENT")
+    return _table(headers, rows)
 
 
 def render_logs(view: dict[str, Any]) -> str:

@@ -43,6 +43,7 @@ class RunRow:
     head_revision: str | None
     status: str
     error: str | None
+    agent: str | None = None  # the agent (cluster.agent, or the host name) that ran it
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +170,7 @@ def run_row(row: sqlite3.Row) -> RunRow:
         head_revision=row["head_revision"],
         status=row["status"],
         error=row["error"],
+        agent=row["agent"],
     )
 
 
