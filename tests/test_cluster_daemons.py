@@ -4,14 +4,9 @@ agent reconciles its units within one short lease TTL, with no unit applied twic
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
@@ -19,120 +14,21 @@ import pytest
 
 from agent.config.cluster import ClusterConfig
 from agent.engine.sharding import Member, assign
-from tests.support.infra import InfraRepo, write_host_config
+from tests.support.clusterlab import UNITS, ClusterLab, wait_until
 from tests.support.moto import REGION, MotoServer, fake_aws_credentials
 from tests.support.postgres import PostgresCluster
 
-UNITS = ["net", "db", "cache", "mail"]
 TTL = 2.0
-_numbers = itertools.count(1)
-
-
-def stack(marker: Path, version: str) -> str:
-    # The marker line is written at the END of the apply: an apply cut by the kill writes
-    # none, and every line is one complete apply.
-    return f"""
-    resource "terraform_data" "once" {{
-      triggers_replace = "{version}"
-      provisioner "local-exec" {{
-        command = "sleep 1; echo {version} >> {marker}"
-      }}
-    }}
-    """
-
-
-def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
-        time.sleep(0.1)
-
-
-class Daemons:
-    def __init__(self, tmp: Path, pg: PostgresCluster, moto: MotoServer) -> None:
-        self.moto = moto
-        self.tmp = tmp
-        self.url = pg.create_database(f"daemons_{next(_numbers)}")
-        self.url_file = tmp / "store-url"
-        self.url_file.write_text(self.url + "\n")
-        self.url_file.chmod(0o600)
-        self.repo = InfraRepo(tmp / "git")
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def push(self, version: str) -> None:
-        for unit in UNITS:
-            self.repo.write(f"stacks/{unit}/main.tf", stack(self.marker(unit), version))
-        units = "\n".join(f"  - {{name: {u}, stack: stacks/{u}}}" for u in UNITS)
-        self.repo.write("gitops.yaml", f"version: 1\nunits:\n{units}\n")
-        self.repo.push(version)
-
-    def marker(self, unit: str) -> Path:
-        return self.tmp / f"applied-{unit}.txt"
-
-    def lines(self, unit: str, version: str) -> int:
-        path = self.marker(unit)
-        return path.read_text().split().count(version) if path.exists() else 0
-
-    def log(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text(errors="replace")
-
-    def start(self, name: str) -> None:
-        config = write_host_config(
-            self.tmp / f"{name}.yaml", self.repo.url, self.tmp / name, parallelism=3
-        )
-        config.write_text(
-            config.read_text()
-            + f"  state_backend:\n    s3: {{bucket: state, region: {REGION},"
-            + f" endpoint: {self.moto.url}}}\n"
-            + "intervals: {poll: 1s, drift: 1h}\n"
-            + "policy: {destroy: allow}\n"  # a new version replaces the resource
-            + f"control_socket: {self.tmp / name}.sock\n"
-            + "daemon: {jitter: 0, stop_timeout: 30s}\n"
-            + f"store: {{url_file: {self.url_file}}}\n"
-            + f"cluster: {{agent: {name}, lease_ttl: {TTL:g}s}}\n"
-        )
-        with (self.tmp / f"{name}.log").open("ab") as log:
-            self.procs[name] = subprocess.Popen(
-                [sys.executable, "-m", "agent.cli", "--config", str(config), "run"],
-                stdout=log,
-                stderr=log,
-                env=dict(os.environ),
-            )
-
-    def psql(self, sql: str) -> str:
-        """The answer; "" while the agents have not made the tables yet."""
-        command = ["psql", self.url, "-tAc", sql]
-        return subprocess.run(command, capture_output=True, text=True).stdout.strip()
-
-    def cli(self, name: str, *args: str) -> str:
-        command = [sys.executable, "-m", "agent.cli", "--config", str(self.tmp / f"{name}.yaml")]
-        done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    def stop_all(self) -> None:
-        for proc in self.procs.values():  # only the processes this test started, by PID
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(40)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
 
 
 @pytest.fixture
 def daemons(
     tmp_path: Path, postgres_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Daemons]:
+) -> Iterator[ClusterLab]:
     fake_aws_credentials(monkeypatch)  # (the agents inherit the environment)
     with MotoServer() as moto:
         boto3.client("s3", endpoint_url=moto.url, region_name=REGION).create_bucket(Bucket="state")
-        made = Daemons(tmp_path, postgres_cluster, moto)
+        made = ClusterLab(tmp_path, postgres_cluster, moto, ttl=TTL)
         try:
             yield made
         finally:
@@ -140,7 +36,7 @@ def daemons(
 
 
 def test_kill_9_of_one_agent_moves_its_units_within_one_ttl_without_a_double_apply(
-    daemons: Daemons,
+    daemons: ClusterLab,
 ) -> None:
     daemons.push("v1")
     names = ["a", "b", "c"]
@@ -185,3 +81,10 @@ def test_kill_9_of_one_agent_moves_its_units_within_one_ttl_without_a_double_app
     assert states == {n: n != victim for n in names}
     owned = sorted(u for a in view["agents"] for u in a["units"])
     assert owned == sorted(UNITS)
+
+    # `agent drain` on that survivor: counted out at once, the last agent owns every unit.
+    assert "is draining" in daemons.cli(survivor, "drain")
+    view = json.loads(daemons.cli(survivor, "cluster", "--json"))
+    last = next(n for n in names if n not in (victim, survivor))
+    units = {a["name"]: a["units"] for a in view["agents"]}
+    assert units == {victim: [], survivor: [], last: sorted(UNITS)}

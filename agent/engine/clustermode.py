@@ -15,6 +15,8 @@ from agent.config.cluster import ClusterConfig
 from agent.core.redact import Redactor
 from agent.engine.clusterpass import ClusterPass
 from agent.engine.membership import Membership
+from agent.errors import AgentError
+from agent.state.cluster import Refused
 from agent.state.store import UnitOutcome, UnitStatus, open_run_store
 from agent.units.context import StackContext
 from agent.units.fleets import FleetReconciler
@@ -58,6 +60,20 @@ class ClusterMode:
 
     def close(self) -> None:
         self.membership.close()
+
+    def leased(self, name: str, work: Callable[[], UnitOutcome]) -> UnitOutcome:
+        """Run `work` (an approved plan's apply) under the unit's lease; an AgentError when
+        another agent holds it (it is reconciling the unit right now)."""
+        got = self.membership.acquire(name)
+        if isinstance(got, Refused):
+            raise AgentError(
+                f"unit {name}: agent {got.holder} is reconciling it (it holds the unit's lease)",
+                hint="approve again once that agent's pass is done (`agent cluster` shows leases)",
+            )
+        try:
+            return work()
+        finally:
+            self.membership.release(name)
 
     def for_pass(
         self,
