@@ -29,7 +29,9 @@ from agent.state.store import UnitStatus
 # The triggers whose passes look only at what changed; a CLI request with `--changed-only`
 # is queued under its own trigger name so that it never turns a full request into one.
 CLI_CHANGED_ONLY = "cli-changed-only"
-CHANGED_ONLY_TRIGGERS = frozenset({"webhook", "poll", CLI_CHANGED_ONLY})
+# `cluster`: a pass for units this agent gained from another (docs/scale-out.md): its own
+# units converged already; a unit the other left mid-way did not, and is planned.
+CHANGED_ONLY_TRIGGERS = frozenset({"webhook", "poll", "cluster", CLI_CHANGED_ONLY})
 
 
 def plan_reason(
