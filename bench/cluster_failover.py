@@ -1,11 +1,12 @@
 """Failover in scale-out mode: three `agent run` processes on one PostgreSQL store (state in
 S3 on moto server); a new revision is pushed, and the agent that owns units is killed -9 while
 it holds a lease. Measured: seconds from the kill until every unit it owned is applied at
-the new revision by another agent, against the target lease TTL + one pass (the pass of
-the survivors at that revision, as the store records it).
+the new revision by another agent, against the target lease TTL + one pass (the survivors'
+`cluster` pass that ran the moved units, as the store records it); and when that pass
+started after the kill (detection, plus the wait for a pass already running there).
 
     .venv/bin/python bench/cluster_failover.py [--rounds 3] [--ttl 3] [--apply-seconds 1]
-        [--json /tmp/failover.json]
+        [--json /tmp/failover.json] [--keep DIR]
 
 Each round is a fresh database, repo and three agents. Exit 1 if a round misses the
 target or applies a unit twice.
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,8 +37,10 @@ from tests.support.postgres import PostgresCluster
 NAMES = ["a", "b", "c"]
 
 
-def one_round(pg: PostgresCluster, moto: MotoServer, ttl: float, apply_s: float) -> dict:
-    with tempfile.TemporaryDirectory(prefix="failover-") as tmp:
+def one_round(
+    pg: PostgresCluster, moto: MotoServer, ttl: float, apply_s: float, keep: Path | None
+) -> dict:
+    with tempfile.TemporaryDirectory(prefix="failover-", dir=keep) as tmp:
         lab = ClusterLab(Path(tmp), pg, moto, ttl=ttl, apply_seconds=apply_s)
         moto.reset()  # a fresh bucket for each round
         boto3.client("s3", endpoint_url=moto.url, region_name=REGION).create_bucket(Bucket="state")
@@ -56,23 +60,31 @@ def one_round(pg: PostgresCluster, moto: MotoServer, ttl: float, apply_s: float)
             wait_until(lambda: lab.psql(held) not in ("", "0"), 120, "victim mid-unit")
             lab.procs[victim].kill()
             lab.procs[victim].wait(10)
-            killed = time.monotonic()
+            killed, killed_at = time.monotonic(), time.time()
             wait_until(lambda: all(lab.lines(u, "v2") for u in moved), 300, "moved units")
             failover = time.monotonic() - killed
             wait_until(lambda: all(lab.lines(u, "v2") for u in UNITS), 300, "all units")
-            passes = lab.psql(
-                "SELECT finished_at - started_at FROM runs WHERE trigger = 'poll'"
-                f" AND agent <> '{victim}' AND status = 'succeeded' AND revision ="
-                " (SELECT value FROM agent_state WHERE key = 'current_revision')"
-            ).split()
-            one_pass = max((float(p) for p in passes), default=0.0)
+            # The survivors' `cluster` passes that ran the moved units: when they started
+            # (detection, and the wait for a pass already running) and how long they took.
+            names = ",".join(f"'{u}'" for u in moved)
+            rows = lab.psql(
+                "SELECT DISTINCT runs.started_at || ' ' || runs.finished_at FROM runs JOIN"
+                " unit_runs ON unit_runs.run_id = runs.id WHERE runs.trigger = 'cluster'"
+                f" AND unit_runs.unit IN ({names}) AND unit_runs.status = 'ok'"
+            ).split("\n")
+            spans = [tuple(map(float, r.split())) for r in rows if r.strip()]
+            started = min(a for a, _ in spans) - killed_at if spans else float("nan")
+            one_pass = max(b - a for a, b in spans) if spans else float("nan")
             double = [u for u in UNITS if lab.lines(u, "v2") != 1 or lab.lines(u, "v1") != 1]
         finally:
             lab.stop_all()
+            if keep is not None:
+                shutil.copytree(tmp, keep / f"round-{time.time():.0f}", dirs_exist_ok=True)
     return {
         "victim": victim,
         "moved": moved,
         "failover_s": round(failover, 2),
+        "cluster_pass_started_s": round(started, 2),
         "pass_s": round(one_pass, 2),
         "target_s": round(ttl + one_pass, 2),
         "double_applies": double,
@@ -85,6 +97,7 @@ def main() -> int:
     parser.add_argument("--ttl", type=float, default=3.0)
     parser.add_argument("--apply-seconds", type=float, default=1.0)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", type=Path, help="copy each round's logs and files here")
     args = parser.parse_args()
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION=REGION
@@ -92,11 +105,12 @@ def main() -> int:
     rounds = []
     with PostgresCluster() as pg, MotoServer() as moto:
         for number in range(args.rounds):
-            result = one_round(pg, moto, args.ttl, args.apply_seconds)
+            result = one_round(pg, moto, args.ttl, args.apply_seconds, args.keep)
             rounds.append(result)
             print(
                 f"round {number + 1}: killed {result['victim']} ({', '.join(result['moved'])}):"
                 f" reconciled elsewhere in {result['failover_s']:.1f}s"
+                f" (cluster pass started at +{result['cluster_pass_started_s']:.1f}s)"
                 f" (target TTL {args.ttl:g}s + pass {result['pass_s']:.1f}s ="
                 f" {result['target_s']:.1f}s);"
                 f" double applies: {result['double_applies'] or 'none'}",

@@ -275,3 +275,18 @@ def test_a_drained_agent_hands_its_units_over(cluster: Cluster) -> None:
     result = b.run_pass(PassRequest())
     assert result.ok and sorted(result.outcomes) == sorted(units)
     assert [cluster.applies(u) for u in units] == [1] * len(units)
+
+
+def test_rendezvous_moves_only_a_leaving_agents_units_and_keeps_affinity() -> None:
+    units = [f"unit-{i}" for i in range(200)]
+    config = ClusterConfig(agent="x", affinity=(("prod-*", {"zone": "a"}),))
+    three = [Member.of("a", {"zone": "a"}), Member.of("b", {}), Member.of("c", {})]
+    before = assign(units, three, config)
+    assert set(before.values()) == {"a", "b", "c"}  # spread over all three
+    assert min(list(before.values()).count(n) for n in "abc") > 40
+    after = assign(units, three[:2], config)  # c leaves
+    assert all(after[u] == before[u] for u in units if before[u] != "c")
+    # A unit whose affinity no live agent matches has no owner (reported, not run).
+    prod = assign(["prod-db"], three, config)
+    assert prod == {"prod-db": "a"}
+    assert assign(["prod-db"], three[1:], config) == {"prod-db": None}

@@ -11,6 +11,7 @@ a pass when this agent gained units.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -138,9 +139,15 @@ class Membership:
     # --- the heartbeat --------------------------------------------------------------
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.interval):
+        # Writes every TTL/3; looks at the live set twice as often (a dead agent is seen
+        # at most TTL/6 after its last heartbeat ran out, not TTL/3).
+        ticks = itertools.count()
+        while not self._stop.wait(self.interval / 2):
             try:
-                self.beat()
+                if next(ticks) % 2:
+                    self.beat()
+                else:
+                    self.look()
             except Exception:  # the thread must outlive a bad beat (the store down)
                 log.exception("cluster: heartbeat failed")
 
@@ -158,6 +165,11 @@ class Membership:
             log.warning("cluster: lease lost (another agent took it): %s", ", ".join(lost))
             with self._lock:
                 self._lost.update(lost)
+        self.look()
+
+    def look(self) -> None:
+        """Compare the live set with the last one; on a change, end the runs of agents
+        found dead and tell `on_change`."""
         now = self.live()
         before, self._live = self._live, now
         if before is not None and now != before:

@@ -15,6 +15,7 @@ Only a PostgreSQL store has a cluster (the host config refuses `cluster:` withou
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -68,6 +69,19 @@ class Refused:
     expires_in: float
 
 
+def _alive(pid: int | None) -> bool:
+    """Whether process `pid` exists on this host."""
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class ClusterStore:
     """Registry and leases for agent `agent` on `store` (a PostgreSQL RunStore)."""
 
@@ -89,7 +103,13 @@ class ClusterStore:
                 " FROM cluster_agents WHERE name = ? FOR UPDATE",
                 (self.ttl, self.agent),
             ).fetchone()
-            if row is not None and row["fresh"] and (row["pid"], row["host"]) != (pid, host):
+            if (
+                row is not None
+                and row["fresh"]
+                and (row["pid"], row["host"]) != (pid, host)
+                # (the same host's previous process, killed: restarted at once by systemd)
+                and not (row["host"] == host and not _alive(row["pid"]))
+            ):
                 raise StoreError(
                     f"cluster.agent {self.agent!r} is in use by pid {row['pid']} on"
                     f" {row['host']} (its heartbeat is fresh)",
