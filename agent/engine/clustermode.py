@@ -20,6 +20,7 @@ from agent.state.cluster import Refused
 from agent.state.store import UnitOutcome, UnitStatus, open_run_store
 from agent.units.context import StackContext
 from agent.units.fleets import FleetReconciler
+from agent.units.secrets import SecretResolver
 from agent.units.stacks import StackReconciler, describe_outcome
 from agent.units.unitrun import finish_unit
 from providers.terraform import keeps_agent_state
@@ -94,6 +95,7 @@ class ClusterMode:
         name: str,
         stacks: StackReconciler,
         fleets: FleetReconciler,
+        secrets: SecretResolver,
     ) -> Callable[[], UnitOutcome]:
         """What the pass's unit loop runs for `name`: wait for another agent's result, or
         reconcile it here under its lease."""
@@ -101,6 +103,13 @@ class ClusterMode:
             return lambda: cluster.wait_for(name)
         unit = ctx.manifest.get_unit(name)
         assert unit is not None
+        known = ctx.secrets
+        if unit.secrets and name not in known.values and name not in known.errors:
+            # A unit gained in the middle of the pass: its secrets were not read with the
+            # pass's own (agent/units/secrets.py reads them before anything is planned).
+            got = secrets.resolve([unit])
+            known.values.update(got.values)
+            known.errors.update(got.errors)
         reconciler = fleets if unit.kind == "fleet" else stacks
         local = (
             unit.kind == "stack"

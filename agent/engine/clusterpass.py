@@ -54,6 +54,11 @@ class ClusterPass:
     warn: Callable[[str], None]
     owners: dict[str, str | None] = field(default_factory=dict)
     remote: set[str] = field(default_factory=set)  # units run elsewhere, read here
+    # What runs a unit here (set by the pass): for a unit gained in the middle of the pass.
+    work: Callable[[str], Callable[[], UnitOutcome]] | None = None
+    candidates: list[str] = field(default_factory=list)  # the pass's units, every owner's
+    taken: set[str] = field(default_factory=set)  # units this pass runs (or ran) here
+    _generation: int = -1
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -63,9 +68,12 @@ class ClusterPass:
     def select(self, names: Sequence[str]) -> list[str]:
         """Of `names` (dependency order), those this pass handles: the ones this agent
         owns, and the others that one of those depends on (their results are awaited)."""
+        self.candidates = list(names)
+        self._generation = self.membership.generation
         self.owners = assign(names, _members(self.membership), self.config)
         me = self.membership.name
         mine = [n for n in names if self.owners[n] == me]
+        self.taken = set(mine)
         self.membership.owned = len(mine)
         chosen = set(names)
         needed = {
@@ -90,6 +98,28 @@ class ClusterPass:
             ", ".join(mine) or "none",
         )
         return [n for n in names if n in set(mine) | needed]
+
+    def gained(self) -> list[str]:
+        """Units this agent came to own since the pass chose (an agent died or drained in
+        the middle of it), not taken yet, in dependency order: the pass runs them too
+        rather than leave them to the next one."""
+        if self.membership.generation == self._generation or self.membership.draining:
+            return []
+        self._generation = self.membership.generation
+        self.owners = assign(self.candidates, _members(self.membership), self.config)
+        me = self.membership.name
+        with self._lock:
+            # (a dependency being waited for is left to its waiter: see `wait_for`)
+            new = [
+                n
+                for n in self.candidates
+                if self.owners[n] == me and n not in self.taken and n not in self.remote
+            ]
+            self.taken.update(new)
+            self.remote.difference_update(new)
+        if new:
+            log.info("cluster: %s takes over %s in this pass", me, ", ".join(new))
+        return new
 
     def owns_prune(self) -> bool:
         return owner(PRUNE_SHARD, _members(self.membership), {}) == self.membership.name
@@ -174,6 +204,8 @@ class ClusterPass:
         deadline = time.monotonic() + timeout
         leases = self.membership.leases
         while True:
+            if self.work is not None and name in self.gained_now(name):
+                return self.work(name)()  # its owner died: it runs here, in this pass
             found = leases.result_at(name, self.revision)
             if found is not None:
                 status, error = found
@@ -186,6 +218,20 @@ class ClusterPass:
                 )
             if self.stop.wait(_WAIT_POLL):
                 return UnitOutcome(status=UnitStatus.INTERRUPTED, error="interrupted")
+
+    def gained_now(self, name: str) -> set[str]:
+        """`gained()`, for a dependency being waited for: whether it is this agent's now
+        (the other units gained are left to the pass's loop)."""
+        with self._lock:
+            if name in self.taken:
+                return set()
+        self.owners = assign(self.candidates, _members(self.membership), self.config)
+        if self.owners.get(name) != self.membership.name or self.membership.draining:
+            return set()
+        with self._lock:
+            self.taken.add(name)
+            self.remote.discard(name)
+        return {name}
 
     def finish(self, outcomes: dict[str, UnitOutcome]) -> None:
         """Drop the results read from other agents from this pass's outcomes."""

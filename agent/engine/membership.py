@@ -49,6 +49,7 @@ class Membership:
         self.renew_failures = 0  # heartbeats or lease renewals that failed (metrics)
         self.owned = 0  # units this agent owned in its last pass (metrics)
         self.beats = 0
+        self.generation = 0  # one more on every change of the live set a look found
 
     @property
     def interval(self) -> float:
@@ -173,6 +174,7 @@ class Membership:
         now = self.live()
         before, self._live = self._live, now
         if before is not None and now != before:
+            self.generation += 1
             gone = sorted(m.name for m in before - now)
             came = sorted(m.name for m in now - before)
             log.info(
