@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import threading
 import time
@@ -290,3 +291,21 @@ def test_rendezvous_moves_only_a_leaving_agents_units_and_keeps_affinity() -> No
     prod = assign(["prod-db"], three, config)
     assert prod == {"prod-db": "a"}
     assert assign(["prod-db"], three[1:], config) == {"prod-db": None}
+
+
+def test_the_cluster_metrics_docs_metrics_md_names_exist(cluster: Cluster) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from agent.service.clustermetrics import register
+
+    a = cluster.agent("a")
+    assert a.cluster is not None
+    a.cluster.join()
+    registry = CollectorRegistry()
+    register(registry, a.cluster.membership)
+    text = generate_latest(registry).decode()
+    page = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
+    names = set(re.findall(r"\bgitops_agent_cluster_[a-z_]+", page))
+    assert len(names) == 5
+    assert [n for n in sorted(names) if not re.search(rf"^{n}\{{", text, re.M)] == []
+    assert 'gitops_agent_cluster_live_agents{agent="a"} 1.0' in text
