@@ -33,7 +33,7 @@ def cluster_view(host: HostConfig) -> dict[str, Any]:
         agents = registry.agents()
         leases = [lease for lease in registry.leases() if lease.expires_in > 0]
         current = store.current_revision()
-        units = sorted({s.unit for s in store.unit_states()} - set(store.removed_units()))
+        units = sorted({s.unit for s in store.unit_states()} - set(store.removed.by_unit()))
     finally:
         store.close()
     live = [Member.of(a.name, a.labels) for a in agents if a.live]

@@ -113,7 +113,7 @@ class ClusterMode:
         reconciler = fleets if unit.kind == "fleet" else stacks
         local = (
             unit.kind == "stack"
-            and stacks.state_backend is None
+            and stacks.workspaces.state_backend is None
             and keeps_agent_state(ctx.tree / unit.stack)
         )
 

@@ -364,10 +364,12 @@ class RunStore(StoreDatabase):
         self, sha: str, status: RevisionStatus, error: str | None = None, run_id: str | None = None
     ) -> None:
         with self._tx() as db:
-            db.execute("DELETE FROM revisions WHERE sha = ?", (sha,))
+            # One statement (not a delete and an insert): agents sharing a PostgreSQL store
+            # record the same revision at once (docs/scale-out.md).
             db.execute(
                 "INSERT INTO revisions (sha, status, error, seen_at, run_id)"
-                " VALUES (?, ?, ?, ?, ?)",
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha) DO UPDATE SET status = excluded.status,"
+                " error = excluded.error, seen_at = excluded.seen_at, run_id = excluded.run_id",
                 (sha, status, self._clean(error), time.time(), run_id),
             )
             if status is RevisionStatus.ACCEPTED:
