@@ -23,5 +23,8 @@ fi
 .venv/bin/python -m tests.support.rootfs  # nspawn test hosts' cached root, if missing
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-# The slowest tests are listed at the end, to keep the suite within its time budget.
-exec .venv/bin/python -m pytest --durations=25 "$@"
+# Two workers (pytest-xdist), a test file per worker at a time so that module fixtures are
+# made once: most tests wait on processes, sockets and test hosts rather than on a core.
+# TEST_WORKERS=0 runs in this process (to debug); the slowest tests are listed at the end,
+# to keep the suite within its time budget.
+exec .venv/bin/python -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile --durations=25 "$@"
