@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from agent.state.store import UnitOutcome, UnitStatus
 from agent.units.decide import Decision
 from agent.units.fleettypes import FleetOutcome, HostResult
-from providers.hosts.model import HostReport
+from providers.hosts.model import HostReport, ResourceOutcome
 from providers.text import plural
 
 
@@ -57,20 +57,28 @@ def host_line(report: HostReport) -> str:
     return f"{report.host}: {summary} ({trips}, {report.duration_s:.2f} s)"
 
 
+def outcome_lines(outcomes: Sequence[ResourceOutcome], *, diffs: bool) -> list[str]:
+    """A host's resources that did not stay `ok`: what changed, errors, and with `diffs`
+    the content diffs."""
+    lines: list[str] = []
+    for outcome in outcomes:
+        if outcome.status == "ok":
+            continue
+        lines.append(f"  {outcome.resource_id}: {outcome.status}")
+        lines.extend(f"    {change}" for change in outcome.changes)
+        if outcome.error:
+            lines.append(f"    error: {outcome.error}")
+        if diffs and outcome.diff:
+            lines.extend(f"    {line}" for line in outcome.diff.rstrip("\n").split("\n"))
+    return lines
+
+
 def render_reports(reports: Sequence[HostReport]) -> str:
     """The per-host diff of a run, as `agent logs FLEET` shows it."""
     lines: list[str] = []
     for report in reports:
         lines.append(f"== {host_line(report)}")
-        for outcome in report.outcomes:
-            if outcome.status == "ok":
-                continue
-            lines.append(f"  {outcome.resource_id}: {outcome.status}")
-            lines.extend(f"    {change}" for change in outcome.changes)
-            if outcome.error:
-                lines.append(f"    error: {outcome.error}")
-            if outcome.diff:
-                lines.extend(f"    {line}" for line in outcome.diff.rstrip("\n").split("\n"))
+        lines += outcome_lines(report.outcomes, diffs=True)
         if report.handlers_run:
             lines.append(f"  handlers run: {', '.join(report.handlers_run)}")
         lines.extend(f"  handler failed: {error}" for error in report.handler_errors)

@@ -44,6 +44,7 @@ from agent.units.ec2fleet import Ec2Hosts
 from agent.units.fingerprint import Hasher, load_key
 from agent.units.fleetledger import FleetLedger
 from agent.units.fleetplan import HostPlanner
+from agent.units.fleetreport import outcome_lines
 from agent.units.fleettransport import LOCAL_ADDRESS, host_transport
 from agent.units.fleettypes import FleetError, PlannedHost
 from agent.units.proposal_unit import NeedsSecrets, UnitPlan, applied_outputs
@@ -314,11 +315,6 @@ def render_host_plans(hosts: Sequence[HostPlan]) -> str:
         lines.append(
             f"== {host.host}: +{add} ~{change} -{destroy} ({trips}, {report.duration_s:.2f} s)"
         )
-        for outcome in report.outcomes:
-            if outcome.status == "ok":
-                continue
-            lines.append(f"  {outcome.resource_id}: {outcome.status}")
-            lines.extend(f"    {change}" for change in outcome.changes)
-            if outcome.error:
-                lines.append(f"    error: {outcome.error}")
+        # No content diffs: a proposal's comment must not print a host's files.
+        lines += outcome_lines(report.outcomes, diffs=False)
     return "\n".join(lines) + "\n"
