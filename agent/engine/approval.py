@@ -19,7 +19,8 @@ from agent.state.store import RunStore, UnitStatus
 from agent.units.context import StackContext
 from agent.units.fleetledger import HELD_FILE
 from agent.units.fleets import FleetReconciler
-from agent.units.prune import Pruner, PruneRequest
+from agent.units.lastdefinition import PruneRequest
+from agent.units.prune import Pruner
 from agent.units.stacks import PLAN_FILE, StackReconciler
 
 

@@ -40,7 +40,8 @@ from agent.state.layout import StateLayout
 from agent.state.passlock import PassLock, end_leftovers
 from agent.state.store import RunStatus, UnitStatus, open_run_store
 from agent.units.fleets import FleetReconciler
-from agent.units.prune import Pruner, PruneRequest
+from agent.units.lastdefinition import PruneRequest
+from agent.units.prune import Pruner
 from agent.units.secrets import SecretResolver
 from agent.units.stacks import StackReconciler
 from providers.errors import GitSourceError

@@ -20,6 +20,9 @@ reported, not planned again, and `agent approve` of that run still applies it.
 A dry run previews: each removed unit's destroy is planned (nothing saved to approve,
 nothing recorded but the preview), and what the policy would do is said beside it.
 
+Its last definition (the export, the manifest, the unit ready to run) is
+agent/units/lastdefinition.py's.
+
 A unit that comes back (a `git revert` of the removal) is no longer removed: its held
 removal is dropped, unapproved, and it reconciles as before with its state untouched.
 Nothing is forgotten silently: the state file and the history stay; only a unit whose
@@ -32,30 +35,27 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-from agent.config import HostConfig, Manifest, ManifestLimits, Unit, load_manifest
-from agent.config.fleet import HostSpec
+from agent.config import HostConfig
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import Redactor
-from agent.errors import AgentError, ConfigError, PruneError
+from agent.errors import AgentError, PruneError
 from agent.policy.prune import PruneMode, RemovedStatus
 from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
 from agent.state.store import RemovedUnitRow, RunStore, UnitOutcome, UnitStatus
-from agent.units.context import StackContext
 from agent.units.decide import Decision
 from agent.units.fingerprint import Fingerprint
 from agent.units.fleetledger import HELD_FILE
 from agent.units.fleetreport import describe_fleet
 from agent.units.fleets import FleetReconciler
+from agent.units.lastdefinition import EXPORT_DIR, Definition, LastDefinitions, PruneRequest
 from agent.units.secrets import SecretResolver
 from agent.units.stacks import PLAN_FILE, StackReconciler, describe_outcome
-from providers.errors import GitSourceError
 from providers.git_source import GitSource
 
 log = logging.getLogger(__name__)
@@ -73,28 +73,8 @@ PREVIEW = {
     PruneMode.ORPHAN: "removed from gitops.yaml: policy.prune orphan would leave what it created"
     " as it is; nothing would be run",
 }
-EXPORT_DIR = "removed"  # units/<unit>/removed: the export of its last definition
 # The fingerprint part that says under which policy a held plan was made.
 POLICY_PART = "prune"
-
-
-@dataclass(frozen=True, slots=True)
-class PruneRequest:
-    """What the pass hands the prune step."""
-
-    run_id: str
-    revision: str  # the revision in force for this pass
-    manifest: Manifest  # its manifest
-    override_window: str | None = None
-    dry_run: bool = False  # preview only: plan, record nothing but the preview
-
-
-@dataclass(frozen=True, slots=True)
-class Definition:
-    """A removed unit as its last revision defined it, ready to run."""
-
-    ctx: StackContext
-    unit: Unit
 
 
 class Pruner:
@@ -115,8 +95,7 @@ class Pruner:
         self.host = host
         self.layout = layout
         self.store = store
-        self.source = source
-        self.secrets = secrets
+        self.definitions = LastDefinitions(host, layout, source, secrets)
         self.stacks = stacks
         self.fleets = fleets
         self.report = report
@@ -164,7 +143,7 @@ class Pruner:
             if row.status in (RemovedStatus.ORPHANED, RemovedStatus.PRUNED):
                 continue
             try:
-                position = self._old_manifest(row).order().index(name)
+                position = self.definitions.manifest(row).order().index(name)
             except (AgentError, ValueError):
                 position = 0
             found.append((position, name, row))
@@ -186,7 +165,7 @@ class Pruner:
             name, kind, defined_at, request.revision, time.time(), "", "", None, None, 0.0
         )
         try:
-            unit = self._old_manifest(row).get_unit(name)
+            unit = self.definitions.manifest(row).get_unit(name)
             kind = unit.kind if unit is not None else kind
         except AgentError as exc:
             log.warning("unit %s left gitops.yaml; its definition cannot be read: %s", name, exc)
@@ -208,7 +187,7 @@ class Pruner:
     def _returned(self, name: str, row: RemovedUnitRow) -> None:
         """A removed unit is in the manifest again: its held removal can no longer apply."""
         self.store.removed.returned(name)
-        self._drop_export(name)
+        self.definitions.drop_export(name)
         self._drop_held(name)
         if row.status != RemovedStatus.PRUNED:
             message = f"{name} is back in gitops.yaml; its removal ({row.status}) was dropped"
@@ -255,7 +234,7 @@ class Pruner:
                 )
         else:
             try:
-                definition = self.definition(request, row)
+                definition = self.definitions.definition(request, row)
                 outcome = self._remove(definition, row, mode, started)
                 if outcome.status is UnitStatus.HELD:
                     # Kept with the run: a later pass keeps the hold while it matches.
@@ -315,7 +294,7 @@ class Pruner:
         if previous is None:
             return None
         try:
-            definition = self.definition(request, row)
+            definition = self.definitions.definition(request, row)
             now = self._fingerprint(request, definition, row, mode)
         except AgentError as exc:
             log.info("%s: its held removal is planned again: %s", row.unit, exc.message)
@@ -409,7 +388,7 @@ class Pruner:
             if row is None:
                 raise PruneError(f"{name} is no longer a removed unit")
             # A saved plan holds its variables: no secret is read again.
-            definition = self.definition(request, row, secrets=False)
+            definition = self.definitions.definition(request, row, secrets=False)
         except AgentError as exc:
             outcome = UnitOutcome(
                 status=UnitStatus.FAILED,
@@ -439,7 +418,7 @@ class Pruner:
         error = outcome.error if status is not RemovedStatus.PRUNED else None
         self.store.removed.set_status(name, status, run_id=run_id, error=error)
         if status in (RemovedStatus.PRUNED, RemovedStatus.ORPHANED):
-            self._drop_export(name)  # nothing runs from it any more
+            self.definitions.drop_export(name)  # nothing runs from it any more
             self._drop_held(name)  # (a hold made before the host said orphan: never applied)
 
     def _drop_held(self, name: str) -> None:
@@ -462,13 +441,7 @@ class Pruner:
         }
         for export in sorted((self.layout.root / "units").glob(f"*/{EXPORT_DIR}")):
             if export.parent.name not in pending:
-                self._drop_export(export.parent.name)
-
-    def _drop_export(self, name: str) -> None:
-        where = self.layout.unit_dir(name) / EXPORT_DIR
-        if where.exists():
-            shutil.rmtree(where, ignore_errors=True)
-            log.info("%s: the export of its last definition was removed", name)
+                self.definitions.drop_export(export.parent.name)
 
     def mode(self, row: RemovedUnitRow) -> PruneMode:
         """What happens to the removed unit: the host's policy.prune, or the unit's own
@@ -477,124 +450,10 @@ class Pruner:
         if ceiling is PruneMode.ORPHAN:
             return ceiling
         try:
-            unit = self._old_manifest(row).get_unit(row.unit)
+            unit = self.definitions.manifest(row).get_unit(row.unit)
         except AgentError:
             return ceiling  # its prune then fails, saying why
         return ceiling.stricter(unit.prune) if unit is not None else ceiling
-
-    # --- a removed unit's last definition ----------------------------------------------
-
-    def definition(
-        self, request: PruneRequest, row: RemovedUnitRow, *, secrets: bool = True
-    ) -> Definition:
-        """The unit as it was last defined, with a context to run it in: a stack runs in
-        an export of that revision with its secrets; a fleet runs in the current pass's
-        context (what other units own now must not be removed), its hosts taken from
-        what it recorded."""
-        manifest = self._old_manifest(row)
-        unit = manifest.get_unit(row.unit)
-        if unit is None:
-            raise PruneError(
-                f"{row.unit}: its last definition is not known (not in gitops.yaml at"
-                f" {row.defined_at[:12]}); nothing was removed",
-                hint="add the unit back to gitops.yaml, or `agent suspend` it to leave it",
-            )
-        if unit.fleet is None:
-            resolved = self.secrets.resolve([unit] if secrets else [])
-            if row.unit in resolved.errors:
-                raise PruneError(resolved.errors[row.unit])
-            ctx = StackContext(
-                run_id=request.run_id,
-                revision=request.revision,
-                tree=self._tree(row),
-                manifest=manifest,
-                dry_run=request.dry_run,
-                secrets=resolved,
-                override_window=request.override_window,
-            )
-            return Definition(ctx, unit)
-        fleet = unit.fleet
-        hosts = self._fleet_hosts(unit)
-        bare = replace(
-            unit,
-            depends_on=(),
-            vars={},
-            secrets={},
-            fleet=replace(fleet, hosts=hosts, roles=(), resources=(), vars={}),
-        )
-        now = request.manifest
-        ctx = StackContext(
-            run_id=request.run_id,
-            revision=request.revision,
-            tree=self.layout.checkout,
-            manifest=replace(now, units=(*[u for u in now.units if u.name != unit.name], bare)),
-            dry_run=request.dry_run,
-            override_window=request.override_window,
-        )
-        return Definition(ctx, bare)
-
-    def _fleet_hosts(self, unit: Unit) -> tuple[HostSpec, ...]:
-        """The hosts whose records hold objects of `unit`, addressed as it last saw them."""
-        assert unit.fleet is not None
-        static = (
-            {h.name: h for h in unit.fleet.hosts} if isinstance(unit.fleet.hosts, tuple) else {}
-        )
-        hosts: list[HostSpec] = []
-        for record in sorted((self.layout.root / "hosts").glob("*.json")):
-            try:
-                objects = json.loads(record.read_text()).get("objects", {})
-            except (OSError, ValueError):
-                continue
-            if not any(entry.get("unit") == unit.name for entry in objects.values()):
-                continue
-            name = record.stem
-            spec = static.get(name)
-            if spec is None:
-                try:
-                    seen = json.loads(
-                        (self.layout.unit_dir(unit.name) / "hosts" / record.name).read_text()
-                    )
-                except (OSError, ValueError):
-                    log.warning("%s: the address of host %s is not known", unit.name, name)
-                    continue
-                spec = HostSpec(name=name, address=str(seen["address"]))
-            hosts.append(
-                HostSpec(name=spec.name, address=spec.address, port=spec.port, user=spec.user)
-            )
-        return tuple(hosts)
-
-    def _tree(self, row: RemovedUnitRow) -> Path:
-        """An export of the revision that defines the removed unit (made once)."""
-        where = self.layout.unit_dir(row.unit) / EXPORT_DIR
-        marker = where / "revision"
-        tree = where / "tree"
-        try:
-            if marker.read_text() == row.defined_at and tree.is_dir():
-                return tree
-        except OSError:
-            pass
-        where.mkdir(parents=True, exist_ok=True, mode=0o700)
-        try:
-            self.source.export(row.defined_at, tree)
-        except GitSourceError as exc:
-            raise PruneError(f"{row.unit}: cannot read its last definition: {exc}") from exc
-        marker.write_text(row.defined_at)
-        return tree
-
-    def _old_manifest(self, row: RemovedUnitRow) -> Manifest:
-        return self._load(self._tree(row))
-
-    def _load(self, tree: Path) -> Manifest:
-        try:
-            # Any `prune:` is read: the host's policy.prune bounds it when it is used (the
-            # ceiling may have changed since; that must not make the definition unreadable).
-            limits = replace(ManifestLimits.from_host(self.host), prune_ceiling=PruneMode.AUTO)
-            return load_manifest(tree, limits)
-        except ConfigError as exc:
-            raise PruneError(
-                "the revision that last defined it is not valid under this host config:"
-                f" {exc.message}"
-            ) from exc
 
 
 def _kept_note(run_id: str, name: str) -> str:
