@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.cli.views import render_status, status_view
 from agent.config import load_host_config
 from agent.config.cluster import ClusterConfig
 from agent.engine.clusterpass import LEASE_LOST
@@ -170,6 +171,15 @@ def test_three_agents_split_the_units_and_each_runs_once(cluster: Cluster) -> No
         " ON runs.id = unit_runs.run_id ORDER BY unit_runs.unit"
     ).split()
     assert ran == sorted(f"{u}={expected[u]}" for u in units)
+    # `agent status` on any of them says which agent ran each unit last.
+    view = status_view(agents["a"].store)
+    assert {u["unit"]: u["agent"] for u in view["units"]} == expected
+    table = render_status(view).splitlines()
+    header = next(line for line in table if line.startswith("UNIT"))
+    assert header.split()[-1] == "AGENT"
+    for unit in units:
+        row = next(line for line in table if line.split()[:1] == [unit])
+        assert row.split()[-1] == expected[unit], row
 
     # A second round: nothing to do anywhere, nothing applied again.
     again = run_all(agents)

@@ -39,7 +39,9 @@ def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str,
     last = runs[0] if runs else None
     units = [unit_view(state, layout) for state in store.unit_states()]
     removed = store.removed.by_unit()
+    agents = store.last_run_agents()
     for unit in units:
+        unit["agent"] = agents.get(unit["unit"])
         if (gone := removed.get(unit["unit"])) is not None:
             # No longer in gitops.yaml: pruning, held or orphaned (docs/policy.md, "Prune").
             unit["removed"] = {
@@ -189,8 +191,13 @@ def render_status(view: dict[str, Any]) -> str:
         ]
         for u in view["units"]
     ]
+    headers = ["UNIT", "REVISION", "LAST RESULT", "DRIFT", "WHEN"]
+    # Several agents on one store (docs/scale-out.md): say which one ran each unit last.
+    if len({u.get("agent") for u in view["units"]}) > 1:
+        rows = [[*row, u.get("agent") or "-"] for row, u in zip(rows, view["units"], strict=True)]
+        headers.append("AGENT")
     lines.append("")
-    lines.append(_table(["UNIT", "REVISION", "LAST RESULT", "DRIFT", "WHEN"], rows))
+    lines.append(_table(headers, rows))
     unchanged = [u for u in view["units"] if u.get("unchanged_since")]
     if unchanged:
         newest = max(unchanged, key=lambda u: u["unchanged_since"]["at"])["unchanged_since"]

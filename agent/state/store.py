@@ -358,6 +358,14 @@ class RunStore(StoreDatabase):
         history = self.unit_history(unit, limit=1)
         return history[0] if history else None
 
+    def last_run_agents(self) -> dict[str, str | None]:
+        """The agent that ran each unit's last run, by unit (several agents on one store)."""
+        rows = self._all(
+            "SELECT unit_state.unit AS unit, runs.agent AS agent FROM unit_state"
+            " JOIN runs ON runs.id = unit_state.last_run_id"
+        )
+        return {r["unit"]: r["agent"] for r in rows}
+
     # --- revisions --------------------------------------------------------------
 
     def record_revision(
