@@ -15,12 +15,11 @@ schema is agent/state/schema.py's and the rows it returns, agent/state/records.p
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Callable
-from pathlib import Path
 
 from agent.config import HostConfig
 from agent.core.redact import Redactor
@@ -83,20 +82,18 @@ class RunStore(StoreDatabase):
     (PostgreSQL): runs, unit results, unit state, revisions, suspensions, approvals and
     removed units. Safe to share between threads."""
 
-    def __init__(
-        self,
-        state_dir: Path,
-        *,
-        scrub: Callable[[str], str] | None = None,
-        read_only: bool = False,
-        url: str | None = None,
-        retry_for: float = RETRY_FOR,
-    ) -> None:
-        """Open (or create) the store: see StoreDatabase for the arguments."""
-        super().__init__(state_dir, scrub=scrub, read_only=read_only, url=url, retry_for=retry_for)
-        self.suspensions = Suspensions(self)
-        self.approvals = ApprovalLog(self)
-        self.removed = RemovedUnits(self)
+    # The small stores of one table each; made on first use, they share this connection.
+    @functools.cached_property
+    def suspensions(self) -> Suspensions:
+        return Suspensions(self)
+
+    @functools.cached_property
+    def approvals(self) -> ApprovalLog:
+        return ApprovalLog(self)
+
+    @functools.cached_property
+    def removed(self) -> RemovedUnits:
+        return RemovedUnits(self)
 
     # --- runs -----------------------------------------------------------------
 
