@@ -6,7 +6,6 @@ contents, marker files a guard would write, sshd's log of who connected)."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -262,20 +261,11 @@ def test_a_fleet_new_in_the_proposal_is_skipped(tmp_path: Path) -> None:
     assert "not a fleet unit at the revision in force" in (aim_refusal(unit, None) or "")
 
 
-def test_stack_outputs_as_applied_withhold_sensitive_ones_from_untrusted_plans(
-    tmp_path: Path,
-) -> None:
-    state = tmp_path / "terraform.tfstate"
-    state.write_text(
-        json.dumps(
-            {
-                "outputs": {
-                    "hosts": {"value": {"web1": "10.0.0.1"}, "sensitive": False},
-                    "password": {"value": TOKEN, "sensitive": True},
-                }
-            }
-        )
-    )
+def test_stack_outputs_as_applied_withhold_sensitive_ones_from_untrusted_plans() -> None:
+    state = {
+        "hosts": {"value": {"web1": "10.0.0.1"}, "sensitive": False},
+        "password": {"value": TOKEN, "sensitive": True},
+    }
     untrusted = applied_outputs(state, "net", Redactor(), trusted=False)
     assert "password" in untrusted and untrusted["hosts"] == {"web1": "10.0.0.1"}
     with pytest.raises(NeedsSecrets, match="the sensitive output password of net"):

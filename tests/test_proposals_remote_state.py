@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from agent.engine.reconcile import PassRequest, Reconciler
 from tests.support.infra import InfraRepo, git, write_host_config
 from tests.support.moto import REGION, MotoServer, fake_aws_credentials
 from tests.support.postgres import PostgresCluster, server_bin
+from tests.support.sshd import SshServer, chown_tree, ensure_user, make_client_key, public_key
 
 BUCKET = "infra-state"
 KEYS = ("team/app.tfstate", "team/web.tfstate")
@@ -207,3 +209,62 @@ def test_a_proposal_plans_against_a_pulled_copy_of_the_pg_state(
     assert stored() == before
     written = [p for p in (tmp_path / "state").rglob("*") if p.is_file() and not p.is_symlink()]
     assert not [p for p in written if b"conn-canary-9b2e" in p.read_bytes()]
+
+
+def test_a_fleet_proposal_reads_its_stack_output_from_the_pg_state(
+    tmp_path: Path, postgres: PostgresCluster
+) -> None:
+    """A fleet var `from_stack` of a unit whose state is in the backend: the proposal's plan
+    reads the output as applied there (the agent keeps no local state file for it)."""
+    reason = SshServer.available()
+    if reason:
+        pytest.skip(reason)
+    ensure_user()
+    url = postgres.create_database("fleetoutputs")
+    conn_file = tmp_path / "state-db.conn"
+    conn_file.write_text(url + "\n")
+    conn_file.chmod(0o600)
+    key = make_client_key(tmp_path / "id_ed25519")
+    target = Path(tempfile.mkdtemp(prefix="gitops-fleetout-", dir="/tmp"))
+    with SshServer() as web1:
+        web1.add_authorized_key(web1.user, public_key(key))
+        chown_tree(target, web1.user)
+        known_hosts = web1.write_known_hosts(tmp_path / "known_hosts")
+        manifest = (
+            "version: 1\nunits:\n  - {name: app, stack: stacks/app}\n"
+            "  - name: conf\n    depends_on: [app]\n"
+            "    vars: {size: {from_stack: {unit: app, output: size}}}\n"
+            "    fleet:\n      user: gitops-test\n"
+            f"      hosts: {{static: [{{name: web1, address: 127.0.0.1, port: {web1.port}}}]}}\n"
+            f"      resources:\n        - template: {target}/size.conf\n"
+            "          source: templates/size.j2\n"
+        )
+        repo = InfraRepo(tmp_path / "git")
+        repo.write("stacks/app/main.tf", APP_TF)
+        repo.write("templates/size.j2", "size={{ size }}\n")
+        repo.write("gitops.yaml", manifest)
+        repo.push("seed")
+        config = host_config(tmp_path, repo, f"{{pg: {{conn_str_file: {conn_file}}}}}")
+        hosts = f"hosts:\n  key_file: {key}\n  known_hosts: {known_hosts}\n"
+        config.write_text(config.read_text() + hosts)
+        main_pass(config)
+        assert (target / "size.conf").read_text() == "size=small\n"
+        # The state is only in PostgreSQL (tfdata/ holds Terraform's backend settings).
+        assert not (tmp_path / "state" / "units" / "app" / "terraform.tfstate").exists()
+
+        git(repo.work, "checkout", "-q", "-b", "proposal")
+        repo.write("templates/size.j2", "size={{ size }}\nmore=1\n")
+        git(repo.work, "add", "-A")
+        git(repo.work, "commit", "-q", "-m", "one more line")
+        git(repo.work, "push", "-q", "origin", "HEAD:refs/pull/4/head")
+        git(repo.work, "checkout", "-q", "main")
+        planner = ProposalPlanner(load_host_config(config))
+        try:
+            (row,) = planner.poll().planned
+        finally:
+            planner.close()
+        conf = {u.unit: u for u in row.units}["conf"]
+        assert (conf.status, conf.plan_change) == ("changes", 1), conf.detail
+        assert (target / "size.conf").read_text() == "size=small\n"  # nothing applied
+        # The pulled copy is gone once read.
+        assert not list((tmp_path / "state" / "proposals").rglob("upstream-*.tfstate"))

@@ -151,7 +151,11 @@ class ProposalPlanner:
             else None,
         )
         self.fleets = ProposalFleetPlanner(
-            host, self.layout, self.redactor, timeout=self.config.timeout
+            host,
+            self.layout,
+            self.redactor,
+            self.units.current_outputs,
+            timeout=self.config.timeout,
         )
 
     def interrupt(self) -> None:

@@ -4,7 +4,8 @@
       same hosts (names, addresses, ports, users; or the same stack output or EC2 filter),
       user, port and become -- else skipped, nothing contacted
     secrets: none unless `proposals.secrets_for` lists the unit (else skipped if it needs any)
-    hosts and `from_stack` vars: stack outputs as applied now (the main state files)
+    hosts and `from_stack` vars: stack outputs as applied now (the main state: the local
+      file, or a copy pulled from `terraform.state_backend` by the agent's own Terraform)
     per host, in parallel (hosts.parallelism), each bounded by the unit's timeout:
       plan the host (fleetplan.HostPlanner: the proposal's templates, rendered in Jinja's
         sandbox inside the proposal's tree) -> connect with the host config's transport
@@ -26,7 +27,8 @@ make), never written.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -116,6 +118,10 @@ def _first_difference(
     return "?"
 
 
+# (tree, requester, upstream's name, upstream's definition or None, deadline) -> outputs
+CurrentOutputs = Callable[[Path, str, str, Unit | None, float], dict[str, Any]]
+
+
 class ProposalFleetPlanner:
     """Plans fleet units of proposals: one read-only round trip per host."""
 
@@ -124,10 +130,14 @@ class ProposalFleetPlanner:
         host: HostConfig,
         layout: StateLayout,
         redactor: Redactor,
+        current_outputs: CurrentOutputs,
         *,
         timeout: float,
     ) -> None:
+        """`current_outputs(tree, requester, upstream_name, upstream, deadline)`: a stack's
+        outputs as applied now, wherever its state is (ProposalUnitPlanner.current_outputs)."""
         self.host = host
+        self.current_outputs = current_outputs
         self.layout = layout
         self.redactor = redactor
         self.timeout = timeout
@@ -165,9 +175,12 @@ class ProposalFleetPlanner:
             )
         trusted = secrets is not None
 
-        def outputs(_ctx: StackContext, _requester: Unit, upstream: str) -> dict[str, Any]:
-            state = self.layout.unit_state_file(upstream)
-            return applied_outputs(state, upstream, self.redactor, trusted)
+        deadline = time.monotonic() + self.timeout
+
+        def outputs(_ctx: StackContext, requester: Unit, upstream: str) -> dict[str, Any]:
+            definition = manifest.get_unit(upstream)
+            current = self.current_outputs(tree, requester.name, upstream, definition, deadline)
+            return applied_outputs(current, upstream, self.redactor, trusted)
 
         planner = HostPlanner(self.ledger, self.redactor, outputs, self.ec2)
         ctx = StackContext(

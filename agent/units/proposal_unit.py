@@ -235,6 +235,22 @@ class ProposalUnitPlanner:
         variables.update(terraform_variables(secrets or {}))
         return variables
 
+    def current_outputs(
+        self, tree: Path, requester: str, name: str, upstream: Unit | None, deadline: float
+    ) -> dict[str, Any]:
+        """The `outputs` of stack unit `name` (`upstream`: its definition in the proposal)
+        as applied now: pulled from the host's `terraform.state_backend` when it keeps its
+        state there, else its local state file. {} when there is no state yet."""
+        if upstream is None or not self._remote(tree, upstream):
+            return _state_outputs(self._unit_state(name))
+        # Pulled like the unit's own state; gone before any proposal code runs.
+        scratch = self.root / "units" / requester / f"upstream-{name}.tfstate"
+        try:
+            self._pull(name, scratch, deadline)
+            return _state_outputs(scratch)
+        finally:
+            scratch.unlink(missing_ok=True)
+
     def _output(
         self,
         unit: Unit,
@@ -247,16 +263,7 @@ class ProposalUnitPlanner:
     ) -> Any:
         """An upstream output as applied now (the proposal's own upstream changes are not
         applied, so its plan sees today's values). A sensitive one counts as a secret."""
-        if upstream is not None and self._remote(tree, upstream):
-            # Pulled like the unit's own state; gone before any proposal code runs.
-            scratch = self.root / "units" / unit.name / f"upstream-{ref.unit}.tfstate"
-            try:
-                self._pull(ref.unit, scratch, deadline)
-                outputs = _state_outputs(scratch)
-            finally:
-                scratch.unlink(missing_ok=True)
-        else:
-            outputs = _state_outputs(self._unit_state(ref.unit))
+        outputs = self.current_outputs(tree, unit.name, ref.unit, upstream, deadline)
         entry = outputs.get(ref.output)
         if entry is None:
             raise AgentError(
@@ -296,14 +303,14 @@ class AppliedOutputs(dict[str, Any]):
 
 
 def applied_outputs(
-    state_file: Path, upstream: str, redactor: Redactor, trusted: bool
+    outputs: Mapping[str, Any], upstream: str, redactor: Redactor, trusted: bool
 ) -> AppliedOutputs:
-    """The outputs of stack unit `upstream` in its local state file (the main passes'
-    applied state: a proposal's own upstream changes are not applied). Sensitive values are
+    """The `outputs` of stack unit `upstream`'s state as applied now (the main passes'
+    state: a proposal's own upstream changes are not applied). Sensitive values are
     registered with the redactor when `trusted`, else withheld."""
     values: dict[str, Any] = {}
     withheld: set[str] = set()
-    for name, entry in _state_outputs(state_file).items():
+    for name, entry in outputs.items():
         if entry.get("sensitive") and not trusted:
             withheld.add(name)
             values[name] = None
