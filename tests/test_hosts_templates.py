@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from providers.errors import ProviderError, TemplateRenderError
-from providers.hosts.templates import render_template
+from providers.hosts.templates import render_deadline, render_string, render_template
 
 
 def _write(directory: Path, name: str, text: str) -> Path:
@@ -101,3 +102,45 @@ def test_a_missing_template_is_named(tmp_path: Path) -> None:
     with pytest.raises(TemplateRenderError) as caught:
         render_template(tmp_path / "nope.j2", {}, display_name="templates/nope.j2")
     assert str(caught.value) == "templates/nope.j2: cannot read the template: no such file"
+
+
+LOOPS = "a\n{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\n"
+
+
+def test_a_deadline_stops_a_template_that_loops_and_names_the_line(tmp_path: Path) -> None:
+    path = _write(tmp_path, "loop.j2", LOOPS)
+    started = time.monotonic()
+    with (
+        render_deadline(started + 0.5),
+        pytest.raises(TemplateRenderError, match=r"^templates/loop\.j2:2: rendering took too long"),
+    ):
+        render_template(path, {}, display_name="templates/loop.j2")
+    # Stopped, not run to its end (10^10 iterations), and the bound is gone after the block.
+    assert time.monotonic() - started < 60
+    ok = _write(tmp_path, "ok.j2", "{% for i in range(3) %}{{ i * 2 }}{% endfor %}{{ 2 ** 8 }}\n")
+    assert render_template(ok, {}, display_name="ok.j2") == "024256\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "reason"),
+    [
+        ('{{ "x" * 10**9 }}', "a value of 1 x 1000000000 items is over"),
+        ("{{ [1, 2] * 10**8 }}", "a value of 2 x 100000000 items is over"),
+        ("{{ 7 ** (10**9) }}", "is over the size limit"),
+        ('{% for i in range(99999) %}{{ "y" * 1000 }}{% endfor %}', "the output is over"),
+        ("{{ lipsum(10**6) }}", "'lipsum' is undefined"),
+    ],
+)
+def test_a_bounded_render_refuses_huge_values(tmp_path: Path, text: str, reason: str) -> None:
+    path = _write(tmp_path, "big.j2", text)
+    with render_deadline(time.monotonic() + 30), pytest.raises(TemplateRenderError, match=reason):
+        render_template(path, {}, display_name="big.j2")
+
+
+def test_an_inline_template_is_bounded_too() -> None:
+    loops = LOOPS.replace("\n", " ")
+    with (
+        render_deadline(time.monotonic() + 0.3),
+        pytest.raises(TemplateRenderError, match=r"gitops\.yaml:3: run: rendering took too long"),
+    ):
+        render_string(loops, {}, display_name="gitops.yaml:3: run")

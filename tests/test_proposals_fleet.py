@@ -305,3 +305,27 @@ def test_a_host_that_cannot_be_read_fails_the_plan_and_the_others_are_kept(
     assert "== down: not read: " in text
     assert "== self: skipped: the agent's own machine is not planned" in text
     assert (world["root"] / "web.conf").read_text() == "workers=2\n"
+
+
+def test_a_template_that_loops_is_stopped_at_the_units_timeout(world, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "templates").mkdir(parents=True)
+    loops = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    (tree / "templates" / "app.conf.j2").write_text(f"workers=3\n{loops}\n")
+    text = (
+        "version: 1\nunits:\n  - name: web\n    timeout: 2s\n    fleet:\n"
+        "      user: gitops-test\n      hosts: {static: ["
+        f"{{name: web1, address: 127.0.0.1, port: {world['web1'].port}}}]}}\n"
+        f"      resources:\n        - template: {world['root']}/web.conf\n"
+        "          source: templates/app.conf.j2\n"
+    )
+    limits = ManifestLimits(allowed_paths=("stacks", "templates"), max_unit_timeout=7200.0)
+    manifest = parse_manifest(text, "gitops.yaml", tree, limits)
+    planner = ProposalPlanner(load_host_config(world["config"]))
+    try:
+        unit = manifest.get_unit("web")
+        plan = planner.fleets.plan(tree, manifest, unit, manifest, tmp_path / "run", None, "p-2")
+    finally:
+        planner.close()
+    assert plan.status == "failed", plan
+    assert "templates/app.conf.j2:2: rendering took too long" in plan.detail, plan.detail

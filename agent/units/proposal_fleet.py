@@ -54,6 +54,7 @@ from agent.units.secrets import ResolvedSecrets
 from providers.errors import ProviderError
 from providers.hosts.engine import converge
 from providers.hosts.model import HostReport, ResourceOutcome
+from providers.hosts.templates import render_deadline
 from providers.text import plural
 
 NOT_EVALUATED = "would run (guard not evaluated in a proposal)"
@@ -210,7 +211,9 @@ class ProposalFleetPlanner:
             if self._stop.is_set():
                 error = HostReport(spec.name, error="interrupted: the agent stops")
                 return HostPlan(spec.name, error)
-            plan = planner.plan_host(ctx, unit, fleet, spec, unit_vars)
+            # The proposal's templates, like its round trip, within the timeout.
+            with render_deadline(time.monotonic() + timeout):
+                plan = planner.plan_host(ctx, unit, fleet, spec, unit_vars)
             removals = frozenset(r.id for r in plan.removals)
             return HostPlan(spec.name, self._read_host(main_unit, plan, timeout), None, removals)
 

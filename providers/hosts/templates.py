@@ -8,6 +8,13 @@ the template's own directory and below, and every template file, once its symlin
 followed, must be inside the repository checkout (`root`) and at most
 `MAX_TEMPLATE_BYTES`: a pull request cannot include `/etc/shadow` through a symlink.
 
+A thread can bound the templates it renders (`render_deadline`, used for a proposal's plan,
+whose templates nobody has reviewed): the template's own code is traced line by line and
+stops at the deadline (Jinja's sandbox caps `range`, not loops nested over it), `*` and
+`**` may not build a value over `MAX_RENDERED_BYTES`, nor may the output, and `lipsum` is
+gone. A filter given a huge width (`center`, `indent`, `wordwrap`) can still allocate one
+large string: that is the process's memory limit's job (`MemoryMax=` in the unit).
+
 Compiled templates are kept between calls (one environment per template directory), so
 a fleet of N hosts compiles each template once, not N times: compiling a template takes
 10-30 ms, rendering it well under 1 ms. A template file that changes on disk (a new
@@ -16,11 +23,16 @@ revision checked out) is compiled again.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import sys
+import threading
+import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path, PurePosixPath
+from types import FrameType
 from typing import Any
 
 import jinja2
@@ -93,11 +105,105 @@ def _stamp(filename: str) -> tuple[int, int, int] | None:
     return st.st_mtime_ns, st.st_size, st.st_ino
 
 
+MAX_RENDERED_BYTES = 16 * 1024 * 1024  # a rendered file, or one value built by `*` / `**`
+_CHECK_EVERY = 2000  # template lines between two looks at the clock
+
+_bound = threading.local()  # this thread's deadline (time.monotonic()), or none
+
+
+class RenderLimitExceeded(jinja2.TemplateError):
+    """A bounded render ran past its deadline or built too large a value."""
+
+
+@contextlib.contextmanager
+def render_deadline(deadline: float | None) -> Iterator[None]:
+    """Templates this thread renders inside the block stop at `deadline` (a
+    time.monotonic() value; None: unbounded) with a TemplateRenderError that says so."""
+    previous = getattr(_bound, "deadline", None)
+    if deadline is not None and previous is not None:
+        deadline = min(deadline, previous)
+    _bound.deadline = deadline if deadline is not None else previous
+    try:
+        yield
+    finally:
+        _bound.deadline = previous
+
+
+class _BoundedEnvironment(SandboxedEnvironment):
+    """Jinja's sandbox, with `*` and `**` refused when the bounded thread's result would
+    pass MAX_RENDERED_BYTES, and without `lipsum` (it builds text of any size)."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.globals.pop("lipsum", None)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        if getattr(_bound, "deadline", None) is not None:
+            _check_size(operator, left, right)
+        return super().call_binop(context, operator, left, right)
+
+
+def _check_size(operator: str, left: Any, right: Any) -> None:
+    if operator == "*":
+        for sized, times in ((left, right), (right, left)):
+            sequence = isinstance(sized, str | bytes | list | tuple) and isinstance(times, int)
+            if sequence and len(sized) * times > MAX_RENDERED_BYTES:
+                raise RenderLimitExceeded(
+                    f"a value of {len(sized)} x {times} items is over the"
+                    f" {MAX_RENDERED_BYTES} limit"
+                )
+        return
+    # left ** right has about right * log2|left| bits.
+    integers = isinstance(left, int) and isinstance(right, int) and abs(left) > 1
+    if integers and right * abs(left).bit_length() > MAX_RENDERED_BYTES * 8:
+        raise RenderLimitExceeded(f"{left} ** {right} is over the size limit")
+
+
+class _DeadlineTracer:
+    """Traces the template's own code (compiled templates are frames whose file is not a
+    .py file) and raises once the deadline passed; Python code of Jinja runs untraced."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.lines = 0
+
+    def on_call(self, frame: FrameType, event: str, arg: Any) -> Any:
+        return None if frame.f_code.co_filename.endswith(".py") else self.on_line
+
+    def on_line(self, frame: FrameType, event: str, arg: Any) -> Any:
+        self.lines += 1
+        if self.lines % _CHECK_EVERY == 0 and time.monotonic() > self.deadline:
+            raise RenderLimitExceeded("rendering took too long: stopped at its deadline")
+        return self.on_line
+
+
+def _render(template: jinja2.Template, variables: Mapping[str, Any]) -> str:
+    deadline = getattr(_bound, "deadline", None)
+    if deadline is None:
+        return template.render(**variables)
+    tracer = _DeadlineTracer(deadline)
+    previous = sys.gettrace()
+    sys.settrace(tracer.on_call)
+    try:
+        chunks: list[str] = []
+        size = 0
+        for chunk in template.generate(**variables):
+            size += len(chunk)
+            if size > MAX_RENDERED_BYTES:
+                raise RenderLimitExceeded(f"the output is over {MAX_RENDERED_BYTES} bytes")
+            chunks.append(chunk)
+        return "".join(chunks)
+    finally:
+        sys.settrace(previous)
+
+
 @functools.lru_cache(maxsize=32)
 def _environment(directory: str, root: str) -> SandboxedEnvironment:
     """The environment of one template directory, shared by every call (and thread: Jinja
     environments are safe to share) so that its template cache is used."""
-    return SandboxedEnvironment(
+    return _BoundedEnvironment(
         loader=_Loader(directory, root),
         undefined=jinja2.StrictUndefined,
         keep_trailing_newline=True,
@@ -163,7 +269,7 @@ def render_template(
             f"{display_name}: cannot read the template: {exc.message}", template=display_name
         ) from None
     try:
-        return template.render(**variables)
+        return _render(template, variables)
     except jinja2.TemplateSyntaxError as exc:  # in an included template
         where = _display(exc.filename, path, display_name)
         raise TemplateRenderError(
@@ -196,11 +302,11 @@ def render_string(text: str, variables: Mapping[str, Any], *, display_name: str)
     """
     if "{" not in text:
         return text  # nothing to render: skip building a template
-    environment = SandboxedEnvironment(
+    environment = _BoundedEnvironment(
         undefined=jinja2.StrictUndefined, keep_trailing_newline=True, autoescape=False
     )
     try:
-        return environment.from_string(text).render(**variables)
+        return _render(environment.from_string(text), variables)
     except jinja2.TemplateError as exc:
         raise TemplateRenderError(
             f"{display_name}: {exc.message}",
