@@ -65,8 +65,21 @@ class RevisionGate:
         if current is None or current == ctx.head:
             return
         if not self.source.has_commit(current):
-            # Only a fresh clone lacks it (the state dir's checkout was removed, and the
-            # remote dropped the commit): nothing to compare with, so say so and go on.
+            # Only a fresh clone lacks it (the state dir's checkout was removed, or a new
+            # agent joined a shared store, and the remote dropped the commit). An agent
+            # that could compare already refused this head: its rejection stands for all.
+            recorded = self.store.revision_status(ctx.head)
+            rejected = recorded is not None and recorded[0] is RevisionStatus.REJECTED
+            if rejected and not self.host.repo.allow_history_rewrite:
+                assert recorded is not None
+                raise PassFailed(
+                    f"revision {ctx.head[:12]} was rejected ({recorded[1]}), and the revision"
+                    f" in force {current[:12]} is not in this agent's clone (the remote no"
+                    f" longer has it): nothing to reconcile until {self.host.repo.branch} holds"
+                    f" {current[:12]} again (push it back), or the host config allows history"
+                    " rewrites (repo.allow_history_rewrite)"
+                )
+            # Nothing to compare with: say so and go on.
             ctx.warnings.append(
                 f"cannot check that {ctx.head[:12]} fast-forwards {current[:12]}:"
                 " that revision is no longer in the repository"
