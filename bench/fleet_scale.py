@@ -86,7 +86,11 @@ SCALE_DRIVER = textwrap.dedent(
     else:  # older code (--agent-code): the pass calls load_manifest
         import agent.engine.reconcile as reconcile_module
         reconcile_module.load_manifest = timed("manifest", reconcile_module.load_manifest)
-    known = ssh._KnownHosts
+    # Host keys moved to hostkeys.py (KnownHosts); older code (--agent-code) has them in ssh.
+    try:
+        from providers.transport.hostkeys import KnownHosts as known
+    except ImportError:
+        known = ssh._KnownHosts
     name = "cached" if hasattr(known, "cached") else "load"
     setattr(known, name, classmethod(timed("known_hosts", getattr(known, name).__func__)))
     known.keys_for = timed("known_hosts", known.keys_for)

@@ -26,7 +26,7 @@ from providers.errors import (
     TransportError,
 )
 from providers.transport import SSHSettings, SSHTarget, SSHTransport
-from providers.transport.ssh import _KnownHosts
+from providers.transport.hostkeys import KnownHosts
 from tests.support.sshd import (
     SshServer,
     hash_known_hosts,
@@ -305,7 +305,7 @@ def test_a_big_known_hosts_finds_plain_and_hashed_entries_by_host_and_port(
     known_hosts.write_text("\n".join([*lines, *hashed[500:], known_hosts.read_text()]))
     with make(server, client_key, known_hosts) as ssh:
         assert ssh.run(["echo", "ok"], timeout=10).stdout == b"ok\n"
-    index = _KnownHosts.cached(known_hosts, "web-1")
+    index = KnownHosts.cached(known_hosts, "web-1")
     assert len(index.keys_for("[10.0.0.7]:2207")) == 1  # plain
     assert len(index.keys_for("[10.0.3.249]:3199")) == 1  # hashed
     assert index.keys_for("[10.0.0.7]:2208") == []  # the same address on another port
