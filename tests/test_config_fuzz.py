@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 from agent.cli.quickstart import HOST_CONFIG, PLACEHOLDER
 from agent.config import ManifestLimits, parse_host_config, parse_manifest
-from agent.config.fleet import FLEET_KEYS, HOST_KEYS, KIND_ATTRS, KINDS
+from agent.config.fleet import FLEET_KEYS, HOST_KEYS
+from agent.config.fleetresources import KIND_ATTRS, KINDS
 from agent.config.manifest import UNIT_KEYS
 from agent.errors import ConfigError
 from tests.test_config_cases import build_case_repo

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from yaml.nodes import MappingNode, ScalarNode
 
 from agent.config import graph
-from agent.config.fleet import Fleet, FleetReader, HandlerSpec, HostsFromStack, ResourceSpec
+from agent.config.fleet import Fleet, FleetReader, HandlerSpec, HostsFromStack
+from agent.config.fleetresources import ResourceSpec
 from agent.config.policy import load_repo_rules
 from agent.config.yamlnodes import (
     INVALID,

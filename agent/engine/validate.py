@@ -30,7 +30,8 @@ from agent.config import (
     load_manifest,
     resolve_host_config_path,
 )
-from agent.config.fleet import HostsFromEc2, HostsFromStack, HostSpec, ResourceSpec
+from agent.config.fleet import HostsFromEc2, HostsFromStack, HostSpec
+from agent.config.fleetresources import ResourceSpec
 from agent.config.manifest import plain_value
 from agent.errors import AgentError, ConfigError
 from agent.units.fleetplan import COMMAND_TEMPLATES, host_resources, host_variables

@@ -16,8 +16,8 @@ from agent.config.fleet import (
     HostsFromEc2,
     HostsFromStack,
     HostSpec,
-    ResourceSpec,
 )
+from agent.config.fleetresources import ResourceSpec
 from agent.config.manifest import plain_value
 from agent.core.redact import Redactor
 from agent.units.context import StackContext
