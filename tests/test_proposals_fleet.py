@@ -23,7 +23,7 @@ from agent.service.proposal_forge import comment_of
 from agent.state.proposals import ProposalRecords
 from agent.state.store import RunStore
 from agent.units.proposal_fleet import NOT_EVALUATED, aim_refusal
-from agent.units.proposal_unit import NeedsSecrets, applied_outputs
+from agent.units.proposal_unit import NeedsSecrets, UnitPlan, applied_outputs
 from tests.support.infra import InfraRepo, git, write_host_config
 from tests.support.sshd import (
     SshServer,
@@ -275,18 +275,15 @@ def test_stack_outputs_as_applied_withhold_sensitive_ones_from_untrusted_plans()
     assert redactor.redact(f"x {TOKEN} y") != f"x {TOKEN} y"
 
 
-def test_a_host_that_cannot_be_read_fails_the_plan_and_the_others_are_kept(
-    world, tmp_path: Path
-) -> None:
+def plan_web(world: dict, tmp_path: Path, template: str, unit: str, hosts: str) -> UnitPlan:
+    """Plan fleet unit `web` (`unit`: its lines after the name) of a proposal whose tree
+    holds `template` as templates/app.conf.j2, with the main manifest the same."""
     tree = tmp_path / "tree"
     (tree / "templates").mkdir(parents=True)
-    (tree / "templates" / "app.conf.j2").write_text("workers={{ 3 }}\n")
+    (tree / "templates" / "app.conf.j2").write_text(template)
     text = (
-        "version: 1\nunits:\n  - name: web\n    fleet:\n      user: gitops-test\n"
-        "      hosts: {static: ["
-        f"{{name: web1, address: 127.0.0.1, port: {world['web1'].port}}},"
-        f" {{name: down, address: 127.0.0.1, port: {_free_port()}}},"
-        " {name: self, address: local}]}\n"
+        f"version: 1\nunits:\n  - name: web\n{unit}    fleet:\n      user: gitops-test\n"
+        f"      hosts: {{static: [{hosts}]}}\n"
         f"      resources:\n        - template: {world['root']}/web.conf\n"
         "          source: templates/app.conf.j2\n"
     )
@@ -294,10 +291,21 @@ def test_a_host_that_cannot_be_read_fails_the_plan_and_the_others_are_kept(
     manifest = parse_manifest(text, "gitops.yaml", tree, limits)
     planner = ProposalPlanner(load_host_config(world["config"]))
     try:
-        unit = manifest.get_unit("web")
-        plan = planner.fleets.plan(tree, manifest, unit, manifest, tmp_path / "run", None, "p-1")
+        web = manifest.get_unit("web")
+        return planner.fleets.plan(tree, manifest, web, manifest, tmp_path / "run", None, "p-1")
     finally:
         planner.close()
+
+
+def test_a_host_that_cannot_be_read_fails_the_plan_and_the_others_are_kept(
+    world, tmp_path: Path
+) -> None:
+    hosts = (
+        f"{{name: web1, address: 127.0.0.1, port: {world['web1'].port}}},"
+        f" {{name: down, address: 127.0.0.1, port: {_free_port()}}},"
+        " {name: self, address: local}"
+    )
+    plan = plan_web(world, tmp_path, "workers={{ 3 }}\n", "", hosts)
     assert plan.status == "failed" and plan.counts == (0, 1, 0), plan
     assert plan.detail.startswith("1 of 3 hosts not planned: down: "), plan.detail
     text = (tmp_path / "run" / "plan.txt").read_text()
@@ -308,24 +316,8 @@ def test_a_host_that_cannot_be_read_fails_the_plan_and_the_others_are_kept(
 
 
 def test_a_template_that_loops_is_stopped_at_the_units_timeout(world, tmp_path: Path) -> None:
-    tree = tmp_path / "tree"
-    (tree / "templates").mkdir(parents=True)
     loops = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
-    (tree / "templates" / "app.conf.j2").write_text(f"workers=3\n{loops}\n")
-    text = (
-        "version: 1\nunits:\n  - name: web\n    timeout: 2s\n    fleet:\n"
-        "      user: gitops-test\n      hosts: {static: ["
-        f"{{name: web1, address: 127.0.0.1, port: {world['web1'].port}}}]}}\n"
-        f"      resources:\n        - template: {world['root']}/web.conf\n"
-        "          source: templates/app.conf.j2\n"
-    )
-    limits = ManifestLimits(allowed_paths=("stacks", "templates"), max_unit_timeout=7200.0)
-    manifest = parse_manifest(text, "gitops.yaml", tree, limits)
-    planner = ProposalPlanner(load_host_config(world["config"]))
-    try:
-        unit = manifest.get_unit("web")
-        plan = planner.fleets.plan(tree, manifest, unit, manifest, tmp_path / "run", None, "p-2")
-    finally:
-        planner.close()
+    hosts = f"{{name: web1, address: 127.0.0.1, port: {world['web1'].port}}}"
+    plan = plan_web(world, tmp_path, f"workers=3\n{loops}\n", "    timeout: 2s\n", hosts)
     assert plan.status == "failed", plan
     assert "templates/app.conf.j2:2: rendering took too long" in plan.detail, plan.detail
