@@ -142,6 +142,10 @@ class PgConnection:
     transaction fails). A commit whose answer was lost is looked up by its transaction id
     (`txid_status`), so it is never applied twice. The pass lock, if held, is taken again on
     the new connection; if another agent took it meanwhile, PassLockLost.
+
+    Round trips are what a store on a server costs (docs/store.md): a transaction's `BEGIN`
+    and its id travel in one pipeline with its first statement, and one with no statement
+    costs none. `round_trips` counts them (the bench and the tests read it).
     """
 
     def __init__(self, url: str, *, read_only: bool = False, retry_for: float = RETRY_FOR) -> None:
@@ -151,13 +155,18 @@ class PgConnection:
         self._read_only = read_only
         self.retry_for = retry_for
         self.reconnects = 0  # how many times the server was found gone (logs, tests)
+        self.round_trips = 0  # waits for the server's answer (bench/store_overhead.py, tests)
         self._generation = 0  # which connection this is (+1 at each reconnect)
         self._reconnecting = threading.Lock()
+        # One user of the connection at a time, a transaction for its whole length: another
+        # thread's read waits for it rather than joining it (and its pipeline).
+        self._serial = threading.RLock()
         # The open transaction: its thread, statements, id, and the connection it began on.
         self._steps: list[_Step] | None = None
         self._tx_thread = 0
         self._tx_generation = 0
         self._xid: int | None = None
+        self._begun = False  # whether the open transaction's BEGIN went to the server
         self._locked = False
         self._lock_lost = False
         self._conn = self._connect_retrying(time.monotonic() + retry_for)
@@ -170,6 +179,7 @@ class PgConnection:
         )
         if self._read_only:
             conn.execute("SET default_transaction_read_only = on")
+            self.round_trips += 1
         return conn
 
     def _connect_retrying(self, deadline: float) -> psycopg.Connection[Row]:
@@ -202,6 +212,7 @@ class PgConnection:
             self.reconnects += 1
             log.warning("the run store %s is back: reconnected", self.where)
             if self._locked:
+                self.round_trips += 1
                 row = self._conn.execute("SELECT pg_try_advisory_lock(%s)", [_PASS_LOCK]).fetchone()
                 if not (row and row[0]):
                     self._locked, self._lock_lost = False, True
@@ -226,20 +237,46 @@ class PgConnection:
     # --- statements -------------------------------------------------------------------
 
     def _run(self, sql: str, params: Any, many: bool = False) -> _Result:
+        self.round_trips += 1  # (executemany too: psycopg pipelines its rows)
         cursor = self._conn.cursor()
         if many:
             cursor.executemany(sql, params)
         else:
             cursor.execute(sql, params)
-        rows = cursor.fetchall() if cursor.description else []
-        return _Result(rows, cursor.rowcount)
+        return _result(cursor)
+
+    def _run_first(self, sql: str, params: Any, many: bool) -> _Result:
+        """The transaction's first statement, sent in one pipeline after `BEGIN` and
+        `txid_current()`: one round trip for the three. Its id is known before COMMIT is
+        ever sent, as `_commit` needs. If any of them fails the transaction is aborted on
+        the server (and rolled back by `__exit__`); if the connection breaks, nothing was
+        committed: COMMIT was not sent."""
+        self._check_lock()
+        self._tx_generation = self._generation
+        self._begun = True
+        self.round_trips += 1
+        with self._conn.pipeline():
+            self._conn.cursor().execute("BEGIN")
+            xid = self._conn.cursor()
+            xid.execute("SELECT txid_current()")
+            cursor = self._conn.cursor()
+            if many:
+                cursor.executemany(sql, params)
+            else:
+                cursor.execute(sql, params)
+        row = xid.fetchone()
+        self._xid = int(row[0]) if row else None
+        return _result(cursor)
 
     def _step(self, sql: str, params: Any, many: bool) -> _Result:
         if self._steps is None or self._tx_thread != threading.get_ident():
             # A read or a lock call (not part of a transaction): run again as it is.
-            return self._retrying(lambda: self._run(sql, params, many))
+            with self._serial:
+                return self._retrying(lambda: self._run(sql, params, many))
 
         def run() -> _Result:
+            if not self._begun:
+                return self._run_first(sql, params, many)
             if self._tx_generation != self._generation:
                 self._replay()  # the transaction began on a connection that is gone
             return self._run(sql, params, many)
@@ -257,13 +294,19 @@ class PgConnection:
 
     # --- transactions (`with connection:`, as with sqlite3) ----------------------------
 
-    def _begin(self) -> None:
+    def _check_lock(self) -> None:
         if self._lock_lost:
             raise PassLockLost(
                 "the server restarted during this pass and another agent took the pass lock"
                 " meanwhile: nothing more of this pass is recorded"
             )
+
+    def _begin(self) -> None:
+        """`BEGIN` and the transaction's id, alone (a replay: `_run_first` for a new one)."""
+        self._check_lock()
         self._tx_generation = self._generation
+        self._begun = True
+        self.round_trips += 1
         cursor = self._conn.cursor()
         cursor.execute("BEGIN; SELECT txid_current()")  # one round trip
         cursor.nextset()
@@ -283,12 +326,10 @@ class PgConnection:
                 )
 
     def __enter__(self) -> PgConnection:
-        self._steps, self._tx_thread = [], threading.get_ident()
-        try:
-            self._retrying(self._begin)
-        except BaseException:
-            self._steps = None
-            raise
+        # Nothing is sent yet: BEGIN goes with the first statement (`_run_first`).
+        self._check_lock()
+        self._serial.acquire()
+        self._steps, self._tx_thread, self._begun = [], threading.get_ident(), False
         return self
 
     def __exit__(
@@ -298,13 +339,16 @@ class PgConnection:
         tb: TracebackType | None,
     ) -> None:
         try:
-            if exc_type is None:
+            if not self._begun:
+                pass  # no statement: nothing began on the server, nothing to end
+            elif exc_type is None:
                 self._retrying(self._commit)
             elif self._tx_generation == self._generation:
                 with contextlib.suppress(psycopg.Error):
                     self._run("ROLLBACK", None)
         finally:
-            self._steps, self._xid = None, None
+            self._steps, self._xid, self._begun = None, None, False
+            self._serial.release()
 
     def _commit(self) -> None:
         if self._tx_generation != self._generation:
@@ -335,9 +379,11 @@ class PgConnection:
 
     def schema_version(self) -> int:
         """0 for a database the agent has not set up yet."""
-        return self._retrying(self._schema_version)
+        with self._serial:
+            return self._retrying(self._schema_version)
 
     def _schema_version(self) -> int:
+        self.round_trips += 2
         found = self._conn.execute("SELECT to_regclass('gitops_agent_schema')").fetchone()
         if found is None or found[0] is None:
             return 0
@@ -363,7 +409,13 @@ class PgConnection:
                         "INSERT INTO gitops_agent_schema (version) VALUES (%s)", [number + 1]
                     )
 
-        self._retrying(run)
+        with self._serial:
+            self._retrying(run)
+
+
+def _result(cursor: psycopg.Cursor[Row]) -> _Result:
+    rows = cursor.fetchall() if cursor.description else []
+    return _Result(rows, cursor.rowcount)
 
 
 def _first_line(exc: BaseException) -> str:
