@@ -107,11 +107,35 @@ class PassLockLost(psycopg.OperationalError):
 
 
 class _Result:
-    """A statement's rows, fetched at once (so that a replay can compare them)."""
+    """A statement's rows, fetched at once (so that a replay can compare them). A statement
+    of a transaction is queued: its result is filled when the transaction's queue is sent,
+    at the first look at any queued result or at commit (`PgConnection._send`)."""
 
-    def __init__(self, rows: list[Row], rowcount: int) -> None:
-        self.rows = rows
-        self.rowcount = rowcount
+    def __init__(self, send: Callable[[], None] | None = None) -> None:
+        self._send = send
+        self._rows: list[Row] = []
+        self._rowcount = -1
+        self.filled = send is None
+
+    def fill(self, cursor: psycopg.Cursor[Row]) -> _Result:
+        self._rows = cursor.fetchall() if cursor.description else []
+        self._rowcount = cursor.rowcount
+        self.filled = True
+        return self
+
+    def _ready(self) -> None:
+        if not self.filled and self._send is not None:
+            self._send()
+
+    @property
+    def rows(self) -> list[Row]:
+        self._ready()
+        return self._rows
+
+    @property
+    def rowcount(self) -> int:
+        self._ready()
+        return self._rowcount
 
     def fetchone(self) -> Row | None:
         return self.rows[0] if self.rows else None
@@ -243,45 +267,16 @@ class PgConnection:
             cursor.executemany(sql, params)
         else:
             cursor.execute(sql, params)
-        return _result(cursor)
-
-    def _run_first(self, sql: str, params: Any, many: bool) -> _Result:
-        """The transaction's first statement, sent in one pipeline after `BEGIN` and
-        `txid_current()`: one round trip for the three. Its id is known before COMMIT is
-        ever sent, as `_commit` needs. If any of them fails the transaction is aborted on
-        the server (and rolled back by `__exit__`); if the connection breaks, nothing was
-        committed: COMMIT was not sent."""
-        self._check_lock()
-        self._tx_generation = self._generation
-        self._begun = True
-        self.round_trips += 1
-        with self._conn.pipeline():
-            self._conn.cursor().execute("BEGIN")
-            xid = self._conn.cursor()
-            xid.execute("SELECT txid_current()")
-            cursor = self._conn.cursor()
-            if many:
-                cursor.executemany(sql, params)
-            else:
-                cursor.execute(sql, params)
-        row = xid.fetchone()
-        self._xid = int(row[0]) if row else None
-        return _result(cursor)
+        return _Result().fill(cursor)
 
     def _step(self, sql: str, params: Any, many: bool) -> _Result:
         if self._steps is None or self._tx_thread != threading.get_ident():
             # A read or a lock call (not part of a transaction): run again as it is.
             with self._serial:
                 return self._retrying(lambda: self._run(sql, params, many))
-
-        def run() -> _Result:
-            if not self._begun:
-                return self._run_first(sql, params, many)
-            if self._tx_generation != self._generation:
-                self._replay()  # the transaction began on a connection that is gone
-            return self._run(sql, params, many)
-
-        result = self._retrying(run)
+        # In a transaction: queued, sent with the others when a result is looked at or at
+        # commit (`_send`), so that writes nobody reads cost no round trip of their own.
+        result = _Result(self._send_queued)
         self._steps.append((sql, params, many, result))
         return result
 
@@ -301,8 +296,47 @@ class PgConnection:
                 " meanwhile: nothing more of this pass is recorded"
             )
 
+    def _send_queued(self) -> None:
+        self._retrying(self._send)
+
+    def _send(self) -> None:
+        """Send the transaction's queued statements in one pipeline (one round trip), after
+        `BEGIN` and `txid_current()` for a transaction not begun yet: its id is then known
+        before COMMIT is ever sent, as `_commit` needs. A statement that fails aborts the
+        transaction on the server (`__exit__` rolls it back); a connection that breaks here
+        committed nothing (COMMIT was not sent): the transaction is made again, `_replay`."""
+        assert self._steps is not None
+        if self._begun and self._tx_generation != self._generation:
+            self._replay()  # the transaction began on a connection that is gone
+        queued = [step for step in self._steps if not step[3].filled]
+        if not queued and self._begun:
+            return
+        if not self._begun:
+            self._check_lock()
+            self._tx_generation, self._begun = self._generation, True
+        self.round_trips += 1
+        xid: psycopg.Cursor[Row] | None = None
+        cursors = []
+        with self._conn.pipeline():
+            if self._xid is None:
+                self._conn.cursor().execute("BEGIN")
+                xid = self._conn.cursor()
+                xid.execute("SELECT txid_current()")
+            for sql, params, many, _ in queued:
+                cursor = self._conn.cursor()
+                if many:
+                    cursor.executemany(sql, params)
+                else:
+                    cursor.execute(sql, params)
+                cursors.append(cursor)
+        if xid is not None:
+            row = xid.fetchone()
+            self._xid = int(row[0]) if row else None
+        for (_, _, _, result), cursor in zip(queued, cursors, strict=True):
+            result.fill(cursor)
+
     def _begin(self) -> None:
-        """`BEGIN` and the transaction's id, alone (a replay: `_run_first` for a new one)."""
+        """`BEGIN` and the transaction's id, alone (a replay)."""
         self._check_lock()
         self._tx_generation = self._generation
         self._begun = True
@@ -314,11 +348,14 @@ class PgConnection:
         self._xid = int(row[0]) if row else None
 
     def _replay(self) -> None:
-        """The open transaction again on this (new) connection: each statement must give
-        what it gave the first time, else nothing of it is written."""
+        """The open transaction again on this (new) connection: each statement sent before
+        must give what it gave the first time, else nothing of it is written (one never
+        answered is simply sent again: nothing was made of its result)."""
         assert self._steps is not None
         self._begin()
         for sql, params, many, first in self._steps:
+            if not first.filled:
+                break  # (queued ones come last, in order)
             if not self._run(sql, params, many).same_as(first):
                 self._run("ROLLBACK", None)
                 raise psycopg.OperationalError(
@@ -326,10 +363,11 @@ class PgConnection:
                 )
 
     def __enter__(self) -> PgConnection:
-        # Nothing is sent yet: BEGIN goes with the first statement (`_run_first`).
+        # Nothing is sent yet: BEGIN goes with the first statements (`_send`).
         self._check_lock()
         self._serial.acquire()
         self._steps, self._tx_thread, self._begun = [], threading.get_ident(), False
+        self._xid = None
         return self
 
     def __exit__(
@@ -339,16 +377,24 @@ class PgConnection:
         tb: TracebackType | None,
     ) -> None:
         try:
-            if not self._begun:
-                pass  # no statement: nothing began on the server, nothing to end
-            elif exc_type is None:
+            if exc_type is None and self._steps:
+                try:
+                    self._send_queued()
+                except BaseException:
+                    self._rollback()
+                    raise
                 self._retrying(self._commit)
-            elif self._tx_generation == self._generation:
-                with contextlib.suppress(psycopg.Error):
-                    self._run("ROLLBACK", None)
+            elif exc_type is not None:
+                self._rollback()
+            # (no statement: nothing began on the server, nothing to end)
         finally:
             self._steps, self._xid, self._begun = None, None, False
             self._serial.release()
+
+    def _rollback(self) -> None:
+        if self._begun and self._tx_generation == self._generation:
+            with contextlib.suppress(psycopg.Error):
+                self._run("ROLLBACK", None)
 
     def _commit(self) -> None:
         if self._tx_generation != self._generation:
@@ -411,11 +457,6 @@ class PgConnection:
 
         with self._serial:
             self._retrying(run)
-
-
-def _result(cursor: psycopg.Cursor[Row]) -> _Result:
-    rows = cursor.fetchall() if cursor.description else []
-    return _Result(rows, cursor.rowcount)
 
 
 def _first_line(exc: BaseException) -> str:
