@@ -44,6 +44,7 @@ class UnitScheduler:
         """Reconcile the units in dependency order, independent ones in parallel."""
         assert ctx.manifest is not None and ctx.target is not None
         manifest = ctx.manifest
+        alone = ctx.cluster is None
         stack_ctx = StackContext(
             run_id=ctx.run_id,
             revision=ctx.target,
@@ -57,6 +58,11 @@ class UnitScheduler:
             changed_only=ctx.request.changed_only,
             drift_intervals=self.drift_intervals(manifest),
             guard=ctx.cluster.guard if ctx.cluster else None,
+            states={s.unit: s for s in self.store.unit_states()} if alone else None,
+            batch_unchanged=alone
+            and ctx.request.changed_only
+            and not ctx.request.dry_run
+            and self.store.batches_unchanged,
         )
         selected = set(names)
         pending = set(names)
@@ -97,6 +103,8 @@ class UnitScheduler:
                 done, _ = wait(running, timeout=tick, return_when=FIRST_COMPLETED)
                 for future in done:
                     ctx.outcomes[running.pop(future)] = future.result()
+        if stack_ctx.batch_unchanged:
+            self.store.flush_unchanged()
         if cluster is not None:
             cluster.finish(ctx.outcomes)
 
@@ -129,16 +137,19 @@ class UnitScheduler:
                 for d in manifest.get_unit(name).depends_on:
                     if d in selected and d in outcomes and outcomes[d].status not in CONVERGED:
                         failed.append((d, outcomes[d]))
-                    elif d not in selected and (last := self._last_real(d)) is not None:
+                    elif d not in selected and (last := self._last_real(stack_ctx, d)):
                         failed.append((d, last))
                 if failed:
                     pending.discard(name)
                     outcomes[name] = self.stacks.block(stack_ctx, name, *failed[0])
                     changed = True
 
-    def _last_real(self, unit: str) -> UnitOutcome | None:
+    def _last_real(self, stack_ctx: StackContext, unit: str) -> UnitOutcome | None:
         """The last real result of a unit left out of this pass, if it did not converge."""
-        state = self.store.unit_state(unit)
+        if stack_ctx.states is not None:
+            state = stack_ctx.states.get(unit)
+        else:
+            state = self.store.unit_state(unit)
         blocking = (UnitStatus.HELD, UnitStatus.FAILED, UnitStatus.BLOCKED)
         if state is None or state.last_status not in blocking:
             return None

@@ -18,8 +18,10 @@ from __future__ import annotations
 import functools
 import logging
 import sqlite3
+import threading
 import time
 import urllib.parse
+from dataclasses import dataclass
 
 from agent.config import HostConfig
 from agent.core.redact import Redactor
@@ -95,6 +97,15 @@ class RunStore(StoreDatabase):
     def removed(self) -> RemovedUnits:
         return RemovedUnits(self)
 
+    # `unchanged` results kept for one write (defer_unchanged), in the order they came.
+    # Read and changed only under this lock (one for every store: held for a list
+    # operation only), which also makes the list's creation on first use safe.
+    _unchanged_lock = threading.Lock()
+
+    @functools.cached_property
+    def _unchanged(self) -> list[_Unchanged]:
+        return []
+
     # --- runs -----------------------------------------------------------------
 
     def start_run(
@@ -120,6 +131,8 @@ class RunStore(StoreDatabase):
 
     def discard_run(self, run_id: str) -> None:
         """Forget a run that reconciled nothing (it named a unit the manifest lacks)."""
+        with self._unchanged_lock:
+            self._unchanged = [u for u in self._unchanged if u.run_id != run_id]
         with self._tx() as db:
             db.execute("DELETE FROM run_files WHERE run_id = ?", (run_id,))
             db.execute("DELETE FROM unit_runs WHERE run_id = ?", (run_id,))
@@ -142,7 +155,10 @@ class RunStore(StoreDatabase):
         )
 
         def record() -> None:
+            with self._unchanged_lock:
+                unchanged = [u for u in self._unchanged if u.run_id == run_id]
             with self._tx() as db:
+                self._write_unchanged(db, unchanged)  # (left by a units step that failed)
                 db.execute(
                     "UPDATE runs SET status = ?, error = ?, finished_at = ? WHERE id = ?",
                     (status, self._clean(error), now, run_id),
@@ -159,6 +175,7 @@ class RunStore(StoreDatabase):
                 raise
             log.warning("the disk of %s is full: the store's reserve was used", self.path)
             record()
+        self._forget_unchanged(run_id)
         # A finished pass is the natural point to refresh the backup recovery uses.
         self.backup()
 
@@ -249,13 +266,7 @@ class RunStore(StoreDatabase):
                 return
             if outcome.decision == UNCHANGED:
                 # Nothing ran: the last real result, drift and converged state stay.
-                db.execute(
-                    "INSERT INTO unit_state (unit, updated_at, unchanged_run_id, unchanged_at)"
-                    " VALUES (?, ?, ?, ?) ON CONFLICT (unit) DO UPDATE SET"
-                    " unchanged_run_id = excluded.unchanged_run_id,"
-                    " unchanged_at = excluded.unchanged_at",
-                    (unit, now, run_id, now),
-                )
+                db.execute(_UNCHANGED_STATE, (unit, now, run_id, now))
                 return
             previous = db.execute(
                 "SELECT revision, converged_at, fingerprint, drift, planned_at"
@@ -296,6 +307,89 @@ class RunStore(StoreDatabase):
                     planned_at,
                 ),
             )
+
+    # --- units a changed-only pass left alone, recorded together ------------------
+
+    @property
+    def batches_unchanged(self) -> bool:
+        """Whether a changed-only pass records the units it leaves `unchanged` together, in
+        one transaction at the end of its units step (defer_unchanged, flush_unchanged),
+        instead of two transactions per unit. On PostgreSQL, where each write is round trips
+        to a server (bench/README.md: ~5 per unit); a SQLite commit costs microseconds, so
+        it records each unit at once, as it always did."""
+        return self.postgres
+
+    def defer_unchanged(
+        self,
+        run_id: str,
+        unit: str,
+        revision: str | None,
+        outcome: UnitOutcome,
+        *,
+        fingerprint: str | None = None,
+        started_at: float | None = None,
+    ) -> None:
+        """Keep the result of a unit a changed-only pass left `unchanged` (nothing ran, so
+        nothing is lost if the pass dies first) until `flush_unchanged`, or `finish_run` of
+        its run, writes it: the same rows as `finish_unit` would."""
+        now = time.time()
+        row = _Unchanged(run_id, unit, revision, outcome, fingerprint, started_at or now, now)
+        with self._unchanged_lock:
+            self._unchanged.append(row)
+
+    def flush_unchanged(self) -> None:
+        """Write the kept `unchanged` results, all in one transaction."""
+        with self._unchanged_lock:
+            batch = list(self._unchanged)
+        if not batch:
+            return
+        with self._tx() as db:
+            self._write_unchanged(db, batch)
+        with self._unchanged_lock:
+            self._unchanged = [u for u in self._unchanged if u not in batch]
+
+    def _forget_unchanged(self, run_id: str) -> None:
+        with self._unchanged_lock:
+            self._unchanged = [u for u in self._unchanged if u.run_id != run_id]
+
+    def _write_unchanged(self, db: sqlite3.Connection, batch: list[_Unchanged]) -> None:
+        if not batch:
+            return
+        db.executemany(
+            "INSERT INTO unit_runs (run_id, unit, revision, status, decision, drift, plan_add,"
+            " plan_change, plan_destroy, error, started_at, finished_at, preview, moved,"
+            " drift_overwritten, fingerprint) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " ?, ?) ON CONFLICT (run_id, unit) DO UPDATE SET status = excluded.status,"
+            " decision = excluded.decision, drift = excluded.drift, plan_add = excluded.plan_add,"
+            " plan_change = excluded.plan_change, plan_destroy = excluded.plan_destroy,"
+            " error = excluded.error, finished_at = excluded.finished_at,"
+            " preview = excluded.preview, moved = excluded.moved,"
+            " drift_overwritten = excluded.drift_overwritten, fingerprint = excluded.fingerprint",
+            [
+                (
+                    u.run_id,
+                    u.unit,
+                    u.revision,
+                    u.outcome.status,
+                    u.outcome.decision,
+                    int(u.outcome.drift),
+                    u.outcome.plan_add,
+                    u.outcome.plan_change,
+                    u.outcome.plan_destroy,
+                    self._clean(u.outcome.error),
+                    u.started_at,
+                    u.finished_at,
+                    int(u.outcome.preview),
+                    ",".join(u.outcome.moved) or None,
+                    int(u.outcome.drift_overwritten),
+                    u.fingerprint,
+                )
+                for u in batch
+            ],
+        )
+        db.executemany(
+            _UNCHANGED_STATE, [(u.unit, u.finished_at, u.run_id, u.finished_at) for u in batch]
+        )
 
     def unit_runs(self, run_id: str) -> list[UnitRunRow]:
         rows = self._all(
@@ -452,7 +546,27 @@ class RunStore(StoreDatabase):
             )
 
 
-# The decision of a unit a changed-only pass left alone (agent.decide.Decision.UNCHANGED).
+# A unit a changed-only pass left alone: only when it was last found unchanged moves.
+_UNCHANGED_STATE = (
+    "INSERT INTO unit_state (unit, updated_at, unchanged_run_id, unchanged_at)"
+    " VALUES (?, ?, ?, ?) ON CONFLICT (unit) DO UPDATE SET"
+    " unchanged_run_id = excluded.unchanged_run_id, unchanged_at = excluded.unchanged_at"
+)
+
+
+@dataclass(frozen=True)
+class _Unchanged:
+    """An `unchanged` result kept for RunStore.flush_unchanged."""
+
+    run_id: str
+    unit: str
+    revision: str | None
+    outcome: UnitOutcome
+    fingerprint: str | None
+    started_at: float
+    finished_at: float
+
+
 def open_run_store(
     host: HostConfig, *, redactor: Redactor | None = None, read_only: bool = False
 ) -> RunStore:

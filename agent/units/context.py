@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import Manifest
-from agent.state.store import UnitOutcome
+from agent.state.store import UnitOutcome, UnitStateRow
 from agent.units.secrets import ResolvedSecrets
 
 
@@ -43,6 +43,13 @@ class StackContext:
     # Cluster mode: called with the unit's name immediately before anything is applied;
     # raises LeaseLostError when another agent took the unit over (agent/engine/clusterpass.py).
     guard: Callable[[str], None] | None = None
+    # Every unit's stored state as the units step began, read in one query (a unit's row
+    # changes only by its own run, and one agent runs the pass alone); None: each unit
+    # reads its own (cluster mode: another agent may have run it meanwhile).
+    states: Mapping[str, UnitStateRow] | None = None
+    # Record the units a changed-only pass leaves `unchanged` together at the end of the
+    # units step (RunStore.batches_unchanged), not with two writes each.
+    batch_unchanged: bool = False
 
 
 @dataclass(frozen=True, slots=True)

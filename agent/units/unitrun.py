@@ -3,7 +3,9 @@
 A unit is started in the store, its input fingerprint taken (see agent.units.fingerprint),
 skipped when its secrets could not be read or its drift policy says no check is needed,
 worked on, and finished in the store with one event each side. The work itself
-(Terraform, or hosts) is the caller's.
+(Terraform, or hosts) is the caller's. A changed-only pass on a store that batches
+(RunStore.batches_unchanged) records a unit `running` only once it is sure to run, and
+the units it leaves `unchanged` all at once, at the end of its units step.
 
 What the record may claim: a dry run records a preview and nothing else; a real
 result moves the unit's converged revision and fingerprint only when the unit
@@ -55,8 +57,9 @@ def run_unit(
     unit = ctx.manifest.get_unit(name)
     assert unit is not None
     started = time.monotonic()
-    state = store.unit_state(name)
-    store.start_unit(ctx.run_id, name, ctx.revision)
+    state = ctx.states.get(name) if ctx.states is not None else store.unit_state(name)
+    if not ctx.batch_unchanged:
+        store.start_unit(ctx.run_id, name, ctx.revision)
     report(Event(EventKind.UNIT_STARTED, run_id=ctx.run_id, unit=name))
     fingerprint: Fingerprint | None = None
     moved: tuple[str, ...] = ()
@@ -72,10 +75,13 @@ def run_unit(
                 and not _must_plan(ctx, unit, fingerprint, state)
             ):
                 outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.UNCHANGED)
-            elif not needs_plan(bool(moved), unit.drift):
-                outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.SKIP)
             else:
-                outcome = work(unit, bool(moved), started)
+                if ctx.batch_unchanged:  # (not recorded `running` until it was sure to run)
+                    store.start_unit(ctx.run_id, name, ctx.revision)
+                if not needs_plan(bool(moved), unit.drift):
+                    outcome = UnitOutcome(status=UnitStatus.OK, decision=Decision.SKIP)
+                else:
+                    outcome = work(unit, bool(moved), started)
                 if observed is not None and outcome.converged:
                     fingerprint = fingerprint.with_parts(observed(unit))
         except AgentError as exc:
@@ -117,9 +123,17 @@ def finish_unit(
     # Errors quote Terraform's output, command output and file text: mask secrets here.
     if outcome.error:
         outcome = replace(outcome, error=redactor.redact(outcome.error))
-    # Its files first: a result any agent sees has its logs and plan (shared store).
-    RunFiles(store).save_unit(ctx.run_id, name)
-    store.finish_unit(ctx.run_id, name, ctx.revision, outcome, fingerprint=fingerprint)
+    if ctx.batch_unchanged and outcome.decision == Decision.UNCHANGED and not outcome.preview:
+        # Nothing ran and no file was written: recorded with the pass's other unchanged
+        # units at the end of its units step (RunStore.defer_unchanged).
+        began = time.time() - (time.monotonic() - started) if started is not None else None
+        store.defer_unchanged(
+            ctx.run_id, name, ctx.revision, outcome, fingerprint=fingerprint, started_at=began
+        )
+    else:
+        # Its files first: a result any agent sees has its logs and plan (shared store).
+        RunFiles(store).save_unit(ctx.run_id, name)
+        store.finish_unit(ctx.run_id, name, ctx.revision, outcome, fingerprint=fingerprint)
     report(
         Event(
             EventKind.UNIT_FINISHED,
