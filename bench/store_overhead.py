@@ -12,9 +12,11 @@ no-change pass against the SQLite file: N stacks applied once into each, then no
 passes in the agent's process (as the daemon runs them), SQLite and PostgreSQL in turn,
 both a full pass (every stack planned) and a changed-only pass (the poll's: nothing
 moved, so no Terraform runs and the store's round trips are most of the pass). The server
-is a throwaway cluster on 127.0.0.1 (tests/support/postgres.py).
+is a throwaway cluster on 127.0.0.1 (tests/support/postgres.py). A changed-only pass is
+short (~0.1 s), so it runs `--changed-repeat` times per round (default 5) for a steadier
+median; the PostgreSQL store's round trips per pass are counted too (PgConnection).
 
-    .venv/bin/python bench/store_overhead.py --pass [--stacks 20] [--repeat 5]
+    .venv/bin/python bench/store_overhead.py --pass [--stacks 20] [--repeat 5] [--changed-repeat 5]
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def stack_tf(resources: int) -> str:
     )
 
 
-def pass_overhead(stacks: int, repeat: int) -> None:
+def pass_overhead(stacks: int, repeat: int, changed_repeat: int) -> None:
     from tests.support.infra import InfraRepo, write_host_config
     from tests.support.postgres import PostgresCluster
 
@@ -93,27 +95,44 @@ def pass_overhead(stacks: int, repeat: int) -> None:
             first = agents[kind].run_pass(PassRequest(trigger="bench-setup"))
             assert first.ok, first.error
         times: dict[tuple[str, bool], list[float]] = {}
+        trips: dict[bool, list[int]] = {}
         try:
-            for _ in range(repeat):
+            for round_ in range(repeat):
+                # Each store goes first every other round: a load that rises or falls
+                # during a round weighs on both alike.
+                order = list(agents.items())[:: 1 if round_ % 2 == 0 else -1]
                 for changed_only in (False, True):
-                    for kind, reconciler in agents.items():
-                        start = time.perf_counter()
-                        result = reconciler.run_pass(
-                            PassRequest(trigger="poll", changed_only=changed_only)
-                        )
-                        elapsed = time.perf_counter() - start
-                        decisions = {o.decision for o in result.outcomes.values()}
-                        assert result.ok and decisions <= {"nothing", "unchanged"}, result
-                        times.setdefault((kind, changed_only), []).append(elapsed)
+                    for _ in range(changed_repeat if changed_only else 1):
+                        for kind, reconciler in order:
+                            db = reconciler.store._db
+                            before = getattr(db, "round_trips", 0)
+                            start = time.perf_counter()
+                            result = reconciler.run_pass(
+                                PassRequest(trigger="poll", changed_only=changed_only)
+                            )
+                            elapsed = time.perf_counter() - start
+                            decisions = {o.decision for o in result.outcomes.values()}
+                            assert result.ok and decisions <= {"nothing", "unchanged"}, result
+                            times.setdefault((kind, changed_only), []).append(elapsed)
+                            if kind == "postgresql":
+                                count = getattr(db, "round_trips", 0) - before
+                                trips.setdefault(changed_only, []).append(count)
         finally:
             for reconciler in agents.values():
                 reconciler.close()
-    print(f"{stacks} stacks, {repeat} passes each (median seconds)")
-    print("  pass           sqlite  postgresql  overhead")
+    print(
+        f"{stacks} stacks, {repeat} full passes and {repeat * changed_repeat} changed-only"
+        " passes per store (median seconds; round trips of the PostgreSQL store per pass)"
+    )
+    print("  pass           sqlite  postgresql  overhead  round trips")
     for changed_only, name in ((False, "full"), (True, "changed-only")):
         lite = statistics.median(times[("sqlite", changed_only)])
         post = statistics.median(times[("postgresql", changed_only)])
-        print(f"  {name:<13} {lite:>7.3f} {post:>11.3f} {(post / lite - 1) * 100:>8.1f} %")
+        count = statistics.median(trips[changed_only])
+        print(
+            f"  {name:<13} {lite:>7.3f} {post:>11.3f} {(post / lite - 1) * 100:>8.1f} %"
+            f" {count:>12.0f}"
+        )
 
 
 def main() -> None:
@@ -122,9 +141,10 @@ def main() -> None:
     parser.add_argument("--pass", dest="pass_", action="store_true", help="see above")
     parser.add_argument("--stacks", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--changed-repeat", type=int, default=5)
     args = parser.parse_args()
     if args.pass_:
-        pass_overhead(args.stacks, args.repeat)
+        pass_overhead(args.stacks, args.repeat, args.changed_repeat)
         return
     print("  passes  store MB  writer open ms  reader open ms  backup ms")
     for runs in [int(n) for n in args.runs.split(",")]:
