@@ -137,7 +137,7 @@ class UnitScheduler:
                 for d in manifest.get_unit(name).depends_on:
                     if d in selected and d in outcomes and outcomes[d].status not in CONVERGED:
                         failed.append((d, outcomes[d]))
-                    elif d not in selected and (last := self._last_real(stack_ctx, d)):
+                    elif d not in selected and (last := self._last_real(stack_ctx, d)) is not None:
                         failed.append((d, last))
                 if failed:
                     pending.discard(name)
