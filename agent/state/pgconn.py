@@ -167,9 +167,12 @@ class PgConnection:
     (`txid_status`), so it is never applied twice. The pass lock, if held, is taken again on
     the new connection; if another agent took it meanwhile, PassLockLost.
 
-    Round trips are what a store on a server costs (docs/store.md): a transaction's `BEGIN`
-    and its id travel in one pipeline with its first statement, and one with no statement
-    costs none. `round_trips` counts them (the bench and the tests read it).
+    Round trips are what a store on a server costs (docs/store.md, "Round trips"): a
+    transaction's statements are queued and sent in one pipeline, with its `BEGIN` and its
+    id, when a result is first looked at or at commit (two round trips for a write nobody
+    reads back; none for a transaction with no statement). `round_trips` counts them (the
+    bench and the tests read it). One thread uses the connection at a time: a read from
+    another thread waits for an open transaction to end rather than running inside it.
     """
 
     def __init__(self, url: str, *, read_only: bool = False, retry_for: float = RETRY_FOR) -> None:
