@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 
 from agent.config.cluster import ClusterConfig
@@ -25,6 +26,10 @@ from agent.state.cluster import AgentRow, ClusterStore, Lease, Refused
 from agent.state.store import RunStore
 
 log = logging.getLogger(__name__)
+
+# How many times the check before apply is asked when its answers come back too late to
+# prove the lease (see `still_holds`).
+_CHECKS = 3
 
 OnChange = Callable[[frozenset[Member], frozenset[Member]], None]
 
@@ -110,21 +115,48 @@ class Membership:
         return lease
 
     def still_holds(self, unit: str) -> bool:
-        """Check the unit's lease against the store now (token compare, renewing it)."""
+        """Check the unit's lease against the store now (token compare, renewing it).
+
+        The check proves the lease only for one TTL from when it was SENT (the renewal
+        happened at some point after that): an answer that came back later than half a TTL
+        (the store was away and the commit was looked up after a reconnect) may describe a
+        lease that has run out since, and been taken over. It is asked again; an unchanged
+        token then proves that no other agent held the unit in between."""
         with self._lock:
             lease = self._held.get(unit)
             if lease is None or unit in self._lost:
                 return False
-        try:
-            held = self.leases.check(lease)
-        except AgentError as exc:
-            log.warning("cluster: the lease of %s could not be checked: %s", unit, exc.message)
-            held = False
+        held = False
+        for _ in range(_CHECKS):
+            sent = time.monotonic()
+            try:
+                held = self.leases.check(lease)
+            except AgentError as exc:
+                log.warning("cluster: the lease of %s could not be checked: %s", unit, exc.message)
+                held = False
+            took = time.monotonic() - sent
+            if not held or took < self.config.lease_ttl / 2:
+                break
+            log.warning(
+                "cluster: the lease check of %s took %.1fs (lease TTL %gs): checking again",
+                unit,
+                took,
+                self.config.lease_ttl,
+            )
+            held = False  # not proven unless a later check answers in time
         if not held:
             with self._lock:
                 self._lost.add(unit)
                 self.renew_failures += 1
         return held
+
+    def token_of(self, unit: str) -> int | None:
+        """The fencing token of the unit's lease this agent took (held, or lost and not yet
+        released); None when it took none. The store records the unit's current state only
+        under this token (RunStore.lease_token)."""
+        with self._lock:
+            lease = self._held.get(unit)
+        return lease.token if lease is not None else None
 
     def release(self, unit: str) -> None:
         with self._lock:

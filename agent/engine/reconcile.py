@@ -73,6 +73,8 @@ class Reconciler:
         self.store = open_run_store(host, redactor=self.redactor)
         self.store.agent = host.cluster.agent if host.cluster else socket.gethostname()
         self.cluster = ClusterMode.from_host(host, self.redactor)  # None: one agent
+        if self.cluster is not None:  # a unit's state is recorded under its lease only
+            self.store.lease_token = self.cluster.membership.token_of
         self.report: Reporter = lambda event: reporter(
             replace(event, message=self.redactor.redact(event.message))
         )

@@ -21,6 +21,7 @@ import sqlite3
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from agent.config import HostConfig
@@ -105,6 +106,12 @@ class RunStore(StoreDatabase):
     @functools.cached_property
     def _unchanged(self) -> list[_Unchanged]:
         return []
+
+    # Cluster mode: the fencing token of the lease this agent holds on a unit (None: none;
+    # set by the Reconciler). A result recorded under a token another agent has replaced
+    # goes to the run's history only, never over the new holder's `unit_state`
+    # (docs/scale-out.md).
+    lease_token: Callable[[str], int | None] | None = None
 
     # --- runs -----------------------------------------------------------------
 
@@ -253,6 +260,14 @@ class RunStore(StoreDatabase):
                     unit,
                 ),
             )
+            if not self._holds_lease(db, unit):
+                log.warning(
+                    "run %s: %s was taken over by another agent: its result here is kept in"
+                    " the run's history only",
+                    run_id,
+                    unit,
+                )
+                return
             if outcome.preview:
                 db.execute(
                     "INSERT INTO unit_state (unit, updated_at, preview_run_id, preview_status,"
@@ -390,6 +405,19 @@ class RunStore(StoreDatabase):
         db.executemany(
             _UNCHANGED_STATE, [(u.unit, u.finished_at, u.run_id, u.finished_at) for u in batch]
         )
+
+    def _holds_lease(self, db: sqlite3.Connection, unit: str) -> bool:
+        """Whether no other agent took `unit`'s lease since this one did (true without a
+        cluster, or when this agent took no lease on it). The row is locked until the
+        transaction ends, so a take-over cannot slip in between."""
+        token = self.lease_token(unit) if self.lease_token is not None else None
+        if token is None:
+            return True
+        lock = " FOR UPDATE" if self.postgres else ""
+        row = db.execute(
+            f"SELECT agent, token FROM unit_leases WHERE unit = ?{lock}", (unit,)
+        ).fetchone()
+        return row is not None and (row["agent"], int(row["token"])) == (self.agent, token)
 
     def unit_runs(self, run_id: str) -> list[UnitRunRow]:
         rows = self._all(

@@ -1,0 +1,418 @@
+"""Failures with `cluster:` on (docs/scale-out.md, "What happens when something fails"):
+PostgreSQL restarts in the middle of a pass, one agent is cut off from PostgreSQL by the
+network (a TCP forwarder between it and the server, tests/support/tcpcut.py), and the
+answer to a lease check is lost. Agents are Reconcilers in this process (each with a state
+directory of its own, as on its own bastion) on a real PostgreSQL run store; Terraform
+state is in PostgreSQL's `pg` backend on the session's server, which the agents always
+reach: what stops a cut-off agent is its lease, not a lost state backend.
+
+Each unit's resource appends "VERSION CWD" to a marker file at the END of its apply, so a
+line is one complete apply and names the agent whose work area ran it. No mocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.config import load_host_config
+from agent.config.cluster import ClusterConfig
+from agent.engine.clusterpass import LEASE_LOST
+from agent.engine.reconcile import PassRequest, PassResult, Reconciler
+from agent.engine.sharding import Member, assign
+from agent.state.store import UnitStatus
+from tests.support.infra import InfraRepo, write_host_config
+from tests.support.postgres import PostgresCluster, server_bin
+from tests.support.tcpcut import TcpCut
+
+TTL = 2.0
+_numbers = itertools.count(1)
+
+
+def stack(marker: Path, version: str, *, gate: Path | None = None, seconds: float = 0) -> str:
+    """A resource replaced on each version; its apply writes `marker`.started first and its
+    line at the end. With `gate`, planning (and applying) it reads that FIFO first."""
+    gated = f'file("{gate}")' if gate else '"open"'
+    line = f"echo {version} ${{abspath(path.root)}} >> {marker}"
+    return f"""
+    resource "terraform_data" "once" {{
+      triggers_replace = "{version}"
+      input            = {gated}
+      provisioner "local-exec" {{
+        command = "echo {version} > {marker}.started; sleep {seconds:g}; {line}"
+      }}
+    }}
+    """
+
+
+class Lab:
+    """A store database, a state database, an infra repo, and agents made on demand."""
+
+    def __init__(self, tmp: Path, store_url: str, state_url: str) -> None:
+        self.tmp = tmp
+        self.store_url = store_url
+        self.state_file = self._secret("state-url", state_url)
+        self.repo = InfraRepo(tmp / "git")
+        self.agents: dict[str, Reconciler] = {}
+        self.units: list[str] = []
+
+    def _secret(self, name: str, text: str) -> Path:
+        path = self.tmp / name
+        path.write_text(text + "\n")
+        path.chmod(0o600)
+        return path
+
+    def push(self, version: str, units: list[str], *, gate: Path | None = None) -> str:
+        self.units = units
+        for unit in units:
+            self.repo.write(
+                f"stacks/{unit}/main.tf", stack(self.marker(unit), version, gate=gate, seconds=1)
+            )
+        lines = "\n".join(f"  - {{name: {u}, stack: stacks/{u}}}" for u in units)
+        self.repo.write("gitops.yaml", f"version: 1\nunits:\n{lines}\n")
+        self.repo.push(version)
+        return self.repo.head()
+
+    def agent(self, name: str, *, port: int | None = None) -> Reconciler:
+        """Agent `name`; with `port`, its store connections go to that port (a forwarder)."""
+        url = self.store_url
+        if port is not None:
+            url = url.replace(url.split("@", 1)[1].split("/", 1)[0], f"127.0.0.1:{port}")
+        url_file = self._secret(f"store-url-{name}", url)
+        config = write_host_config(self.tmp / f"{name}.yaml", self.repo.url, self.tmp / name)
+        config.write_text(
+            config.read_text()
+            + "  state_backend:\n"
+            + f"    pg: {{conn_str_file: {self.state_file}, schema_prefix: st_}}\n"
+            + "policy: {destroy: allow}\n"  # a new version replaces the resource
+            + f"store: {{url_file: {url_file}}}\n"
+            + f"cluster: {{agent: {name}, lease_ttl: {TTL:g}s}}\n"
+        )
+        reconciler = Reconciler(load_host_config(config))
+        self.agents[name] = reconciler
+        return reconciler
+
+    def close(self) -> None:
+        for reconciler in self.agents.values():
+            reconciler.close()
+
+    def marker(self, unit: str) -> Path:
+        return self.tmp / f"applied-{unit}.txt"
+
+    def applied(self, unit: str, version: str) -> list[str]:
+        """The agents that applied `unit` at `version`, one per complete apply."""
+        path = self.marker(unit)
+        lines = path.read_text().splitlines() if path.exists() else []
+        return [self._agent_of(line) for line in lines if line.split()[0] == version]
+
+    def _agent_of(self, line: str) -> str:
+        cwd = line.split(maxsplit=1)[1]
+        return next(n for n in self.agents if cwd.startswith(f"{self.tmp / n}/"))
+
+    def started(self, unit: str, version: str) -> bool:
+        path = Path(f"{self.marker(unit)}.started")
+        return path.exists() and path.read_text().strip() == version
+
+    def psql(self, sql: str) -> list[list[str]]:
+        command = ["psql", self.store_url, "-tAF", "|", "-c", sql]
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        return [line.split("|") for line in out.splitlines() if line]
+
+
+def owners(units: list[str], agents: list[str]) -> dict[str, str | None]:
+    return assign(units, [Member.of(a, {}) for a in agents], ClusterConfig(agent="x"))
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout}s: {what}"
+        time.sleep(0.05)
+
+
+class Pass:
+    """One pass of an agent in a thread: its result, or the exception it raised."""
+
+    def __init__(self, reconciler: Reconciler) -> None:
+        self.result: PassResult | None = None
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(reconciler,), daemon=True)
+        self.thread.start()
+
+    def _run(self, reconciler: Reconciler) -> None:
+        try:
+            self.result = reconciler.run_pass(PassRequest(trigger="cli"))
+        except Exception as exc:  # what the daemon would log
+            self.error = exc
+
+    def join(self, timeout: float = 120) -> PassResult | BaseException:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the pass did not end"
+        ended = self.result or self.error
+        assert ended is not None
+        return ended
+
+
+def run_all(agents: dict[str, Reconciler]) -> dict[str, PassResult | BaseException]:
+    passes = {name: Pass(r) for name, r in agents.items()}
+    return {name: p.join() for name, p in passes.items()}
+
+
+class Gate:
+    """Answers every read of the FIFO `path` (a plan of a gated stack) while open."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = path
+        self._open = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._feed, daemon=True)
+        self._thread.start()
+
+    def open(self) -> None:
+        self._open.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _feed(self) -> None:
+        deadline = time.monotonic() + 300  # stops by itself
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            if not self._open.wait(0.1):
+                continue
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:  # no reader now (ENXIO)
+                time.sleep(0.05)
+                continue
+            try:
+                os.write(fd, b"g")
+            finally:
+                os.close(fd)
+            time.sleep(0.1)
+
+
+def live(agent: Reconciler) -> set[str]:
+    assert agent.cluster is not None
+    return {m.name for m in agent.cluster.membership.live()}
+
+
+def unit_states(lab: Lab) -> dict[str, tuple[str, str, str]]:
+    """unit -> (revision, last_status, agent of its last run)."""
+    rows = lab.psql(
+        "SELECT unit_state.unit, unit_state.revision, unit_state.last_status, runs.agent"
+        " FROM unit_state JOIN runs ON runs.id = unit_state.last_run_id"
+    )
+    return {r[0]: (r[1], r[2], r[3]) for r in rows}
+
+
+def assert_records_true(lab: Lab, version: str, revision: str) -> None:
+    """No run recorded as succeeded that did not, no apply recorded that did not happen,
+    no run left `running`."""
+    rows = lab.psql("SELECT id, status FROM runs")
+    assert [r for r in rows if r[1] == "running"] == []
+    bad = lab.psql(
+        "SELECT runs.id, unit_runs.unit, unit_runs.status FROM runs JOIN unit_runs"
+        " ON unit_runs.run_id = runs.id WHERE runs.status = 'succeeded'"
+        " AND unit_runs.status <> 'ok'"
+    )
+    assert bad == [], bad
+    recorded = lab.psql(
+        "SELECT unit_runs.unit, runs.agent FROM unit_runs JOIN runs ON runs.id = unit_runs.run_id"
+        f" WHERE unit_runs.revision = '{revision}' AND unit_runs.status = 'ok'"
+        " AND unit_runs.decision = 'apply' AND unit_runs.preview = 0"
+    )
+    for unit, agent in recorded:
+        assert agent in lab.applied(unit, version), (unit, agent, lab.applied(unit, version))
+
+
+# --- PostgreSQL restarts mid-pass ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def store_server() -> Iterator[PostgresCluster]:
+    """A server of this module's own for the run store: its test restarts it (the session's
+    server keeps the Terraform state)."""
+    if server_bin() is None:
+        pytest.skip("no PostgreSQL server installed (tests/run.sh installs it)")
+    with PostgresCluster() as pg:
+        yield pg
+
+
+def test_postgresql_restarting_mid_pass_is_waited_for_and_nothing_is_applied_twice(
+    tmp_path: Path, postgres_cluster: PostgresCluster, store_server: PostgresCluster
+) -> None:
+    n = next(_numbers)
+    lab = Lab(
+        tmp_path,
+        store_server.create_database(f"restart_{n}"),
+        postgres_cluster.create_database(f"restart_state_{n}"),
+    )
+    units = ["net", "db", "cache", "mail"]
+    try:
+        lab.push("v1", units)
+        agents = {name: lab.agent(name) for name in ("a", "b")}
+        for reconciler in agents.values():
+            assert reconciler.cluster is not None
+            reconciler.cluster.join()
+        first = run_all(agents)
+        assert all(isinstance(r, PassResult) and r.ok for r in first.values()), first
+
+        v2 = lab.push("v2", units)
+        passes = {name: Pass(r) for name, r in agents.items()}
+        wait_until(lambda: any(lab.started(u, "v2") for u in units), 90, "an apply at v2")
+        store_server.pause()  # leases held, a unit mid-apply, others planning or waiting
+        try:
+            time.sleep(2 * TTL)  # the outage: longer than the lease TTL
+        finally:
+            store_server.resume()
+        ended = {name: p.join() for name, p in passes.items()}
+        # Every agent waited for the store and ended its pass with a result.
+        assert all(isinstance(r, PassResult) for r in ended.values()), ended
+        for reconciler in agents.values():
+            assert reconciler.store._db.reconnects >= 1  # type: ignore[attr-defined]
+
+        # Passes until every unit is at v2 (a unit whose lease was lost runs again).
+        for _ in range(3):
+            states = unit_states(lab)
+            if all(states.get(u, ("", ""))[:2] == (v2, "ok") for u in units):
+                break
+            run_all(agents)
+        states = unit_states(lab)
+        assert {u: states[u][:2] for u in units} == {u: (v2, "ok") for u in units}
+        assert [len(lab.applied(u, "v1")) for u in units] == [1] * len(units)
+        assert [len(lab.applied(u, "v2")) for u in units] == [1] * len(units)  # never twice
+        assert_records_true(lab, "v2", v2)
+    finally:
+        lab.close()
+
+
+# --- a network partition of one agent ------------------------------------------------------
+
+
+def test_an_agent_cut_off_from_postgresql_applies_nothing_and_rejoins(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    n = next(_numbers)
+    lab = Lab(
+        tmp_path,
+        postgres_cluster.create_database(f"cut_{n}"),
+        postgres_cluster.create_database(f"cut_state_{n}"),
+    )
+    names = [f"unit{i}" for i in range(12)]
+    split = owners(names, ["a", "b"])
+    units = [u for u in names if split[u] == "a"][:2] + [u for u in names if split[u] == "b"][:1]
+    mine = sorted(u for u in units if split[u] == "a")
+    gate = Gate(tmp_path / "gate")
+    with TcpCut("127.0.0.1", postgres_cluster.port) as link:
+        try:
+            lab.push("v1", units)
+            a, b = lab.agent("a", port=link.port), lab.agent("b")
+            assert a.cluster is not None and b.cluster is not None
+            a.cluster.join()
+            b.cluster.join()
+            assert all(isinstance(r, PassResult) and r.ok for r in run_all(lab.agents).values())
+
+            v2 = lab.push("v2", units, gate=gate.path)  # plans wait on the gate
+            cut_off = Pass(a)
+            held = a.cluster.membership.held
+            wait_until(lambda: sorted(held()) == mine, 60, "a holds its units' leases")
+            link.cut()  # a is mid-plan: its live connections closed, new ones refused
+            cut_at = time.time()
+            wait_until(lambda: "a" not in live(b), 3 * TTL, "b sees a leave")
+            survivor = Pass(b)
+            gate.open()
+            taken = survivor.join()
+            assert isinstance(taken, PassResult) and taken.ok, taken
+            assert sorted(taken.outcomes) == sorted(units)  # b ran a's units too
+            took = lab.psql(
+                "SELECT max(unit_runs.started_at) FROM unit_runs JOIN runs"
+                f" ON runs.id = unit_runs.run_id WHERE runs.id = '{taken.run_id}'"
+                f" AND unit_runs.unit IN ({','.join(repr(u) for u in mine)})"
+            )[0][0]
+            assert float(took) - cut_at < 3 * TTL  # one TTL after a's leases ran out
+            assert cut_off.thread.is_alive()  # a waits for the store
+
+            link.heal()
+            ended = cut_off.join()
+            assert isinstance(ended, PassResult), ended
+            assert not ended.ok
+            for unit in mine:
+                outcome = ended.outcomes[unit]
+                assert outcome.status is UnitStatus.FAILED
+                assert LEASE_LOST in (outcome.error or ""), outcome.error
+            assert [lab.applied(u, "v2") for u in units] == [["b"]] * len(units)
+            # a's "lease lost" is in its run's history, not over b's result.
+            assert {u: unit_states(lab)[u] for u in units} == {u: (v2, "ok", "b") for u in units}
+
+            # Healed: a beats again, is live, and takes its share back.
+            wait_until(lambda: "a" in live(b), 3 * TTL, "a rejoins")
+            v3 = lab.push("v3", units)
+            again = run_all(lab.agents)
+            assert all(isinstance(r, PassResult) and r.ok for r in again.values()), again
+            assert sorted(again["a"].outcomes) == mine  # type: ignore[union-attr]
+            assert [lab.applied(u, "v3") for u in units] == [[split[u]] for u in units]
+            assert [len(lab.applied(u, "v2")) for u in units] == [1] * len(units)
+            assert_records_true(lab, "v2", v2)
+            assert_records_true(lab, "v3", v3)
+        finally:
+            link.heal()
+            gate.close()
+            lab.close()
+
+
+def test_a_lease_check_answered_too_late_proves_nothing_and_the_stale_result_stays_in_history(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    """The answer to a's check before apply is lost (the commit renewed the lease, then the
+    network went); by the time a is back the lease has run out and b applied the unit."""
+    n = next(_numbers)
+    lab = Lab(
+        tmp_path,
+        postgres_cluster.create_database(f"late_{n}"),
+        postgres_cluster.create_database(f"late_state_{n}"),
+    )
+    gate = Gate(tmp_path / "gate")
+    with TcpCut("127.0.0.1", postgres_cluster.port) as link:
+        try:
+            revision = lab.push("v1", ["app"], gate=gate.path)
+            a, b = lab.agent("a", port=link.port), lab.agent("b")
+            assert a.cluster is not None and b.cluster is not None
+            a.cluster.join()  # alone: a owns app
+            cut_off = Pass(a)
+            wait_until(lambda: "app" in a.cluster.membership.held(), 60, "a takes the lease")
+            # The one lease write left on a's connections is its check before apply.
+            a.cluster.membership.stop_heartbeat()
+            link.cut_after(b"unit_leases", then=b"COMMIT")
+            gate.open()
+            wait_until(lambda: link.is_cut, 60, "a's check commits, and its answer is lost")
+
+            b.cluster.join()
+            wait_until(lambda: live(b) == {"b"}, 3 * TTL, "b sees a leave")
+            applied = Pass(b).join()
+            assert isinstance(applied, PassResult) and applied.ok, applied
+            assert lab.applied("app", "v1") == ["b"]
+
+            link.heal()  # a's check: committed (looked up), but long after it was sent
+            ended = cut_off.join()
+            assert isinstance(ended, PassResult), ended
+            outcome = ended.outcomes["app"]
+            assert outcome.status is UnitStatus.FAILED
+            assert LEASE_LOST in (outcome.error or ""), outcome.error
+            assert lab.applied("app", "v1") == ["b"]  # a applied nothing
+            # a's failure is in its run's history; the unit's state is still b's result.
+            history = lab.psql(f"SELECT status FROM unit_runs WHERE run_id = '{ended.run_id}'")
+            assert history == [["failed"]]
+            assert unit_states(lab)["app"] == (revision, "ok", "b")
+        finally:
+            link.heal()
+            gate.close()
+            lab.close()
