@@ -17,7 +17,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import pytest
@@ -36,15 +36,18 @@ TTL = 2.0
 _numbers = itertools.count(1)
 
 
-def stack(marker: Path, version: str, *, gate: Path | None = None, seconds: float = 0) -> str:
+def stack(unit: str, marker: Path, version: str, *, gated: bool = False, seconds: float = 0) -> str:
     """A resource replaced on each version; its apply writes `marker`.started first and its
-    line at the end. With `gate`, planning (and applying) it reads that FIFO first."""
-    gated = f'file("{gate}")' if gate else '"open"'
-    line = f"echo {version} ${{abspath(path.root)}} >> {marker}"
+    line at the end. `gated`: planning (and applying) it reads the FIFO `gate-UNIT` in the
+    agent's state directory first (Gate), five levels above the stack's work directory
+    (STATE/units/UNIT/workdir/stacks/UNIT), so that each agent waits on a FIFO of its own."""
+    root = "${abspath(path.root)}"
+    gate = f'file("{root}/../../../../../gate-{unit}")'
+    line = f"echo {version} {root} >> {marker}"
     return f"""
     resource "terraform_data" "once" {{
       triggers_replace = "{version}"
-      input            = {gated}
+      input            = {gate if gated else '"open"'}
       provisioner "local-exec" {{
         command = "echo {version} > {marker}.started; sleep {seconds:g}; {line}"
       }}
@@ -69,11 +72,13 @@ class Lab:
         path.chmod(0o600)
         return path
 
-    def push(self, version: str, units: list[str], *, gate: Path | None = None) -> str:
+    def push(self, version: str, units: list[str], *, gated: Collection[str] = ()) -> str:
+        """Commit `version` of `units`; the plans of those in `gated` wait on the Gate."""
         self.units = units
         for unit in units:
             self.repo.write(
-                f"stacks/{unit}/main.tf", stack(self.marker(unit), version, gate=gate, seconds=1)
+                f"stacks/{unit}/main.tf",
+                stack(unit, self.marker(unit), version, gated=unit in gated, seconds=1),
             )
         lines = "\n".join(f"  - {{name: {u}, stack: stacks/{u}}}" for u in units)
         self.repo.write("gitops.yaml", f"version: 1\nunits:\n{lines}\n")
@@ -166,11 +171,14 @@ def run_all(agents: dict[str, Reconciler]) -> dict[str, PassResult | BaseExcepti
 
 
 class Gate:
-    """Answers every read of the FIFO `path` (a plan of a gated stack) while open."""
+    """Answers every read of the FIFOs `gate-UNIT` in each agent's state directory (the
+    plans of gated stacks) while open; one FIFO per agent and unit, so that no two
+    Terraform processes read one FIFO at once."""
 
-    def __init__(self, path: Path) -> None:
-        os.mkfifo(path)
-        self.path = path
+    def __init__(self, lab: Lab) -> None:
+        self.paths = [lab.tmp / name / f"gate-{unit}" for name in lab.agents for unit in lab.units]
+        for path in self.paths:
+            os.mkfifo(path)
         self._open = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._feed, daemon=True)
@@ -188,15 +196,15 @@ class Gate:
         while not self._stop.is_set() and time.monotonic() < deadline:
             if not self._open.wait(0.1):
                 continue
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:  # no reader now (ENXIO)
-                time.sleep(0.05)
-                continue
-            try:
-                os.write(fd, b"g")
-            finally:
-                os.close(fd)
+            for path in self.paths:
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+                except OSError:  # no reader now (ENXIO)
+                    continue
+                try:
+                    os.write(fd, b"g")
+                finally:
+                    os.close(fd)
             time.sleep(0.1)
 
 
@@ -257,20 +265,29 @@ def test_postgresql_restarting_mid_pass_is_waited_for_and_nothing_is_applied_twi
         postgres_cluster.create_database(f"restart_state_{n}"),
     )
     units = ["net", "db", "cache", "mail"]
+    split = owners(units, ["a", "b"])
+    gated = [next(u for u in units if split[u] == name) for name in ("a", "b")]
+    gate: Gate | None = None
     try:
         lab.push("v1", units)
         agents = {name: lab.agent(name) for name in ("a", "b")}
+        gate = Gate(lab)
         for reconciler in agents.values():
             assert reconciler.cluster is not None
             reconciler.cluster.join()
         first = run_all(agents)
         assert all(isinstance(r, PassResult) and r.ok for r in first.values()), first
 
-        v2 = lab.push("v2", units)
+        # Each agent has a unit applying and a unit planning (its plan waits on the gate)
+        # when the server goes; the gate opens during the outage, so those units' checks
+        # before apply wait for the server.
+        v2 = lab.push("v2", units, gated=gated)
         passes = {name: Pass(r) for name, r in agents.items()}
-        wait_until(lambda: any(lab.started(u, "v2") for u in units), 90, "an apply at v2")
-        store_server.pause()  # leases held, a unit mid-apply, others planning or waiting
+        applying = [u for u in units if u not in gated]
+        wait_until(lambda: any(lab.started(u, "v2") for u in applying), 90, "an apply at v2")
+        store_server.pause()
         try:
+            gate.open()
             time.sleep(2 * TTL)  # the outage: longer than the lease TTL
         finally:
             store_server.resume()
@@ -292,6 +309,8 @@ def test_postgresql_restarting_mid_pass_is_waited_for_and_nothing_is_applied_twi
         assert [len(lab.applied(u, "v2")) for u in units] == [1] * len(units)  # never twice
         assert_records_true(lab, "v2", v2)
     finally:
+        if gate is not None:
+            gate.close()
         lab.close()
 
 
@@ -311,17 +330,18 @@ def test_an_agent_cut_off_from_postgresql_applies_nothing_and_rejoins(
     split = owners(names, ["a", "b"])
     units = [u for u in names if split[u] == "a"][:2] + [u for u in names if split[u] == "b"][:1]
     mine = sorted(u for u in units if split[u] == "a")
-    gate = Gate(tmp_path / "gate")
+    gate: Gate | None = None
     with TcpCut("127.0.0.1", postgres_cluster.port) as link:
         try:
             lab.push("v1", units)
             a, b = lab.agent("a", port=link.port), lab.agent("b")
+            gate = Gate(lab)
             assert a.cluster is not None and b.cluster is not None
             a.cluster.join()
             b.cluster.join()
             assert all(isinstance(r, PassResult) and r.ok for r in run_all(lab.agents).values())
 
-            v2 = lab.push("v2", units, gate=gate.path)  # plans wait on the gate
+            v2 = lab.push("v2", units, gated=units)  # plans wait on the gate
             cut_off = Pass(a)
             held = a.cluster.membership.held
             wait_until(lambda: sorted(held()) == mine, 60, "a holds its units' leases")
@@ -331,7 +351,8 @@ def test_an_agent_cut_off_from_postgresql_applies_nothing_and_rejoins(
             survivor = Pass(b)
             gate.open()
             taken = survivor.join()
-            assert isinstance(taken, PassResult) and taken.ok, taken
+            assert isinstance(taken, PassResult), taken
+            assert taken.ok, "\n".join(f"{u}: {o.error}" for u, o in taken.outcomes.items())
             assert sorted(taken.outcomes) == sorted(units)  # b ran a's units too
             took = lab.psql(
                 "SELECT max(unit_runs.started_at) FROM unit_runs JOIN runs"
@@ -365,7 +386,8 @@ def test_an_agent_cut_off_from_postgresql_applies_nothing_and_rejoins(
             assert_records_true(lab, "v3", v3)
         finally:
             link.heal()
-            gate.close()
+            if gate is not None:
+                gate.close()
             lab.close()
 
 
@@ -380,11 +402,12 @@ def test_a_lease_check_answered_too_late_proves_nothing_and_the_stale_result_sta
         postgres_cluster.create_database(f"late_{n}"),
         postgres_cluster.create_database(f"late_state_{n}"),
     )
-    gate = Gate(tmp_path / "gate")
+    gate: Gate | None = None
     with TcpCut("127.0.0.1", postgres_cluster.port) as link:
         try:
-            revision = lab.push("v1", ["app"], gate=gate.path)
+            revision = lab.push("v1", ["app"], gated=["app"])
             a, b = lab.agent("a", port=link.port), lab.agent("b")
+            gate = Gate(lab)
             assert a.cluster is not None and b.cluster is not None
             a.cluster.join()  # alone: a owns app
             cut_off = Pass(a)
@@ -414,5 +437,6 @@ def test_a_lease_check_answered_too_late_proves_nothing_and_the_stale_result_sta
             assert unit_states(lab)["app"] == (revision, "ok", "b")
         finally:
             link.heal()
-            gate.close()
+            if gate is not None:
+                gate.close()
             lab.close()
