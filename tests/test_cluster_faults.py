@@ -72,13 +72,16 @@ class Lab:
         path.chmod(0o600)
         return path
 
-    def push(self, version: str, units: list[str], *, gated: Collection[str] = ()) -> str:
-        """Commit `version` of `units`; the plans of those in `gated` wait on the Gate."""
+    def push(
+        self, version: str, units: list[str], *, gated: Collection[str] = (), seconds: float = 0
+    ) -> str:
+        """Commit `version` of `units`; the plans of those in `gated` wait on the Gate; each
+        apply takes `seconds` at least."""
         self.units = units
         for unit in units:
             self.repo.write(
                 f"stacks/{unit}/main.tf",
-                stack(unit, self.marker(unit), version, gated=unit in gated, seconds=1),
+                stack(unit, self.marker(unit), version, gated=unit in gated, seconds=seconds),
             )
         lines = "\n".join(f"  - {{name: {u}, stack: stacks/{u}}}" for u in units)
         self.repo.write("gitops.yaml", f"version: 1\nunits:\n{lines}\n")
@@ -165,18 +168,31 @@ class Pass:
         return ended
 
 
+def assert_ok(ended: PassResult | BaseException) -> PassResult:
+    """The pass succeeded; else its units' errors."""
+    assert isinstance(ended, PassResult), ended
+    errors = "\n".join(f"{u}: {o.status} {o.error}" for u, o in ended.outcomes.items())
+    assert ended.ok, f"{ended.error}\n{errors}"
+    return ended
+
+
 def run_all(agents: dict[str, Reconciler]) -> dict[str, PassResult | BaseException]:
     passes = {name: Pass(r) for name, r in agents.items()}
     return {name: p.join() for name, p in passes.items()}
 
 
 class Gate:
-    """Answers every read of the FIFOs `gate-UNIT` in each agent's state directory (the
-    plans of gated stacks) while open; one FIFO per agent and unit, so that no two
-    Terraform processes read one FIFO at once."""
+    """Answers every read of the FIFOs `gate-UNIT` in agents' state directories (the plans
+    of gated stacks) while open; one FIFO per agent and unit, so that no two Terraform
+    processes read one FIFO at once, and each agent's plans can be let go on their own."""
 
-    def __init__(self, lab: Lab) -> None:
-        self.paths = [lab.tmp / name / f"gate-{unit}" for name in lab.agents for unit in lab.units]
+    def __init__(self, lab: Lab, agents: Collection[str] | None = None) -> None:
+        """The FIFOs of `agents` (all of the lab's by default)."""
+        self.paths = [
+            lab.tmp / name / f"gate-{unit}"
+            for name in (lab.agents if agents is None else agents)
+            for unit in lab.units
+        ]
         for path in self.paths:
             os.mkfifo(path)
         self._open = threading.Event()
@@ -275,13 +291,13 @@ def test_postgresql_restarting_mid_pass_is_waited_for_and_nothing_is_applied_twi
         for reconciler in agents.values():
             assert reconciler.cluster is not None
             reconciler.cluster.join()
-        first = run_all(agents)
-        assert all(isinstance(r, PassResult) and r.ok for r in first.values()), first
+        for ended in run_all(agents).values():
+            assert_ok(ended)
 
         # Each agent has a unit applying and a unit planning (its plan waits on the gate)
         # when the server goes; the gate opens during the outage, so those units' checks
         # before apply wait for the server.
-        v2 = lab.push("v2", units, gated=gated)
+        v2 = lab.push("v2", units, gated=gated, seconds=1.5)
         passes = {name: Pass(r) for name, r in agents.items()}
         applying = [u for u in units if u not in gated]
         wait_until(lambda: any(lab.started(u, "v2") for u in applying), 90, "an apply at v2")
@@ -330,29 +346,35 @@ def test_an_agent_cut_off_from_postgresql_applies_nothing_and_rejoins(
     split = owners(names, ["a", "b"])
     units = [u for u in names if split[u] == "a"][:2] + [u for u in names if split[u] == "b"][:1]
     mine = sorted(u for u in units if split[u] == "a")
-    gate: Gate | None = None
+    gates: list[Gate] = []
     with TcpCut("127.0.0.1", postgres_cluster.port) as link:
         try:
             lab.push("v1", units)
             a, b = lab.agent("a", port=link.port), lab.agent("b")
-            gate = Gate(lab)
+            gates += [Gate(lab, ["a"]), Gate(lab, ["b"])]
             assert a.cluster is not None and b.cluster is not None
             a.cluster.join()
             b.cluster.join()
-            assert all(isinstance(r, PassResult) and r.ok for r in run_all(lab.agents).values())
+            for ended in run_all(lab.agents).values():
+                assert_ok(ended)
 
-            v2 = lab.push("v2", units, gated=units)  # plans wait on the gate
+            v2 = lab.push("v2", units, gated=units)  # plans wait on the agent's gate
+            before = set(a.layout.runs.glob("*/*/plan.json"))
             cut_off = Pass(a)
             held = a.cluster.membership.held
             wait_until(lambda: sorted(held()) == mine, 60, "a holds its units' leases")
             link.cut()  # a is mid-plan: its live connections closed, new ones refused
             cut_at = time.time()
+            gates[0].open()  # a's plans end; its checks before apply wait for the store
+
+            def planned() -> int:
+                return len(set(a.layout.runs.glob("*/*/plan.json")) - before)
+
+            wait_until(lambda: planned() == len(mine), 60, "a planned its units")
             wait_until(lambda: "a" not in live(b), 3 * TTL, "b sees a leave")
             survivor = Pass(b)
-            gate.open()
-            taken = survivor.join()
-            assert isinstance(taken, PassResult), taken
-            assert taken.ok, "\n".join(f"{u}: {o.error}" for u, o in taken.outcomes.items())
+            gates[1].open()
+            taken = assert_ok(survivor.join())
             assert sorted(taken.outcomes) == sorted(units)  # b ran a's units too
             took = lab.psql(
                 "SELECT max(unit_runs.started_at) FROM unit_runs JOIN runs"
@@ -377,16 +399,15 @@ def test_an_agent_cut_off_from_postgresql_applies_nothing_and_rejoins(
             # Healed: a beats again, is live, and takes its share back.
             wait_until(lambda: "a" in live(b), 3 * TTL, "a rejoins")
             v3 = lab.push("v3", units)
-            again = run_all(lab.agents)
-            assert all(isinstance(r, PassResult) and r.ok for r in again.values()), again
-            assert sorted(again["a"].outcomes) == mine  # type: ignore[union-attr]
+            again = {name: assert_ok(r) for name, r in run_all(lab.agents).items()}
+            assert sorted(again["a"].outcomes) == mine
             assert [lab.applied(u, "v3") for u in units] == [[split[u]] for u in units]
             assert [len(lab.applied(u, "v2")) for u in units] == [1] * len(units)
             assert_records_true(lab, "v2", v2)
             assert_records_true(lab, "v3", v3)
         finally:
             link.heal()
-            if gate is not None:
+            for gate in gates:
                 gate.close()
             lab.close()
 
@@ -420,8 +441,7 @@ def test_a_lease_check_answered_too_late_proves_nothing_and_the_stale_result_sta
 
             b.cluster.join()
             wait_until(lambda: live(b) == {"b"}, 3 * TTL, "b sees a leave")
-            applied = Pass(b).join()
-            assert isinstance(applied, PassResult) and applied.ok, applied
+            assert_ok(Pass(b).join())
             assert lab.applied("app", "v1") == ["b"]
 
             link.heal()  # a's check: committed (looked up), but long after it was sent
