@@ -388,6 +388,8 @@ def test_an_agent_cut_off_from_postgresql_applies_nothing_and_rejoins(
             ended = cut_off.join()
             assert isinstance(ended, PassResult), ended
             assert not ended.ok
+            # (b may have marked it interrupted when a left: a records what it did)
+            assert lab.psql(f"SELECT status FROM runs WHERE id = '{ended.run_id}'") == [["failed"]]
             for unit in mine:
                 outcome = ended.outcomes[unit]
                 assert outcome.status is UnitStatus.FAILED
