@@ -182,8 +182,9 @@ class TcpCut(TestService):
             return first in data
         if pair.primed:
             return then in data
-        pair.primed = first in data
-        return False
+        at = data.find(first)
+        pair.primed = at >= 0
+        return pair.primed and then in data[at:]  # (both in one chunk: a pipeline)
 
     def _close_all(self) -> None:
         with self._lock:
