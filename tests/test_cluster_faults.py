@@ -24,10 +24,14 @@ import pytest
 
 from agent.config import load_host_config
 from agent.config.cluster import ClusterConfig
+from agent.engine.clustermode import ClusterMode
 from agent.engine.clusterpass import LEASE_LOST
+from agent.engine.membership import Membership
 from agent.engine.reconcile import PassRequest, PassResult, Reconciler
 from agent.engine.sharding import Member, assign
-from agent.state.store import UnitStatus
+from agent.errors import AgentError, LeaseLostError
+from agent.state.cluster import Lease
+from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
 from tests.support.postgres import PostgresCluster, server_bin
 from tests.support.tcpcut import TcpCut
@@ -462,3 +466,54 @@ def test_a_lease_check_answered_too_late_proves_nothing_and_the_stale_result_sta
             if gate is not None:
                 gate.close()
             lab.close()
+
+
+def test_an_approval_whose_lease_was_taken_with_a_lost_answer_applies_nothing(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    """`agent approve` in a cluster applies under the unit's lease: a take of the lease whose
+    answer came back only after another agent took the unit over does not run the apply."""
+    url = postgres_cluster.create_database(f"approve_{next(_numbers)}")
+    with TcpCut("127.0.0.1", postgres_cluster.port) as link:
+        port = url.split("@", 1)[1].split("/", 1)[0]
+        mode = ClusterMode(
+            ClusterConfig(agent="a", lease_ttl=TTL),
+            Membership(
+                ClusterConfig(agent="a", lease_ttl=TTL),
+                RunStore(tmp_path / "a", url=url.replace(port, f"127.0.0.1:{link.port}")),
+            ),
+        )
+        b_config = ClusterConfig(agent="b", lease_ttl=TTL)
+        other = Membership(b_config, RunStore(tmp_path / "b", url=url))
+        applied: list[str] = []
+        ended: dict[str, object] = {}
+
+        def approve() -> None:
+            def work() -> UnitOutcome:
+                applied.append("a")
+                return UnitOutcome(status=UnitStatus.OK, decision="apply")
+
+            try:
+                ended["outcome"] = mode.leased("app", work)
+            except AgentError as exc:
+                ended["error"] = exc
+
+        try:
+            link.cut_after(b"unit_leases", then=b"COMMIT")
+            thread = threading.Thread(target=approve, daemon=True)
+            thread.start()
+            wait_until(lambda: link.is_cut, 30, "a's take of the lease commits, its answer lost")
+            wait_until(
+                lambda: isinstance(other.acquire("app"), Lease), 3 * TTL, "b takes the lease over"
+            )
+            link.heal()
+            thread.join(60)
+            assert not thread.is_alive()
+            error = ended.get("error")
+            assert isinstance(error, LeaseLostError), ended
+            assert LEASE_LOST in error.message
+            assert applied == []
+        finally:
+            link.heal()
+            mode.close()
+            other.close()

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from agent.config import HostConfig, Manifest
 from agent.config.cluster import ClusterConfig
 from agent.core.redact import Redactor
-from agent.engine.clusterpass import ClusterPass
+from agent.engine.clusterpass import LEASE_LOST, ClusterPass
 from agent.engine.membership import Membership
-from agent.errors import AgentError
+from agent.errors import AgentError, LeaseLostError
 from agent.state.cluster import Refused
 from agent.state.store import UnitOutcome, UnitStatus, open_run_store
 from agent.units.context import StackContext
@@ -72,6 +72,13 @@ class ClusterMode:
                 hint="approve again once that agent's pass is done (`agent cluster` shows leases)",
             )
         try:
+            # The answer to the take may have come back late (the store away, the commit
+            # looked up after a reconnect): proven as before any apply, or nothing is run.
+            if not self.membership.still_holds(name):
+                raise LeaseLostError(
+                    f"unit {name}: {LEASE_LOST}",
+                    hint="another agent took the unit over; approve again once it is done",
+                )
             return work()
         finally:
             self.membership.release(name)
