@@ -230,10 +230,13 @@ class RunStore(StoreDatabase):
         result; the converged revision and `fingerprint` (kept with the unit's run too, for
         an approval of its plan) move only when the outcome says it converged; the drift
         flag changes only when a plan looked (a skipped, failed or blocked unit keeps the
-        drift last seen).
+        drift last seen). In a cluster, `unit_state` moves only if no other agent took the
+        unit's lease since this one did (`lease_token`).
         """
         now = time.time()
         with self._tx() as db:
+            # First, as a take-over does (lease, then results): no deadlock between them.
+            holds = self._holds_lease(db, unit)
             db.execute(
                 "INSERT INTO unit_runs (run_id, unit, revision, status, started_at)"
                 " VALUES (?, ?, ?, ?, ?) ON CONFLICT (run_id, unit) DO NOTHING",
@@ -260,7 +263,7 @@ class RunStore(StoreDatabase):
                     unit,
                 ),
             )
-            if not self._holds_lease(db, unit):
+            if not holds:
                 log.warning(
                     "run %s: %s was taken over by another agent: its result here is kept in"
                     " the run's history only",
