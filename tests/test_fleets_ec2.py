@@ -226,7 +226,7 @@ def test_an_autoscaling_group_scaling_up_gets_its_new_host_converged(
     assert [h.host for h in result.outcomes["web"].hosts] == [left]  # type: ignore[attr-defined]
     layout = Reconciler(load_host_config(world["config"]))
     try:
-        assert [s["host"] for s in host_states(layout.layout, "web")] == [left]
+        assert [s["host"] for s in host_states(layout.fleets.ledger.records, "web")] == [left]
     finally:
         layout.close()
     gone = world["tmp"] / "state" / "units" / "web" / "hosts-gone"
@@ -311,7 +311,7 @@ def test_the_host_watch_converges_new_instances_only_retries_booting_ones_and_dr
         assert len(left) == 1
         gone = ({first_id, new_id} - left).pop()
         assert watch.tick()["web"].dropped == (gone,)
-        shown = [state["host"] for state in host_states(reconciler.layout, "web")]
+        shown = [state["host"] for state in host_states(reconciler.fleets.ledger.records, "web")]
         assert shown == sorted(left)
     finally:
         reconciler.close()

@@ -19,6 +19,7 @@ import pytest
 
 from agent.config import load_host_config
 from agent.engine.reconcile import PassRequest, PassResult, Reconciler
+from agent.state.hostrecords import FileHostRecords
 from agent.state.layout import StateLayout
 from agent.state.store import UnitStatus
 from agent.units.fleetledger import host_states
@@ -212,7 +213,7 @@ def test_a_removal_that_cannot_finish_is_retried_never_blocks_and_can_be_let_go(
         assert later.exists()  # the rest converged
         assert work.exists()
         assert "is not empty" in record(world)["objects"][f"path:{work}"]["error"]
-        (box,) = host_states(StateLayout(world["state"]), "web")
+        (box,) = host_states(FileHostRecords(StateLayout(world["state"])), "web")
         assert box["status"] == "failed" and "is not empty" in box["removals_failing"][0]
 
     # Let go: list it again with on_drop: keep, then drop it.

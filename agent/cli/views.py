@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import NotFoundError
+from agent.state.hostrecords import host_records
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.decide import Decision
@@ -37,7 +38,8 @@ def status_view(store: RunStore, layout: StateLayout | None = None) -> dict[str,
     in force."""
     runs = store.runs(limit=1)
     last = runs[0] if runs else None
-    units = [unit_view(state, layout) for state in store.unit_states()]
+    records = host_records(store, layout) if layout is not None else None
+    units = [unit_view(state, records) for state in store.unit_states()]
     removed = store.removed.by_unit()
     agents = store.last_run_agents()
     for unit in units:

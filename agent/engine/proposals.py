@@ -38,6 +38,7 @@ from agent.config.proposals import ProposalsConfig
 from agent.core.fsutil import ensure_private_dir
 from agent.core.redact import Redactor
 from agent.errors import AgentError, ConfigError, PassBusyError, SourceError
+from agent.state.hostrecords import host_records
 from agent.state.layout import StateLayout
 from agent.state.passlock import PassLock
 from agent.state.proposals import (
@@ -156,6 +157,7 @@ class ProposalPlanner:
             self.redactor,
             self.units.current_outputs,
             timeout=self.config.timeout,
+            records=host_records(self.store, self.layout),
         )
 
     def interrupt(self) -> None:

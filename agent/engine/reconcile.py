@@ -38,6 +38,7 @@ from agent.engine.scheduler import UnitScheduler
 from agent.errors import AgentError, NotFoundError, SourceError
 from agent.state.layout import StateLayout
 from agent.state.passlock import PassLock, end_leftovers
+from agent.state.runfiles import RunFiles
 from agent.state.store import RunStatus, UnitStatus, open_run_store
 from agent.units.fleets import FleetReconciler
 from agent.units.lastdefinition import PruneRequest
@@ -222,6 +223,7 @@ class Reconciler:
         ended = self.cluster.recover() if self.cluster else self.store.recover_interrupted()
         for run_id in ended:
             self.stacks.finish_cut_logs(run_id)
+            RunFiles(self.store, self.layout).save_interrupted(run_id)  # a shared store's copy
             self.report(Event(EventKind.RECOVERED, message=f"run {run_id} was interrupted"))
 
     def _close_failed(self, run_id: str, exc: Exception) -> None:

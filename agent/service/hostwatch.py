@@ -149,13 +149,13 @@ class HostWatch:
         if tracked is None:  # first look since start: what the passes converged counts
             tracked = self.tracked[unit] = {
                 state["host"]: Tracked(converged=True)
-                for state in host_states(self.reconciler.layout, unit)
+                for state in host_states(self.reconciler.fleets.ledger.records, unit)
                 if state.get("status") == "ok" and isinstance(state.get("host"), str)
             }
         now = self.clock()
         decision = schedule(tracked, listed, now)
         if decision.dropped:
-            retired = retire_hosts(self.reconciler.layout, unit, set(listed))
+            retired = retire_hosts(self.reconciler.fleets.ledger.records, unit, set(listed))
             for name in decision.dropped:
                 tracked.pop(name, None)
             log.info("unit %s: instances gone: %s", unit, ", ".join(retired or decision.dropped))

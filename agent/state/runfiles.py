@@ -76,15 +76,15 @@ class RunFiles:
 
     # --- writing (the agent that ran the unit) ------------------------------------------
 
-    def save_unit(self, run_id: str, unit: str) -> None:
-        """Copy the unit run's files from disk into the store (before its result is
-        recorded, so that a result seen by any agent has its files). A held file saved
+    def save_unit(self, run_id: str, unit: str, names: Sequence[str] = SHARED_NAMES) -> None:
+        """Copy the unit run's files (`names`) from disk into the store (before its result
+        is recorded, so that a result seen by any agent has its files). A held file saved
         here supersedes those of the unit's earlier runs, as on disk."""
         if not self.shared:
             return
         folder = self._folder(run_id, unit)
         rows: list[tuple[str, bytes, int]] = []
-        for name in SHARED_NAMES:
+        for name in names:
             try:
                 data = (folder / name).read_bytes()
             except FileNotFoundError:
@@ -109,6 +109,21 @@ class RunFiles:
                 " stored_at = excluded.stored_at",
                 [(run_id, unit, name, size, data, now) for name, data, size in rows],
             )
+
+    def save_interrupted(self, run_id: str) -> list[str]:
+        """Copy what a killed pass left on this disk for run `run_id` (its logs, plans and
+        host reports; the cut logs closed already) into the store, once the run is marked
+        interrupted: its units never reached the copy made when a result is recorded.
+        Held files are left out: an interrupted unit holds nothing to approve, and its
+        file must not supersede an older hold. Returns the units copied."""
+        folder = self.runs_dir / run_id
+        if not self.shared or not folder.is_dir():
+            return []
+        kept = [name for name in SHARED_NAMES if name not in HELD_NAMES]
+        units = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        for unit in units:
+            self.save_unit(run_id, unit, kept)
+        return units
 
     def drop_held(self, unit: str, run_id: str | None = None) -> None:
         """Forget what `unit` held for approval (in `run_id`, or in any run): approved,

@@ -191,6 +191,20 @@ CREATE TABLE IF NOT EXISTS unit_leases (
 ALTER TABLE runs ADD COLUMN agent TEXT;
 """
 
+# A fleet's per-host records when the store is shared (agent/state/hostrecords.py): what
+# the agent manages on each host (`kind` ledger, `unit` ''), each unit's last result per
+# host (result, gone) and what it last converged there (desired). JSON bodies.
+_SCHEMA_HOST_RECORDS = """
+CREATE TABLE IF NOT EXISTS host_records (
+    kind TEXT NOT NULL,            -- ledger | result | gone | desired
+    unit TEXT NOT NULL,            -- '' for the ledger (one per host, every unit's)
+    host TEXT NOT NULL,
+    body TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (kind, unit, host)
+);
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -203,5 +217,6 @@ MIGRATIONS: list[str] = [
     _SCHEMA_REMOVED_UNITS,
     _SCHEMA_RUN_FILES,
     _SCHEMA_CLUSTER,
+    _SCHEMA_HOST_RECORDS,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)

@@ -47,6 +47,8 @@ from agent.config.fleet import Fleet, HostsFromEc2, HostsFromStack
 from agent.config.manifest import Manifest, plain_value
 from agent.core.fsutil import atomic_write
 from agent.core.redact import Secret
+from agent.state.sharedvalue import shared_value
+from agent.state.store import RunStore
 
 KEY_FILE = "fingerprint.key"
 PARTS = (
@@ -148,6 +150,16 @@ def load_key(state_dir: Path) -> bytes:
         atomic_write(path, random.token_hex(32))
         key = path.read_bytes()
     return key
+
+
+def agent_key(store: RunStore, state_dir: Path) -> bytes:
+    """The key this agent hashes with: its state directory's, or with a shared (PostgreSQL)
+    store the store's, so that every agent computes the same fingerprints and a unit that
+    moves to another agent does not look moved (the first agent's key becomes the store's)."""
+    local = load_key(state_dir)
+    if not store.postgres:
+        return local
+    return shared_value(store, "fingerprint_key", local.decode()).encode()
 
 
 _KEY_LOCK = threading.Lock()  # the stack and fleet hashers share one key file

@@ -1,21 +1,20 @@
 """What the agent keeps per fleet host: the shared record of what it manages there
-(providers/hosts/ledger.py, under `<state>/hosts/`), each unit's last result per host
-(`agent status`), what each host was last converged to (to tell drift from a change from
-Git), and the removals a hold showed (what `agent approve` may apply)."""
+(providers/hosts/ledger.py), each unit's last result per host (`agent status`), what each
+host was last converged to (to tell drift from a change from Git), and the removals a hold
+showed (what `agent approve` may apply). The records are kept by a HostRecords
+(agent/state/hostrecords.py): files in the state directory, or rows of a shared store."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from agent.config import Unit
 from agent.config.fleet import HOST_NAME_RE
-from agent.core.fsutil import atomic_write, ensure_private_dir
 from agent.core.redact import Redactor
+from agent.state.hostrecords import DESIRED, LEDGER, RESULT, HostRecords
 from agent.state.layout import StateLayout
 from agent.units.fingerprint import Hasher
 from agent.units.fleetreport import host_error
@@ -31,54 +30,44 @@ HOST_RESULTS_FILE = "hosts.json"
 class FleetLedger:
     """The records of every fleet's hosts; one instance (one writer) serves every unit."""
 
-    def __init__(self, layout: StateLayout, hasher: Hasher, redactor: Redactor) -> None:
+    def __init__(
+        self, layout: StateLayout, hasher: Hasher, redactor: Redactor, records: HostRecords
+    ) -> None:
         self.layout = layout
         self.hasher = hasher
         self.redactor = redactor
-        # Units run in parallel and several may share a host: one writer of the records.
+        self.records = records
+        # Units run in parallel and several may share a host: one writer of the records
+        # in this agent (a shared store's rows are also locked against other agents).
         self._lock = threading.Lock()
 
     # --- what each host had -----------------------------------------------------------
 
-    def host_file(self, unit: str, host: str) -> Path:
-        return self.layout.unit_dir(unit) / "hosts" / f"{host}.json"
-
-    def record_file(self, host: str) -> Path:
-        return self.layout.host_record(host)
+    def has_result(self, unit: str, host: str) -> bool:
+        """Whether `unit` has converged (or tried) `host`."""
+        return self.records.read(RESULT, unit, host) is not None
 
     def record(self, unit: str, host: str) -> dict[str, Any]:
         """The host's record; a unit's list from before the record existed counts as
         created by the agent (that is how it was treated then)."""
-        try:
-            record = json.loads(self.record_file(host).read_text())
-        except (OSError, ValueError):
-            record = ledger.new_record()
-        objects = record.setdefault("objects", {})
-        record.setdefault("handlers", {})
-        if not any(e.get("unit") == unit for e in objects.values()):
-            for kind, name in self._legacy(unit, host):
-                key = ledger.object_key(kind, name)
-                if key is not None and key not in objects:
-                    objects[key] = {"kind": kind, "name": name, "unit": unit, "created": True}
-        return record
+        return _with_legacy(self.records.read(LEDGER, "", host), unit, self._legacy(unit, host))
 
     def _legacy(self, unit: str, host: str) -> list[tuple[str, str]]:
-        try:
-            data = json.loads(self.host_file(unit, host).read_text())
-        except (OSError, ValueError):
-            return []
+        data = self.records.read(RESULT, unit, host) or {}
         return [(r["kind"], r["name"]) for r in data.get("resources", [])]
 
     def remember(
         self, unit: Unit, plan: PlannedHost, report: HostReport, revision: str, *, applied: bool
     ) -> None:
         """Keep each host's last result (for status) and, per resource, what it manages."""
+        host = plan.spec.name
         if plan.error is None:
             outcomes = {o.resource_id: o for o in report.outcomes}
-            with self._lock:
-                record = self.record(unit.name, plan.spec.name)
-                record = ledger.updated(
-                    record,
+            legacy = self._legacy(unit.name, host)  # read before the record is locked
+
+            def change(found: dict[str, Any] | None) -> dict[str, Any]:
+                return ledger.updated(
+                    _with_legacy(found, unit.name, legacy),
                     unit.name,
                     plan.desired,
                     plan.removals,
@@ -89,17 +78,12 @@ class FleetLedger:
                     handlers_failed=report.handlers_failed,
                     due=plan.pending_handlers,
                 )
-                path = self.record_file(plan.spec.name)
-                ensure_private_dir(path.parent)
-                atomic_write(path, json.dumps(record, indent=1))
-        path = self.host_file(unit.name, plan.spec.name)
-        ensure_private_dir(path.parent)
-        try:
-            previous = json.loads(path.read_text())
-        except (OSError, ValueError):
-            previous = {}
-        record = {
-            "host": plan.spec.name,
+
+            with self._lock:
+                self.records.update(LEDGER, "", host, change)
+        previous = self.records.read(RESULT, unit.name, host) or {}
+        result = {
+            "host": host,
             "address": plan.spec.address,
             "revision": revision if applied and report.ok else previous.get("revision"),
             "at": time.time(),
@@ -111,7 +95,7 @@ class FleetLedger:
             "round_trips": report.round_trips,
             "error": self.redactor.redact(host_error(report)) or None,
         }
-        atomic_write(path, json.dumps(record, indent=1))
+        self.records.write(RESULT, unit.name, host, result)
 
     def drop_older_holds(self, unit: str, run_id: str) -> None:
         """Held again: only the newest hold can be approved (the older ones are stale)."""
@@ -121,15 +105,11 @@ class FleetLedger:
 
     # --- what each host was last converged to (to tell drift from a change) ------------
 
-    def _desired_file(self, unit: str, host: str) -> Path:
-        return self.layout.unit_dir(unit) / "desired" / f"{host}.json"
-
     def drift_overwritten(self, unit: str, plan: PlannedHost, report: HostReport) -> int:
         """How many resources this apply changed although what the repo wants of them is
         what it was at the last converge: hand-made drift, put back by a change from Git."""
-        try:
-            before = json.loads(self._desired_file(unit, plan.spec.name).read_text())
-        except (OSError, ValueError):
+        before = self.records.read(DESIRED, unit, plan.spec.name)
+        if before is None:
             return 0
         now = self._desired(plan)
         return sum(
@@ -148,43 +128,45 @@ class FleetLedger:
     ) -> None:
         # Keyed hashes only: a template holding a secret must not be kept in clear.
         if applied and report.ok and plan.error is None:
-            path = self._desired_file(unit, plan.spec.name)
-            ensure_private_dir(path.parent)
-            atomic_write(path, json.dumps(self._desired(plan), indent=1))
+            self.records.write(DESIRED, unit, plan.spec.name, self._desired(plan))
 
 
-def retire_hosts(layout: StateLayout, unit: str, listed: set[str]) -> list[str]:
+def _with_legacy(
+    found: dict[str, Any] | None, unit: str, legacy: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """The record (a new one if none), with `unit`'s list from before records existed."""
+    record = found if found is not None else ledger.new_record()
+    objects = record.setdefault("objects", {})
+    record.setdefault("handlers", {})
+    if not any(e.get("unit") == unit for e in objects.values()):
+        for kind, name in legacy:
+            key = ledger.object_key(kind, name)
+            if key is not None and key not in objects:
+                objects[key] = {"kind": kind, "name": name, "unit": unit, "created": True}
+    return record
+
+
+def retire_hosts(records: HostRecords, unit: str, listed: set[str]) -> list[str]:
     """Move the records of hosts the inventory no longer lists out of the fleet's status
-    (into `hosts-gone/`): an instance that left is not shown, and no pass contacts it
-    (passes converge only the hosts listed). Each run's host results stay in its run dir
+    (to `gone`): an instance that left is not shown, and no pass contacts it (passes
+    converge only the hosts listed). Each run's host results stay in its run dir
     (`agent history`). Returns the names retired."""
-    hosts_dir = layout.unit_dir(unit) / "hosts"
-    gone_dir = layout.unit_dir(unit) / "hosts-gone"
     retired = []
-    for record in sorted(hosts_dir.glob("*.json")) if hosts_dir.is_dir() else ():
-        name = record.name.removesuffix(".json")
+    for name in records.all(RESULT, unit):
         if name in listed or not HOST_NAME_RE.fullmatch(name):
             continue
-        ensure_private_dir(gone_dir)
-        record.replace(gone_dir / record.name)
+        records.retire(unit, name)
         retired.append(name)
     return retired
 
 
-def host_states(layout: StateLayout, unit: str) -> list[dict[str, Any]]:
+def host_states(records: HostRecords, unit: str) -> list[dict[str, Any]]:
     """The last recorded result of every host of fleet `unit` (for `agent status`), with
     the removals that have not finished and the handlers still owed there."""
     states = []
-    for path in sorted((layout.unit_dir(unit) / "hosts").glob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
+    for host, data in records.all(RESULT, unit).items():
         data.pop("resources", None)
-        try:
-            record = json.loads(layout.host_record(path.stem).read_text())
-        except (OSError, ValueError):
-            record = ledger.new_record()
+        record = records.read(LEDGER, "", host) or ledger.new_record()
         data["removals_failing"] = ledger.unfinished(record, unit)
         data["handlers_owed"] = list(record.get("handlers", {}).get(unit, ()))
         states.append(data)

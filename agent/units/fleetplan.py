@@ -138,7 +138,7 @@ class HostPlanner:
             fleet = other.fleet
             roles: tuple[str, ...] = ()
             if not isinstance(fleet.hosts, tuple):  # known at reconcile time only
-                seen = self.ledger.host_file(other.name, spec.name).exists()
+                seen = self.ledger.has_result(other.name, spec.name)
                 if other.name not in recorded and not seen:
                     continue
             else:

@@ -40,12 +40,13 @@ from agent.core.fsutil import atomic_write, ensure_private_dir
 from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import Redactor
 from agent.errors import AgentError
+from agent.state.hostrecords import host_records
 from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext
 from agent.units.decide import Decision
 from agent.units.ec2fleet import Ec2Hosts
-from agent.units.fingerprint import Fingerprint, Hasher, fleet_fingerprint, load_key
+from agent.units.fingerprint import Fingerprint, Hasher, agent_key, fleet_fingerprint
 from agent.units.fleetledger import (
     HELD_FILE,
     HOST_RESULTS_FILE,
@@ -89,8 +90,8 @@ class FleetReconciler:
         self.redactor = redactor
         self.stack_outputs = stack_outputs
         self._stop = threading.Event()
-        self.hasher = Hasher(lambda: load_key(layout.root))
-        self.ledger = FleetLedger(layout, self.hasher, redactor)
+        self.hasher = Hasher(lambda: agent_key(store, layout.root))
+        self.ledger = FleetLedger(layout, self.hasher, redactor, host_records(store, layout))
         self.ec2 = Ec2Hosts(host.hosts)
         self.planner = HostPlanner(self.ledger, redactor, stack_outputs, self.ec2)
 
@@ -212,7 +213,7 @@ class FleetReconciler:
     ) -> UnitOutcome:
         hosts = self.planner.hosts(ctx, unit, fleet)
         if isinstance(fleet.hosts, HostsFromEc2) and ctx.hosts_only is None:
-            retire_hosts(self.layout, unit.name, {h.name for h in hosts})
+            retire_hosts(self.ledger.records, unit.name, {h.name for h in hosts})
         if ctx.hosts_only is not None:
             # New instances get the revision in force, as if it had just moved: they have
             # never had it (drift `report` would otherwise only look at them).

@@ -5,7 +5,6 @@ its hosts taken from what it recorded). agent/units/prune.py decides what to do 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, replace
@@ -15,6 +14,7 @@ from agent.config import HostConfig, Manifest, ManifestLimits, Unit, load_manife
 from agent.config.fleet import HostSpec
 from agent.errors import ConfigError, PruneError
 from agent.policy.prune import PruneMode
+from agent.state.hostrecords import LEDGER, RESULT, HostRecords
 from agent.state.layout import StateLayout
 from agent.state.store import RemovedUnitRow
 from agent.units.context import StackContext
@@ -50,10 +50,17 @@ class LastDefinitions:
     """The exports and last definitions of removed units; one per Pruner."""
 
     def __init__(
-        self, host: HostConfig, layout: StateLayout, source: GitSource, secrets: SecretResolver
+        self,
+        host: HostConfig,
+        layout: StateLayout,
+        source: GitSource,
+        secrets: SecretResolver,
+        records: HostRecords,
     ) -> None:
+        """`records`: the fleets' host records (a removed fleet's hosts are found there)."""
         self.host = host
         self.layout = layout
+        self.records = records
         self.source = source
         self.secrets = secrets
 
@@ -119,21 +126,14 @@ class LastDefinitions:
             {h.name: h for h in unit.fleet.hosts} if isinstance(unit.fleet.hosts, tuple) else {}
         )
         hosts: list[HostSpec] = []
-        for record in sorted((self.layout.root / "hosts").glob("*.json")):
-            try:
-                objects = json.loads(record.read_text()).get("objects", {})
-            except (OSError, ValueError):
-                continue
+        for name, record in self.records.all(LEDGER, "").items():
+            objects = record.get("objects", {})
             if not any(entry.get("unit") == unit.name for entry in objects.values()):
                 continue
-            name = record.stem
             spec = static.get(name)
             if spec is None:
-                try:
-                    seen = json.loads(
-                        (self.layout.unit_dir(unit.name) / "hosts" / record.name).read_text()
-                    )
-                except (OSError, ValueError):
+                seen = self.records.read(RESULT, unit.name, name)
+                if seen is None or "address" not in seen:
                     log.warning("%s: the address of host %s is not known", unit.name, name)
                     continue
                 spec = HostSpec(name=name, address=str(seen["address"]))

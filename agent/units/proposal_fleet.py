@@ -39,6 +39,7 @@ from agent.config.fleet import HostSpec
 from agent.core.fsutil import atomic_write, ensure_private_dir
 from agent.core.redact import Redactor, Secret
 from agent.errors import AgentError
+from agent.state.hostrecords import FileHostRecords, HostRecords
 from agent.state.layout import StateLayout
 from agent.state.proposals import ProposalUnitStatus
 from agent.units.context import StackContext
@@ -134,16 +135,20 @@ class ProposalFleetPlanner:
         current_outputs: CurrentOutputs,
         *,
         timeout: float,
+        records: HostRecords | None = None,
     ) -> None:
         """`current_outputs(tree, requester, upstream_name, upstream, deadline)`: a stack's
-        outputs as applied now, wherever its state is (ProposalUnitPlanner.current_outputs)."""
+        outputs as applied now, wherever its state is (ProposalUnitPlanner.current_outputs).
+        `records`: where the main passes keep the fleets' host records (default: the state
+        directory's files)."""
         self.host = host
         self.current_outputs = current_outputs
         self.layout = layout
         self.redactor = redactor
         self.timeout = timeout
         hasher = Hasher(lambda: load_key(layout.root))
-        self.ledger = FleetLedger(layout, hasher, redactor)  # read only, here
+        records = records or FileHostRecords(layout)
+        self.ledger = FleetLedger(layout, hasher, redactor, records)  # read only, here
         self.ec2 = Ec2Hosts(host.hosts)
         self._stop = threading.Event()
 

@@ -33,7 +33,6 @@ is pruned, orphaned or back, and each pass sweeps what a killed one left.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from agent.core.progress import Event, EventKind, Reporter
 from agent.core.redact import Redactor
 from agent.errors import AgentError, PruneError
 from agent.policy.prune import PruneMode, RemovedStatus
+from agent.state.hostrecords import LEDGER, RESULT
 from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
 from agent.state.store import RemovedUnitRow, RunStore, UnitOutcome, UnitStatus
@@ -95,7 +95,7 @@ class Pruner:
         self.host = host
         self.layout = layout
         self.store = store
-        self.definitions = LastDefinitions(host, layout, source, secrets)
+        self.definitions = LastDefinitions(host, layout, source, secrets, fleets.ledger.records)
         self.stacks = stacks
         self.fleets = fleets
         self.report = report
@@ -158,7 +158,7 @@ class Pruner:
             defined_at = next((r.revision for r in real if r.revision), None)
         # Recorded even when its definition cannot be read: the prune then fails with the
         # reason, shown by `agent status`, rather than the unit being skipped unseen.
-        kind = "fleet" if (self.layout.unit_dir(name) / "hosts").is_dir() else "stack"
+        kind = "fleet" if self.fleets.ledger.records.all(RESULT, name) else "stack"
         if defined_at is None:
             defined_at = request.revision  # (nothing better: its prune says it is unknown)
         row = RemovedUnitRow(
@@ -285,8 +285,9 @@ class Pruner:
         if mode is not PruneMode.HOLD or row.status != RemovedStatus.HELD or row.run_id is None:
             return None
         held_file = PLAN_FILE if row.kind == "stack" else HELD_FILE
-        if not (self.layout.unit_run_dir(row.run_id, row.unit) / held_file).is_file():
-            return None
+        on_disk = (self.layout.unit_run_dir(row.run_id, row.unit) / held_file).is_file()
+        if not on_disk and not RunFiles(self.store, self.layout).still_held(row.run_id, row.unit):
+            return None  # (a shared store keeps what another agent held)
         held = next((r for r in self.store.unit_runs(row.run_id) if r.unit == row.unit), None)
         if held is None or held.status != UnitStatus.HELD:
             return None
@@ -348,11 +349,7 @@ class Pruner:
         records: dict[str, object] = {}
         fleet = definition.unit.fleet
         for host in fleet.hosts if fleet is not None and isinstance(fleet.hosts, tuple) else ():
-            try:
-                record = self.layout.root / "hosts" / f"{host.name}.json"
-                document = json.loads(record.read_text())
-            except (OSError, ValueError):
-                document = None
+            document = self.fleets.ledger.records.read(LEDGER, "", host.name)
             records[host.name] = [host.address, host.port, host.user, document]
         return Fingerprint(
             {

@@ -24,6 +24,7 @@ from agent.state.layout import StateLayout
 from agent.state.store import RunStore, UnitOutcome, UnitStatus
 from agent.units.context import StackContext
 from agent.units.decide import Decision, PlanFacts, decide
+from agent.units.fingerprint import agent_key
 from agent.units.policy_check import now_utc, stack_policy
 from agent.units.stackinputs import StackInputs
 from agent.units.stackwork import StackWorkspaces
@@ -59,7 +60,10 @@ class StackReconciler:
         self.store = store
         self.report = reporter
         self._stop = threading.Event()
-        self.workspaces = StackWorkspaces(host, layout, redactor, children=children)
+        # A shared store's key: a stack that moves to another agent does not look moved.
+        self.workspaces = StackWorkspaces(
+            host, layout, redactor, children=children, key=lambda: agent_key(store, layout.root)
+        )
         self.inputs = StackInputs(self.workspaces, redactor)
 
     def interrupt(self) -> None:

@@ -5,6 +5,7 @@ agent's file, the host config's `terraform.state_backend`, or the stack's own ba
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +38,15 @@ class StackWorkspaces:
         redactor: Redactor,
         *,
         children: ChildTracker | None = None,
+        key: Callable[[], bytes] | None = None,
     ) -> None:
+        """`key`: loads the fingerprint key (default: the state directory's)."""
         self.host = host
         self.layout = layout
         self.children = children
         self._runner: TerraformRunner | None = None
         self._runner_lock = threading.Lock()
-        self.hasher = Hasher(lambda: load_key(layout.root))
+        self.hasher = Hasher(key or (lambda: load_key(layout.root)))
         # Read now: a missing connection-string file stops the start, naming the key.
         backend = host.terraform.state_backend
         self.state_backend = backend.open(redactor.register) if backend else None

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent.errors import NotFoundError
+from agent.state.hostrecords import HostRecords
 from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
 from agent.state.store import RunStore, UnitRunRow, UnitStateRow, UnitStatus
@@ -22,8 +23,9 @@ __all__ = ["LOG_FILES", "host_results", "logs_view", "rfc3339", "unit_view"]
 LOG_FILES = ("init.txt", "plan.txt", "policy.txt", "apply.txt", "hosts.txt")
 
 
-def unit_view(state: UnitStateRow, layout: StateLayout | None = None) -> dict[str, Any]:
-    """Where one unit stands (`agent status` shows one of these per unit)."""
+def unit_view(state: UnitStateRow, records: HostRecords | None = None) -> dict[str, Any]:
+    """Where one unit stands (`agent status` shows one of these per unit); a fleet's
+    hosts too, given where their records are (agent.state.hostrecords.host_records)."""
     # The store keeps the drift the last plan found; a clean apply put it back since.
     reverted = bool(state.drift) and (state.last_status, state.last_decision) == (
         UnitStatus.OK,
@@ -52,7 +54,7 @@ def unit_view(state: UnitStateRow, layout: StateLayout | None = None) -> dict[st
             "decision": state.preview_decision,
             "at": state.preview_at,
         }
-    if layout is not None and (hosts := host_states(layout, state.unit)):
+    if records is not None and (hosts := host_states(records, state.unit)):
         entry["hosts"] = hosts
     return entry
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from agent.config.manifest import Manifest
 from agent.errors import NotFoundError
+from agent.state.hostrecords import host_records
 from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
 from agent.state.store import (
@@ -113,7 +114,8 @@ def overview_page(
 ) -> dict[str, Any]:
     """Every unit in dependency order with its status; the revision in force and the head."""
     states = {s.unit: s for s in store.unit_states()}
-    by_name = {name: unit_view(state, layout) for name, state in states.items()}
+    records = host_records(store, layout)  # a fleet's hosts, on disk or in a shared store
+    by_name = {name: unit_view(state, records) for name, state in states.items()}
     runs = store.runs(limit=1)
     last = asdict(runs[0]) if runs else None
     if last:
@@ -238,7 +240,7 @@ def unit_page(
         runs.append(_run_summary(summary))
     if run is None:  # the newest run on this page that left output (a page's worth of stats)
         run = files.first_with(name, [r.run_id for r in rows], LOG_FILES)
-    entry = unit_view(state, layout) if state else {}
+    entry = unit_view(state, host_records(store, layout)) if state else {}
     removed = removed_entry(store.removed.by_unit().get(name), name)
     if manifest is not None and known:
         removed = None  # back in gitops.yaml (the next pass drops the row)
