@@ -1,0 +1,247 @@
+"""A fleet's per-host records in a shared PostgreSQL store (docs/store.md, "Fleet records"):
+agent A converges fleets over real SSH; agents B and C, with the same store and empty state
+directories, take them over in turn and know what was put on the host before them: a hand
+edit is drift (and put back: `drift: revert`) on B; on C a file the manifest dropped and a
+removed fleet's file are removed, and a hand edit overwritten by a change from Git is said
+so; `agent status` on B shows the host as C left it. Also: concurrent writers of one
+host's ledger lose nothing, and the logs of a killed pass reach the store when the next
+pass recovers its run. No mocks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from agent.config import load_host_config
+from agent.core.fsutil import INTERRUPTED_MARKER
+from agent.engine.reconcile import PassRequest, PassResult, Reconciler
+from agent.state.hostrecords import LEDGER, StoreHostRecords
+from agent.state.runfiles import RunFiles
+from agent.state.store import RunStatus, RunStore, UnitStatus
+from tests.support.infra import InfraRepo, write_host_config
+from tests.support.postgres import PostgresCluster
+from tests.support.sshd import SshServer, chown_tree, ensure_user, make_client_key, public_key
+
+_numbers = itertools.count(1)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    reason = SshServer.available()
+    if reason:
+        pytest.skip(reason)
+    ensure_user()
+    key = make_client_key(tmp_path_factory.mktemp("keys") / "id_ed25519")
+    with SshServer() as web1:
+        web1.add_authorized_key(web1.user, public_key(key))
+        yield {"web1": web1, "key": key}
+
+
+@pytest.fixture
+def world(server: dict, tmp_path: Path, postgres_cluster: PostgresCluster) -> Iterator[dict]:
+    root = Path(tempfile.mkdtemp(prefix="gitops-shared-", dir="/tmp"))  # the host's files
+    chown_tree(root, server["web1"].user)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(server["web1"].known_hosts_line() + "\n")
+    url = postgres_cluster.create_database(f"fleet_records_{next(_numbers)}")
+    url_file = tmp_path / "store-url"
+    url_file.write_text(url + "\n")
+    url_file.chmod(0o600)
+    repo = InfraRepo(tmp_path / "git")
+    configs = {
+        name: write_host_config(
+            tmp_path / f"{name}.yaml",
+            repo.url,
+            tmp_path / name,
+            f"""\
+            control_socket: {tmp_path}/none.sock
+            store: {{url_file: {url_file}}}
+            hosts:
+              key_file: {server["key"]}
+              known_hosts: {known_hosts}
+              connect_timeout: 3s
+            policy: {{prune: auto, destroy: allow}}
+            """,
+        )
+        for name in ("a", "b", "c")
+    }
+    yield {"repo": repo, "root": root, "server": server, "configs": configs, "url": url}
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def fleet(world: dict, name: str, files: dict[str, str]) -> str:
+    web1 = world["server"]["web1"]
+    items = "".join(
+        f"        - file: {world['root']}/{path}\n          content: {json.dumps(text)}\n"
+        for path, text in files.items()
+    )
+    return f"""\
+  - name: {name}
+    drift: revert
+    fleet:
+      user: {web1.user}
+      hosts: {{static: [{{name: web1, address: 127.0.0.1, port: {web1.port}}}]}}
+      resources:
+{items}"""
+
+
+def push(world: dict, *units: str) -> None:
+    world["repo"].write("gitops.yaml", "version: 1\nunits:\n" + "".join(units))
+    world["repo"].push("change")
+
+
+def run(world: dict, agent: str) -> PassResult:
+    reconciler = Reconciler(load_host_config(world["configs"][agent]))
+    try:
+        return reconciler.run_pass(PassRequest(trigger="test"))
+    finally:
+        reconciler.close()
+
+
+def hand_edit(path: Path, text: str) -> None:
+    # As the host's user would (the files are its own): content only, mode and owner kept.
+    with open(path, "r+") as handle:
+        handle.truncate(0)
+        handle.write(text)
+
+
+def test_agent_b_takes_over_a_fleet_agent_a_converged(world: dict) -> None:
+    root = world["root"]
+    push(
+        world,
+        fleet(world, "web", {"a.conf": "a\n", "b.conf": "b\n"}),
+        fleet(world, "old", {"old.conf": "old\n"}),
+    )
+    first = run(world, "a")
+    assert first.ok, first.outcomes
+    assert {p.name for p in root.iterdir()} == {"a.conf", "b.conf", "old.conf"}
+    state_a, state_c = (world["configs"][n].parent / n for n in ("a", "c"))
+    assert not (state_a / "hosts").exists()  # the records are in the store, not on A's disk
+
+    # A is gone; B (empty disk) runs the same revision: the hand edit is drift, put back.
+    hand_edit(root / "a.conf", "edited by hand\n")
+    drift = run(world, "b")
+    web = drift.outcomes["web"]
+    assert web.status is UnitStatus.OK and web.drift, web
+    assert web.moved == ()  # same inputs as A converged: B hashes with the store's key
+    assert (root / "a.conf").read_text() == "a\n"
+    assert drift.outcomes["old"].status is UnitStatus.OK and not drift.outcomes["old"].drift
+
+    # B is gone too. A commit drops b.conf and the whole `old` fleet, and a.conf is edited
+    # by hand again: C (empty disk) removes what A created, and says the change from Git
+    # overwrote the hand edit (what B last converged, read from the store).
+    hand_edit(root / "a.conf", "edited again\n")
+    push(world, fleet(world, "web", {"a.conf": "a\n"}))
+    change = run(world, "c")
+    web = change.outcomes["web"]
+    assert web.status is UnitStatus.OK, web
+    assert web.drift_overwritten, web
+    assert change.outcomes["old"].status is UnitStatus.OK, change.outcomes["old"]
+    assert {p.name for p in root.iterdir()} == {"a.conf"}
+    assert (root / "a.conf").read_text() == "a\n"
+    assert not (state_c / "hosts").exists() and not (state_c / "units" / "web").exists()
+
+    # `agent status` on B shows the fleet's host as C last converged it.
+    status = cli(world["configs"]["b"], "status", "--json")
+    units = {u["unit"]: u for u in json.loads(status)["units"]}
+    (host,) = units["web"]["hosts"]
+    assert (host["host"], host["status"], host["revision"]) == (
+        "web1",
+        "ok",
+        change.revision,
+    )
+    assert "web1" in cli(world["configs"]["b"], "status")
+
+
+def test_writers_of_one_hosts_ledger_on_two_agents_lose_nothing(
+    tmp_path: Path, postgres_cluster: PostgresCluster
+) -> None:
+    url = postgres_cluster.create_database("records_concurrent")
+    stores = [RunStore(tmp_path / name, url=url) for name in ("a", "b")]  # two connections
+    seen: list[int] = []
+
+    def writer(store: RunStore, unit: str) -> None:
+        records = StoreHostRecords(store)
+
+        def add(found: dict[str, Any] | None) -> dict[str, Any]:
+            body = found or {"objects": {}}
+            seen.append(len(body["objects"]))
+            threading.Event().wait(0.002)  # widen the window a lost update would need
+            return {"objects": {**body["objects"], f"{unit}-{len(body['objects'])}": unit}}
+
+        for _ in range(20):
+            records.update(LEDGER, "", "web1", add)
+
+    try:
+        threads = [
+            threading.Thread(target=writer, args=(store, unit))
+            for store, unit in zip(stores, ("web", "db"), strict=True)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        record = StoreHostRecords(stores[0]).read(LEDGER, "", "web1")
+    finally:
+        for store in stores:
+            store.close()
+    assert record is not None
+    assert len(record["objects"]) == 40, sorted(record["objects"])
+    assert sorted(seen) == list(range(40))  # each writer saw the other's commit
+
+
+def test_a_killed_pass_leaves_its_logs_for_the_next_pass_to_store(world: dict) -> None:
+    push(world, fleet(world, "web", {"a.conf": "a\n"}))
+    state_a = world["configs"]["a"].parent / "a"
+    store = RunStore(state_a, url=world["url"])
+    try:
+        # What a pass killed by SIGKILL mid-unit leaves: its run and unit `running`, a whole
+        # host report and a log cut half way, none of them in the store yet.
+        dead = store.start_run(trigger="test", pid=2**22 + 1)
+        store.start_unit(dead, "web", None)
+    finally:
+        store.close()
+    folder = state_a / "runs" / dead / "web"
+    folder.mkdir(parents=True)
+    (folder / "hosts.txt").write_text("web1: 1 changed\n")
+    (folder / "plan.txt.partial").write_text("half a line")
+
+    assert run(world, "a").ok
+
+    reader = RunStore(world["configs"]["b"].parent / "b", url=world["url"], read_only=True)
+    try:
+        run_row = reader.get_run(dead)
+        files = RunFiles(reader)  # B's disk has nothing: the store answers
+        assert run_row is not None and run_row.status == RunStatus.INTERRUPTED
+        assert files.read_text(dead, "web", "hosts.txt") == "web1: 1 changed\n"
+        assert files.read_text(dead, "web", "plan.txt") == (f"half a line{INTERRUPTED_MARKER}\n")
+    finally:
+        reader.close()
+    with psycopg.connect(world["url"]) as db:
+        names = db.execute("SELECT name FROM run_files WHERE run_id = %s", [dead]).fetchall()
+    assert sorted(n for (n,) in names) == ["hosts.txt", "plan.txt"]
+
+
+def cli(config: Path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "GITOPS_AGENT_CONFIG"},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
