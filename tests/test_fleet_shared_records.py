@@ -27,7 +27,17 @@ import pytest
 from agent.config import load_host_config
 from agent.core.fsutil import INTERRUPTED_MARKER
 from agent.engine.reconcile import PassRequest, PassResult, Reconciler
-from agent.state.hostrecords import LEDGER, StoreHostRecords
+from agent.state.hostrecords import (
+    DESIRED,
+    GONE,
+    LEDGER,
+    RESULT,
+    FileHostRecords,
+    HostRecords,
+    StoreHostRecords,
+    host_records,
+)
+from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
 from agent.state.store import RunStatus, RunStore, UnitStatus
 from tests.support.infra import InfraRepo, write_host_config
@@ -163,6 +173,34 @@ def test_agent_b_takes_over_a_fleet_agent_a_converged(world: dict) -> None:
         change.revision,
     )
     assert "web1" in cli(world["configs"]["b"], "status")
+
+
+def test_host_records_are_the_same_on_disk_and_in_either_store(
+    tmp_path: Path, open_store: Any
+) -> None:
+    store: RunStore = open_store()
+    layout = StateLayout(tmp_path / "state")
+    chosen = host_records(store, layout)
+    # The default SQLite store keeps the files as they were; PostgreSQL keeps rows.
+    assert isinstance(chosen, StoreHostRecords if store.postgres else FileHostRecords)
+    kinds: list[HostRecords] = [FileHostRecords(layout), StoreHostRecords(store)]
+    for records in kinds:
+        assert records.read(LEDGER, "", "web1") is None
+        records.write(RESULT, "web", "web2", {"host": "web2"})
+        records.write(RESULT, "web", "web1", {"host": "web1"})
+        records.write(DESIRED, "web", "web1", {"file:/a": "h1"})
+        grown = records.update(LEDGER, "", "web1", lambda b: {"n": (b or {"n": 0})["n"] + 1})
+        assert grown == {"n": 1} and records.update(
+            LEDGER, "", "web1", lambda b: {"n": (b or {"n": 0})["n"] + 1}
+        ) == {"n": 2}
+        assert list(records.all(RESULT, "web")) == ["web1", "web2"]
+        records.retire("web", "web2")
+        assert list(records.all(RESULT, "web")) == ["web1"]
+        assert records.all(GONE, "web") == {"web2": {"host": "web2"}}
+        assert records.read(DESIRED, "web", "web1") == {"file:/a": "h1"}
+        assert records.all(RESULT, "db") == {}
+    assert (layout.root / "hosts" / "web1.json").is_file()  # the files' layout, as before
+    assert (layout.unit_dir("web") / "hosts-gone" / "web2.json").is_file()
 
 
 def test_writers_of_one_hosts_ledger_on_two_agents_lose_nothing(

@@ -13,9 +13,11 @@
   units/<unit>/terraform.tfstate   local state, for stacks that declare no backend
   runs/<run-id>/<unit>/   init.txt, plan.txt, plan.json, tfplan, apply.txt (0600);
                           a fleet's hosts.txt and held-removals.json
-  units/<unit>/hosts/<host>.json   a fleet host's last result (for status)
+  units/<unit>/hosts/<host>.json   a fleet host's last result (for status); hosts-gone/,
+                          desired/ beside it (agent/state/hostrecords.py)
   hosts/<host>.json       what the agent manages on a host, shared by the fleet units
                           (providers/hosts/ledger.py)
+                          (the fleet records: with a PostgreSQL store, in the store instead)
   terraform/cli.tfrc      the Terraform CLI config the agent writes
   proposals/              plans of proposed changes (agent/engine/proposals.py): a clone,
                           units/<unit>/, runs/<plan-id>/<unit>/, plugin-cache/, home/,

@@ -53,6 +53,8 @@ class FleetLedger:
         return _with_legacy(self.records.read(LEDGER, "", host), unit, self._legacy(unit, host))
 
     def _legacy(self, unit: str, host: str) -> list[tuple[str, str]]:
+        if self.records.shared:
+            return []  # the list predates the records; a shared store never had one
         data = self.records.read(RESULT, unit, host) or {}
         return [(r["kind"], r["name"]) for r in data.get("resources", [])]
 
