@@ -3,9 +3,10 @@ agent A converges fleets over real SSH; agents B and C, with the same store and 
 directories, take them over in turn and know what was put on the host before them: a hand
 edit is drift (and put back: `drift: revert`) on B; on C a file the manifest dropped and a
 removed fleet's file are removed, and a hand edit overwritten by a change from Git is said
-so; `agent status` on B shows the host as C left it. Also: concurrent writers of one
-host's ledger lose nothing, and the logs of a killed pass reach the store when the next
-pass recovers its run. No mocks."""
+so; `agent status` on B shows the host as C left it. Also: a removal held by one agent is
+approved on another; the records are the same on disk and in either store; concurrent
+writers of one host's ledger lose nothing; the logs of a killed pass reach the store when
+the next pass recovers its run. No mocks."""
 
 from __future__ import annotations
 
@@ -70,22 +71,22 @@ def world(server: dict, tmp_path: Path, postgres_cluster: PostgresCluster) -> It
     url_file.write_text(url + "\n")
     url_file.chmod(0o600)
     repo = InfraRepo(tmp_path / "git")
-    configs = {
-        name: write_host_config(
-            tmp_path / f"{name}.yaml",
-            repo.url,
-            tmp_path / name,
-            f"""\
+
+    def settings(destroy: str) -> str:
+        return f"""\
             control_socket: {tmp_path}/none.sock
             store: {{url_file: {url_file}}}
             hosts:
               key_file: {server["key"]}
               known_hosts: {known_hosts}
               connect_timeout: 3s
-            policy: {{prune: auto, destroy: allow}}
-            """,
-        )
-        for name in ("a", "b", "c")
+            policy: {{prune: auto, destroy: {destroy}}}
+            """
+
+    # Agents a, b and c apply removals; agent `hold` holds them for `agent approve`.
+    configs = {
+        name: write_host_config(tmp_path / f"{name}.yaml", repo.url, tmp_path / name, settings(d))
+        for name, d in (("a", "allow"), ("b", "allow"), ("c", "allow"), ("hold", "hold"))
     }
     yield {"repo": repo, "root": root, "server": server, "configs": configs, "url": url}
     shutil.rmtree(root, ignore_errors=True)
@@ -173,6 +174,25 @@ def test_agent_b_takes_over_a_fleet_agent_a_converged(world: dict) -> None:
         change.revision,
     )
     assert "web1" in cli(world["configs"]["b"], "status")
+
+
+def test_a_removal_held_on_one_agent_is_approved_on_another(world: dict) -> None:
+    root = world["root"]
+    push(world, fleet(world, "web", {"a.conf": "a\n", "b.conf": "b\n"}))
+    assert run(world, "a").ok
+    push(world, fleet(world, "web", {"a.conf": "a\n"}))
+    held = run(world, "hold")  # an empty disk: what A created is known from the store
+    assert held.outcomes["web"].status is UnitStatus.HELD, held.outcomes["web"]
+    assert (root / "b.conf").exists()
+
+    reconciler = Reconciler(load_host_config(world["configs"]["b"]))
+    try:
+        approved = reconciler.approve(held.run_id)
+    finally:
+        reconciler.close()
+    assert approved.outcomes["web"].status is UnitStatus.OK, approved.outcomes["web"]
+    assert {p.name for p in root.iterdir()} == {"a.conf"}
+    assert run(world, "c").outcomes["web"].status is UnitStatus.OK  # nothing left owed
 
 
 def test_host_records_are_the_same_on_disk_and_in_either_store(
