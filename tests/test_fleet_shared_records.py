@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -260,13 +261,14 @@ def test_writers_of_one_hosts_ledger_on_two_agents_lose_nothing(
     assert sorted(seen) == list(range(40))  # each writer saw the other's commit
 
 
-def test_a_killed_pass_leaves_its_logs_for_the_next_pass_to_store(world: dict) -> None:
+def test_a_killed_pass_leaves_its_logs_for_its_agents_next_pass_to_store(world: dict) -> None:
     push(world, fleet(world, "web", {"a.conf": "a\n"}))
     state_a = world["configs"]["a"].parent / "a"
     store = RunStore(state_a, url=world["url"])
     try:
         # What a pass killed by SIGKILL mid-unit leaves: its run and unit `running`, a whole
         # host report and a log cut half way, none of them in the store yet.
+        store.agent = socket.gethostname()  # as the agent records its runs
         dead = store.start_run(trigger="test", pid=2**22 + 1)
         store.start_unit(dead, "web", None)
     finally:
@@ -276,6 +278,13 @@ def test_a_killed_pass_leaves_its_logs_for_the_next_pass_to_store(world: dict) -
     (folder / "hosts.txt").write_text("web1: 1 changed\n")
     (folder / "plan.txt.partial").write_text("half a line")
 
+    # B's pass marks the run interrupted (A is gone) but has none of its files; A's next
+    # pass finds them on its disk and stores them.
+    assert run(world, "b").ok
+    with psycopg.connect(world["url"]) as db:
+        status = db.execute("SELECT status FROM runs WHERE id = %s", [dead]).fetchone()
+        stored = db.execute("SELECT count(*) FROM run_files WHERE run_id = %s", [dead]).fetchone()
+    assert (status, stored) == (("interrupted",), (0,))
     assert run(world, "a").ok
 
     reader = RunStore(world["configs"]["b"].parent / "b", url=world["url"], read_only=True)

@@ -223,8 +223,12 @@ class Reconciler:
         ended = self.cluster.recover() if self.cluster else self.store.recover_interrupted()
         for run_id in ended:
             self.stacks.finish_cut_logs(run_id)
-            RunFiles(self.store, self.layout).save_interrupted(run_id)  # a shared store's copy
             self.report(Event(EventKind.RECOVERED, message=f"run {run_id} was interrupted"))
+        # What killed passes left on this disk, into a shared store (whoever marked them).
+        files = RunFiles(self.store, self.layout)
+        for run_id, units in files.interrupted_here().items():
+            self.stacks.finish_cut_logs(run_id)
+            files.save_interrupted(run_id, units)
 
     def _close_failed(self, run_id: str, exc: Exception) -> None:
         """A pass raised something other than an AgentError (the store locked or the disk

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from agent.core.fsutil import atomic_write, ensure_private_dir
 from agent.state.layout import StateLayout
-from agent.state.store import RunStore
+from agent.state.store import RunStatus, RunStore
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ SHARED_NAMES = (*TEXT_NAMES, "plan.json", "hosts.json", *HELD_NAMES)
 # Per file. A longer log is stored cut, with a line that says so; a longer JSON or plan
 # file (useless cut) is not stored: it is read on the agent that ran the unit only.
 MAX_FILE_BYTES = 16 * 1024 * 1024
+# How many of an agent's newest interrupted runs are looked at for files left on its disk.
+RECENT_INTERRUPTED = 20
 
 
 def _cut(name: str, data: bytes, where: str) -> bytes | None:
@@ -110,20 +112,45 @@ class RunFiles:
                 [(run_id, unit, name, size, data, now) for name, data, size in rows],
             )
 
-    def save_interrupted(self, run_id: str) -> list[str]:
-        """Copy what a killed pass left on this disk for run `run_id` (its logs, plans and
-        host reports; the cut logs closed already) into the store, once the run is marked
-        interrupted: its units never reached the copy made when a result is recorded.
-        Held files are left out: an interrupted unit holds nothing to approve, and its
-        file must not supersede an older hold. Returns the units copied."""
-        folder = self.runs_dir / run_id
-        if not self.shared or not folder.is_dir():
-            return []
+    def interrupted_here(self) -> dict[str, list[str]]:
+        """This agent's newest interrupted runs (whichever agent marked them) that left unit
+        folders on this disk the store has no file of: a killed pass's units never reached
+        the copy made when a result is recorded. By run: the units' names."""
+        if not self.shared:
+            return {}
+        rows = self.store.query(
+            "SELECT id FROM runs WHERE status = ? AND agent = ? ORDER BY started_at DESC LIMIT ?",
+            (RunStatus.INTERRUPTED, self.store.agent, RECENT_INTERRUPTED),
+        )
+        local = {
+            str(r[0]): sorted(p.name for p in (self.runs_dir / str(r[0])).iterdir() if p.is_dir())
+            for r in rows
+            if (self.runs_dir / str(r[0])).is_dir()
+        }
+        if not local:
+            return {}
+        marks = ", ".join("?" for _ in local)
+        stored = {
+            (str(r[0]), str(r[1]))
+            for r in self.store.query(
+                f"SELECT DISTINCT run_id, unit FROM run_files WHERE run_id IN ({marks})",
+                tuple(local),
+            )
+        }
+        missing = {
+            run: [unit for unit in units if (run, unit) not in stored]
+            for run, units in local.items()
+        }
+        return {run: units for run, units in missing.items() if units}
+
+    def save_interrupted(self, run_id: str, units: Sequence[str]) -> None:
+        """Copy what a killed pass left on this disk for `units` of run `run_id` (logs,
+        plan JSON, host reports; its cut logs closed first) into the store. Never a held
+        file: an interrupted unit holds nothing to approve, and its file must not
+        supersede an older hold."""
         kept = [name for name in SHARED_NAMES if name not in HELD_NAMES]
-        units = sorted(p.name for p in folder.iterdir() if p.is_dir())
         for unit in units:
             self.save_unit(run_id, unit, kept)
-        return units
 
     def drop_held(self, unit: str, run_id: str | None = None) -> None:
         """Forget what `unit` held for approval (in `run_id`, or in any run): approved,
