@@ -3,7 +3,8 @@ agent A converges fleets over real SSH; agents B and C, with the same store and 
 directories, take them over in turn and know what was put on the host before them: a hand
 edit is drift (and put back: `drift: revert`) on B; on C a file the manifest dropped and a
 removed fleet's file are removed, and a hand edit overwritten by a change from Git is said
-so; `agent status` on B shows the host as C left it. Also: a removal held by one agent is
+so; `agent status` on B shows the host as C left it. In a cluster, a fleet that moves off a
+drained agent is converged with its records. Also: a removal held by one agent is
 approved on another; the records are the same on disk and in either store; concurrent
 writers of one host's ledger lose nothing; the logs of a killed pass reach the store when
 the next pass recovers its run. No mocks."""
@@ -27,8 +28,10 @@ import psycopg
 import pytest
 
 from agent.config import load_host_config
+from agent.config.cluster import ClusterConfig
 from agent.core.fsutil import INTERRUPTED_MARKER
 from agent.engine.reconcile import PassRequest, PassResult, Reconciler
+from agent.engine.sharding import Member, assign
 from agent.state.hostrecords import (
     DESIRED,
     GONE,
@@ -73,7 +76,7 @@ def world(server: dict, tmp_path: Path, postgres_cluster: PostgresCluster) -> It
     url_file.chmod(0o600)
     repo = InfraRepo(tmp_path / "git")
 
-    def settings(destroy: str) -> str:
+    def settings(destroy: str, cluster: str = "") -> str:
         return f"""\
             control_socket: {tmp_path}/none.sock
             store: {{url_file: {url_file}}}
@@ -82,6 +85,7 @@ def world(server: dict, tmp_path: Path, postgres_cluster: PostgresCluster) -> It
               known_hosts: {known_hosts}
               connect_timeout: 3s
             policy: {{prune: auto, destroy: {destroy}}}
+            {cluster}
             """
 
     # Agents a, b and c apply removals; agent `hold` holds them for `agent approve`.
@@ -89,6 +93,11 @@ def world(server: dict, tmp_path: Path, postgres_cluster: PostgresCluster) -> It
         name: write_host_config(tmp_path / f"{name}.yaml", repo.url, tmp_path / name, settings(d))
         for name, d in (("a", "allow"), ("b", "allow"), ("c", "allow"), ("hold", "hold"))
     }
+    for name in ("x", "y"):  # agents of a cluster (scale-out.md), sharing the units out
+        text = settings("allow", f"cluster: {{agent: {name}, lease_ttl: 3s}}")
+        configs[name] = write_host_config(
+            tmp_path / f"{name}.yaml", repo.url, tmp_path / name, text
+        )
     yield {"repo": repo, "root": root, "server": server, "configs": configs, "url": url}
     shutil.rmtree(root, ignore_errors=True)
 
@@ -175,6 +184,30 @@ def test_agent_b_takes_over_a_fleet_agent_a_converged(world: dict) -> None:
         change.revision,
     )
     assert "web1" in cli(world["configs"]["b"], "status")
+
+
+def test_in_a_cluster_a_fleet_moves_off_a_drained_agent_with_its_records(world: dict) -> None:
+    root = world["root"]
+    push(world, fleet(world, "web", {"a.conf": "a\n", "b.conf": "b\n"}))
+    owner = assign(["web"], [Member.of("x", {}), Member.of("y", {})], ClusterConfig("x"))["web"]
+    other = "y" if owner == "x" else "x"
+    agents = {n: Reconciler(load_host_config(world["configs"][n])) for n in ("x", "y")}
+    try:
+        for agent in agents.values():
+            assert agent.cluster is not None
+            agent.cluster.join()
+        first = agents[owner].run_pass(PassRequest(trigger="test"))
+        assert first.outcomes["web"].status is UnitStatus.OK, first.outcomes
+        assert (root / "b.conf").exists()
+
+        agents[owner].cluster.membership.drain()  # type: ignore[union-attr]
+        push(world, fleet(world, "web", {"a.conf": "a\n"}))
+        moved = agents[other].run_pass(PassRequest(trigger="test"))
+    finally:
+        for agent in agents.values():
+            agent.close()
+    assert moved.outcomes["web"].status is UnitStatus.OK, moved.outcomes
+    assert {p.name for p in root.iterdir()} == {"a.conf"}  # the owner's file, removed here
 
 
 def test_a_removal_held_on_one_agent_is_approved_on_another(world: dict) -> None:
