@@ -45,6 +45,7 @@ from agent.state.hostrecords import (
 from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
 from agent.state.store import RunStatus, RunStore, UnitStatus
+from agent.web.pages import unit_page
 from tests.support.infra import InfraRepo, write_host_config
 from tests.support.postgres import PostgresCluster
 from tests.support.sshd import SshServer, chown_tree, ensure_user, make_client_key, public_key
@@ -184,6 +185,13 @@ def test_agent_b_takes_over_a_fleet_agent_a_converged(world: dict) -> None:
         change.revision,
     )
     assert "web1" in cli(world["configs"]["b"], "status")
+    reader = RunStore(world["configs"]["b"].parent / "b", url=world["url"], read_only=True)
+    try:  # and B's web page
+        page = unit_page(reader, StateLayout(reader.state_dir), None, lambda sha: None, "web")
+    finally:
+        reader.close()
+    assert [(h["host"], h["status"]) for h in page["hosts"]] == [("web1", "ok")]
+    assert page["kind"] == "fleet" and "web1" in "".join(t for _, t in page["host_diff"])
 
 
 def test_in_a_cluster_a_fleet_moves_off_a_drained_agent_with_its_records(world: dict) -> None:
