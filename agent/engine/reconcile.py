@@ -91,6 +91,7 @@ class Reconciler:
         # Every Terraform process a pass starts is recorded, so the next pass can end
         # what a killed agent left running (see agent.state.passlock.end_leftovers).
         self.children = ChildTracker(self.layout.children)
+        self._left_files_stored = False  # what killed passes left (see _recover)
         self.stacks = StackReconciler(
             host, self.layout, self.store, self.report, self.redactor, children=self.children
         )
@@ -224,11 +225,15 @@ class Reconciler:
         for run_id in ended:
             self.stacks.finish_cut_logs(run_id)
             self.report(Event(EventKind.RECOVERED, message=f"run {run_id} was interrupted"))
-        # What killed passes left on this disk, into a shared store (whoever marked them).
-        files = RunFiles(self.store, self.layout)
-        for run_id, units in files.interrupted_here().items():
-            self.stacks.finish_cut_logs(run_id)
-            files.save_interrupted(run_id, units)
+        # What killed passes left on this disk, into a shared store (whoever marked them):
+        # a dead process's passes, so looked for at this process's first pass, and after one
+        # of its own ends here.
+        if ended or not self._left_files_stored:
+            files = RunFiles(self.store, self.layout)
+            for run_id, units in files.interrupted_here().items():
+                self.stacks.finish_cut_logs(run_id)
+                files.save_interrupted(run_id, units)
+            self._left_files_stored = True
 
     def _close_failed(self, run_id: str, exc: Exception) -> None:
         """A pass raised something other than an AgentError (the store locked or the disk
