@@ -82,6 +82,8 @@ class ClusterPass:
             for d in self.manifest.get_unit(n).depends_on  # type: ignore[union-attr]
             if d in chosen and self.owners.get(d) != me
         }
+        if refusal := self.membership.refusal():
+            self.warn(f"{refusal}: its units are left to the others")
         for name in names:
             if self.owners[name] is None:
                 labels = ", ".join(f"{k}={v}" for k, v in self.config.required_labels(name).items())
@@ -142,6 +144,8 @@ class ClusterPass:
         without running it; `local_state`: a stack whose state would stay on this host."""
         if self.membership.draining:
             return self._left(name, f"unit {name} left to the other agents: this one is draining")
+        if refusal := self.membership.refusal():
+            return self._left(name, f"unit {name} left to the other agents: {refusal}")
         if local_state:
             return fail(NO_LOCAL_STATE)
         lease = self._acquire(name)
@@ -157,12 +161,15 @@ class ClusterPass:
     def _acquire(self, name: str) -> Lease | None:
         """The unit's lease, or None when another live agent holds it (warned). A dead
         holder's lease is waited out, at most one TTL."""
-        deadline = time.monotonic() + self.config.lease_ttl + 1
+        deadline: float | None = None
         while True:
             got = self.membership.acquire(name)
             if isinstance(got, Lease):
                 return got
-            live = {m.name for m in self.membership.live()}
+            # Waited out by the lease row's own expiry (its holder's TTL), never this
+            # agent's TTL; a holder that renews meanwhile is live again, and not waited for.
+            deadline = deadline or time.monotonic() + got.expires_in + 1
+            live = {a.name for a in self.membership.agents() if a.live}
             if got.holder in live or time.monotonic() >= deadline:
                 self.warn(
                     f"unit {name} not run here: agent {got.holder} holds its lease"
@@ -241,11 +248,11 @@ class ClusterPass:
 
 
 def _members(membership: Membership) -> list[Member]:
-    """The live agents; this one counts while it is not draining (its own heartbeat may
-    lag a moment behind its start)."""
+    """The live agents; this one counts while it is not draining and its settings agree
+    (its own heartbeat may lag a moment behind its start)."""
     live = {m.name: m for m in membership.live()}
     me = membership.name
-    if membership.draining:
+    if membership.draining or membership.mismatch:
         live.pop(me, None)
     else:
         live[me] = Member.of(me, membership.config.labels)
