@@ -10,6 +10,8 @@ No mocks.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,13 +21,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from agent.cli.cluster import cluster_view, render_cluster
 from agent.engine.agreement import agree
-from agent.engine.reconcile import PassRequest
+from agent.engine.reconcile import PassRequest, PassResult
 from agent.errors import AgentError
 from agent.service.clustermetrics import register
 from agent.state.cluster import AgentRow, ClusterStore, Lease, Refused, Settings
 from agent.state.store import UnitStatus
 from tests.support.postgres import PostgresCluster
-from tests.test_cluster import Cluster, run_all
+from tests.test_cluster import Cluster, feed, owners, run_all, wait_until
 
 # --- the agreement, as a table ------------------------------------------------------
 
@@ -221,3 +223,39 @@ def test_a_lease_runs_out_by_its_holders_ttl(cluster: Cluster) -> None:
     assert cluster.applies("app") == 1
     ttl = cluster.psql("SELECT agent || ':' || ttl FROM unit_leases WHERE unit = 'app'")
     assert ttl == "b:1"
+
+
+def test_units_of_an_agent_that_joins_during_a_pass_are_left_to_it(cluster: Cluster) -> None:
+    # Agents that start together see each other a moment apart: the first pass may choose
+    # every unit. Once it sees the other agent, the units that are now that agent's are
+    # left to it (no unit run by both). `first` holds a's pass (its plan reads a FIFO)
+    # while b joins; the others follow it in a chain (one first plan at a time: see above),
+    # so they start only after a has seen b.
+    chain = ["first", "u0", "u1", "u2", "u3"]
+    split = owners(chain, ["a", "b"])
+    assert split["first"] == "a" and {split[u] for u in chain[1:]} == {"a", "b"}
+    gate = cluster.tmp / "gate"
+    os.mkfifo(gate)
+    cluster.manifest({u: chain[i - 1 : i] for i, u in enumerate(chain)}, gates={"first": gate})
+    a, b = cluster.agent("a"), cluster.agent("b")
+    assert a.cluster is not None and b.cluster is not None
+    a.cluster.join()
+    results: dict[str, PassResult] = {}
+    first = threading.Thread(target=lambda: results.update(a=a.run_pass(PassRequest())))
+    first.start()
+    second = threading.Thread(target=lambda: results.update(b=b.run_pass(PassRequest())))
+    try:
+        wait_until(lambda: "first" in a.cluster.membership.held(), what="a plans first")
+        seen = a.cluster.membership.generation
+        b.cluster.join()
+        wait_until(lambda: a.cluster.membership.generation > seen, timeout=10, what="a sees b")
+        second.start()
+    finally:
+        feed(gate, first)
+        second.join(120)
+
+    for name in "ab":
+        assert results[name].ok, results[name].error
+        assert sorted(results[name].outcomes) == sorted(u for u in chain if split[u] == name)
+        assert not [w for w in results[name].warnings if "holds its lease" in w]
+    assert [cluster.applies(u) for u in chain] == [1] * len(chain)

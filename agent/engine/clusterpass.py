@@ -9,6 +9,9 @@ agent runs.
 - Immediately before anything is applied (a stack's apply, each host of a fleet) the lease
   is checked against the store, token and all: lost, the unit stops with "lease lost before
   apply; nothing applied".
+- A unit that another agent came to own since the pass chose (it joined: agents that start
+  together see each other a moment apart) is left to it when its turn comes, not run
+  here too.
 - A unit whose dependency another agent owns waits for that dependency's result at the
   same revision in the store (bounded by the dependent's timeout, and interruptible), then
   runs or is blocked as it would be after a local dependency. Those results are read, not
@@ -146,6 +149,14 @@ class ClusterPass:
             return self._left(name, f"unit {name} left to the other agents: this one is draining")
         if refusal := self.membership.refusal():
             return self._left(name, f"unit {name} left to the other agents: {refusal}")
+        if (now := self.owners.get(name)) not in (self.membership.name, None):
+            # An agent joined since the pass chose (its row was not live yet: agents that
+            # start together): the unit is its own now, and it runs it. Left, not run here
+            # too: every agent shards by the same live set once each has seen it.
+            log.info("cluster: %s leaves %s to %s, which joined", self.membership.name, name, now)
+            with self._lock:
+                self.taken.discard(name)
+            return self._left(name, None)
         if local_state:
             return fail(NO_LOCAL_STATE)
         lease = self._acquire(name)
