@@ -149,7 +149,10 @@ class ClusterPass:
             return self._left(name, f"unit {name} left to the other agents: this one is draining")
         if refusal := self.membership.refusal():
             return self._left(name, f"unit {name} left to the other agents: {refusal}")
-        if (now := self.owners.get(name)) not in (self.membership.name, None):
+        # Looked up again as the unit starts (one query): the heartbeat thread's look at
+        # the live set may be up to TTL/6 old.
+        now = owner(name, _members(self.membership), self.config.required_labels(name))
+        if now not in (self.membership.name, None):
             # An agent joined since the pass chose (its row was not live yet: agents that
             # start together): the unit is its own now, and it runs it. Left, not run here
             # too: every agent shards by the same live set once each has seen it.
