@@ -316,6 +316,6 @@ def test_the_cluster_metrics_docs_metrics_md_names_exist(cluster: Cluster) -> No
     text = generate_latest(registry).decode()
     page = (Path(__file__).parents[1] / "docs" / "metrics.md").read_text()
     names = set(re.findall(r"\bgitops_agent_cluster_[a-z_]+", page))
-    assert len(names) == 5
+    assert len(names) == 6
     assert [n for n in sorted(names) if not re.search(rf"^{n}\{{", text, re.M)] == []
     assert 'gitops_agent_cluster_live_agents{agent="a"} 1.0' in text

@@ -7,9 +7,10 @@ from typing import Any
 
 from agent.config import HostConfig
 from agent.config.cluster import ClusterConfig
-from agent.engine.sharding import Member, assign
+from agent.engine.agreement import SETTING_NAMES, agree
+from agent.engine.sharding import SHARDING_VERSION, Member, assign
 from agent.errors import AgentError, ConfigError
-from agent.state.cluster import ClusterStore
+from agent.state.cluster import SETTINGS, ClusterStore, Settings
 from agent.state.store import open_run_store
 
 DRAIN_POLL = 1.0  # seconds between looks at a draining agent's leases
@@ -36,21 +37,34 @@ def cluster_view(host: HostConfig) -> dict[str, Any]:
         units = sorted({s.unit for s in store.unit_states()} - set(store.removed.by_unit()))
     finally:
         store.close()
-    live = [Member.of(a.name, a.labels) for a in agents if a.live]
+    agreement = agree(agents)
+    live = [Member.of(a.name, a.labels) for a in agents if a.name in agreement.agreeing]
     owners = assign(units, live, config)
+    here = Settings(config.lease_ttl, config.affinity_hash(), SHARDING_VERSION)
+    agreed = agreement.settings
     return {
         "agent": config.agent,
         "lease_ttl": config.lease_ttl,
         "revision": current,
+        "settings": {
+            "agreed": _settings(agreed),
+            "reference": agreement.reference,
+            "agreeing": list(agreement.agreeing),
+            # this host config's own, when it differs (its `agent cluster` shards by it)
+            "differs_here": [_mismatch(m) for m in agreement.mismatches(here)],
+        },
         "agents": [
             {
                 "name": a.name,
                 "labels": a.labels,
                 "live": a.live,
                 "draining": a.draining,
+                "refusing": a.name in agreement.refusing,
                 "heartbeat_age": round(a.heartbeat_age, 1),
                 "pid": a.pid,
                 "host": a.host,
+                "settings": _settings(a.settings),
+                "mismatch": [_mismatch(m) for m in agreement.refusing.get(a.name, ())],
                 "units": sorted(u for u, owner in owners.items() if owner == a.name),
             }
             for a in agents
@@ -63,22 +77,46 @@ def cluster_view(host: HostConfig) -> dict[str, Any]:
                 "token": lease.token,
                 "age": round(lease.age, 1),
                 "expires_in": round(lease.expires_in, 1),
+                "ttl": lease.ttl,
             }
             for lease in leases
         ],
     }
 
 
+def _settings(settings: Settings | None) -> dict[str, Any] | None:
+    if settings is None:
+        return None
+    return {
+        "lease_ttl": settings.lease_ttl,
+        "affinity": settings.affinity,
+        "sharding": settings.sharding,
+    }
+
+
+def _mismatch(m: Any) -> dict[str, str]:
+    return {"setting": m.setting, "value": m.value, "agreed": m.agreed}
+
+
+def _state(agent: dict[str, Any]) -> str:
+    if agent["draining"]:
+        return "draining"
+    if not agent["live"]:
+        return "dead"
+    return "refusing" if agent["refusing"] else "live"
+
+
 def render_cluster(view: dict[str, Any]) -> str:
     lines = [f"cluster seen from {view['agent']} (lease TTL {view['lease_ttl']:g}s)", ""]
     lines.append(f"{'AGENT':<20} {'STATE':<9} {'HEARTBEAT':>9}  {'LABELS':<24} UNITS")
     for agent in view["agents"]:
-        state = "draining" if agent["draining"] else "live" if agent["live"] else "dead"
+        state = _state(agent)
         labels = ",".join(f"{k}={v}" for k, v in sorted(agent["labels"].items())) or "-"
         owned = ", ".join(agent["units"]) or "-"
         lines.append(
             f"{agent['name']:<20} {state:<9} {agent['heartbeat_age']:>8.1f}s  {labels:<24} {owned}"
         )
+    lines.extend(_settings_lines(view))
     if view["unowned"]:
         lines.append("")
         lines.append(
@@ -95,6 +133,37 @@ def render_cluster(view: dict[str, Any]) -> str:
                 f" {lease['age']:>7.1f}s {lease['expires_in']:>10.1f}s"
             )
     return "\n".join(lines)
+
+
+def _settings_lines(view: dict[str, Any]) -> list[str]:
+    """The agreed settings, and a line per setting an agent (or this host config) has
+    otherwise: the setting and both values."""
+    settings = view["settings"]
+    agreed = settings["agreed"]
+    if settings["reference"] is None:
+        return []
+    lines = [""]
+    if agreed is None:
+        lines.append(f"settings: none recorded (agents {', '.join(settings['agreeing'])})")
+    else:
+        shown = Settings(agreed["lease_ttl"], agreed["affinity"], agreed["sharding"])
+        values = ", ".join(f"{SETTING_NAMES[n]} {shown.describe(n)}" for n in SETTINGS)
+        lines.append(
+            f"settings agreed by {', '.join(settings['agreeing'])} (the larger group,"
+            f" reference {settings['reference']}): {values}"
+        )
+    for agent in view["agents"]:
+        for m in agent["mismatch"]:
+            lines.append(
+                f"{agent['name']} takes no lease: {SETTING_NAMES[m['setting']]} is"
+                f" {m['value']} there, {m['agreed']} agreed"
+            )
+    for m in settings["differs_here"]:
+        lines.append(
+            f"this host config ({view['agent']}): {SETTING_NAMES[m['setting']]} is"
+            f" {m['value']}, {m['agreed']} agreed"
+        )
+    return lines
 
 
 def drain(client: Any, host: HostConfig, *, timeout: float, say: Any) -> dict[str, Any]:

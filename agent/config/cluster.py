@@ -12,6 +12,8 @@
 from __future__ import annotations
 
 import fnmatch
+import hashlib
+import json
 import re
 import socket
 from collections.abc import Mapping
@@ -35,6 +37,13 @@ class ClusterConfig:
     lease_ttl: float = DEFAULT_LEASE_TTL
     # (unit-name glob, the labels an agent must have to run a unit it matches), in file order
     affinity: tuple[tuple[str, Mapping[str, str]], ...] = ()
+
+    def affinity_hash(self) -> str:
+        """A canonical hash of the affinity rules: the same rules give the same hash on
+        every agent (labels sorted; the globs' order kept, as a later glob wins a key)."""
+        rules = [[glob, sorted(labels.items())] for glob, labels in self.affinity]
+        text = json.dumps(rules, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def required_labels(self, unit: str) -> dict[str, str]:
         """The labels an agent needs to run `unit`: those of every glob that matches it."""

@@ -64,7 +64,15 @@ class ClusterMode:
 
     def leased(self, name: str, work: Callable[[], UnitOutcome]) -> UnitOutcome:
         """Run `work` (an approved plan's apply) under the unit's lease; an AgentError when
-        another agent holds it (it is reconciling the unit right now)."""
+        another agent holds it (it is reconciling the unit right now), or when this agent's
+        settings differ from the agreed ones (it takes no lease)."""
+        self.membership.live()  # (the agreement as of now)
+        if refusal := self.membership.refusal():
+            raise AgentError(
+                f"unit {name}: {refusal}",
+                hint="approve on an agent that agrees (`agent cluster` shows which), or give"
+                " this one the same cluster settings",
+            )
         got = self.membership.acquire(name)
         if isinstance(got, Refused):
             raise AgentError(

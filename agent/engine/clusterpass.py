@@ -9,6 +9,9 @@ agent runs.
 - Immediately before anything is applied (a stack's apply, each host of a fleet) the lease
   is checked against the store, token and all: lost, the unit stops with "lease lost before
   apply; nothing applied".
+- A unit that another agent came to own since the pass chose (it joined: agents that start
+  together see each other a moment apart) is left to it when its turn comes, not run
+  here too.
 - A unit whose dependency another agent owns waits for that dependency's result at the
   same revision in the store (bounded by the dependent's timeout, and interruptible), then
   runs or is blocked as it would be after a local dependency. Those results are read, not
@@ -82,6 +85,8 @@ class ClusterPass:
             for d in self.manifest.get_unit(n).depends_on  # type: ignore[union-attr]
             if d in chosen and self.owners.get(d) != me
         }
+        if refusal := self.membership.refusal():
+            self.warn(f"{refusal}: its units are left to the others")
         for name in names:
             if self.owners[name] is None:
                 labels = ", ".join(f"{k}={v}" for k, v in self.config.required_labels(name).items())
@@ -142,6 +147,19 @@ class ClusterPass:
         without running it; `local_state`: a stack whose state would stay on this host."""
         if self.membership.draining:
             return self._left(name, f"unit {name} left to the other agents: this one is draining")
+        if refusal := self.membership.refusal():
+            return self._left(name, f"unit {name} left to the other agents: {refusal}")
+        # Looked up again as the unit starts (one query): the heartbeat thread's look at
+        # the live set may be up to TTL/6 old.
+        now = owner(name, _members(self.membership), self.config.required_labels(name))
+        if now not in (self.membership.name, None):
+            # An agent joined since the pass chose (its row was not live yet: agents that
+            # start together): the unit is its own now, and it runs it. Left, not run here
+            # too: every agent shards by the same live set once each has seen it.
+            log.info("cluster: %s leaves %s to %s, which joined", self.membership.name, name, now)
+            with self._lock:
+                self.taken.discard(name)
+            return self._left(name, None)
         if local_state:
             return fail(NO_LOCAL_STATE)
         lease = self._acquire(name)
@@ -157,12 +175,15 @@ class ClusterPass:
     def _acquire(self, name: str) -> Lease | None:
         """The unit's lease, or None when another live agent holds it (warned). A dead
         holder's lease is waited out, at most one TTL."""
-        deadline = time.monotonic() + self.config.lease_ttl + 1
+        deadline: float | None = None
         while True:
             got = self.membership.acquire(name)
             if isinstance(got, Lease):
                 return got
-            live = {m.name for m in self.membership.live()}
+            # Waited out by the lease row's own expiry (its holder's TTL), never this
+            # agent's TTL; a holder that renews meanwhile is live again, and not waited for.
+            deadline = deadline or time.monotonic() + got.expires_in + 1
+            live = {a.name for a in self.membership.agents() if a.live}
             if got.holder in live or time.monotonic() >= deadline:
                 self.warn(
                     f"unit {name} not run here: agent {got.holder} holds its lease"
@@ -241,11 +262,11 @@ class ClusterPass:
 
 
 def _members(membership: Membership) -> list[Member]:
-    """The live agents; this one counts while it is not draining (its own heartbeat may
-    lag a moment behind its start)."""
+    """The live agents; this one counts while it is not draining and its settings agree
+    (its own heartbeat may lag a moment behind its start)."""
     live = {m.name: m for m in membership.live()}
     me = membership.name
-    if membership.draining:
+    if membership.draining or membership.mismatch:
         live.pop(me, None)
     else:
         live[me] = Member.of(me, membership.config.labels)

@@ -7,6 +7,10 @@ token no longer matches was taken over: it is marked lost, and the unit's check 
 apply fails. When the live set changes (an agent joined, drained or stopped beating),
 `on_change(before, after)` is called from the heartbeat thread: the daemon uses it to run
 a pass when this agent gained units.
+
+The live set counts only the agents that share the agreed settings (agent/engine/
+agreement.py). When this agent's settings are not the agreed ones it takes no lease
+(`mismatch` says why; logged once when it starts, and once when it ends).
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import time
 from collections.abc import Callable
 
 from agent.config.cluster import ClusterConfig
-from agent.engine.sharding import Member
+from agent.engine.agreement import Agreement, Mismatch, agree
+from agent.engine.sharding import SHARDING_VERSION, Member
 from agent.errors import AgentError
-from agent.state.cluster import AgentRow, ClusterStore, Lease, Refused
+from agent.state.cluster import AgentRow, ClusterStore, Lease, Refused, Settings
 from agent.state.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -43,6 +48,9 @@ class Membership:
         self.name = config.agent
         self.store = store
         self.leases = ClusterStore(store, config.agent, config.lease_ttl)
+        self.settings = Settings(config.lease_ttl, config.affinity_hash(), SHARDING_VERSION)
+        self.agreement = Agreement(None, None)  # as of the last look at the live set
+        self.mismatch: tuple[Mismatch, ...] = ()  # this agent's settings vs the agreed
         self.on_change: OnChange | None = None
         self._held: dict[str, Lease] = {}
         self._lost: set[str] = set()
@@ -64,7 +72,9 @@ class Membership:
         """Register (StoreError if the name is in use) and start the heartbeat; once."""
         if self._thread is not None:
             return
-        self.leases.register(self.config.labels, pid=os.getpid(), host=socket.gethostname())
+        self.leases.register(
+            self.config.labels, pid=os.getpid(), host=socket.gethostname(), settings=self.settings
+        )
         self._live = self.live()
         self._thread = threading.Thread(target=self._beat, name="cluster-heartbeat", daemon=True)
         self._thread.start()
@@ -93,8 +103,36 @@ class Membership:
         self.leases.set_draining(True)
 
     def live(self) -> frozenset[Member]:
-        """The live agents now (heartbeat within the TTL, not draining)."""
-        return frozenset(Member.of(a.name, a.labels) for a in self.leases.agents() if a.live)
+        """The live agents now (heartbeat within their TTL, not draining) that share the
+        agreed settings; updates `agreement` and `mismatch`."""
+        agents = self.leases.agents()
+        agreement = agree(agents)
+        self._agreed(agreement)
+        return frozenset(
+            Member.of(a.name, a.labels) for a in agents if a.name in agreement.agreeing
+        )
+
+    def _agreed(self, agreement: Agreement) -> None:
+        mismatch = agreement.mismatches(self.settings)
+        with self._lock:
+            before, self.mismatch, self.agreement = self.mismatch, mismatch, agreement
+        if mismatch and mismatch != before:
+            log.error(
+                "cluster: agent %s takes no lease: %s; give every agent the same cluster"
+                " settings (docs/scale-out.md)",
+                self.name,
+                agreement.explain(mismatch),
+            )
+        elif before and not mismatch:
+            log.warning("cluster: agent %s agrees with the live agents again", self.name)
+
+    def refusal(self) -> str | None:
+        """Why this agent takes no lease now, or None when it may."""
+        with self._lock:
+            mismatch, agreement = self.mismatch, self.agreement
+        if not mismatch:
+            return None
+        return f"agent {self.name} takes no lease: {agreement.explain(mismatch)}"
 
     @property
     def live_count(self) -> int:
@@ -215,7 +253,7 @@ class Membership:
                 ", ".join(came) or "none",
             )
             for agent in self.leases.agents():
-                dead = agent.heartbeat_age >= self.config.lease_ttl
+                dead = agent.heartbeat_age >= agent.ttl  # by its own TTL
                 if agent.name in gone and dead and agent.name != self.name:
                     self.leases.end_runs_of(
                         agent.name, f"agent {agent.name} stopped beating during this pass"

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 
 from agent.config.cluster import ClusterConfig
 
+# The version of the rule below (the hash, its input, the tie-break). Agents that run
+# different rules would each own units the other thinks its own: one more on any change,
+# and agents of two versions refuse to share units (agent/engine/agreement.py).
+SHARDING_VERSION = 1
+
 
 @dataclass(frozen=True, slots=True)
 class Member:

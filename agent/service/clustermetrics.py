@@ -10,12 +10,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from agent.engine.membership import Membership
+from agent.state.cluster import SETTINGS
 
 PREFIX = "gitops_agent_cluster"
 
 
 class ClusterCollector(Collector):
-    """Live agents, units owned, leases held, lease renewal failures; label `agent`."""
+    """Live agents, units owned, leases held, lease renewal failures, settings that differ
+    from the agreed ones; label `agent`."""
 
     def __init__(self, membership: Membership) -> None:
         self.membership = membership
@@ -40,6 +42,16 @@ class ClusterCollector(Collector):
         )
         failures.add_metric(labels, m.renew_failures)
         yield failures
+        differ = {x.setting for x in m.mismatch}
+        mismatch = GaugeMetricFamily(
+            f"{PREFIX}_settings_mismatch",
+            "1 while this agent's setting differs from the live agents' agreed one (it takes"
+            " no lease)",
+            labels=["agent", "setting"],
+        )
+        for setting in (*SETTINGS, "recorded"):
+            mismatch.add_metric([m.name, setting], int(setting in differ))
+        yield mismatch
 
 
 def register(registry: CollectorRegistry, membership: Membership) -> None:

@@ -9,6 +9,11 @@ DATABASE's clock (`clock_timestamp()`): bastions whose clocks differ still agree
 alive and which lease has run out. A released lease keeps its row (expired at once), so
 the token keeps growing.
 
+Each agent also records the settings every agent must share (`Settings`: its lease TTL,
+a hash of its affinity rules, the sharding version), so that agents whose host configs
+differ find out (agent/engine/agreement.py). A row's own TTL says whether that agent is
+live, and a lease row keeps its holder's TTL: nobody judges another agent by its own TTL.
+
 Only a PostgreSQL store has a cluster (the host config refuses `cluster:` without one).
 """
 
@@ -19,12 +24,38 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from agent.errors import StoreError
 from agent.state.store import RunStatus, RunStore, UnitStatus
 
 # The database's clock, in epoch seconds (double precision, as the REAL columns are).
 _NOW = "CAST(extract(epoch FROM clock_timestamp()) AS DOUBLE PRECISION)"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """What every agent of a cluster must have the same, else they disagree on who owns a
+    unit or on when an agent is dead (docs/scale-out.md, "Same settings everywhere")."""
+
+    lease_ttl: float
+    affinity: str  # ClusterConfig.affinity_hash()
+    sharding: int  # agent/engine/sharding.py's SHARDING_VERSION
+
+    def describe(self, setting: str) -> str:
+        """One setting's value for people: `30s`, `affinity 3f2a...`, `v1`."""
+        if setting == "lease_ttl":
+            return f"{self.lease_ttl:g}s"
+        if setting == "affinity":
+            return self.affinity
+        return f"v{self.sharding}"
+
+    def differences(self, other: Settings) -> list[str]:
+        """The names of the settings that differ, in a fixed order."""
+        return [n for n in SETTINGS if getattr(self, n) != getattr(other, n)]
+
+
+SETTINGS = ("lease_ttl", "affinity", "sharding")  # as the host config / code calls them
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,7 +69,9 @@ class AgentRow:
     draining: bool
     pid: int | None
     host: str | None
-    live: bool  # a heartbeat within the TTL, and not draining
+    live: bool  # a heartbeat within its own TTL, and not draining
+    ttl: float  # its lease TTL (the reader's, for a row of an agent that recorded none)
+    settings: Settings | None  # None: an agent of a version that did not record them
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +81,7 @@ class LeaseRow:
     token: int
     age: float  # since this holder took it
     expires_in: float  # negative: run out (or released)
+    ttl: float | None = None  # the holder's lease TTL (renewals extend it by that much)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,13 +128,16 @@ class ClusterStore:
 
     # --- the registry ---------------------------------------------------------------
 
-    def register(self, labels: Mapping[str, str], *, pid: int, host: str) -> None:
-        """Join (or re-join) as a live agent. A StoreError if another live process already
-        uses this name: two agents of one name would each think the other's leases theirs."""
+    def register(
+        self, labels: Mapping[str, str], *, pid: int, host: str, settings: Settings
+    ) -> None:
+        """Join (or re-join) as a live agent, with the settings every agent must share. A
+        StoreError if another live process already uses this name: two agents of one name
+        would each think the other's leases theirs."""
         with self.store.transaction() as db:
             row = db.execute(
-                f"SELECT pid, host, heartbeat_at > {_NOW} - ? AS fresh, draining"
-                " FROM cluster_agents WHERE name = ? FOR UPDATE",
+                f"SELECT pid, host, heartbeat_at > {_NOW} - COALESCE(lease_ttl, ?) AS fresh,"
+                " draining FROM cluster_agents WHERE name = ? FOR UPDATE",
                 (self.ttl, self.agent),
             ).fetchone()
             if (
@@ -117,11 +154,22 @@ class ClusterStore:
                 )
             db.execute(
                 "INSERT INTO cluster_agents (name, labels, started_at, heartbeat_at, draining,"
-                f" pid, host) VALUES (?, ?, {_NOW}, {_NOW}, 0, ?, ?) ON CONFLICT (name) DO"
+                " pid, host, lease_ttl, affinity_hash, sharding_version)"
+                f" VALUES (?, ?, {_NOW}, {_NOW}, 0, ?, ?, ?, ?, ?) ON CONFLICT (name) DO"
                 " UPDATE SET labels = excluded.labels, started_at = excluded.started_at,"
                 " heartbeat_at = excluded.heartbeat_at, draining = 0, pid = excluded.pid,"
-                " host = excluded.host",
-                (self.agent, json.dumps(dict(labels), sort_keys=True), pid, host),
+                " host = excluded.host, lease_ttl = excluded.lease_ttl,"
+                " affinity_hash = excluded.affinity_hash,"
+                " sharding_version = excluded.sharding_version",
+                (
+                    self.agent,
+                    json.dumps(dict(labels), sort_keys=True),
+                    pid,
+                    host,
+                    settings.lease_ttl,
+                    settings.affinity,
+                    settings.sharding,
+                ),
             )
 
     def heartbeat(self, held: Mapping[str, int]) -> list[str]:
@@ -138,8 +186,10 @@ class ClusterStore:
         return lost
 
     def _renew(self, db: object, unit: str, token: int) -> bool:
+        # By the TTL stored with the lease (the one it was taken with): the row alone
+        # says when it runs out, for the holder and any agent that would take it.
         cursor = db.execute(  # type: ignore[attr-defined]
-            f"UPDATE unit_leases SET expires_at = {_NOW} + ?"
+            f"UPDATE unit_leases SET expires_at = {_NOW} + COALESCE(ttl, ?)"
             " WHERE unit = ? AND agent = ? AND token = ?",
             (self.ttl, unit, self.agent, token),
         )
@@ -158,19 +208,27 @@ class ClusterStore:
         rows = self.store.query(
             f"SELECT *, {_NOW} - heartbeat_at AS age FROM cluster_agents ORDER BY name"
         )
-        return [
-            AgentRow(
-                name=r["name"],
-                labels=json.loads(r["labels"] or "{}"),
-                started_at=r["started_at"],
-                heartbeat_age=max(0.0, r["age"]),
-                draining=bool(r["draining"]),
-                pid=r["pid"],
-                host=r["host"],
-                live=r["age"] < self.ttl and not r["draining"],
-            )
-            for r in rows
-        ]
+        return [self._agent_row(r) for r in rows]
+
+    def _agent_row(self, r: Any) -> AgentRow:
+        # Live by its own TTL: an agent that runs a longer one is not dead to the others
+        # before it would itself consider its leases run out.
+        ttl = float(r["lease_ttl"] if r["lease_ttl"] is not None else self.ttl)
+        settings = None
+        if r["lease_ttl"] is not None and r["sharding_version"] is not None:
+            settings = Settings(ttl, str(r["affinity_hash"]), int(r["sharding_version"]))
+        return AgentRow(
+            name=r["name"],
+            labels=json.loads(r["labels"] or "{}"),
+            started_at=r["started_at"],
+            heartbeat_age=max(0.0, r["age"]),
+            draining=bool(r["draining"]),
+            pid=r["pid"],
+            host=r["host"],
+            live=r["age"] < ttl and not r["draining"],
+            ttl=ttl,
+            settings=settings,
+        )
 
     def forget(self, names: Iterable[str]) -> None:
         """Drop dead agents' rows (`agent cluster --forget`)."""
@@ -184,9 +242,11 @@ class ClusterStore:
         """Every lease row, by unit (released and run-out ones have expires_in <= 0)."""
         rows = self.store.query(
             f"SELECT unit, agent, token, {_NOW} - acquired_at AS age,"
-            f" expires_at - {_NOW} AS left FROM unit_leases ORDER BY unit"
+            f" expires_at - {_NOW} AS left, ttl FROM unit_leases ORDER BY unit"
         )
-        return [LeaseRow(r["unit"], r["agent"], r["token"], r["age"], r["left"]) for r in rows]
+        return [
+            LeaseRow(r["unit"], r["agent"], r["token"], r["age"], r["left"], r["ttl"]) for r in rows
+        ]
 
     def acquire(self, unit: str) -> Lease | Refused:
         """Take `unit`'s lease for one TTL, unless another agent holds it unexpired. Taking
@@ -212,8 +272,8 @@ class ClusterStore:
             token += 1
             db.execute(
                 f"UPDATE unit_leases SET agent = ?, token = ?, acquired_at = {_NOW},"
-                f" expires_at = {_NOW} + ? WHERE unit = ?",
-                (self.agent, token, self.ttl, unit),
+                f" expires_at = {_NOW} + ?, ttl = ? WHERE unit = ?",
+                (self.agent, token, self.ttl, self.ttl, unit),
             )
             # A lease that ran out rather than being released: its holder stopped mid-unit.
             cut = holder and holder != self.agent and left > -1e8

@@ -205,6 +205,15 @@ CREATE TABLE IF NOT EXISTS host_records (
 );
 """
 
+# What every agent of a cluster must share, recorded by each (agent/engine/agreement.py),
+# and the TTL a lease was taken with: a lease runs out by its holder's TTL, not a reader's.
+_SCHEMA_CLUSTER_SETTINGS = """
+ALTER TABLE cluster_agents ADD COLUMN lease_ttl REAL;
+ALTER TABLE cluster_agents ADD COLUMN affinity_hash TEXT;
+ALTER TABLE cluster_agents ADD COLUMN sharding_version INTEGER;
+ALTER TABLE unit_leases ADD COLUMN ttl REAL;
+"""
+
 # The schema's history: step i takes a store from `user_version` i to i + 1 (in one
 # transaction). Add a step at the end to change the schema; never edit a shipped one.
 MIGRATIONS: list[str] = [
@@ -218,5 +227,6 @@ MIGRATIONS: list[str] = [
     _SCHEMA_RUN_FILES,
     _SCHEMA_CLUSTER,
     _SCHEMA_HOST_RECORDS,
+    _SCHEMA_CLUSTER_SETTINGS,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
