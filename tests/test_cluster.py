@@ -78,8 +78,10 @@ class Cluster:
         self, name: str, *, ttl: str = "3s", labels: str = "{}", extra: str = ""
     ) -> Reconciler:
         config = write_host_config(self.tmp / f"{name}.yaml", self.repo.url, self.tmp / name)
+        # A unit's first plan in `pg` locks the whole database (docs/terraform.md): four
+        # units' first plans at once take turns, longer than the shared 10 s under load.
         config.write_text(
-            config.read_text()
+            config.read_text().replace("lock_timeout: 10s", "lock_timeout: 2m")
             + f"  state_backend:\n    pg: {{conn_str_file: {self.url_file}, schema_prefix: st_}}\n"
             + f"store: {{url_file: {self.url_file}}}\n"
             + f"cluster:\n  agent: {name}\n  lease_ttl: {ttl}\n  labels: {labels}\n"

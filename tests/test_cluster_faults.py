@@ -99,8 +99,10 @@ class Lab:
             url = url.replace(url.split("@", 1)[1].split("/", 1)[0], f"127.0.0.1:{port}")
         url_file = self._secret(f"store-url-{name}", url)
         config = write_host_config(self.tmp / f"{name}.yaml", self.repo.url, self.tmp / name)
+        # A unit's first plan in `pg` locks the whole database (docs/terraform.md): four
+        # units' first plans at once take turns, longer than the shared 10 s under load.
         config.write_text(
-            config.read_text()
+            config.read_text().replace("lock_timeout: 10s", "lock_timeout: 2m")
             + "  state_backend:\n"
             + f"    pg: {{conn_str_file: {self.state_file}, schema_prefix: st_}}\n"
             + "policy: {destroy: allow}\n"  # a new version replaces the resource
