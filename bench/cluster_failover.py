@@ -64,17 +64,28 @@ def one_round(
             wait_until(lambda: all(lab.lines(u, "v2") for u in moved), 300, "moved units")
             failover = time.monotonic() - killed
             wait_until(lambda: all(lab.lines(u, "v2") for u in UNITS), 300, "all units")
-            # The survivors' `cluster` passes that ran the moved units: when they started
-            # (detection, and the wait for a pass already running) and how long they took.
+            # The survivors' runs of the moved units (a `cluster` pass the change of the
+            # live set queued, or a pass already running that took them in): when the first
+            # started (detection) and how long the moved units took from there (the pass's
+            # work on them, which the target allows on top of the TTL).
             names = ",".join(f"'{u}'" for u in moved)
-            rows = lab.psql(
-                "SELECT DISTINCT runs.started_at || ' ' || runs.finished_at FROM runs JOIN"
-                " unit_runs ON unit_runs.run_id = runs.id WHERE runs.trigger = 'cluster'"
-                f" AND unit_runs.unit IN ({names}) AND unit_runs.status = 'ok'"
-            ).split("\n")
-            spans = [tuple(map(float, r.split())) for r in rows if r.strip()]
-            started = min(a for a, _ in spans) - killed_at if spans else float("nan")
-            one_pass = max(b - a for a, b in spans) if spans else float("nan")
+            query = (
+                "SELECT unit_runs.started_at || ' ' || unit_runs.finished_at FROM runs JOIN"
+                f" unit_runs ON unit_runs.run_id = runs.id WHERE runs.agent <> '{victim}'"
+                f" AND unit_runs.finished_at > {killed_at} AND unit_runs.unit IN ({names})"
+                " AND unit_runs.status = 'ok'"
+            )
+
+            def finished() -> list[tuple[float, ...]]:
+                rows = lab.psql(query).split("\n")
+                return [tuple(map(float, r.split())) for r in rows if r.strip()]
+
+            # The marker line is written by the apply, the result a moment later.
+            wait_until(lambda: len(finished()) >= len(moved), 60, "results recorded")
+            spans = finished()
+            first = min(a for a, _ in spans) if spans else float("nan")
+            started = first - killed_at
+            one_pass = max(b for _, b in spans) - first if spans else float("nan")
             double = [u for u in UNITS if lab.lines(u, "v2") != 1 or lab.lines(u, "v1") != 1]
         finally:
             lab.stop_all()
@@ -110,8 +121,8 @@ def main() -> int:
             print(
                 f"round {number + 1}: killed {result['victim']} ({', '.join(result['moved'])}):"
                 f" reconciled elsewhere in {result['failover_s']:.1f}s"
-                f" (cluster pass started at +{result['cluster_pass_started_s']:.1f}s)"
-                f" (target TTL {args.ttl:g}s + pass {result['pass_s']:.1f}s ="
+                f" (a survivor started them at {result['cluster_pass_started_s']:+.1f}s)"
+                f" (target TTL {args.ttl:g}s + their run {result['pass_s']:.1f}s ="
                 f" {result['target_s']:.1f}s);"
                 f" double applies: {result['double_applies'] or 'none'}",
                 flush=True,
