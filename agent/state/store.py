@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from agent.config import HostConfig
 from agent.core.redact import Redactor
 from agent.state.approvals import ApprovalLog
-from agent.state.database import StoreDatabase
+from agent.state.history import UnitHistory
 from agent.state.pgconn import RETRY_FOR
 from agent.state.records import (
     UNCHANGED,
@@ -44,10 +44,9 @@ from agent.state.records import (
     new_run_id,
     plan_looked,
     run_row,
-    unit_run_row,
-    unit_state_row,
 )
 from agent.state.removed import RemovedUnits
+from agent.state.revisions import RevisionLog
 from agent.state.schema import SCHEMA_VERSION
 from agent.state.storefile import (
     DB_FILENAME,
@@ -80,7 +79,7 @@ __all__ = [
 ]
 
 
-class RunStore(StoreDatabase):
+class RunStore(UnitHistory, RevisionLog):
     """The run store of one state directory (SQLite) or of every agent that names it
     (PostgreSQL): runs, unit results, unit state, revisions, suspensions, approvals and
     removed units. Safe to share between threads."""
@@ -421,111 +420,6 @@ class RunStore(StoreDatabase):
             f"SELECT agent, token FROM unit_leases WHERE unit = ?{lock}", (unit,)
         ).fetchone()
         return row is not None and (row["agent"], int(row["token"])) == (self.agent, token)
-
-    def unit_runs(self, run_id: str) -> list[UnitRunRow]:
-        rows = self._all(
-            "SELECT * FROM unit_runs WHERE run_id = ? ORDER BY started_at, unit", (run_id,)
-        )
-        return [unit_run_row(r) for r in rows]
-
-    def unit_history(self, unit: str, limit: int = 50, offset: int = 0) -> list[UnitRunRow]:
-        """A unit's results, newest first; `offset` skips that many (pages)."""
-        rows = self._all(
-            "SELECT * FROM unit_runs WHERE unit = ? ORDER BY started_at DESC LIMIT ? OFFSET ?",
-            (unit, limit, offset),
-        )
-        return [unit_run_row(r) for r in rows]
-
-    def count_unit_runs(self, unit: str) -> int:
-        """How many results a unit has (for pages)."""
-        row = self._one("SELECT count(*) FROM unit_runs WHERE unit = ?", (unit,))
-        return int(row[0]) if row else 0
-
-    def last_unit_runs(self) -> dict[str, UnitRunRow]:
-        """Each unit's last real result (the run `unit_state.last_run_id` names)."""
-        rows = self._all(
-            # CROSS JOIN keeps unit_state outside: one primary-key lookup per unit.
-            "SELECT unit_runs.* FROM unit_state CROSS JOIN unit_runs"
-            " ON unit_runs.run_id = unit_state.last_run_id AND unit_runs.unit = unit_state.unit"
-        )
-        return {r["unit"]: unit_run_row(r) for r in rows}
-
-    def drift_events(self, unit: str, limit: int = 20) -> list[UnitRunRow]:
-        """The unit's results whose plan found drift, newest first."""
-        rows = self._all(
-            "SELECT * FROM unit_runs WHERE unit = ? AND drift = 1 ORDER BY started_at DESC LIMIT ?",
-            (unit, limit),
-        )
-        return [unit_run_row(r) for r in rows]
-
-    def drift_counts(self, since: float = 0.0) -> dict[str, int]:
-        """How many results found drift since `since`, per unit."""
-        rows = self._all(
-            # The partial index holds exactly the drift events (else: a scan of the history).
-            "SELECT unit, count(*) FROM unit_runs INDEXED BY unit_runs_drift"
-            " WHERE drift = 1 AND started_at >= ? GROUP BY unit ORDER BY unit",
-            (since,),
-        )
-        return {r[0]: int(r[1]) for r in rows}
-
-    def unit_states(self) -> list[UnitStateRow]:
-        rows = self._all("SELECT * FROM unit_state ORDER BY unit")
-        return [unit_state_row(r) for r in rows]
-
-    def unit_state(self, unit: str) -> UnitStateRow | None:
-        row = self._one("SELECT * FROM unit_state WHERE unit = ?", (unit,))
-        return unit_state_row(row) if row else None
-
-    def last_unit_run(self, unit: str) -> UnitRunRow | None:
-        history = self.unit_history(unit, limit=1)
-        return history[0] if history else None
-
-    def last_run_agents(self) -> dict[str, str | None]:
-        """The agent that ran each unit's last run, by unit (several agents on one store)."""
-        rows = self._all(
-            "SELECT unit_state.unit AS unit, runs.agent AS agent FROM unit_state"
-            " JOIN runs ON runs.id = unit_state.last_run_id"
-        )
-        return {r["unit"]: r["agent"] for r in rows}
-
-    # --- revisions --------------------------------------------------------------
-
-    def record_revision(
-        self, sha: str, status: RevisionStatus, error: str | None = None, run_id: str | None = None
-    ) -> None:
-        with self._tx() as db:
-            # One statement (not a delete and an insert): agents sharing a PostgreSQL store
-            # record the same revision at once (docs/scale-out.md).
-            db.execute(
-                "INSERT INTO revisions (sha, status, error, seen_at, run_id)"
-                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (sha) DO UPDATE SET status = excluded.status,"
-                " error = excluded.error, seen_at = excluded.seen_at, run_id = excluded.run_id",
-                (sha, status, self._clean(error), time.time(), run_id),
-            )
-            if status is RevisionStatus.ACCEPTED:
-                db.execute(
-                    "INSERT INTO agent_state (key, value) VALUES ('current_revision', ?)"
-                    " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                    (sha,),
-                )
-
-    def revision_status(self, sha: str) -> tuple[RevisionStatus, str | None] | None:
-        row = self._one("SELECT status, error FROM revisions WHERE sha = ?", (sha,))
-        return (RevisionStatus(row["status"]), row["error"]) if row else None
-
-    def last_rejected(self) -> tuple[str, str | None, float] | None:
-        """The revision last rejected (sha, reason, when), or None."""
-        row = self._one(
-            "SELECT sha, error, seen_at FROM revisions WHERE status = ?"
-            " ORDER BY seen_at DESC LIMIT 1",
-            (RevisionStatus.REJECTED.value,),
-        )
-        return (row["sha"], row["error"], row["seen_at"]) if row else None
-
-    def current_revision(self) -> str | None:
-        """The last revision accepted (validated and taken into force)."""
-        row = self._one("SELECT value FROM agent_state WHERE key = 'current_revision'")
-        return row["value"] if row else None
 
     # --- recovery -------------------------------------------------------------
 
