@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import psycopg
 import pytest
 
 from agent.config import load_host_config
@@ -260,3 +261,47 @@ def test_a_changed_only_pass_plans_units_whose_state_is_in_the_bucket(
     assert result.outcomes["app"].decision == Decision.NOTHING  # planned, not "unchanged"
     assert result.outcomes["reader"].decision == Decision.NOTHING  # same output as applied
     assert marker.read_text() == "applied\n"
+
+
+FAIL_FIRST_DDL = """
+CREATE SEQUENCE fault_count;
+CREATE FUNCTION fail_first_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
+BEGIN
+  -- nextval is not rolled back with the failing statement: this fires once.
+  IF nextval('fault_count') = 1 THEN
+    RAISE unique_violation USING MESSAGE =
+      'duplicate key value violates unique constraint "pg_class_relname_nsp_index"';
+  END IF;
+END $$;
+CREATE EVENT TRIGGER fail_first_ddl ON ddl_command_start EXECUTE FUNCTION fail_first_ddl();
+"""
+
+
+def test_a_first_init_that_lost_a_catalog_race_is_run_again(
+    tmp_path: Path, postgres: PostgresCluster
+) -> None:
+    """Two units' first `init` on the `pg` backend at once: one `CREATE ... IF NOT EXISTS`
+    can lose to the other with a duplicate key of PostgreSQL's catalog. The database
+    answers the first DDL statement so (an event trigger), as that race does."""
+    url = postgres.create_database("state_race")
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute(FAIL_FIRST_DDL)
+    conn_file = tmp_path / "state-db.conn"
+    conn_file.write_text(url + "\n")
+    conn_file.chmod(0o600)
+    marker = tmp_path / "applied.txt"
+    repo = seeded(tmp_path, marker)
+    config = write_host_config(tmp_path / "agent.yaml", repo.url, tmp_path / "state")
+    config.write_text(
+        config.read_text() + f"  state_backend:\n    pg: {{conn_str_file: {conn_file}}}\n"
+    )
+    reconciler = Reconciler(load_host_config(config))
+    try:
+        result = reconciler.run_pass(PassRequest(trigger="cli"))
+    finally:
+        reconciler.close()
+    assert result.ok, result.outcomes["app"].error
+    assert marker.read_text() == "applied\n"
+    init = (tmp_path / "state" / "runs" / result.run_id / "app" / "init.txt").read_text()
+    assert 'unique constraint "pg_class_relname_nsp_index"' in init, init
+    assert "another unit created the same state tables: init again" in init, init

@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -111,6 +112,12 @@ class PlanOutcome(Enum):
     @property
     def has_changes(self) -> bool:
         return self is PlanOutcome.CHANGES
+
+
+# A concurrent `CREATE ... IF NOT EXISTS` lost to another creator (see `_run`): only
+# PostgreSQL's own catalogs have indexes named pg_*.
+_CATALOG_RACE = 'duplicate key value violates unique constraint "pg_'
+_CATALOG_RACE_ATTEMPTS = 3
 
 
 @dataclass
@@ -340,7 +347,33 @@ class TerraformRunner:
         on_line: LineSink | None,
         deadline: float | None,
     ) -> _Result:
-        """Run one command; stream lines to `on_line`, or capture stdout when it is None."""
+        """Run one command; stream lines to `on_line`, or capture stdout when it is None.
+
+        The `pg` backend creates its schema, table and one sequence shared by every schema
+        with `CREATE ... IF NOT EXISTS`, which PostgreSQL does not make safe against a
+        concurrent creator: two units' first `init` at once can fail on a duplicate key of
+        a system catalog (`pg_class_relname_nsp_index`). Nothing was created for the loser,
+        so such a command is run again (up to `_CATALOG_RACE_ATTEMPTS` times)."""
+        for attempt in range(1, _CATALOG_RACE_ATTEMPTS + 1):
+            result = self._run_once(ws, args, variables, on_line, deadline)
+            raced = result.exit_code != 0 and not (result.interrupted or result.timed_out)
+            if not raced or not any(_CATALOG_RACE in line for line in result.tail):
+                return result
+            if attempt < _CATALOG_RACE_ATTEMPTS:
+                if on_line is not None:
+                    on_line(f"(another unit created the same state tables: {args[0]} again)")
+                time.sleep(random.uniform(0.1, 0.5))
+        return result
+
+    def _run_once(
+        self,
+        ws: UnitWorkspace,
+        args: list[str],
+        variables: Mapping[str, str],
+        on_line: LineSink | None,
+        deadline: float | None,
+    ) -> _Result:
+        """One try of `_run`."""
         argv = self.command_argv(ws, args)
         env = self.command_env(ws, variables)
         what = f"{self._name(args[0])} in {ws.stack_dir}"
