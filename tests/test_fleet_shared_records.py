@@ -46,7 +46,7 @@ from agent.state.layout import StateLayout
 from agent.state.runfiles import RunFiles
 from agent.state.store import RunStore, UnitStatus
 from agent.web.pages import unit_page
-from tests.support.infra import InfraRepo, write_host_config
+from tests.support.infra import InfraRepo, agent_cli, write_host_config
 from tests.support.postgres import PostgresCluster
 from tests.support.sshd import SshServer, chown_tree, ensure_user, make_client_key, public_key
 
@@ -379,13 +379,6 @@ def wait_for_host_report(
 
 
 def cli(config: Path, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={k: v for k, v in os.environ.items() if k != "GITOPS_AGENT_CONFIG"},
-    )
+    done = agent_cli(config, *args)
     assert done.returncode == 0, done.stderr
     return done.stdout

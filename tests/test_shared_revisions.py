@@ -50,10 +50,7 @@ def test_a_rewrite_one_agent_refused_is_refused_by_a_fresh_one(
 
     # The history is rewritten: the commit in force is replaced and force-pushed.
     repo.write("stacks/app/main.tf", STACK % "rewritten")
-    git(repo.work, "add", "-A")
-    git(repo.work, "commit", "-q", "--amend", "-m", "v1, rewritten")
-    git(repo.work, "push", "-q", "--force", "origin", "HEAD:main")
-    rewritten = repo.head()
+    rewritten = repo.rewrite_history("v1, rewritten")
     git(repo.remote, "reflog", "expire", "--expire=now", "--all")
     git(repo.remote, "gc", "-q", "--prune=now")
 

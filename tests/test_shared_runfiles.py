@@ -7,10 +7,7 @@ keeps nothing of these files."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -21,7 +18,7 @@ from agent.state.layout import StateLayout
 from agent.state.runfiles import MAX_FILE_BYTES, RunFiles
 from agent.state.store import RunStore, UnitStatus
 from agent.web.pages import unit_page
-from tests.support.infra import InfraRepo, write_host_config
+from tests.support.infra import InfraRepo, agent_cli, write_host_config
 from tests.support.postgres import PostgresCluster
 
 STACK = 'resource "terraform_data" "{name}" {{\n  input = "kept-{name}"\n}}\n'
@@ -29,17 +26,6 @@ STACK = 'resource "terraform_data" "{name}" {{\n  input = "kept-{name}"\n}}\n'
 
 def stack(names: list[str]) -> str:
     return "".join(STACK.format(name=name) for name in names)
-
-
-def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", "--config", str(config), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={k: v for k, v in os.environ.items() if k != "GITOPS_AGENT_CONFIG"},
-    )
 
 
 def secret_file(path: Path, text: str) -> Path:
@@ -84,7 +70,7 @@ def test_a_plan_held_on_one_bastion_is_read_and_approved_on_another(
     assert not (tmp_path / "b" / "runs").exists()  # B never ran anything
 
     # B reads A's output from the store: the same bytes as on A's disk.
-    logs = cli(configs["b"], "logs", "app", "--json")  # its latest run with output
+    logs = agent_cli(configs["b"], "logs", "app", "--json")  # its latest run with output
     assert logs.returncode == 0, logs.stderr
     view = json.loads(logs.stdout)
     assert view["run"] == held.run_id
@@ -100,7 +86,7 @@ def test_a_plan_held_on_one_bastion_is_read_and_approved_on_another(
     assert page["output"]["run"] == held.run_id
 
     # B applies the plan A saved; nothing else is planned.
-    approved = cli(configs["b"], "approve", held.run_id)
+    approved = agent_cli(configs["b"], "approve", held.run_id)
     assert approved.returncode == 0, approved.stderr
     with psycopg.connect(store_url) as db:
         rows = db.execute(
@@ -114,10 +100,10 @@ def test_a_plan_held_on_one_bastion_is_read_and_approved_on_another(
     assert "apply.txt" in names[approve_run]
 
     # A sees B's apply log, and refuses to apply its own copy of the plan again.
-    logs_a = cli(configs["a"], "logs", "app", "--run", approve_run)
+    logs_a = agent_cli(configs["a"], "logs", "app", "--run", approve_run)
     assert logs_a.returncode == 0, logs_a.stderr
     assert "Destruction complete" in logs_a.stdout or "Apply complete" in logs_a.stdout
-    again = cli(configs["a"], "approve", held.run_id)
+    again = agent_cli(configs["a"], "approve", held.run_id)
     assert again.returncode != 0
     assert f"the plan of app in run {held.run_id} was already approved" in again.stderr
 

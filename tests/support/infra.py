@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import sysconfig
 import textwrap
 from pathlib import Path
@@ -72,6 +73,18 @@ class InfraRepo:
         git(self.work, "commit", "-q", "--amend", "--allow-empty", "-m", message)
         git(self.work, "push", "-q", "--force", "origin", f"HEAD:{self.branch}")
         return self.head()
+
+
+def agent_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`agent --config CONFIG ARGS...` in a process of its own (no GITOPS_AGENT_CONFIG)."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "GITOPS_AGENT_CONFIG"},
+    )
 
 
 def write_host_config(
