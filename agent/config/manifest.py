@@ -15,12 +15,12 @@ import posixpath
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from yaml.nodes import MappingNode, ScalarNode
 
@@ -368,22 +368,12 @@ class _ManifestReader:
             self.timeout = self._timeout(found) or self.timeout
 
     def _apply(self, value: Value) -> ApplyMode | None:
-        mode = value.choice(ApplyMode)
         ceiling = self.limits.apply_ceiling
-        if mode is not None and not ceiling.allows(mode):
-            allowed = ", ".join(within(ceiling))
-            why = f"the host config's policy.apply is {ceiling}: a unit may only be stricter"
-            return value.fail(f"one of {allowed} ({why})", quote(str(mode)))
-        return mode
+        return _no_looser(value, value.choice(ApplyMode), ceiling, within(ceiling), "apply")
 
     def _prune(self, value: Value) -> PruneMode | None:
-        mode = value.choice(PruneMode)
         ceiling = self.limits.prune_ceiling
-        if mode is not None and not ceiling.allows(mode):
-            allowed = ", ".join(prune_within(ceiling))
-            why = f"the host config's policy.prune is {ceiling}: a unit may only be stricter"
-            return value.fail(f"one of {allowed} ({why})", quote(str(mode)))
-        return mode
+        return _no_looser(value, value.choice(PruneMode), ceiling, prune_within(ceiling), "prune")
 
     def _timeout(self, value: Value) -> float | None:
         return value.duration(maximum=self.limits.max_unit_timeout, why_maximum="host policy")
@@ -718,3 +708,17 @@ def _stack_problem(directory: Path, root: Path) -> str | None:
     except OSError as exc:
         return exc.strerror or "unreadable"
     return None
+
+
+_Mode = TypeVar("_Mode", ApplyMode, PruneMode)
+
+
+def _no_looser(
+    value: Value, mode: _Mode | None, ceiling: _Mode, allowed: Sequence[_Mode], key: str
+) -> _Mode | None:
+    """`mode` when the host config's `policy.KEY` (`ceiling`) allows it (a unit may only
+    be stricter); else the problem is noted on `value` and None returned."""
+    if mode is not None and not ceiling.allows(mode):
+        why = f"the host config's policy.{key} is {ceiling}: a unit may only be stricter"
+        return value.fail(f"one of {', '.join(allowed)} ({why})", quote(str(mode)))
+    return mode
