@@ -114,10 +114,15 @@ class PlanOutcome(Enum):
         return self is PlanOutcome.CHANGES
 
 
-# A concurrent `CREATE ... IF NOT EXISTS` lost to another creator (see `_run`): only
-# PostgreSQL's own catalogs have indexes named pg_*.
-_CATALOG_RACE = 'duplicate key value violates unique constraint "pg_'
+# A concurrent `CREATE ... IF NOT EXISTS` lost to another creator (see `_run`), as the
+# backend's PostgreSQL driver (lib/pq) reports it: a duplicate key of PostgreSQL's own
+# catalogs (only they have indexes named pg_*), or the object created meanwhile.
+_CATALOG_RACES = ('duplicate key value violates unique constraint "pg_', "already exists")
 _CATALOG_RACE_ATTEMPTS = 3
+
+
+def _lost_catalog_race(line: str) -> bool:
+    return "pq: " in line and any(race in line for race in _CATALOG_RACES)
 
 
 @dataclass
@@ -352,12 +357,13 @@ class TerraformRunner:
         The `pg` backend creates its schema, table and one sequence shared by every schema
         with `CREATE ... IF NOT EXISTS`, which PostgreSQL does not make safe against a
         concurrent creator: two units' first `init` at once can fail on a duplicate key of
-        a system catalog (`pg_class_relname_nsp_index`). Nothing was created for the loser,
+        a system catalog (`pg_class_relname_nsp_index`) or with `relation
+        "global_states_id_seq" already exists`. Nothing was created for the loser,
         so such a command is run again (up to `_CATALOG_RACE_ATTEMPTS` times)."""
         for attempt in range(1, _CATALOG_RACE_ATTEMPTS + 1):
             result = self._run_once(ws, args, variables, on_line, deadline)
             raced = result.exit_code != 0 and not (result.interrupted or result.timed_out)
-            if not raced or not any(_CATALOG_RACE in line for line in result.tail):
+            if not raced or not any(_lost_catalog_race(line) for line in result.tail):
                 return result
             if attempt < _CATALOG_RACE_ATTEMPTS:
                 if on_line is not None:
